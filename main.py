@@ -1,0 +1,93 @@
+"""Train SAEs from the command line.
+
+    python main.py                          # one BatchTopK SAE on the embedded default
+    python main.py sae_type=topk top_k=64   # override any config key
+    python main.py --preset paper           # start from a named preset (needs GPU + internet)
+    python main.py --sweep variants         # a named list of runs; runs sharing a hook point share one stream
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from config import PRESETS, STREAM_KEYS, ConfigError, get_default_cfg, parse_value
+
+SUMMARY_METRICS = ("l0", "explained_variance", "nmse", "cosine", "dead", "dense",
+                   "downstream_recovered", "ce_recovered", "kl")
+
+
+def sweep_variants(base: dict[str, Any]) -> list[dict[str, Any]]:
+    """All four variants on the embedded default, at comparable sparsity (L0 near 32)."""
+    return [base | {"sae_type": t} for t in ("batchtopk", "topk", "jumprelu", "vanilla")]
+
+
+def sweep_paper(base: dict[str, Any]) -> list[dict[str, Any]]:
+    """The BatchTopK paper grid on gpt2 layer 8: TopK and BatchTopK over k at dict 12288,
+    and over dict size at k 32. Needs a GPU and internet (gpt2, openwebtext)."""
+    base = base | PRESETS["paper"]
+    grid = [(12288, k) for k in (16, 32, 64)] + [(m, 32) for m in (3072, 6144, 24576, 49152)]
+    return [base | {"sae_type": t, "dict_size": m, "top_k": k} for t in ("topk", "batchtopk") for m, k in grid]
+
+
+SWEEPS = {"variants": sweep_variants, "paper": sweep_paper}
+
+
+def parse_args(argv: list[str]) -> tuple[list[dict[str, Any]], argparse.Namespace]:
+    parser = argparse.ArgumentParser(description="Train sparse autoencoders on TransformerLens activations.")
+    parser.add_argument("overrides", nargs="*", help="config overrides as key=value (see config.py)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="embedded", help="starting config")
+    parser.add_argument("--sweep", choices=sorted(SWEEPS), help="train a named list of configs")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.overrides:
+        if "=" not in item:
+            raise ConfigError(f"argument {item!r} is not key=value: write e.g. sae_type=topk")
+        key, value = item.split("=", 1)
+        overrides[key] = parse_value(key, value)
+    base = get_default_cfg() | PRESETS[args.preset]
+    cfgs = SWEEPS[args.sweep](base) if args.sweep else [base]
+    return [c | overrides for c in cfgs], args
+
+
+def group_by_stream(cfgs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for cfg in cfgs:
+        groups[tuple(str(cfg[k]) for k in STREAM_KEYS)].append(cfg)
+    return list(groups.values())
+
+
+def print_summary(trainees: list) -> None:
+    names = [t.cfg["run_name"] for t in trainees]
+    present = [m for m in SUMMARY_METRICS if any(m in (t.final_metrics or {}) for t in trainees)]
+    width = max(len("run"), *(len(n) for n in names))
+    print("\n" + "run".ljust(width) + "".join(f"{m:>22}" for m in present))
+    for t in trainees:
+        values = "".join(f"{t.final_metrics.get(m, float('nan')):>22.4g}" for m in present)
+        print(t.cfg["run_name"].ljust(width) + values)
+    for t in trainees:
+        print(f"run folder: {t.run_dir}")
+
+
+def main(argv: list[str]) -> int:
+    from training import train_sae_group
+
+    torch.set_float32_matmul_precision("high")
+    try:
+        cfgs, _ = parse_args(argv)
+        trainees = []
+        for group in group_by_stream(cfgs):
+            trainees += train_sae_group(group)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_summary(trainees)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,52 @@
+"""Shared fixtures: the embedded MiniLM, a tiny random GPT-2, and small configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from activation_store import load_model, shakespeare_documents
+from config import get_default_cfg
+
+torch.set_num_threads(2)
+
+
+def small_cfg(**overrides) -> dict:
+    """A config small enough for a test: short rows, a tiny buffer, a few hundred tokens a step."""
+    cfg = get_default_cfg() | {
+        "seq_len": 32, "model_batch_size": 8, "num_batches_in_buffer": 8, "batch_size": 256,
+        "eval_tokens": 1024, "downstream_eval_rows": 8, "dict_size": 256, "top_k": 8, "top_k_aux": 32,
+        "num_tokens": 256 * 30, "perf_log_freq": 10, "eval_freq": 15, "checkpoint_freq": 20,
+        "dead_after_tokens": 2048, "wandb_mode": "disabled", "device": "cpu", "lr": 3e-3,
+    }
+    return cfg | overrides
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    return load_model(get_default_cfg()["model_name"], "cpu")
+
+
+def make_tiny_gpt2(folder: Path) -> Path:
+    """A 2-layer GPT-2 with random weights and a 512-token BPE trained on a few scenes."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(shakespeare_documents(0)[:40], vocab_size=512,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    end = "<|endoftext|>"
+    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=end, eos_token=end, unk_token=end)
+    tokenizer.save_pretrained(folder)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))

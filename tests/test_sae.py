@@ -1,0 +1,437 @@
+"""Unit tests for sae.py against SPEC.md §1-§4. Small tensors, CPU, seeded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from config import get_default_cfg
+from sae import BatchTopKSAE, JumpReLUSAE, build_sae, load_sae
+
+torch.set_num_threads(2)
+
+D, M, B, K = 16, 64, 128, 4
+VARIANTS = ("vanilla", "topk", "batchtopk", "jumprelu")
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def make_cfg(sae_type: str, **overrides) -> dict:
+    cfg = get_default_cfg()
+    cfg.update(act_size=D, dict_size=M, sae_type=sae_type, top_k=K, top_k_aux=8, seed=0,
+               dead_after_tokens=1000, bandwidth=0.5, jumprelu_init_threshold=0.3)
+    cfg.update(overrides)
+    return cfg
+
+
+def make_sae(sae_type: str, **overrides):
+    return build_sae(make_cfg(sae_type, **overrides))
+
+
+def rand_x(n: int = B, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D, generator=gen, dtype=dtype)
+
+
+def hand_pre(sae, x: torch.Tensor) -> torch.Tensor:
+    """pre = (x*s - b_dec) W_enc + b_enc, computed from the parameters directly (SPEC §2)."""
+    with torch.no_grad():
+        return (x * sae.scale - sae.b_dec) @ sae.W_enc + sae.b_enc
+
+
+def train_steps(sae, n_steps: int = 3, lr: float = 1e-2, seed: int = 10) -> None:
+    """The trainer's step sequence (training.training_step), done by hand."""
+    sae.train()
+    sae.sparsity_coeff = {"vanilla": sae.cfg["l1_coeff"], "jumprelu": sae.cfg["l0_coeff"]}.get(
+        sae.cfg["sae_type"], 0.0)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    for i in range(n_steps):
+        out = sae(rand_x(seed=seed + i))
+        out.loss.backward()
+        sae.remove_parallel_decoder_grad()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.normalize_decoder()
+        sae.update_dead_counters(out.latents)
+        sae.update_inference_state(out.latents)
+
+
+def l0_per_token(f: torch.Tensor) -> torch.Tensor:
+    return (f != 0).sum(-1)
+
+
+# --- 1. shapes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sae_type", VARIANTS)
+def test_output_shapes(sae_type):
+    sae = make_sae(sae_type)
+    x = rand_x()
+    out = sae(x)
+    assert out.x_hat.shape == (B, D)
+    assert out.latents.shape == (B, M)
+    for loss in (out.loss, out.recon_loss, out.sparsity_loss, out.aux_loss):
+        assert loss.shape == ()
+    assert sae.encode(x).shape == (B, M)
+    assert sae.decode(sae.encode(x)).shape == (B, D)
+
+
+# --- 2. TopK ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shift", [0.0, -2.5])  # -2.5: many tokens have fewer than k positives
+def test_topk_l0_at_most_k_and_keeps_largest(shift):
+    sae = make_sae("topk")
+    with torch.no_grad():
+        sae.b_enc.fill_(shift)
+    x = rand_x()
+    f = sae.encode(x)
+    assert (l0_per_token(f) <= K).all()
+    assert (f >= 0).all()
+    if shift < 0:
+        assert (l0_per_token(f) < K).any()
+    pre = hand_pre(sae, x)
+    vals, idx = pre.topk(K, dim=-1)
+    expected = torch.zeros_like(pre).scatter_(-1, idx, vals.clamp_min(0))
+    torch.testing.assert_close(f, expected)
+
+
+def test_topk_l0_exactly_k_when_all_positive():
+    sae = make_sae("topk")
+    with torch.no_grad():
+        sae.b_enc.fill_(100.0)
+    x = rand_x()
+    assert (hand_pre(sae, x) > 0).all()
+    assert (l0_per_token(sae.encode(x)) == K).all()
+
+
+# --- 3. BatchTopK -------------------------------------------------------------------------
+
+
+def test_batchtopk_training_keeps_k_times_batch():
+    sae = make_sae("batchtopk")
+    sae.train()
+    gen = torch.Generator().manual_seed(3)
+    x = rand_x() * torch.rand(B, 1, generator=gen).mul(3)  # varied token norms
+    f = sae.encode(x)
+    l0 = l0_per_token(f)
+    assert l0.sum().item() == K * B  # batch-mean L0 is exactly k
+    assert (l0 != K).any()  # but a single token's L0 varies
+    assert l0.max().item() > K
+    # the kept entries are the k*B largest of ReLU(pre)
+    relu = hand_pre(sae, x).clamp_min(0).flatten()
+    kept = f.flatten() != 0
+    assert relu[kept].min() > relu[~kept].max()
+    torch.testing.assert_close(f.flatten()[kept], relu[kept])
+
+
+def test_batchtopk_threshold_is_ema_of_smallest_kept_value():
+    sae = make_sae("batchtopk")
+    sae.train()
+    decay = sae.cfg["threshold_ema_decay"]
+    f1, f2 = sae.encode(rand_x(seed=4)), sae.encode(rand_x(seed=5))
+    smallest1, smallest2 = f1[f1 > 0].min(), f2[f2 > 0].min()
+    sae.update_inference_state(f1)
+    torch.testing.assert_close(sae.threshold, smallest1)
+    sae.update_inference_state(f2)
+    torch.testing.assert_close(sae.threshold, decay * smallest1 + (1 - decay) * smallest2)
+    assert sae.threshold.dtype == torch.float32
+
+
+def test_batchtopk_inference_uses_threshold_and_is_batch_independent():
+    sae = make_sae("batchtopk")
+    train_steps(sae)
+    sae.eval()
+    theta = sae.threshold.clone()
+    assert theta > 0
+    x = rand_x(seed=7)
+    f_batch = sae.encode(x)
+    pre = hand_pre(sae, x)
+    torch.testing.assert_close(f_batch, pre * (pre > theta), rtol=1e-6, atol=1e-6)
+    for i in (0, 5, B - 1):
+        f_alone = sae.encode(x[i:i + 1])
+        f_with_others = sae.encode(torch.cat([x[i:i + 1], rand_x(n=31, seed=8)]))[:1]
+        torch.testing.assert_close(f_alone, f_batch[i:i + 1], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(f_alone, f_with_others, rtol=1e-6, atol=1e-6)
+    assert sae.threshold == theta  # encoding in eval mode does not move the threshold
+
+
+# --- 4. decoder constraint ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sae_type", VARIANTS)
+def test_decoder_grad_orthogonal_and_rows_unit_norm_after_step(sae_type):
+    sae = make_sae(sae_type)
+    sae.sparsity_coeff = 0.1
+    opt = torch.optim.Adam(sae.parameters(), lr=0.05)
+    sae(rand_x()).loss.backward()
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(-1)
+    assert parallel.abs().max() > 1e-4  # the test has something to remove
+    sae.remove_parallel_decoder_grad()
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(-1)
+    assert parallel.abs().max() < 1e-5 * sae.W_dec.grad.norm(dim=-1).max().clamp_min(1)
+    w_before = sae.W_dec.detach().clone()
+    opt.step()
+    sae.normalize_decoder()
+    assert not torch.equal(sae.W_dec, w_before)
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(M))
+
+
+# --- 5. aux loss --------------------------------------------------------------------------
+
+
+def hand_aux_loss(sae, residual, pre):
+    """SPEC §4 written per token: top k_aux dead pre-activations, decoded without b_dec."""
+    dead_idx = sae.dead_mask().nonzero().squeeze(-1)
+    k_aux = min(sae.cfg["top_k_aux"], len(dead_idx))
+    f_aux = torch.zeros_like(pre)
+    for b in range(pre.shape[0]):
+        top = pre[b, dead_idx].topk(k_aux)
+        f_aux[b, dead_idx[top.indices]] = top.values.clamp_min(0)
+    err = (residual - f_aux @ sae.W_dec).pow(2).sum(-1).mean()
+    return sae.cfg["aux_penalty"] * err / residual.pow(2).sum(-1).mean()
+
+
+@pytest.mark.parametrize("sae_type", ["topk", "batchtopk"])
+def test_aux_loss_exactly_zero_without_dead_latents(sae_type):
+    sae = make_sae(sae_type)
+    x = rand_x()
+    assert not sae.dead_mask().any()
+    out = sae(x)
+    assert out.aux_loss.item() == 0.0
+    residual = torch.randn(B, D)
+    assert sae.aux_loss(residual, hand_pre(sae, x)).item() == 0.0
+
+
+@pytest.mark.parametrize("n_dead", [3, 40])  # fewer / more dead latents than top_k_aux=8
+def test_aux_loss_positive_and_matches_spec_with_dead_latents(n_dead):
+    sae = make_sae("topk")
+    with torch.no_grad():
+        sae.tokens_since_fired[:n_dead] = sae.cfg["dead_after_tokens"] + 1
+    assert sae.dead_mask().sum() == n_dead
+    x = rand_x() + 2.0
+    sae.init_from_batch(x, 1.5)  # nonzero b_dec: the aux decode must leave it out
+    out = sae(x)
+    assert out.aux_loss.item() > 0
+    pre = hand_pre(sae, x)
+    residual = (x * sae.scale - (out.latents @ sae.W_dec + sae.b_dec)).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(out.aux_loss, hand_aux_loss(sae, residual, pre))
+    # the sum of main and aux losses is the loss
+    torch.testing.assert_close(out.loss, out.recon_loss + out.sparsity_loss + out.aux_loss)
+
+
+def test_aux_loss_detaches_residual():
+    sae = make_sae("topk")
+    with torch.no_grad():
+        sae.tokens_since_fired[:10] = sae.cfg["dead_after_tokens"] + 1
+    residual = torch.randn(B, D, requires_grad=True)
+    aux = sae.aux_loss(residual, sae.pre_activations(rand_x()))
+    aux.backward()
+    assert residual.grad is None
+    assert sae.W_dec.grad is not None and sae.W_dec.grad.abs().sum() > 0
+    assert sae.W_enc.grad.abs().sum() > 0  # the dead latents' encoder learns from it
+
+
+# --- 6. dead counters ---------------------------------------------------------------------
+
+
+def test_update_dead_counters_counts_tokens_and_resets_fired():
+    sae = make_sae("topk")
+    with torch.no_grad():
+        sae.tokens_since_fired.copy_(torch.arange(M) * 7)
+    f = torch.zeros(5, M)
+    fired = torch.tensor([0, 3, 10, 63])
+    f[torch.tensor([0, 1, 4, 2]), fired] = torch.tensor([0.5, 1.0, 2.0, 0.1])
+    f[3, 20] = -1.0  # a negative value is not firing
+    before = sae.tokens_since_fired.clone()
+    sae.update_dead_counters(f)
+    expected = before + 5
+    expected[fired] = 0
+    assert torch.equal(sae.tokens_since_fired, expected)
+
+
+@pytest.mark.parametrize("sae_type", VARIANTS)
+def test_dead_counters_updated_in_training_untouched_by_evaluation(sae_type):
+    sae = make_sae(sae_type)
+    with torch.no_grad():
+        sae.b_enc[0] = -100.0  # latent 0 can never fire
+    train_steps(sae, n_steps=2)
+    counters = sae.tokens_since_fired.clone()
+    assert counters[0] == 2 * B  # training counts its tokens (every variant counts, SPEC §4)
+    assert (counters[1:] < 2 * B).any()
+    sae.eval()
+    with torch.no_grad():
+        sae.encode(rand_x(seed=20))
+        sae(rand_x(seed=21))
+    assert torch.equal(sae.tokens_since_fired, counters)
+
+
+# --- 7. JumpReLU straight-through gradients -----------------------------------------------
+
+
+def smoothed_l0(pre, theta, eps):
+    """Σ_i H(pre - θ_i) with H replaced by its rectangle-kernel integral, batch-averaged."""
+    return ((pre - theta) / eps + 0.5).clamp(0, 1).sum(-1).mean()
+
+
+def jumprelu_setup():
+    sae = make_sae("jumprelu", bandwidth=0.5)
+    gen = torch.Generator().manual_seed(11)
+    theta = 0.2 + torch.rand(M, generator=gen)
+    with torch.no_grad():
+        sae.log_threshold.copy_(theta.log())
+    pre = (torch.randn(B, M, generator=gen) * 1.5).requires_grad_(True)
+    g = torch.randn(B, M, generator=gen)
+    return sae, pre, theta, g
+
+
+def test_jumprelu_forward_is_exact():
+    sae, pre, theta, _ = jumprelu_setup()
+    assert sae.threshold.dtype == torch.float32
+    torch.testing.assert_close(sae.threshold, theta)
+    f = sae.activation(pre)
+    assert torch.equal(f, pre.detach() * (pre.detach() > theta))
+    assert torch.equal(sae.sparsity_penalty(pre, f), (pre.detach() > theta).float().sum(-1).mean())
+
+
+def test_jumprelu_gradients_match_spec_formulas():
+    sae, pre, theta, g = jumprelu_setup()
+    eps, c = sae.cfg["bandwidth"], 0.7
+    in_window = ((pre.detach() - theta).abs() < eps / 2).float()
+    assert 0 < in_window.mean() < 0.5  # some but not all values inside the window
+    f = sae.activation(pre)
+    loss = (g * f).sum() + c * sae.sparsity_penalty(pre, f)
+    loss.backward()
+
+    d_theta_f = (g * -(theta / eps) * in_window).sum(0)
+    d_theta_l0 = c * (-(1 / eps) * in_window).sum(0) / B  # the penalty is a batch mean
+    expected_log = theta * (d_theta_f + d_theta_l0)  # chain rule for log θ
+    torch.testing.assert_close(sae.log_threshold.grad, expected_log, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pre.grad, g * (pre.detach() > theta).float())
+
+
+def test_jumprelu_l0_gradient_matches_finite_difference_of_smoothed_step():
+    sae, pre, theta, _ = jumprelu_setup()
+    eps, c = sae.cfg["bandwidth"], 0.7
+    pre64 = pre.detach().double()
+    (c * sae.sparsity_penalty(pre, sae.activation(pre))).backward()
+
+    log_theta = theta.double().log()
+    h = 1e-6
+    fd = torch.empty(M, dtype=torch.float64)
+    for i in range(M):
+        up, down = log_theta.clone(), log_theta.clone()
+        up[i] += h
+        down[i] -= h
+        fd[i] = c * (smoothed_l0(pre64, up.exp(), eps) - smoothed_l0(pre64, down.exp(), eps)) / (2 * h)
+    assert fd.abs().max() > 0.01
+    torch.testing.assert_close(sae.log_threshold.grad.double(), fd, rtol=1e-4, atol=1e-5)
+
+
+# --- 8. input scale folded into encode/decode ---------------------------------------------
+
+
+@pytest.mark.parametrize("sae_type", VARIANTS)
+def test_scale_is_applied_in_encode_and_undone_in_decode(sae_type):
+    sae = make_sae(sae_type)
+    sae.eval()
+    s = 3.7
+    x = rand_x() / s * 2
+    sae.init_from_batch(x, s)
+    assert sae.scale.item() == pytest.approx(s)
+    torch.testing.assert_close(sae.b_dec.detach(), (x * s).mean(0))
+
+    out = sae(x)
+    f = sae.encode(x)
+    torch.testing.assert_close(out.latents, f)
+    torch.testing.assert_close(out.x_hat, sae.decode(f))
+    with torch.no_grad():
+        pre = (x * s - sae.b_dec) @ sae.W_enc + sae.b_enc
+        assert (f[f != 0] == pre[f != 0]).all()  # every variant passes kept values through
+        x_hat_scaled = f @ sae.W_dec + sae.b_dec
+        torch.testing.assert_close(out.x_hat, x_hat_scaled / s)
+        # the loss is in the scaled space (SPEC §1)
+        torch.testing.assert_close(out.recon_loss, (x * s - x_hat_scaled).pow(2).sum(-1).mean())
+
+
+@pytest.mark.parametrize("sae_type", VARIANTS)
+def test_rescaling_input_and_scale_gives_same_latents(sae_type):
+    sae = make_sae(sae_type)
+    sae.eval()
+    x = rand_x(dtype=torch.float64)
+    sae.double()
+    sae.init_from_batch(x, 3.7)
+    f1, x_hat1 = sae.encode(x), sae(x).x_hat
+    c = 5.0
+    with torch.no_grad():
+        sae.scale /= c
+    f2, x_hat2 = sae.encode(x * c), sae(x * c).x_hat
+    torch.testing.assert_close(f2, f1)
+    torch.testing.assert_close(x_hat2, x_hat1 * c)
+
+
+# --- 9. save / load -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sae_type", VARIANTS)
+def test_save_load_round_trip(sae_type, tmp_path):
+    sae = make_sae(sae_type)
+    sae.init_from_batch(rand_x(seed=30), 3.7)
+    train_steps(sae, n_steps=3)
+    if isinstance(sae, BatchTopKSAE):
+        assert sae.threshold > 0
+    if isinstance(sae, JumpReLUSAE):
+        assert not torch.allclose(sae.threshold, torch.full((M,), 0.3))
+    sae.eval()
+    sae.save(tmp_path / "ckpt")
+    loaded = load_sae(tmp_path / "ckpt")
+
+    assert not loaded.training
+    assert type(loaded) is type(sae)
+    assert loaded.scale.item() == pytest.approx(3.7)
+    original = sae.state_dict()
+    assert set(loaded.state_dict()) == set(original)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, original[key]), key
+    if isinstance(sae, JumpReLUSAE):
+        assert torch.equal(loaded.threshold, sae.threshold)
+    x = rand_x(seed=31)
+    with torch.no_grad():
+        a, b = sae(x), loaded(x)
+    assert torch.equal(a.latents, b.latents)
+    assert torch.equal(a.x_hat, b.x_hat)
+
+
+# --- 10. b_enc gets a gradient ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sae_type", VARIANTS)
+def test_b_enc_receives_gradient(sae_type):
+    sae = make_sae(sae_type)
+    sae.sparsity_coeff = 0.1
+    x = rand_x()
+    if sae_type == "jumprelu":
+        assert (hand_pre(sae, x) > sae.threshold).any()
+    sae(x).loss.backward()
+    assert sae.b_enc.grad is not None
+    assert sae.b_enc.grad.abs().sum() > 0
+
+
+# --- 11. vanilla L1 penalty ---------------------------------------------------------------
+
+
+def test_vanilla_sparsity_penalty_weights_by_decoder_norms():
+    sae = make_sae("vanilla")
+    gen = torch.Generator().manual_seed(12)
+    with torch.no_grad():  # rows off unit norm, so the norm factor matters
+        sae.W_dec.mul_(0.5 + 2 * torch.rand(M, 1, generator=gen))
+    sae.sparsity_coeff = sae.cfg["l1_coeff"]
+    x = rand_x()
+    out = sae(x)
+    f = hand_pre(sae, x).clamp_min(0)
+    expected = sae.cfg["l1_coeff"] * (f * sae.W_dec.detach().norm(dim=-1)).sum(-1).mean()
+    torch.testing.assert_close(out.sparsity_loss, expected)
+    assert out.aux_loss.item() == 0.0
+    torch.testing.assert_close(out.loss, out.recon_loss + out.sparsity_loss)
