@@ -45,17 +45,17 @@ def get_default_cfg() -> dict[str, Any]:
         "top_k_aux": 512,  # dead latents per token used by the AuxK loss
         "aux_penalty": 1 / 32,  # coefficient of the AuxK loss
         "dead_after_tokens": 1_000_000,  # a latent silent for this many training tokens is dead
-        "threshold_ema_decay": 0.99,  # BatchTopK inference threshold: EMA decay per step
-        "l1_coeff": 2.0,  # vanilla: L1 coefficient (scaled space)
+        "threshold_ema_decay": 0.95,  # BatchTopK inference threshold: EMA decay per step
+        "l1_coeff": 1.5,  # vanilla: L1 coefficient (scaled space)
         "l0_coeff": 0.3,  # jumprelu: L0 coefficient (scaled space)
-        "bandwidth": 0.1,  # jumprelu: straight-through kernel width epsilon
-        "jumprelu_init_threshold": 0.1,  # jumprelu: initial per-latent threshold
+        "bandwidth": 0.5,  # jumprelu: straight-through kernel width epsilon
+        "jumprelu_init_threshold": 1.0,  # jumprelu: initial per-latent threshold
         # optimisation
-        "lr": 3e-4,  # Adam learning rate
+        "lr": 2e-3,  # Adam learning rate
         "beta1": 0.9,  # Adam beta1
         "beta2": 0.999,  # Adam beta2
         "batch_size": 4096,  # activations per SAE step
-        "num_tokens": 2_000_000,  # training tokens
+        "num_tokens": 1_228_800,  # training tokens (300 steps of 4096: one pass over the embedded corpus)
         "lr_warmup_frac": 0.02,  # fraction of steps with linear lr warmup from 0
         "lr_decay_frac": 0.2,  # final fraction of steps with linear lr decay to 0
         "sparsity_warmup_frac": 0.05,  # fraction of steps with linear l1/l0 coefficient warmup from 0

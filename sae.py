@@ -174,6 +174,15 @@ class TopKSAE(BaseSAE):
         return torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
 
 
+def kth_largest(values: Tensor, k: int) -> Tensor:
+    """The k-th largest entry of a 1-D tensor. Same value either way; measured at
+    4096 x 3072: kthvalue 0.10 s vs topk 0.25 s on 2 CPU threads, but on an H100
+    kthvalue 76 ms vs topk 0.3 ms."""
+    if values.is_cuda:
+        return values.topk(k, sorted=False).values.min()
+    return values.kthvalue(values.numel() - k + 1).values
+
+
 class BatchTopKSAE(BaseSAE):
     """Training: keep the k*B largest positive pre-activations of the batch.
     Inference: one learnt global threshold, f = pre * 1[pre > theta]."""
@@ -189,9 +198,7 @@ class BatchTopKSAE(BaseSAE):
         if not self.training:
             return pre * (pre > self.threshold)
         relu = F.relu(pre)
-        n_keep = self.cfg["top_k"] * pre.shape[0]
-        # the (k*B)-th largest value, found by kthvalue: exact and ~2.5x faster than a flat topk
-        kth = relu.flatten().kthvalue(relu.numel() - n_keep + 1).values
+        kth = kth_largest(relu.flatten(), self.cfg["top_k"] * pre.shape[0])
         return relu * ((relu >= kth) & (relu > 0))
 
     @torch.no_grad()

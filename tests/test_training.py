@@ -34,8 +34,8 @@ def trained_group(minilm, tmp_path_factory):
 def test_every_variant_learns(trained_group):
     for t in trained_group:
         evals = eval_records(t.run_dir)
-        assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
-        assert evals[-1]["nmse"] < 0.6 * evals[0]["nmse"], (t.cfg["sae_type"], evals[0]["nmse"], evals[-1]["nmse"])
+        assert evals[0]["step"] == 0 and evals[-1]["step"] == 60
+        assert evals[-1]["nmse"] < 0.65 * evals[0]["nmse"], (t.cfg["sae_type"], evals[0]["nmse"], evals[-1]["nmse"])
         assert 0 < evals[-1]["l0"] < t.cfg["dict_size"] / 2
 
 
@@ -66,7 +66,7 @@ def test_final_checkpoint_reloads_with_identical_outputs(trained_group):
         assert torch.allclose(loaded(x).x_hat, t.sae(x).x_hat)
         assert loaded.scale.item() == t.sae.scale.item() != 1.0
         assert (t.run_dir / "final" / "training_state.pt").exists()
-        assert (t.run_dir / "checkpoints" / "step_0000020" / "sae.safetensors").exists()
+        assert (t.run_dir / "checkpoints" / "step_0000040" / "sae.safetensors").exists()
 
 
 def test_run_names_unique_in_a_group(trained_group):
