@@ -8,6 +8,7 @@ Position 0 (BOS/CLS) never reaches the SAE.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -83,11 +84,8 @@ def run_to_hook(model, tokens: Tensor, hook_point: str, fwd_hooks: list | None =
         captured["act"] = act
         raise StopForward
 
-    with torch.inference_mode():
-        try:
-            model.run_with_hooks(tokens, fwd_hooks=[*(fwd_hooks or []), (hook_point, grab)])
-        except StopForward:
-            pass
+    with torch.inference_mode(), contextlib.suppress(StopForward):
+        model.run_with_hooks(tokens, fwd_hooks=[*(fwd_hooks or []), (hook_point, grab)])
     return captured["act"]
 
 

@@ -28,7 +28,7 @@ def get_default_cfg() -> dict[str, Any]:
         "model_name": EMBEDDED_MODEL,  # any name TransformerBridge.boot_transformers takes, or a local folder
         "layer": 3,  # block index of the hook point
         "site": "resid_pre",  # one of SITES; hook point is blocks.{layer}.hook_{site}
-        "dataset_path": EMBEDDED_DATASET,  # HF dataset name, local file/folder (txt, jsonl, parquet), or embedded:shakespeare
+        "dataset_path": EMBEDDED_DATASET,  # HF dataset, local file/folder (txt, jsonl, parquet), embedded:shakespeare
         "dataset_split": "train",  # split of a Hugging Face dataset
         "text_column": "text",  # column holding raw text (pre-tokenised `input_ids`/`tokens` used if present)
         "seq_len": 128,  # tokens per packed row, BOS/CLS included

@@ -75,6 +75,11 @@ def mean_kl(clean_logits: Tensor, other_logits: Tensor) -> Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
 
 
+def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Mean over tokens of 1 - cos(a, b)."""
+    return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+
+
 def recovered(zero: float, spliced: float, clean: float) -> float:
     """(zero - spliced) / (zero - clean): 1 for a perfect splice, 0 for zero-ablation."""
     return (zero - spliced) / (zero - clean) if zero != clean else float("nan")
@@ -131,7 +136,7 @@ def downstream_metrics(sae: BaseSAE, model, tokens: Tensor, keep: Tensor, hook_p
     causal = is_causal_lm(model)
     totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     n_chunks = 0
-    for rows, mask in zip(tokens.split(batch), keep.split(batch)):
+    for rows, mask in zip(tokens.split(batch), keep.split(batch), strict=True):
         rows, mask = rows.to(device), mask.to(device)
         spliced = [(hook_point, _splice_hook(sae, mask, zero=False))]
         zeroed = [(hook_point, _splice_hook(sae, mask, zero=True))]
@@ -145,8 +150,8 @@ def downstream_metrics(sae: BaseSAE, model, tokens: Tensor, keep: Tensor, hook_p
             totals["kl"] += mean_kl(clean_logits, spliced_logits).item()
         else:
             clean = _final_hidden(model, rows, [])
-            totals["spliced"] += (1 - F.cosine_similarity(clean, _final_hidden(model, rows, spliced), dim=-1)).mean().item()
-            totals["zero"] += (1 - F.cosine_similarity(clean, _final_hidden(model, rows, zeroed), dim=-1)).mean().item()
+            totals["spliced"] += cosine_distance(clean, _final_hidden(model, rows, spliced)).item()
+            totals["zero"] += cosine_distance(clean, _final_hidden(model, rows, zeroed)).item()
         n_chunks += 1
     mean = {k: v / n_chunks for k, v in totals.items()}
     if causal:

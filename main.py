@@ -62,13 +62,13 @@ def group_by_stream(cfgs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 
 def print_summary(trainees: list) -> None:
-    names = [t.cfg["run_name"] for t in trainees]
+    """Final held-out metrics: one row per run, one column per metric."""
     present = [m for m in SUMMARY_METRICS if any(m in (t.final_metrics or {}) for t in trainees)]
-    width = max(len("run"), *(len(n) for n in names))
-    print("\n" + "run".ljust(width) + "".join(f"{m:>22}" for m in present))
+    widths = [max(len(m), 8) + 2 for m in present]
+    print("\n" + "variant".ljust(11) + "".join(m.rjust(w) for m, w in zip(present, widths, strict=True)))
     for t in trainees:
-        values = "".join(f"{t.final_metrics.get(m, float('nan')):>22.4g}" for m in present)
-        print(t.cfg["run_name"].ljust(width) + values)
+        values = [t.final_metrics.get(m, float("nan")) for m in present]
+        print(t.cfg["sae_type"].ljust(11) + "".join(f"{v:>{w}.4g}" for v, w in zip(values, widths, strict=True)))
     for t in trainees:
         print(f"run folder: {t.run_dir}")
 
