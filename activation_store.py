@@ -9,6 +9,7 @@ Position 0 (BOS/CLS) never reaches the SAE.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -197,13 +198,64 @@ def iter_token_rows(docs: Iterator[str | list[int]], tokenizer, seq_len: int,
             del pending[:width]
 
 
+def token_rows(tokenizer, cfg: dict[str, Any]) -> Iterator[list[int]]:
+    """One pass over the configured text, packed into rows; the first `eval_rows_count(cfg)` are held out."""
+    documents = iter_documents(cfg["dataset_path"], cfg["dataset_split"], cfg["text_column"], cfg["seed"])
+    return iter_token_rows(documents, tokenizer, cfg["seq_len"])
+
+
+def eval_rows_count(cfg: dict[str, Any]) -> int:
+    return math.ceil(cfg["eval_tokens"] / (cfg["seq_len"] - 1))
+
+
+def _too_few_rows(cfg: dict[str, Any], produced: int) -> ConfigError:
+    return ConfigError(f"config dataset_path={cfg['dataset_path']!r} gives only {produced} rows of "
+                       f"seq_len={cfg['seq_len']}; need more than the {eval_rows_count(cfg)} held-out rows "
+                       f"(add text, or lower eval_tokens)")
+
+
+def take_eval_rows(rows: Iterator[list[int]], cfg: dict[str, Any]) -> Tensor:
+    """The held-out evaluation rows (n_rows, seq_len): the first rows of a fresh stream, never trained on."""
+    taken = list(itertools.islice(rows, eval_rows_count(cfg)))
+    if len(taken) < eval_rows_count(cfg):
+        raise _too_few_rows(cfg, len(taken))
+    return torch.tensor(taken, dtype=torch.long)
+
+
+def eval_token_rows(tokenizer, cfg: dict[str, Any]) -> Tensor:
+    """The evaluation rows of a run with this config, rebuilt without an ActivationsStore."""
+    return take_eval_rows(token_rows(tokenizer, cfg), cfg)
+
+
+def excluded_token_ids(tokenizer, exclude_special_tokens: bool) -> Tensor:
+    start, sep = special_token_ids(tokenizer)
+    return torch.tensor(sorted({start} | ({sep} if exclude_special_tokens else set())))
+
+
+def kept_position_mask(tokens: Tensor, excluded_ids: Tensor) -> Tensor:
+    """Boolean mask of the positions that train the SAE (not BOS/CLS, optionally not SEP/EOS)."""
+    keep = ~torch.isin(tokens, excluded_ids)
+    keep[:, 0] = False
+    return keep
+
+
+def kept_activations(model, tokens: Tensor, hook_point: str, excluded_ids: Tensor, batch_size: int,
+                     device: torch.device | str, out_device: torch.device | str) -> Tensor:
+    """Float32 activations (n_kept, d) at the kept positions of `tokens`, row-major order."""
+    out = []
+    for chunk in tokens.split(batch_size):
+        acts = run_to_hook(model, chunk.to(device), hook_point)
+        out.append(acts[kept_position_mask(chunk, excluded_ids).to(acts.device)].float().to(out_device))
+    return torch.cat(out)
+
+
 # --- the store --------------------------------------------------------------------------
 
 class ActivationsStore:
     """Held-out evaluation set, input-scale estimate and a shuffled mixing buffer.
 
-    The first `eval_rows` packed rows of the stream are the evaluation set; they are
-    skipped in every epoch, so training never sees them.
+    The first `eval_rows_count` packed rows of the stream are the evaluation set
+    (`eval_token_rows`); they are skipped in every epoch, so training never sees them.
     """
 
     def __init__(self, model, cfg: dict[str, Any]):
@@ -216,13 +268,12 @@ class ActivationsStore:
         self.seq_len = cfg["seq_len"]
         self.batch_size = cfg["batch_size"]
         self.generator = torch.Generator().manual_seed(cfg["seed"])
-        start, sep = special_token_ids(model.tokenizer)
-        self.excluded_ids = torch.tensor(sorted({start} | ({sep} if cfg["exclude_special_tokens"] else set())))
+        self.excluded_ids = excluded_token_ids(model.tokenizer, cfg["exclude_special_tokens"])
         self.epoch = 0
         self.rows_read = 0
-        self.eval_rows_count = math.ceil(cfg["eval_tokens"] / (self.seq_len - 1))
+        self.eval_rows_count = eval_rows_count(cfg)
         self._rows = self._rows_forever()
-        self.eval_tokens = self._take_eval_rows()
+        self.eval_tokens = take_eval_rows(self._rows, cfg)
         self.eval_acts = self._activations_of(self.eval_tokens).to(self.buffer_device)
         self._leftover = torch.empty(0, cfg["act_size"], device=self.buffer_device)
 
@@ -239,28 +290,18 @@ class ActivationsStore:
 
     # rows ---------------------------------------------------------------------------------
 
-    def _documents(self) -> Iterator[str | list[int]]:
-        c = self.cfg
-        return iter_documents(c["dataset_path"], c["dataset_split"], c["text_column"], c["seed"])
-
     def _rows_forever(self) -> Iterator[list[int]]:
         while True:
             produced = 0
-            for i, row in enumerate(iter_token_rows(self._documents(), self.model.tokenizer, self.seq_len)):
+            for i, row in enumerate(token_rows(self.model.tokenizer, self.cfg)):
                 produced += 1
                 if self.epoch > 0 and i < self.eval_rows_count:
                     continue  # held-out rows are never served for training
                 yield row
             if produced <= self.eval_rows_count:
-                raise ConfigError(f"config dataset_path={self.cfg['dataset_path']!r} gives only {produced} rows of "
-                                  f"seq_len={self.seq_len}; need more than the {self.eval_rows_count} held-out rows "
-                                  f"(add text, or lower eval_tokens)")
+                raise _too_few_rows(self.cfg, produced)
             self.epoch += 1
             tqdm.write(f"dataset exhausted: starting epoch {self.epoch}")
-
-    def _take_eval_rows(self) -> Tensor:
-        rows = [next(self._rows) for _ in range(self.eval_rows_count)]
-        return torch.tensor(rows, dtype=torch.long)
 
     def next_token_rows(self, n: int) -> Tensor:
         rows = [next(self._rows) for _ in range(n)]
@@ -270,17 +311,11 @@ class ActivationsStore:
     # activations --------------------------------------------------------------------------
 
     def kept_positions(self, tokens: Tensor) -> Tensor:
-        """Boolean mask of the positions that train the SAE (not BOS/CLS, optionally not SEP/EOS)."""
-        keep = ~torch.isin(tokens, self.excluded_ids)
-        keep[:, 0] = False
-        return keep
+        return kept_position_mask(tokens, self.excluded_ids)
 
     def _activations_of(self, tokens: Tensor) -> Tensor:
-        out = []
-        for chunk in tokens.split(self.cfg["model_batch_size"]):
-            acts = run_to_hook(self.model, chunk.to(self.device), self.hook_point)
-            out.append(acts[self.kept_positions(chunk).to(acts.device)].float().to(self.buffer_device))
-        return torch.cat(out)
+        return kept_activations(self.model, tokens, self.hook_point, self.excluded_ids,
+                                self.cfg["model_batch_size"], self.device, self.buffer_device)
 
     def _fresh_activations(self, n: int, desc: str | None = None) -> Tensor:
         parts, have = [self._leftover], self._leftover.shape[0]
