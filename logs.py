@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from activation_store import is_causal_lm, run_to_hook
+from config import ConfigError
 from sae import BaseSAE
 
 DENSE_FRACTION = 0.1  # a latent firing on more than this fraction of eval tokens is dense
@@ -202,7 +203,14 @@ class RunLogger:
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = cfg
         self.run_dir = Path(cfg["output_dir"]) / cfg["run_name"]
-        self.run_dir.mkdir(parents=True, exist_ok=False)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            raise ConfigError(f"config run_name={cfg['run_name']!r}: the run folder {self.run_dir} already exists; "
+                              f"choose another run_name or leave it empty for a generated one") from None
+        except OSError as err:
+            raise ConfigError(f"config output_dir={cfg['output_dir']!r} is not writable ({err.strerror}); "
+                              f"choose another output_dir") from None
         (self.run_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
         self.wandb_run = self._init_wandb()

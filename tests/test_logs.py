@@ -122,3 +122,23 @@ def test_ce_recovered_is_one_for_identity_and_zero_for_ablation(tiny_gpt2_dir, z
     assert m["ce_recovered"] == pytest.approx(expected, abs=1e-5)
     if not zero:
         assert m["kl"] == pytest.approx(0.0, abs=1e-6) and m["ce_spliced"] == pytest.approx(m["ce_clean"])
+
+
+def test_existing_run_folder_is_refused_and_left_intact(tmp_path):
+    from config import ConfigError
+
+    cfg = small_cfg(output_dir=str(tmp_path), run_name="taken")
+    RunLogger(cfg).finish()
+    (tmp_path / "taken" / "metrics.jsonl").write_text("keep me\n")
+    with pytest.raises(ConfigError, match="the run folder .* already exists"):
+        RunLogger(cfg)
+    assert (tmp_path / "taken" / "metrics.jsonl").read_text() == "keep me\n"
+
+
+def test_unwritable_output_dir_is_one_clear_error(tmp_path):
+    from config import ConfigError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="output_dir=.* is not writable"):
+        RunLogger(small_cfg(output_dir=str(blocker / "runs")))
