@@ -74,7 +74,7 @@ def print_summary(trainees: list) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from training import train_sae_group
+    from training import NonFiniteError, train_sae_group
 
     torch.set_float32_matmul_precision("high")
     try:
@@ -85,6 +85,9 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     print_summary(trainees)
     return 0
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,12 @@ from activation_store import ActivationsStore, load_model, model_dims
 from config import STREAM_KEYS, ConfigError, post_init_cfg, resolve_device, validate_cfg
 from logs import Progress, RunLogger, evaluate
 from sae import BaseSAE, build_sae
+
+LOSS_TERMS = ("recon_loss", "sparsity_loss", "aux_loss")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss term or parameter became NaN/inf; the message names step, variant and term."""
 
 
 def lr_factor(step: int, total_steps: int, warmup_frac: float, decay_frac: float) -> float:
@@ -43,6 +49,10 @@ class Trainee:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     logger: RunLogger
     final_metrics: dict[str, Any] | None = None
+    # first step whose loss terms were non-finite (-1: none) and which terms; kept on the
+    # device and read only when logging or checkpointing, so the step never syncs
+    first_bad_step: Tensor = field(default_factory=lambda: torch.tensor(-1))
+    bad_terms: Tensor = field(default_factory=lambda: torch.zeros(len(LOSS_TERMS), dtype=torch.bool))
 
     @property
     def run_dir(self) -> Path:
@@ -54,7 +64,31 @@ def make_trainee(cfg: dict[str, Any], total_steps: int) -> Trainee:
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg["lr_warmup_frac"], cfg["lr_decay_frac"]))
-    return Trainee(cfg, sae, optimizer, scheduler, RunLogger(cfg))
+    device = torch.device(cfg["device"])
+    trainee = Trainee(cfg, sae, optimizer, scheduler, RunLogger(cfg))
+    trainee.first_bad_step, trainee.bad_terms = trainee.first_bad_step.to(device), trainee.bad_terms.to(device)
+    return trainee
+
+
+def record_non_finite(t: Trainee, out: Any, step: int) -> None:
+    """Remember the first step with a non-finite loss term, without a host sync."""
+    bad = ~torch.isfinite(torch.stack([getattr(out, name).detach().float() for name in LOSS_TERMS]))
+    first = (t.first_bad_step < 0) & bad.any()
+    t.first_bad_step = torch.where(first, step, t.first_bad_step)
+    t.bad_terms = torch.where(first, bad, t.bad_terms)
+
+
+def check_finite(t: Trainee) -> None:
+    """Raise NonFiniteError if a loss term or a parameter went NaN/inf (syncs: call at intervals)."""
+    where = f"{t.cfg['sae_type']} run {t.cfg['run_name']}"
+    step = int(t.first_bad_step.item())
+    if step >= 0:
+        terms = ", ".join(n for n, b in zip(LOSS_TERMS, t.bad_terms.tolist(), strict=True) if b)
+        raise NonFiniteError(f"non-finite {terms} at step {step} in {where}; earlier checkpoints are intact "
+                             f"(lower lr, enable max_grad_norm, or check the data)")
+    for name, param in t.sae.named_parameters():
+        if not torch.isfinite(param).all():
+            raise NonFiniteError(f"non-finite parameter {name} in {where}; earlier checkpoints are intact")
 
 
 def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enabled: bool) -> Any:
@@ -144,20 +178,24 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None) -> list[Trainee]:
             aux_enabled = step * batch_size > min(c["dead_after_tokens"] for c in cfgs)
             for t in trainees:
                 out = training_step(t, x, step, total_steps, aux_enabled)
+                record_non_finite(t, out, step + 1)
                 _log_and_checkpoint(t, out, step + 1, total_steps, tokens, store, progress)
             progress.advance(batch_size)
             if step + 1 < total_steps:
                 x = store.next_batch()
     finally:
         progress.close()
-    for t in trainees:
-        t.logger.finish()
+        for t in trainees:
+            t.logger.finish()
     return trainees
 
 
 def _log_and_checkpoint(t: Trainee, out: Any, step: int, total_steps: int, tokens: int,
                         store: ActivationsStore, progress: Progress) -> None:
     cfg, last = t.cfg, step == total_steps
+    checkpoint_now = last or (cfg["checkpoint_freq"] and step % cfg["checkpoint_freq"] == 0)
+    if step % cfg["perf_log_freq"] == 0 or checkpoint_now:
+        check_finite(t)
     if step % cfg["perf_log_freq"] == 0 or last:
         metrics = _train_metrics(t, out) | {"tokens_per_s": progress.rate()}
         t.logger.log(metrics, step, tokens)

@@ -99,3 +99,25 @@ def test_lr_schedule_warms_up_and_decays():
     factors = [lr_factor(s, 100, 0.1, 0.2) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0 and factors[50] == 1.0
     assert factors[80] == 1.0 and factors[90] == pytest.approx(0.5) and factors[99] == pytest.approx(0.05)
+
+
+def test_nan_batch_stops_with_step_variant_and_term_and_keeps_checkpoints(minilm, tmp_path, monkeypatch):
+    from activation_store import ActivationsStore
+    from training import NonFiniteError
+
+    served = {"n": 0}
+    original = ActivationsStore.next_batch
+
+    def poisoned(self):
+        batch = original(self)
+        served["n"] += 1
+        return batch * float("nan") if served["n"] == 7 else batch  # the 7th batch trains step 7
+
+    monkeypatch.setattr(ActivationsStore, "next_batch", poisoned)
+    cfg = small_cfg(sae_type="topk", output_dir=str(tmp_path), run_name="nan", checkpoint_freq=4,
+                    perf_log_freq=10, eval_freq=100, num_tokens=256 * 12)
+    with pytest.raises(NonFiniteError, match=r"non-finite recon_loss at step 7 in topk run nan"):
+        train_sae(cfg, model=minilm)
+    checkpoints = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
+    assert checkpoints == ["step_0000004"]  # the step-8 checkpoint was refused, step 4 intact
+    assert torch.isfinite(load_sae(tmp_path / "nan" / "checkpoints" / "step_0000004").W_dec).all()
