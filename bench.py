@@ -1,0 +1,130 @@
+"""Measure what an SAE run costs on this machine; prints a table and writes bench_results.json.
+
+    python bench.py                                   # embedded shape: d 384, m 3072, k 32, batch 4096
+    python bench.py d=768 m=24576 device=cuda          # gpt2-small shape, on a GPU (random activations)
+    python bench.py generation=false                   # skip the model-forward comparison
+
+Every figure is timed here: the fp32 matmul roofline at the configured shape, SAE-step
+tokens/s per variant (fp32, and bf16 autocast where the device supports it) with the
+achieved GFLOP/s of the dense-equivalent step and its fraction of the roofline, and
+activation generation through TransformerBridge against a plain Hugging Face forward
+truncated at the same layer. Speed is never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from activation_store import load_model, resolve_model_path, run_to_hook
+from config import get_default_cfg, resolve_device
+from sae import SAE_CLASSES, build_sae
+from training import Trainee, lr_factor, training_step
+
+SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": "auto", "generation": True,
+            "model": get_default_cfg()["model_name"]}
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Seconds per call, after warm-up, synchronising the device around the timed calls."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def matmul_roofline(d: int, m: int, batch: int, device: torch.device) -> float:
+    """fp32 GFLOP/s of a (batch, d) x (d, m) product, the SAE's dominant shape."""
+    x, w = torch.randn(batch, d, device=device), torch.randn(d, m, device=device)
+    return 2 * batch * d * m / timed(lambda: x @ w, device, repeats=10) / 1e9
+
+
+def sae_step_rate(variant: str, s: dict[str, Any], device: torch.device, dtype: str) -> float:
+    """Training steps per second on random activations (forward, backward, Adam, constraint)."""
+    cfg = get_default_cfg() | {"sae_type": variant, "act_size": s["d"], "dict_size": s["m"], "top_k": s["k"],
+                               "batch_size": s["batch"], "dtype": dtype, "device": str(device)}
+    sae = build_sae(cfg).to(device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, 1000, 0.0, 0.0))
+    trainee = Trainee(cfg, sae, optimizer, scheduler, logger=None)
+    x = torch.randn(s["batch"], s["d"], device=device)
+    sae.init_from_batch(x, 1.0)
+    return 1 / timed(lambda: training_step(trainee, x, 10, 1000, aux_enabled=False), device, s["steps"])
+
+
+def generation_rates(model_name: str, device: torch.device) -> dict[str, float]:
+    """Tokens/s to the default hook: TransformerBridge stopped at the hook vs plain HF truncated."""
+    from transformers import AutoModel
+
+    cfg = get_default_cfg()
+    model = load_model(model_name, str(device))
+    hook = f"blocks.{cfg['layer']}.hook_{cfg['site']}"
+    tokens = torch.randint(1000, 20000, (cfg["model_batch_size"], cfg["seq_len"]), device=device)
+    plain = AutoModel.from_pretrained(resolve_model_path(model_name), num_hidden_layers=cfg["layer"])
+    plain = plain.to(device).eval()
+    n = tokens.numel()
+    bridge_s = timed(lambda: run_to_hook(model, tokens, hook), device, repeats=5)
+    with torch.inference_mode():
+        plain_s = timed(lambda: plain(input_ids=tokens), device, repeats=5)
+    return {"bridge_tokens_per_s": n / bridge_s, "plain_hf_tokens_per_s": n / plain_s,
+            "bridge_vs_plain": plain_s / bridge_s}
+
+
+def parse(argv: list[str]) -> dict[str, Any]:
+    s = dict(SETTINGS)
+    for item in argv:
+        key, _, value = item.partition("=")
+        if key not in s:
+            sys.exit(f"error: unknown bench setting {key!r}; valid: {', '.join(s)}")
+        s[key] = value.lower() == "true" if isinstance(s[key], bool) else type(s[key])(value)
+    return s
+
+
+def main(argv: list[str]) -> None:
+    s = parse(argv)
+    device = torch.device(resolve_device(s["device"]))
+    dtypes = ["float32"] + (["bfloat16"] if device.type == "cuda" and torch.cuda.is_bf16_supported() else [])
+    roofline = matmul_roofline(s["d"], s["m"], s["batch"], device)
+    dense_step_flops = 12 * s["batch"] * s["d"] * s["m"]  # six (B,d)x(d,m)-sized matmuls
+    results: dict[str, Any] = {"settings": s, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                               "matmul_roofline_gflops": roofline,
+                               "dense_step_ceiling_tokens_per_s": roofline * 1e9 / dense_step_flops * s["batch"],
+                               "sae_step": {}}
+    print(f"device: {results['device']}; fp32 matmul roofline {roofline:.0f} GFLOP/s; dense-step ceiling "
+          f"{results['dense_step_ceiling_tokens_per_s']:,.0f} tokens/s")
+    print(f"{'variant':<10}{'dtype':<10}{'tokens/s':>12}{'GFLOP/s':>10}{'of roofline':>13}")
+    for variant in SAE_CLASSES:
+        for dtype in dtypes:
+            steps_per_s = sae_step_rate(variant, s, device, dtype)
+            gflops = steps_per_s * dense_step_flops / 1e9
+            results["sae_step"][f"{variant}/{dtype}"] = {"tokens_per_s": steps_per_s * s["batch"], "gflops": gflops}
+            tokens_per_s = steps_per_s * s["batch"]
+            print(f"{variant:<10}{dtype:<10}{tokens_per_s:>12,.0f}{gflops:>10.0f}{gflops / roofline:>13.0%}")
+    if device.type == "cuda":
+        results["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        print(f"peak GPU memory {results['peak_memory_gib']:.2f} GiB")
+    if s["generation"]:
+        gen = generation_rates(s["model"], device)
+        results["generation"] = gen
+        print(f"generation to the default hook: bridge {gen['bridge_tokens_per_s']:,.0f} tokens/s, plain HF "
+              f"{gen['plain_hf_tokens_per_s']:,.0f} tokens/s ({gen['bridge_vs_plain']:.2f}x)")
+    with open("bench_results.json", "w") as f:
+        json.dump(results, f, indent=2)
+    print("wrote bench_results.json")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
