@@ -1,4 +1,4 @@
-"""results.py on small trained runs: tables, the report, plots, latent dashboards."""
+"""results.py on small trained runs: tables, the report, plots, latent dashboards, the notebook."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from config import get_default_cfg
 from training import train_sae, train_sae_group
 
 VARIANTS = ("topk", "batchtopk")
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -183,3 +184,19 @@ def test_promoted_tokens_follow_the_unembedding(tiny_gpt2_dir, tmp_path, monkeyp
     assert [tok for tok, _ in summary.promoted_tokens] == [model.tokenizer.decode([i]) for i in expected.indices]
     assert [v for _, v in summary.promoted_tokens] == pytest.approx(expected.values.tolist(), rel=1e-4)
 
+
+def test_notebook_runs_top_to_bottom(runs_dir, monkeypatch):
+    import nbclient
+    import nbformat
+
+    monkeypatch.setenv("SAE_RUNS_DIR", str(runs_dir))
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    nb = nbformat.read(REPO / "analysis.ipynb", as_version=4)
+    resources = {"metadata": {"path": str(REPO)}}  # the kernel imports results.py from the repository
+    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources=resources)
+    client.execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 2 + len(VARIANTS)  # two frontiers and a density plot per run
+    assert any("<mark>" in o.get("data", {}).get("text/html", "") for o in outputs)
