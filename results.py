@@ -220,7 +220,7 @@ def plot_density(run: str | Path | Run):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     never = int((density == 0).sum())
     ax.hist([log_alive[~dense], log_alive[dense]], bins=bins, stacked=True, color=["C0", "C3"],
-            label=[f"fire on <= {DENSE_FRACTION:.0%} of tokens: {int((~dense).sum())}",
+            label=[f"fire on ≤ {DENSE_FRACTION:.0%} of tokens: {int((~dense).sum())}",
                    f"dense, > {DENSE_FRACTION:.0%} (right of dashed line): {int(dense.sum())}"])
     ax.bar([never_x], [never], width=0.5, color="0.5", label=f"never fired on eval: {never}")
     ax.annotate(str(never), (never_x, never), ha="center", va="bottom")
