@@ -16,6 +16,7 @@ SAE_TYPES = ("vanilla", "topk", "batchtopk", "jumprelu")
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 DTYPES = ("float32", "bfloat16")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+KERNELS = ("auto", "sparse", "dense")
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,8 @@ def get_default_cfg() -> dict[str, Any]:
         "max_grad_norm": 1.0,  # gradient clipping (0 disables)
         "seed": 42,  # seeds SAE init, data order and buffer shuffling
         "device": "auto",  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
+        "kernels": "auto",  # SAE step: sparse (encoder backward and decoder touch only selected latents), dense,
+        # or auto (sparse on CPU for topk/batchtopk/jumprelu; dense on CUDA, where dense is faster)
         "dtype": "float32",  # SAE compute dtype: float32, or bfloat16 autocast on fp32 master weights
         "model_dtype": "float32",  # dtype of the transformer producing activations
         # logging and checkpoints
@@ -114,7 +117,7 @@ _POSITIVE_FLOATS = ("lr", "bandwidth", "jumprelu_init_threshold")
 _FRACTIONS = ("lr_warmup_frac", "lr_decay_frac", "sparsity_warmup_frac", "beta1", "beta2",
               "threshold_ema_decay")
 _CHOICES = {"sae_type": SAE_TYPES, "site": SITES, "dtype": DTYPES, "model_dtype": DTYPES,
-            "wandb_mode": WANDB_MODES}
+            "wandb_mode": WANDB_MODES, "kernels": KERNELS}
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:

@@ -8,6 +8,7 @@ losses, thresholds and coefficients all live in the scaled space.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,128 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
+
+
+class SparsePattern:
+    """Where a batch's latents may be non-zero, in CSR layout: row b owns entries
+    crow[b]:crow[b+1] (columns in any order). The transposed layout, which the sparse
+    backward passes need, is computed once and shared."""
+
+    def __init__(self, crow: Tensor, cols: Tensor, n_latents: int):
+        self.crow, self.cols, self.shape = crow, cols, (crow.numel() - 1, n_latents)
+        self._transposed: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @classmethod
+    def from_rows(cls, rows: Tensor, cols: Tensor, batch_size: int, n_latents: int) -> SparsePattern:
+        """From row-major (rows, cols) pairs, as `nonzero` gives them."""
+        crow = torch.zeros(batch_size + 1, dtype=torch.long, device=rows.device)
+        crow[1:] = torch.bincount(rows, minlength=batch_size).cumsum(0)
+        return cls(crow, cols, n_latents)
+
+    @classmethod
+    def from_topk(cls, idx: Tensor, n_latents: int) -> SparsePattern:
+        """From per-row indices (B, k)."""
+        b, k = idx.shape
+        crow = torch.arange(0, b * k + 1, k, device=idx.device)
+        return cls(crow, idx.flatten(), n_latents)
+
+    def rows(self) -> Tensor:
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device), self.crow.diff())
+
+    def csr(self, vals: Tensor) -> Tensor:
+        return torch.sparse_csr_tensor(self.crow, self.cols, vals, self.shape, check_invariants=False)
+
+    def csr_transposed(self, vals: Tensor) -> Tensor:
+        """The (m, B) transpose holding `vals` (given in this pattern's order)."""
+        if self._transposed is None:
+            order = self.cols.argsort(stable=True)
+            t_crow = torch.zeros(self.shape[1] + 1, dtype=torch.long, device=self.cols.device)
+            t_crow[1:] = torch.bincount(self.cols, minlength=self.shape[1]).cumsum(0)
+            self._transposed = (order, t_crow, self.rows()[order])
+        order, t_crow, t_cols = self._transposed
+        return torch.sparse_csr_tensor(t_crow, t_cols, vals[order], self.shape[::-1], check_invariants=False)
+
+
+@dataclass
+class SparseLatents:
+    """Latents f as values on a SparsePattern (entries may hold 0)."""
+
+    pattern: SparsePattern
+    vals: Tensor
+
+    def dense(self) -> Tensor:
+        out = self.vals.new_zeros(self.pattern.shape)
+        out[self.pattern.rows(), self.pattern.cols] = self.vals
+        return out
+
+
+def fired_latents(f: Tensor | SparseLatents) -> Tensor:
+    """(m,) bool: which latents fired on at least one token of the batch."""
+    if isinstance(f, SparseLatents):
+        cols = f.pattern.cols[f.vals > 0]
+        return torch.bincount(cols, minlength=f.pattern.shape[1]) > 0
+    return (f > 0).any(dim=0)
+
+
+def mean_l0(f: Tensor | SparseLatents) -> Tensor:
+    if isinstance(f, SparseLatents):
+        return (f.vals > 0).sum() / f.pattern.shape[0]
+    return (f > 0).float().sum(-1).mean()
+
+
+def smallest_positive(f: Tensor | SparseLatents) -> Tensor:
+    """Smallest positive latent value in the batch (inf if none)."""
+    vals = f.vals if isinstance(f, SparseLatents) else f
+    return torch.where(vals > 0, vals, torch.full_like(vals, float("inf"))).amin()
+
+
+class _SparseEncode(torch.autograd.Function):
+    """The selected entries of pre = x_in @ W_enc + b_enc, whose values were already
+    computed without gradient. Backward touches only those entries: a sparse (m, B)
+    by (B, d) product for W_enc instead of a dense (d, B) by (B, m) one."""
+
+    @staticmethod
+    def forward(ctx, pre_vals: Tensor, x_in: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
+                pattern: SparsePattern) -> Tensor:
+        ctx.save_for_backward(x_in, W_enc)
+        ctx.pattern = pattern
+        return pre_vals.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x_in, W_enc = ctx.saved_tensors
+        pattern = ctx.pattern
+        grad_b_enc = grad.new_zeros(pattern.shape[1]).index_add_(0, pattern.cols, grad)
+        grad_W_enc = (pattern.csr_transposed(grad) @ x_in).T.contiguous()
+        grad_b_dec = -(W_enc @ grad_b_enc)  # pre depends on b_dec through x_in = x - b_dec
+        return None, None, grad_W_enc, grad_b_enc, grad_b_dec, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """f @ W_dec for f given as values on a SparsePattern; backward samples the dense
+    gradient only at the pattern and scatters W_dec's gradient into the used rows."""
+
+    @staticmethod
+    def forward(ctx, vals: Tensor, W_dec: Tensor, pattern: SparsePattern) -> Tensor:
+        ctx.save_for_backward(vals, W_dec)
+        ctx.pattern = pattern
+        return pattern.csr(vals) @ W_dec
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        vals, W_dec = ctx.saved_tensors
+        pattern = ctx.pattern
+        grad_vals = grad_W_dec = None
+        if ctx.needs_input_grad[0]:
+            sampled = torch.sparse.sampled_addmm(pattern.csr(torch.zeros_like(vals)), grad, W_dec.T, beta=0)
+            grad_vals = sampled.values()
+        if ctx.needs_input_grad[1]:
+            grad_W_dec = pattern.csr_transposed(vals) @ grad
+        return grad_vals, grad_W_dec, None
 
 
 @dataclass
@@ -26,7 +147,7 @@ class SAEOutput:
     """What a forward pass returns. Losses are scalars in the scaled space."""
 
     x_hat: Tensor  # raw-space reconstruction, shape (B, d)
-    latents: Tensor  # f, shape (B, m)
+    latents: Tensor | SparseLatents  # f, shape (B, m); SparseLatents from the sparse path
     loss: Tensor  # recon_loss + sparsity_loss + aux_loss
     recon_loss: Tensor  # ||x - x_hat||^2 summed over d, averaged over the batch
     sparsity_loss: Tensor  # coefficient times the variant's sparsity penalty
@@ -37,6 +158,7 @@ class BaseSAE(nn.Module):
     """Parameters, scale, encode/decode, decoder constraint, dead-latent counters."""
 
     uses_aux_loss = False
+    has_sparse_path = False  # variants whose codes are sparse by construction
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
@@ -74,9 +196,13 @@ class BaseSAE(nn.Module):
         """Latents -> raw-space reconstruction."""
         return (f @ self.W_dec + self.b_dec) / self.scale
 
-    def forward(self, x: Tensor, aux_enabled: bool = True) -> SAEOutput:
+    def forward(self, x: Tensor, aux_enabled: bool = True, sparse: bool = False) -> SAEOutput:
         """Raw activations -> SAEOutput. `aux_enabled=False` lets the trainer skip the
-        AuxK term while no latent can be dead yet (it would be exactly 0)."""
+        AuxK term while no latent can be dead yet (it would be exactly 0). `sparse=True`
+        (training, variants with a sparse path) gives the same values and gradients
+        with a backward that touches only the selected latents (`forward_sparse`)."""
+        if sparse and self.has_sparse_path and self.training:
+            return self.forward_sparse(x, aux_enabled)
         x_scaled = x * self.scale
         pre = self.pre_activations(x_scaled)
         f = self.activation(pre)
@@ -89,15 +215,66 @@ class BaseSAE(nn.Module):
             aux = recon.new_zeros(())
         return SAEOutput(x_hat_scaled / self.scale, f, recon + sparsity + aux, recon, sparsity, aux)
 
+    # --- sparse training path ----------------------------------------------------------
+
+    def select(self, pre: Tensor) -> SparsePattern:
+        """Variant-specific: every entry of `pre` whose latent may be non-zero or whose
+        straight-through gradient may be non-zero."""
+        raise NotImplementedError
+
+    def sparse_activation(self, pre_vals: Tensor, pattern: SparsePattern) -> Tensor:
+        """f on the selected entries (the dense `activation`, restricted)."""
+        return F.relu(pre_vals)
+
+    def sparse_penalty(self, pre_vals: Tensor, f_vals: Tensor, pattern: SparsePattern) -> Tensor:
+        return pre_vals.new_zeros(())
+
+    def forward_sparse(self, x: Tensor, aux_enabled: bool = True) -> SAEOutput:
+        """The training forward with sparse kernels: one dense matmul (the encoder),
+        everything else on the selected entries. Same values and gradients as `forward`."""
+        with torch.autocast(x.device.type, enabled=False):
+            x_scaled = x.float() * self.scale
+            with torch.no_grad():
+                x_in = x_scaled - self.b_dec
+                pre = torch.addmm(self.b_enc, x_in, self.W_enc)
+            pattern = self.select(pre)
+            pre_vals = _SparseEncode.apply(pre[pattern.rows(), pattern.cols], x_in, self.W_enc, self.b_enc,
+                                           self.b_dec, pattern)
+            f_vals = self.sparse_activation(pre_vals, pattern)
+            x_hat_scaled = _SparseDecode.apply(f_vals, self.W_dec, pattern) + self.b_dec
+            recon = (x_hat_scaled - x_scaled).pow(2).sum(-1).mean()
+            sparsity = self.sparsity_coeff * self.sparse_penalty(pre_vals, f_vals, pattern)
+            if self.uses_aux_loss and aux_enabled:
+                aux = self.sparse_aux_loss(x_scaled - x_hat_scaled, pre, x_in)
+            else:
+                aux = recon.new_zeros(())
+        latents = SparseLatents(pattern, f_vals.detach())
+        return SAEOutput(x_hat_scaled / self.scale, latents, recon + sparsity + aux, recon, sparsity, aux)
+
+    def sparse_aux_loss(self, residual: Tensor, pre: Tensor, x_in: Tensor) -> Tensor:
+        """`aux_loss` on the dead columns only. Reads the dead count on the host, which
+        costs nothing on CPU (the device the sparse path is chosen for)."""
+        dead_cols = self.dead_mask().nonzero().squeeze(1)
+        if dead_cols.numel() == 0:
+            return pre.new_zeros(())
+        k_aux = min(self.cfg["top_k_aux"], dead_cols.numel())
+        vals, j = pre[:, dead_cols].topk(k_aux, dim=-1, sorted=False)
+        pattern = SparsePattern.from_topk(dead_cols[j], pre.shape[-1])
+        pre_vals = _SparseEncode.apply(vals.flatten(), x_in, self.W_enc, self.b_enc,
+                                       self.b_dec, pattern)
+        residual = residual.detach()
+        err = (_SparseDecode.apply(F.relu(pre_vals), self.W_dec, pattern) - residual).pow(2).sum(-1).mean()
+        return self.cfg["aux_penalty"] * err / residual.pow(2).sum(-1).mean().clamp_min(1e-12)
+
     # --- dead latents (SPEC §4) --------------------------------------------------------
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired > self.cfg["dead_after_tokens"]
 
     @torch.no_grad()
-    def update_dead_counters(self, f: Tensor) -> None:
-        fired = (f > 0).any(dim=0)
-        self.tokens_since_fired += f.shape[0]
+    def update_dead_counters(self, f: Tensor | SparseLatents) -> None:
+        fired = fired_latents(f)
+        self.tokens_since_fired += f.pattern.shape[0] if isinstance(f, SparseLatents) else f.shape[0]
         self.tokens_since_fired.masked_fill_(fired, 0)
 
     def aux_loss(self, residual: Tensor, pre: Tensor) -> Tensor:
@@ -140,7 +317,7 @@ class BaseSAE(nn.Module):
         self.b_dec.copy_((x * scale).mean(dim=0))
 
     @torch.no_grad()
-    def update_inference_state(self, f: Tensor) -> None:
+    def update_inference_state(self, f: Tensor | SparseLatents) -> None:
         """Training-only state beyond the dead counters (BatchTopK's threshold)."""
 
     # --- save / load -------------------------------------------------------------------
@@ -168,10 +345,33 @@ class TopKSAE(BaseSAE):
     """Keep each token's k largest positive pre-activations."""
 
     uses_aux_loss = True
+    has_sparse_path = True
 
     def activation(self, pre: Tensor) -> Tensor:
         vals, idx = pre.topk(self.cfg["top_k"], dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
+
+    def select(self, pre: Tensor) -> SparsePattern:
+        return SparsePattern.from_topk(pre.topk(self.cfg["top_k"], dim=-1, sorted=False).indices, pre.shape[-1])
+
+
+def batch_top_entries(pre: Tensor, n: int) -> SparsePattern:
+    """The entries BatchTopK keeps (the n largest positive values of `pre`, ties at the
+    n-th included), found without a full selection: a strided sample gives a lower
+    bound holding about 2n entries, and the exact n-th largest is taken among those.
+    Falls back to all positive entries when the bound is too high. Syncs (CPU path)."""
+    flat = pre.flatten()
+    sample = flat[::16]
+    rank = min(sample.numel(), max(1, 2 * n // 16))
+    bound = sample.kthvalue(sample.numel() - rank + 1).values.clamp_min(0)
+    rows, cols = (pre >= bound).logical_and_(pre > 0).nonzero().unbind(1)
+    if rows.numel() < n and bound > 0:
+        rows, cols = (pre > 0).nonzero().unbind(1)
+    vals = pre[rows, cols]
+    if vals.numel() > n:
+        keep = vals >= vals.kthvalue(vals.numel() - n + 1).values
+        rows, cols = rows[keep], cols[keep]
+    return SparsePattern.from_rows(rows, cols, pre.shape[0], pre.shape[1])
 
 
 def kth_largest(values: Tensor, k: int) -> Tensor:
@@ -188,6 +388,7 @@ class BatchTopKSAE(BaseSAE):
     Inference: one learnt global threshold, f = pre * 1[pre > theta]."""
 
     uses_aux_loss = True
+    has_sparse_path = True
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
@@ -201,12 +402,14 @@ class BatchTopKSAE(BaseSAE):
         kth = kth_largest(relu.flatten(), self.cfg["top_k"] * pre.shape[0])
         return relu * ((relu >= kth) & (relu > 0))
 
+    def select(self, pre: Tensor) -> SparsePattern:
+        return batch_top_entries(pre, self.cfg["top_k"] * pre.shape[0])
+
     @torch.no_grad()
-    def update_inference_state(self, f: Tensor) -> None:
+    def update_inference_state(self, f: Tensor | SparseLatents) -> None:
         """EMA over steps of the smallest value the batch top-k kept."""
-        kept = f > 0
-        smallest = torch.where(kept, f, torch.full_like(f, float("inf"))).amin()
-        smallest = torch.where(kept.any(), smallest, self.threshold).float()
+        smallest = smallest_positive(f)
+        smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold).float()
         decay = self.cfg["threshold_ema_decay"]
         blended = decay * self.threshold + (1 - decay) * smallest
         self.threshold.copy_(torch.where(self.threshold_initialised, blended, smallest))
@@ -253,6 +456,8 @@ class JumpReLUSAE(BaseSAE):
     """Per-latent threshold theta = exp(log_threshold), float32, L0 penalty.
     The penalty's step function is evaluated on the pre-activations (SPEC §3)."""
 
+    has_sparse_path = True
+
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
         init = torch.full((cfg["dict_size"],), float(cfg["jumprelu_init_threshold"]))
@@ -268,6 +473,19 @@ class JumpReLUSAE(BaseSAE):
     def sparsity_penalty(self, pre: Tensor, f: Tensor) -> Tensor:
         theta = self.threshold.to(pre.dtype)
         return _Step.apply(pre, theta, self.cfg["bandwidth"]).sum(-1).mean()
+
+    def select(self, pre: Tensor) -> SparsePattern:
+        """Active entries and the lower half of the gradient window: pre > theta - eps/2."""
+        lower = (self.threshold - self.cfg["bandwidth"] / 2).to(pre.dtype)
+        rows, cols = (pre > lower).nonzero().unbind(1)
+        return SparsePattern.from_rows(rows, cols, pre.shape[0], pre.shape[1])
+
+    def sparse_activation(self, pre_vals: Tensor, pattern: SparsePattern) -> Tensor:
+        return _JumpReLU.apply(pre_vals, self.threshold[pattern.cols], self.cfg["bandwidth"])
+
+    def sparse_penalty(self, pre_vals: Tensor, f_vals: Tensor, pattern: SparsePattern) -> Tensor:
+        theta = self.threshold[pattern.cols]
+        return _Step.apply(pre_vals, theta, self.cfg["bandwidth"]).sum() / pattern.shape[0]
 
 
 SAE_CLASSES: dict[str, type[BaseSAE]] = {

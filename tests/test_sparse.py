@@ -1,0 +1,108 @@
+"""The sparse training path (SAE.forward_sparse) against the dense reference
+(SAE.forward): same loss terms, same latents, same gradients for every parameter."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from test_sae import B, D, M, make_cfg, rand_x
+
+from sae import SparseLatents, SparsePattern, batch_top_entries, build_sae, fired_latents, mean_l0
+
+SPARSE_VARIANTS = ("topk", "batchtopk", "jumprelu")
+
+
+def trained_like(sae_type: str, n_dead: int = 0, **overrides):
+    """An SAE with non-trivial parameters (scale, biases, thresholds) and `n_dead` dead latents."""
+    sae = build_sae(make_cfg(sae_type, **overrides)).train()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        sae.scale.fill_(1.7)
+        sae.b_enc.copy_(0.1 * torch.randn(M, generator=gen))
+        sae.b_dec.copy_(0.2 * torch.randn(D, generator=gen))
+        sae.W_enc.add_(0.3 * torch.randn(D, M, generator=gen))
+        if sae_type == "jumprelu":
+            sae.log_threshold.copy_((0.5 + 0.5 * torch.rand(M, generator=gen)).log())
+        sae.tokens_since_fired[:n_dead] = sae.cfg["dead_after_tokens"] + 1
+    sae.sparsity_coeff = 0.7
+    return sae
+
+
+def loss_and_grads(sae, x: torch.Tensor, sparse: bool):
+    out = sae(x, sparse=sparse)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    sae.zero_grad(set_to_none=True)
+    return out, grads
+
+
+@pytest.mark.parametrize("n_dead", [0, 5, 40])  # none, fewer and more dead latents than top_k_aux=8
+@pytest.mark.parametrize("sae_type", SPARSE_VARIANTS)
+def test_sparse_path_equals_dense_reference(sae_type, n_dead):
+    sae = trained_like(sae_type, n_dead)
+    x = rand_x(seed=5)
+    dense, dense_grads = loss_and_grads(sae, x, sparse=False)
+    sparse, sparse_grads = loss_and_grads(sae, x, sparse=True)
+    assert isinstance(sparse.latents, SparseLatents)
+    torch.testing.assert_close(sparse.latents.dense(), dense.latents)
+    for term in ("loss", "recon_loss", "sparsity_loss", "aux_loss"):
+        torch.testing.assert_close(getattr(sparse, term), getattr(dense, term), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sparse.x_hat, dense.x_hat, rtol=1e-5, atol=1e-5)
+    if n_dead and sae_type != "jumprelu":
+        assert sparse.aux_loss > 0
+    for name, g in dense_grads.items():
+        assert g.abs().sum() > 0, name  # every parameter learns on both paths
+        torch.testing.assert_close(sparse_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("sae_type", SPARSE_VARIANTS)
+def test_sparse_training_steps_track_dense_ones(sae_type):
+    """Five optimiser steps, counters and BatchTopK threshold included, on each path."""
+    from test_sae import train_steps
+
+    saes = [trained_like(sae_type, n_dead=3) for _ in range(2)]
+    saes[1].forward = functools.partial(saes[1].forward, sparse=True)  # the trainer loop calls sae(x)
+    for sae in saes:
+        train_steps(sae, n_steps=5)
+    for (name, a), b in zip(saes[0].state_dict().items(), saes[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sparse_latents_helpers_match_dense():
+    sae = trained_like("topk")
+    out = sae(rand_x(), sparse=True)
+    dense = out.latents.dense()
+    assert torch.equal(fired_latents(out.latents), (dense > 0).any(0))
+    torch.testing.assert_close(mean_l0(out.latents), (dense > 0).float().sum(-1).mean())
+    assert mean_l0(out.latents) <= sae.cfg["top_k"]
+
+
+@pytest.mark.parametrize("n", [1, 37, B * 4, B * M // 2, B * M])
+def test_batch_top_entries_equals_full_selection(n):
+    gen = torch.Generator().manual_seed(n)
+    pre = torch.randn(B, M, generator=gen)
+    pre[:, :3] = 0.5  # ties
+    pattern = batch_top_entries(pre, n)
+    relu = torch.relu(pre)
+    kth = relu.flatten().topk(n).values.min()
+    expected = ((relu >= kth) & (relu > 0)).nonzero().unbind(1)
+    assert torch.equal(pattern.rows(), expected[0]) and torch.equal(pattern.cols, expected[1])
+
+
+def test_pattern_transpose_is_the_transpose():
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.rand(B, M, generator=gen).topk(5, dim=-1).indices
+    pattern = SparsePattern.from_topk(idx, M)
+    vals = torch.randn(pattern.cols.numel(), generator=gen)
+    dense = pattern.csr(vals).to_dense()
+    assert torch.equal(pattern.csr_transposed(vals).to_dense(), dense.T)
+
+
+def test_sparse_path_runs_under_bf16_autocast():
+    sae = trained_like("batchtopk")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae(rand_x(), sparse=True)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and sae.W_enc.grad.dtype == torch.float32
