@@ -55,7 +55,22 @@ def load_model(model_name: str, device: str, dtype: str = "float32"):
         raise ConfigError(f"config model_name={model_name!r} could not be loaded{hint}: "
                           f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     model.eval()
+    streamline(model)
     return model
+
+
+def streamline(model) -> None:
+    """Drop what the store never reads. TransformerBridge boots HF models with eager
+    attention so that hook_pattern/hook_attn_scores fire, and runs LayerNorm in Python
+    so that its inner hooks do; the store reads only residual/attn/mlp outputs, so
+    switch to SDPA attention and the native LayerNorm (same activations to ~1e-5)."""
+    from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
+
+    with contextlib.suppress(Exception):  # best effort: some architectures need eager
+        model.original_model.set_attn_implementation("sdpa")
+    for module in model.modules():
+        if isinstance(module, NormalizationBridge):
+            module.use_native_layernorm_autograd = True
 
 
 def model_dims(model) -> dict[str, int]:
