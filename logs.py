@@ -6,10 +6,13 @@ wandb or the terminal is in `RunLogger` and `Progress` below them.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import netrc
 import os
+import re
 import shutil
 import time
 import warnings
@@ -19,19 +22,31 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from activation_store import is_causal_lm, run_to_hook
 from config import ConfigError
-from sae import BaseSAE
+from sae import CONFIG_FILE, WEIGHTS_FILE, BaseSAE
 
 DENSE_FRACTION = 0.1  # a latent firing on more than this fraction of eval tokens is dense
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoints"
 TRAINING_STATE_FILE = "training_state.pt"
 DENSITY_FILE = "density.safetensors"
+STREAM_FILE = "stream.safetensors"  # the activation store's tensors (mixing buffer...), for exact resume
+MANIFEST_FILE = "manifest.json"  # size and sha256 of every other file, written last
+GROUP_FILE = "group.json"  # the runs that trained on one stream, so resuming one resumes all
+STEP_DIR = re.compile(r"step_(\d+)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error); earlier checkpoints are intact."""
+
+
+class ResumeWarning(UserWarning):
+    """A checkpoint was passed over on resume (incomplete, corrupted, or missing in a run of the group)."""
 
 
 # --- pure metrics -------------------------------------------------------------------------
@@ -167,10 +182,12 @@ def evaluate(sae: BaseSAE, store) -> dict[str, Any]:
     was_training = sae.training
     sae.eval()
     try:
-        metrics = reconstruction_metrics(sae, store.eval_acts, store.device)
-        rows = store.eval_tokens[: store.cfg["downstream_eval_rows"]]
-        metrics.update(downstream_metrics(sae, store.model, rows, store.kept_positions(rows),
-                                          store.hook_point, store.cfg["model_batch_size"]))
+        hook_point = sae.cfg["hook_point"]
+        metrics = reconstruction_metrics(sae, store.eval_acts[store.hook_index(hook_point)], store.device)
+        if store.model is not None:  # None: a synthetic stream (tests), no model to splice into
+            rows = store.eval_tokens[: store.cfg["downstream_eval_rows"]]
+            metrics.update(downstream_metrics(sae, store.model, rows, store.kept_positions(rows),
+                                              hook_point, store.cfg["model_batch_size"]))
     finally:
         sae.train(was_training)
     return metrics
@@ -198,32 +215,69 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 class RunLogger:
-    """One run's folder: config.json, metrics.jsonl, checkpoints, and its wandb run."""
+    """One run's folder: config.json, metrics.jsonl, checkpoints, and its wandb run.
 
-    def __init__(self, cfg: dict[str, Any]):
+    `resume_step` reopens an existing run folder instead: metrics.jsonl keeps its lines up
+    to that step (none for 0, a restart) and checkpoints newer than it, or left half
+    written by a killed process, are removed (they are written again, identically)."""
+
+    def __init__(self, cfg: dict[str, Any], resume_step: int | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg["output_dir"]) / cfg["run_name"]
+        if resume_step is None:
+            self._create_run_dir()
+        else:
+            self._reopen_run_dir(resume_step)
+        write_atomic(self.run_dir / "config.json", json.dumps(cfg, indent=2, default=str))
+        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        self.wandb_run = self._init_wandb()
+
+    def _create_run_dir(self) -> None:
+        cfg, run_dir = self.cfg, self.run_dir
+        if cfg.get("overwrite") and run_dir.is_dir():
+            if any(run_dir.iterdir()) and not (run_dir / "config.json").exists():
+                raise ConfigError(f"config overwrite=True: {run_dir} is not a run folder (no config.json); "
+                                  f"refusing to delete it")
+            shutil.rmtree(run_dir)
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=False)
+            run_dir.mkdir(parents=True, exist_ok=False)
         except FileExistsError:
-            raise ConfigError(f"config run_name={cfg['run_name']!r}: the run folder {self.run_dir} already exists; "
-                              f"choose another run_name or leave it empty for a generated one") from None
+            raise ConfigError(f"config run_name={cfg['run_name']!r}: the run folder {run_dir} already exists; "
+                              f"continue it with --resume {run_dir}, replace it with overwrite=true, or choose "
+                              f"another run_name (empty: a generated one)") from None
         except OSError as err:
             raise ConfigError(f"config output_dir={cfg['output_dir']!r} is not writable ({err.strerror}); "
                               f"choose another output_dir") from None
-        (self.run_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
-        self.wandb_run = self._init_wandb()
+
+    def _reopen_run_dir(self, step: int) -> None:
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists():
+            lines = metrics.read_text().splitlines()
+            kept = [line for line in lines if _logged_step(line) <= step] if step > 0 else []
+            write_atomic(metrics, "".join(line + "\n" for line in kept))
+        for folder in (self.run_dir, self.run_dir / CHECKPOINT_DIR):  # left by a kill mid-write
+            for entry in [*folder.glob(".tmp-*"), *folder.glob(".trash-*")]:
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        for ckpt_step, folder in periodic_checkpoints(self.run_dir):
+            if ckpt_step > step:
+                _remove_folder(folder)
 
     def _init_wandb(self):
         mode = resolve_wandb_mode(self.cfg["wandb_mode"])
         if mode == "disabled":
             return None
+        id_file = self.run_dir / "wandb_run_id"
         try:
             import wandb
 
-            return wandb.init(project=self.cfg["wandb_project"], name=self.cfg["run_name"], config=self.cfg,
-                              dir=str(self.run_dir), mode=mode, reinit="create_new")
+            resume = {"id": id_file.read_text().strip(), "resume": "allow"} if id_file.exists() else {}
+            run = wandb.init(project=self.cfg["wandb_project"], name=self.cfg["run_name"], config=self.cfg,
+                             dir=str(self.run_dir), mode=mode, reinit="create_new", **resume)
+            id_file.write_text(run.id)
+            return run
         except Exception as err:  # wandb trouble never stops training
             warnings.warn(f"wandb disabled for {self.cfg['run_name']}: {type(err).__name__}: {err}", stacklevel=2)
             return None
@@ -242,24 +296,210 @@ class RunLogger:
             self.wandb_run.log(payload, step=step)
 
     def save_checkpoint(self, sae: BaseSAE, training_state: dict[str, Any], step: int,
-                        density: Tensor | None = None, final: bool = False) -> Path:
-        """Write to a temporary folder, then rename it into place (SPEC §7)."""
+                        density: Tensor | None = None, final: bool = False,
+                        stream: dict[str, Tensor] | Path | None = None) -> Path:
+        """Write to a temporary folder, add the manifest (sizes and sha256 sums, written last,
+        files fsynced), then rename it into place (SPEC §7). `stream` is the activation
+        store's tensors, or the stream file of another run's checkpoint of this step, which
+        is hard-linked (copied where links fail) rather than written again. An OSError (disk
+        full...) removes the temporary folder and raises CheckpointError."""
         target = self.run_dir / FINAL_DIR if final else self.run_dir / CHECKPOINT_DIR / f"step_{step:07d}"
         tmp = target.with_name(f".tmp-{target.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        sae.save(tmp)
-        torch.save(training_state, tmp / TRAINING_STATE_FILE)
-        if density is not None:
-            save_file({"density": density.contiguous()}, tmp / DENSITY_FILE)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            sae.save(tmp)
+            torch.save(training_state, tmp / TRAINING_STATE_FILE)
+            if density is not None:
+                save_file({"density": density.contiguous()}, tmp / DENSITY_FILE)
+            known = {}
+            if isinstance(stream, Path):
+                _link_or_copy(stream, tmp / STREAM_FILE)
+                known[STREAM_FILE] = read_manifest(stream.parent)[STREAM_FILE]
+            elif stream is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in stream.items()}, tmp / STREAM_FILE)
+            write_manifest(tmp, known)
+            if target.exists():
+                _remove_folder(target)
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            what = "disk full" if err.errno == errno.ENOSPC else "could not write"
+            raise CheckpointError(f"{what} while writing checkpoint {target} ({err.strerror or err}); earlier "
+                                  f"checkpoints are intact: free space, then continue with "
+                                  f"python main.py --resume {self.run_dir}") from None
         return target
+
+    def prune_checkpoints(self) -> None:
+        """Keep the newest `keep_checkpoints` periodic checkpoints (0: all); final/ is never pruned.
+        Call only once the newest is complete (for a group: in every run)."""
+        keep = self.cfg.get("keep_checkpoints", 0)
+        if keep > 0:
+            for _, folder in periodic_checkpoints(self.run_dir)[keep:]:
+                _remove_folder(folder)
 
     def finish(self) -> None:
         self.metrics_file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+# --- checkpoint files ---------------------------------------------------------------------
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a partial line (a kill mid-write) so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _remove_folder(folder: Path) -> None:
+    """Rename out of the way first, so a kill mid-delete never leaves a half folder under a real name."""
+    trash = folder.with_name(f".trash-{folder.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    try:
+        os.link(source, dest)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise
+        shutil.copyfile(source, dest)
+
+
+def _file_digest(path: Path, fsync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+        if fsync:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, known: dict[str, dict[str, Any]] | None = None) -> None:
+    """manifest.json: bytes and sha256 of every file in `folder` (`known` entries reused)."""
+    files = {}
+    for path in sorted(p for p in folder.iterdir() if p.name != MANIFEST_FILE):
+        entry = (known or {}).get(path.name)
+        if entry is None:
+            entry = {"bytes": path.stat().st_size, "sha256": _file_digest(path, fsync=True)}
+        files[path.name] = entry
+    with (folder / MANIFEST_FILE).open("w") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    return json.loads((folder / MANIFEST_FILE).read_text())["files"]
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None when every file the manifest lists is there with its size and sha256, and the
+    files a resume needs are among them; else what is wrong, in a few words."""
+    try:
+        files = read_manifest(folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {MANIFEST_FILE}"
+    for name in (WEIGHTS_FILE, CONFIG_FILE, TRAINING_STATE_FILE, STREAM_FILE):
+        if name not in files:
+            return f"{name} is not in its manifest"
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, not {entry['bytes']}"
+        if _file_digest(path) != entry["sha256"]:
+            return f"{name} fails its sha256 check"
+    return None
+
+
+def periodic_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of a run's checkpoints/step_* folders, newest first (complete or not)."""
+    folder = run_dir / CHECKPOINT_DIR
+    found = [(int(m.group(1)), p) for p in folder.glob("step_*") if (m := STEP_DIR.fullmatch(p.name))]
+    return sorted(found, reverse=True)
+
+
+def find_resume_step(run_dirs: list[Path]) -> int:
+    """The newest step at which every run has a complete checkpoint (0 when none: start over).
+    Each newer checkpoint passed over gets a ResumeWarning saying why."""
+    by_run = [dict(periodic_checkpoints(d)) for d in run_dirs]
+    for step in sorted(set().union(*by_run), reverse=True):
+        problems = []
+        for run_dir, steps in zip(run_dirs, by_run, strict=True):
+            folder = steps.get(step)
+            reason = verify_checkpoint(folder) if folder else f"{run_dir.name} has no checkpoint of this step"
+            if reason:
+                problems.append(f"{folder or run_dir} ({reason})")
+        if not problems:
+            return step
+        warnings.warn(f"checkpoint step {step} is incomplete or corrupted: {'; '.join(problems)}; "
+                      f"falling back to an earlier checkpoint", ResumeWarning, stacklevel=2)
+    names = ", ".join(str(d) for d in run_dirs)
+    warnings.warn(f"no complete checkpoint in {names}: training again from step 0 in the same folder",
+                  ResumeWarning, stacklevel=2)
+    return 0
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any]]:
+    """(the SAE's saved config, its state dict, the training state) of a checkpoint folder;
+    the training state's `stream` holds the store's tensors too."""
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    state = torch.load(folder / TRAINING_STATE_FILE, weights_only=True)
+    state["stream"] = state["stream"] | load_file(folder / STREAM_FILE)
+    return cfg, load_file(folder / WEIGHTS_FILE), state
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config resume={str(run_dir)!r} is not a run folder: {path} cannot be read "
+                          f"({getattr(err, 'strerror', None) or err})") from None
+
+
+def write_group_file(run_dirs: list[Path]) -> None:
+    """Record, in each run folder, the runs trained on one stream (resuming one resumes all)."""
+    text = json.dumps({"runs": [d.name for d in run_dirs]}, indent=1)
+    for run_dir in run_dirs:
+        write_atomic(run_dir / GROUP_FILE, text)
+
+
+def group_run_dirs(run_dir: str | Path) -> list[Path]:
+    """The run folders trained on one stream with `run_dir` (itself included), in group order."""
+    run_dir = Path(run_dir)
+    read_run_config(run_dir)
+    if not (run_dir / GROUP_FILE).exists():
+        return [run_dir]
+    dirs = [run_dir.parent / name for name in json.loads((run_dir / GROUP_FILE).read_text())["runs"]]
+    missing = [str(d) for d in dirs if not (d / "config.json").exists()]
+    if missing:
+        raise ConfigError(f"config resume={str(run_dir)!r}: it trained in a group with {', '.join(missing)}, "
+                          f"which is missing; a group resumes together (all its run folders side by side)")
+    return dirs
 
 
 class Progress:

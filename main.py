@@ -4,6 +4,7 @@
     python main.py sae_type=topk top_k=64   # override any config key
     python main.py --preset paper           # start from a named preset (needs GPU + internet)
     python main.py --sweep variants         # a named list of runs; runs sharing a hook point share one stream
+    python main.py --sweep layers           # one SAE per layer, every layer from one forward per batch
 """
 
 from __future__ import annotations
@@ -34,7 +35,18 @@ def sweep_paper(base: dict[str, Any]) -> list[dict[str, Any]]:
     return [base | {"sae_type": t, "dict_size": m, "top_k": k} for t in ("topk", "batchtopk") for m, k in grid]
 
 
-SWEEPS = {"variants": sweep_variants, "paper": sweep_paper}
+def sweep_layers(base: dict[str, Any]) -> list[dict[str, Any]]:
+    """One SAE per layer at the configured site, all read from one forward pass per batch."""
+    from transformers import AutoConfig
+
+    from activation_store import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(base["model_name"]))
+    n_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    return [base | {"layer": layer} for layer in range(n_layers)]
+
+
+SWEEPS = {"variants": sweep_variants, "paper": sweep_paper, "layers": sweep_layers}
 
 
 def parse_args(argv: list[str]) -> tuple[list[dict[str, Any]], argparse.Namespace]:
@@ -65,10 +77,13 @@ def print_summary(trainees: list) -> None:
     """Final held-out metrics: one row per run, one column per metric."""
     present = [m for m in SUMMARY_METRICS if any(m in (t.final_metrics or {}) for t in trainees)]
     widths = [max(len(m), 8) + 2 for m in present]
-    print("\n" + "variant".ljust(11) + "".join(m.rjust(w) for m, w in zip(present, widths, strict=True)))
-    for t in trainees:
+    several_hooks = len({t.cfg["hook_point"] for t in trainees}) > 1
+    labels = [t.cfg["sae_type"] + (f" L{t.cfg['layer']} {t.cfg['site']}" if several_hooks else "") for t in trainees]
+    width = max(len(label) for label in [*labels, "variant"]) + 2
+    print("\n" + "variant".ljust(width) + "".join(m.rjust(w) for m, w in zip(present, widths, strict=True)))
+    for t, label in zip(trainees, labels, strict=True):
         values = [t.final_metrics.get(m, float("nan")) for m in present]
-        print(t.cfg["sae_type"].ljust(11) + "".join(f"{v:>{w}.4g}" for v, w in zip(values, widths, strict=True)))
+        print(label.ljust(width) + "".join(f"{v:>{w}.4g}" for v, w in zip(values, widths, strict=True)))
     for t in trainees:
         print(f"run folder: {t.run_dir}")
 

@@ -277,7 +277,8 @@ def eval_set(run: str | Path | Run, device: str = "auto") -> EvalSet:
         model, cfg = _model_of(run, device), run.cfg
         tokens = eval_token_rows(model.tokenizer, cfg)
         excluded = excluded_token_ids(model.tokenizer, cfg["exclude_special_tokens"])
-        acts = kept_activations(model, tokens, cfg["hook_point"], excluded, cfg["model_batch_size"], device, device)
+        acts = kept_activations(model, tokens, [cfg["hook_point"]], excluded, cfg["model_batch_size"],
+                                device, device)[0]
         _EVAL_SETS[key] = EvalSet(tokens, kept_position_mask(tokens, excluded).nonzero(), acts)
     return _EVAL_SETS[key]
 

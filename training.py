@@ -169,23 +169,26 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None) -> list[Trainee]:
     if model is None:
         model = load_model(first["model_name"], resolve_device(first["device"]), first["model_dtype"])
     cfgs = [post_init_cfg(c, model_dims(model)) for c in cfgs]
-    store = ActivationsStore(model, cfgs[0])
+    hook_points = list(dict.fromkeys(c["hook_point"] for c in cfgs))
+    store = ActivationsStore(model, cfgs[0], hook_points)
     batch_size = first["batch_size"]
     total_steps = first["num_tokens"] // batch_size
     trainees = [make_trainee(c, total_steps) for c in cfgs]
+    hook_of = [store.hook_index(c["hook_point"]) for c in cfgs]
     first_batch = store.next_batch()
-    for t in trainees:
-        t.sae.init_from_batch(first_batch, store.scale)
+    for t, h in zip(trainees, hook_of, strict=True):
+        t.sae.init_from_batch(first_batch[h], store.scales[h])
         t.logger.log(evaluate(t.sae, store), step=0, tokens=0)
 
-    progress = Progress(total_steps * batch_size, desc=f"{len(trainees)} SAE(s) on {store.hook_point}")
+    where = hook_points[0] if len(hook_points) == 1 else f"{len(hook_points)} hook points"
+    progress = Progress(total_steps * batch_size, desc=f"{len(trainees)} SAE(s) on {where}")
     x = first_batch
     try:
         for step in range(total_steps):
             tokens = (step + 1) * batch_size
             aux_enabled = step * batch_size > min(c["dead_after_tokens"] for c in cfgs)
-            for t in trainees:
-                out = training_step(t, x, step, total_steps, aux_enabled)
+            for t, h in zip(trainees, hook_of, strict=True):
+                out = training_step(t, x[h], step, total_steps, aux_enabled)
                 record_non_finite(t, out, step + 1)
                 _log_and_checkpoint(t, out, step + 1, total_steps, tokens, store, progress)
             progress.advance(batch_size)
@@ -193,6 +196,7 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None) -> list[Trainee]:
                 x = store.next_batch()
     finally:
         progress.close()
+        store.flush_cache()
         for t in trainees:
             t.logger.finish()
     return trainees

@@ -55,7 +55,7 @@ def test_evaluation_never_changes_training_state(minilm):
     cfg = post_init_cfg(small_cfg(sae_type="batchtopk"), model_dims(minilm))
     store = ActivationsStore(minilm, cfg)
     sae = build_sae(cfg).train()
-    sae.init_from_batch(store.next_batch(), store.scale)
+    sae.init_from_batch(store.next_batch()[0], store.scale)
     sae.tokens_since_fired.random_(0, 5000)
     sae.threshold.fill_(0.7)
     before = {k: v.clone() for k, v in sae.state_dict().items()}

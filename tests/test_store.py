@@ -19,13 +19,13 @@ def make_store(model, **overrides) -> ActivationsStore:
 
 def test_batches_have_shape_and_no_cls_positions(minilm):
     store = make_store(minilm)
-    batch = store.next_batch()
-    assert batch.shape == (256, 384) and batch.dtype == torch.float32
+    batch = store.next_batch()[0]
+    assert store.next_batch().shape == (1, 256, 384) and batch.dtype == torch.float32
     # CLS activations at this layer for the evaluation rows: none may be served
     cls_acts = run_to_hook(minilm, store.eval_tokens, store.hook_point)[:, 0].float()
-    served = torch.cat([batch] + [store.next_batch() for _ in range(5)])
+    served = torch.cat([batch] + [store.next_batch()[0] for _ in range(5)])
     assert torch.cdist(served, cls_acts).min() > 1e-3
-    assert store.eval_acts.shape[0] == store.kept_positions(store.eval_tokens).sum()
+    assert store.eval_acts.shape[1] == store.kept_positions(store.eval_tokens).sum()
 
 
 def test_rows_start_with_cls_and_pack_documents(minilm):
@@ -61,9 +61,9 @@ def test_held_out_rows_never_served_across_epochs(minilm, tmp_path):
     _write_corpus(tmp_path / "corpus")
     store = make_store(minilm, dataset_path=str(tmp_path / "corpus"), text_column="body", eval_tokens=256,
                        num_batches_in_buffer=2, batch_size=64)
-    served = torch.cat([store.next_batch() for _ in range(60)])
+    served = torch.cat([store.next_batch()[0] for _ in range(60)])
     assert store.epoch >= 2, "the test must cross epoch boundaries"
-    assert torch.cdist(store.eval_acts, served).min() > 1e-4
+    assert torch.cdist(store.eval_acts[0], served).min() > 1e-4
     # the training rows themselves do repeat across epochs (so the check above could fail)
     assert torch.cdist(served[:64], served[64 * 30:]).min() < 1e-4
 
@@ -89,10 +89,91 @@ def test_text_and_parquet_files(minilm, tmp_path):
     for path in ("a.txt", "b.parquet"):
         store = make_store(minilm, dataset_path=str(tmp_path / path), eval_tokens=128,
                            num_batches_in_buffer=2, batch_size=64)
-        assert store.next_batch().shape == (64, 384)
+        assert store.next_batch().shape == (1, 64, 384)
 
 
 def test_unknown_site_lists_valid_ones(minilm):
     cfg = post_init_cfg(small_cfg(), model_dims(minilm)) | {"hook_point": "blocks.3.hook_nothing"}
     with pytest.raises(ConfigError, match="valid sites are resid_pre"):
         ActivationsStore(minilm, cfg)
+
+
+# --- several hook points from one forward --------------------------------------------------
+
+HOOKS = ["blocks.1.hook_resid_pre", "blocks.4.hook_resid_pre", "blocks.2.hook_mlp_out"]
+
+
+def test_run_to_hooks_stops_after_the_deepest_hook(minilm):
+    from activation_store import run_to_hooks
+
+    tokens = torch.randint(1000, 2000, (2, 16))
+    fired = []
+    later = [("blocks.5.hook_resid_pre", lambda act, hook: fired.append(5))]
+    acts = run_to_hooks(minilm, tokens, HOOKS, fwd_hooks=later)
+    assert not fired  # layer 5 never ran
+    for hook, act in zip(HOOKS, acts, strict=True):
+        assert torch.equal(act, run_to_hook(minilm, tokens, hook))
+
+
+def test_multi_hook_store_serves_each_hook_like_a_single_hook_store(minilm):
+    cfg = post_init_cfg(small_cfg(), model_dims(minilm))
+    multi = ActivationsStore(minilm, cfg, HOOKS)
+    singles = [ActivationsStore(minilm, cfg | {"hook_point": h}, [h]) for h in HOOKS]
+    assert [multi.hook_index(h) for h in HOOKS] == [0, 1, 2]
+    for _ in range(3):  # crosses a refill
+        batch = multi.next_batch()
+        assert batch.shape == (3, 256, 384)
+        for h, single in enumerate(singles):
+            torch.testing.assert_close(batch[h], single.next_batch()[0], rtol=0, atol=1e-5)
+    for h, single in enumerate(singles):
+        assert multi.scales[h] == pytest.approx(single.scale, rel=1e-6)
+        torch.testing.assert_close(multi.eval_acts[h], single.eval_acts[0], rtol=0, atol=1e-5)
+
+
+# --- disk cache -----------------------------------------------------------------------------
+
+
+def _count_forwards(monkeypatch) -> dict[str, int]:
+    import activation_store
+
+    calls = {"n": 0}
+    original = activation_store.run_to_hooks
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(activation_store, "run_to_hooks", counting)
+    return calls
+
+
+def test_cache_is_written_once_and_read_back_identically(minilm, tmp_path, monkeypatch):
+    overrides = {"cache_dir": str(tmp_path / "cache"), "num_batches_in_buffer": 2, "batch_size": 64}
+    writer = make_store(minilm, **overrides)
+    written = [writer.next_batch() for _ in range(12)]  # several refills
+    writer.flush_cache()
+    calls = _count_forwards(monkeypatch)
+    reader = make_store(minilm, **overrides)
+    assert calls["n"] == 0  # eval set and buffer came from disk
+    assert reader.scale == writer.scale and torch.equal(reader.eval_acts, writer.eval_acts)
+    for batch in written:
+        assert torch.equal(reader.next_batch(), batch)
+    # past the cached end the reader generates, from the right place in the token stream
+    uncached = make_store(minilm, num_batches_in_buffer=2, batch_size=64)
+    for _ in range(12):
+        uncached.next_batch()
+    for _ in range(8):
+        torch.testing.assert_close(reader.next_batch(), uncached.next_batch(), rtol=0, atol=1e-5)
+    assert calls["n"] > 0 and reader.rows_read == uncached.rows_read
+
+
+def test_half_precision_cache_serves_the_rounded_values_to_every_run(minilm, tmp_path):
+    overrides = {"cache_dir": str(tmp_path / "cache"), "cache_dtype": "float16", "num_batches_in_buffer": 2,
+                 "batch_size": 64}
+    writer = make_store(minilm, **overrides)
+    first = writer.next_batch()
+    assert torch.equal(first, first.half().float())
+    writer.flush_cache()
+    assert torch.equal(make_store(minilm, **overrides).next_batch(), first)
+    shards = list((tmp_path / "cache").rglob("shard_*.safetensors"))
+    assert shards and all(p.stat().st_size < 64 * 384 * 4 * 400 for p in shards)

@@ -121,3 +121,16 @@ def test_nan_batch_stops_with_step_variant_and_term_and_keeps_checkpoints(minilm
     checkpoints = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
     assert checkpoints == ["step_0000004"]  # the step-8 checkpoint was refused, step 4 intact
     assert torch.isfinite(load_sae(tmp_path / "nan" / "checkpoints" / "step_0000004").W_dec).all()
+
+
+def test_group_across_layers_trains_each_sae_on_its_own_hook(minilm, tmp_path):
+    """SAEs on different layers share one forward per batch and train as if alone."""
+    cfgs = [small_cfg(sae_type="topk", layer=layer, output_dir=str(tmp_path / "group"), num_tokens=256 * 12)
+            for layer in (1, 4)]
+    group = train_sae_group(cfgs, model=minilm)
+    alone = train_sae(cfgs[1] | {"output_dir": str(tmp_path / "alone")}, model=minilm)
+    assert [t.cfg["hook_point"] for t in group] == ["blocks.1.hook_resid_pre", "blocks.4.hook_resid_pre"]
+    for name, value in alone.sae.state_dict().items():
+        torch.testing.assert_close(group[1].sae.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert group[0].sae.scale != group[1].sae.scale  # each hook has its own input scale
+    assert group[0].final_metrics["nmse"] < eval_records(group[0].run_dir)[0]["nmse"]
