@@ -2,33 +2,38 @@
 
     python bench.py                                   # embedded shape: d 384, m 3072, k 32, batch 4096
     python bench.py d=768 m=24576 device=cuda          # gpt2-small shape, on a GPU (random activations)
-    python bench.py generation=false                   # skip the model-forward comparison
+    python bench.py generation=false end_to_end=false  # SAE steps only
 
 Every figure is timed here: the fp32 matmul roofline at the configured shape, SAE-step
 tokens/s per variant (fp32, and bf16 autocast where the device supports it) with the
 achieved GFLOP/s of the dense-equivalent step and its fraction of the roofline, and
 activation generation through TransformerBridge against a plain Hugging Face forward
-truncated at the same layer. Speed is never asserted in tests.
+truncated at the same layer, the end-to-end training loop (store + steps) for one SAE and
+for a group of 8 sharing the stream, and the disk cache's read rate. Speed is never
+asserted in tests.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from activation_store import load_model, resolve_model_path, run_to_hook
-from config import get_default_cfg, resolve_device
+from activation_store import ActivationsStore, load_model, model_dims, resolve_model_path, run_to_hook
+from config import get_default_cfg, post_init_cfg, resolve_device
 from sae import SAE_CLASSES, build_sae
-from training import Trainee, lr_factor, training_step
+from training import Trainee, lr_factor, training_step, use_sparse_kernels
 
 SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": "auto", "generation": True,
-            "model": get_default_cfg()["model_name"]}
+            "end_to_end": True, "e2e_refills": 2, "model": get_default_cfg()["model_name"]}
+GROUP_VARIANTS = ("topk", "batchtopk", "jumprelu", "vanilla") * 2  # the group of 8 SAEs on one stream
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2) -> float:
@@ -88,6 +93,53 @@ def generation_rates(model_name: str, device: torch.device) -> dict[str, float]:
             "bridge_vs_plain": plain_s / bridge_s}
 
 
+def stream_cfg(s: dict[str, Any], device: torch.device, model) -> dict[str, Any]:
+    cfg = get_default_cfg() | {"model_name": s["model"], "device": str(device), "batch_size": s["batch"],
+                               "dict_size": s["m"], "top_k": s["k"], "wandb_mode": "disabled"}
+    return post_init_cfg(cfg, model_dims(model))
+
+
+def train_loop(store: ActivationsStore, trainees: list[Trainee], steps: int) -> None:
+    """The training loop's work without logging: a batch from the store, one step per SAE."""
+    for step in range(steps):
+        x = store.next_batch()[0]
+        for t in trainees:
+            training_step(t, x, step, 10 * steps, aux_enabled=False)
+
+
+def end_to_end_rates(s: dict[str, Any], device: torch.device, model) -> dict[str, float]:
+    """Tokens/s of the training loop in steady state (batches from the store, its refills
+    running the model, one step per SAE): one SAE, and a group of 8 sharing the stream.
+    Timed over `e2e_refills` buffer refills, after the initial fill."""
+    rates = {}
+    for name, variants in (("one_sae", ("batchtopk",)), ("group_of_8", GROUP_VARIANTS)):
+        cfgs = [stream_cfg(s, device, model) | {"sae_type": v} for v in variants]
+        store = ActivationsStore(model, cfgs[0])
+        trainees = []
+        for cfg in cfgs:
+            sae = build_sae(cfg).to(device)
+            optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], fused=True)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+            trainees.append(Trainee(cfg, sae, optimizer, scheduler, None, use_sparse_kernels(cfg)))
+            sae.init_from_batch(store.next_batch()[0], store.scale)
+        steps = s["e2e_refills"] * store.serve_count // s["batch"]
+        seconds = timed(functools.partial(train_loop, store, trainees, steps), device, repeats=1, warmup=0)
+        rates[f"{name}_tokens_per_s"] = steps * s["batch"] / seconds
+    return rates
+
+
+def cache_read_rate(s: dict[str, Any], device: torch.device, model) -> float:
+    """Tokens/s a store starts from a cached stream (held-out set and buffer fill read from
+    disk), after a first store has written it."""
+    with tempfile.TemporaryDirectory() as folder:
+        cfg = stream_cfg(s, device, model) | {"cache_dir": folder}
+        ActivationsStore(model, cfg).flush_cache()
+        start = time.perf_counter()
+        reader = ActivationsStore(model, cfg)
+        seconds = time.perf_counter() - start
+        return (reader.buffer.shape[1] + reader.eval_acts.shape[1]) / seconds
+
+
 def parse(argv: list[str]) -> dict[str, Any]:
     s = dict(SETTINGS)
     for item in argv:
@@ -132,7 +184,15 @@ def main(argv: list[str]) -> None:
         gen = generation_rates(s["model"], device)
         results["generation"] = gen
         print(f"generation to the default hook: bridge {gen['bridge_tokens_per_s']:,.0f} tokens/s, plain HF "
-              f"{gen['plain_hf_tokens_per_s']:,.0f} tokens/s ({gen['bridge_vs_plain']:.2f}x)")
+              f"{gen['plain_hf_tokens_per_s']:,.0f} tokens/s ({gen['bridge_vs_plain']:.2f}x)", flush=True)
+    if s["end_to_end"]:
+        model = load_model(s["model"], str(device))
+        e2e = end_to_end_rates(s, device, model) | {"cache_read_tokens_per_s": cache_read_rate(s, device, model)}
+        results["end_to_end"] = e2e
+        base = results.get("generation", {}).get("bridge_tokens_per_s")
+        versus = (lambda v: f" ({v / base:.2f}x generation)") if base else (lambda v: "")
+        for key, value in e2e.items():
+            print(f"{key.removesuffix('_tokens_per_s').replace('_', ' ')}: {value:,.0f} tokens/s{versus(value)}")
     with open("bench_results.json", "w") as f:
         json.dump(results, f, indent=2)
     print("wrote bench_results.json")

@@ -481,10 +481,12 @@ class JumpReLUSAE(BaseSAE):
         return SparsePattern.from_rows(rows, cols, pre.shape[0], pre.shape[1])
 
     def sparse_activation(self, pre_vals: Tensor, pattern: SparsePattern) -> Tensor:
-        return _JumpReLU.apply(pre_vals, self.threshold[pattern.cols], self.cfg["bandwidth"])
+        # index_select: its backward is an index_add; `theta[cols]`'s sorts the indices on CPU (~50x slower here)
+        theta = self.threshold.index_select(0, pattern.cols)
+        return _JumpReLU.apply(pre_vals, theta, self.cfg["bandwidth"])
 
     def sparse_penalty(self, pre_vals: Tensor, f_vals: Tensor, pattern: SparsePattern) -> Tensor:
-        theta = self.threshold[pattern.cols]
+        theta = self.threshold.index_select(0, pattern.cols)
         return _Step.apply(pre_vals, theta, self.cfg["bandwidth"]).sum() / pattern.shape[0]
 
 
