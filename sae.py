@@ -245,25 +245,26 @@ class BaseSAE(nn.Module):
             recon = (x_hat_scaled - x_scaled).pow(2).sum(-1).mean()
             sparsity = self.sparsity_coeff * self.sparse_penalty(pre_vals, f_vals, pattern)
             if self.uses_aux_loss and aux_enabled:
-                aux = self.sparse_aux_loss(x_scaled - x_hat_scaled, pre, x_in)
+                aux = self.sparse_aux_loss(x_scaled - x_hat_scaled, x_scaled)
             else:
                 aux = recon.new_zeros(())
         latents = SparseLatents(pattern, f_vals.detach())
         return SAEOutput(x_hat_scaled / self.scale, latents, recon + sparsity + aux, recon, sparsity, aux)
 
-    def sparse_aux_loss(self, residual: Tensor, pre: Tensor, x_in: Tensor) -> Tensor:
-        """`aux_loss` on the dead columns only. Reads the dead count on the host, which
-        costs nothing on CPU (the device the sparse path is chosen for)."""
+    def sparse_aux_loss(self, residual: Tensor, x_scaled: Tensor) -> Tensor:
+        """`aux_loss` computed on the dead columns only (a dense sub-problem of n_dead
+        latents). Reads the dead count on the host, which costs nothing on CPU (the
+        device the sparse path is chosen for)."""
         dead_cols = self.dead_mask().nonzero().squeeze(1)
         if dead_cols.numel() == 0:
-            return pre.new_zeros(())
-        k_aux = min(self.cfg["top_k_aux"], dead_cols.numel())
-        vals, j = pre[:, dead_cols].topk(k_aux, dim=-1, sorted=False)
-        pattern = SparsePattern.from_topk(dead_cols[j], pre.shape[-1])
-        pre_vals = _SparseEncode.apply(vals.flatten(), x_in, self.W_enc, self.b_enc,
-                                       self.b_dec, pattern)
+            return x_scaled.new_zeros(())
+        pre = (x_scaled - self.b_dec) @ self.W_enc.index_select(1, dead_cols) + self.b_enc.index_select(0, dead_cols)
+        f_aux = F.relu(pre)
+        if self.cfg["top_k_aux"] < dead_cols.numel():
+            top = pre.detach().topk(self.cfg["top_k_aux"], dim=-1, sorted=False).indices
+            f_aux = f_aux * torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, top, True)
         residual = residual.detach()
-        err = (_SparseDecode.apply(F.relu(pre_vals), self.W_dec, pattern) - residual).pow(2).sum(-1).mean()
+        err = (f_aux @ self.W_dec.index_select(0, dead_cols) - residual).pow(2).sum(-1).mean()
         return self.cfg["aux_penalty"] * err / residual.pow(2).sum(-1).mean().clamp_min(1e-12)
 
     # --- dead latents (SPEC §4) --------------------------------------------------------
