@@ -303,7 +303,7 @@ class RunLogger:
         store's tensors, or the stream file of another run's checkpoint of this step, which
         is hard-linked (copied where links fail) rather than written again. An OSError (disk
         full...) removes the temporary folder and raises CheckpointError."""
-        target = self.run_dir / FINAL_DIR if final else self.run_dir / CHECKPOINT_DIR / f"step_{step:07d}"
+        target = self.run_dir / FINAL_DIR if final else checkpoint_folder(self.run_dir, step)
         tmp = target.with_name(f".tmp-{target.name}")
         try:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -463,16 +463,20 @@ def find_resume_step(run_dirs: list[Path]) -> int:
     return 0
 
 
-def load_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any]]:
-    """(the SAE's saved config, its state dict, the training state) of a checkpoint folder;
-    the training state's `stream` holds the store's tensors too."""
-    cfg = json.loads((folder / CONFIG_FILE).read_text())
+def checkpoint_folder(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINT_DIR / f"step_{step:07d}"
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(the SAE's state dict, the training state) of a checkpoint folder; the training
+    state's `stream` holds the store's tensors too."""
     state = torch.load(folder / TRAINING_STATE_FILE, weights_only=True)
     state["stream"] = state["stream"] | load_file(folder / STREAM_FILE)
-    return cfg, load_file(folder / WEIGHTS_FILE), state
+    return load_file(folder / WEIGHTS_FILE), state
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The config.json of a run folder (or of a checkpoint folder: the SAE's config)."""
     path = Path(run_dir) / "config.json"
     try:
         return json.loads(path.read_text())
@@ -505,8 +509,10 @@ def group_run_dirs(run_dir: str | Path) -> list[Path]:
 class Progress:
     """One tqdm bar for a group of SAEs sharing a stream: tokens/s, loss, L0, dead, ETA."""
 
-    def __init__(self, total_tokens: int, desc: str):
-        self.bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True)
+    def __init__(self, total_tokens: int, desc: str, initial: int = 0):
+        self.bar = tqdm(total=total_tokens, initial=initial, unit="tok", unit_scale=True, desc=desc,
+                        dynamic_ncols=True)
+        self.initial = initial  # tokens trained before a resume: not part of this process's rate
         self.start = time.perf_counter()
 
     def advance(self, tokens: int) -> None:
@@ -516,7 +522,7 @@ class Progress:
         self.bar.set_postfix(loss=f"{loss:.3f}", l0=f"{l0:.1f}", dead=dead, refresh=False)
 
     def rate(self) -> float:
-        return self.bar.n / max(time.perf_counter() - self.start, 1e-9)
+        return (self.bar.n - self.initial) / max(time.perf_counter() - self.start, 1e-9)
 
     def close(self) -> None:
         self.bar.close()

@@ -4,6 +4,7 @@
     python main.py sae_type=topk top_k=64   # override any config key
     python main.py --preset paper           # start from a named preset (needs GPU + internet)
     python main.py --sweep variants         # a named list of runs; runs sharing a hook point share one stream
+    python main.py --resume runs/<run>      # continue a killed run (and its group) from its newest checkpoint
     python main.py --sweep layers           # one SAE per layer, every layer from one forward per batch
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -54,6 +56,9 @@ def parse_args(argv: list[str]) -> tuple[list[dict[str, Any]], argparse.Namespac
     parser.add_argument("overrides", nargs="*", help="config overrides as key=value (see config.py)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="embedded", help="starting config")
     parser.add_argument("--sweep", choices=sorted(SWEEPS), help="train a named list of configs")
+    parser.add_argument("--resume", metavar="RUN_DIR", default="",
+                        help="continue this run (and the runs trained with it on one stream) from its newest "
+                             "complete checkpoint, with its saved config (same as resume=RUN_DIR)")
     args = parser.parse_intermixed_args(argv)
     overrides = {}
     for item in args.overrides:
@@ -61,9 +66,23 @@ def parse_args(argv: list[str]) -> tuple[list[dict[str, Any]], argparse.Namespac
             raise ConfigError(f"argument {item!r} is not key=value: write e.g. sae_type=topk")
         key, value = item.split("=", 1)
         overrides[key] = parse_value(key, value)
+    resume = args.resume or overrides.pop("resume", "")
+    if resume:
+        if args.sweep or args.preset != "embedded":
+            raise ConfigError("--resume continues runs with the config saved in their folder: "
+                              "drop --preset and --sweep")
+        return resume_cfgs(resume, overrides), args
     base = get_default_cfg() | PRESETS[args.preset]
     cfgs = SWEEPS[args.sweep](base) if args.sweep else [base]
     return [c | overrides for c in cfgs], args
+
+
+def resume_cfgs(run_dir: str, overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """The saved configs of `run_dir` and the runs of its group, with `overrides` (which
+    train_sae_group refuses unless they are config.RESUME_KEYS or equal the saved values)."""
+    from logs import group_run_dirs, read_run_config
+
+    return [read_run_config(d) | overrides | {"resume": str(d)} for d in group_run_dirs(run_dir)]
 
 
 def group_by_stream(cfgs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -88,21 +107,41 @@ def print_summary(trainees: list) -> None:
         print(f"run folder: {t.run_dir}")
 
 
+def _one_line_warnings(default):
+    """A warnings.showwarning that prints a ResumeWarning (a checkpoint passed over on
+    resume) as one `warning: ...` line and hands every other warning to `default`."""
+    from logs import ResumeWarning
+
+    def show(message, category, *args, **kwargs) -> None:
+        if issubclass(category, ResumeWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, *args, **kwargs)
+    return show
+
+
 def main(argv: list[str]) -> int:
+    """Exit codes: 0 done, 2 bad config or data, 3 NaN/inf in training, 4 a checkpoint could not be written."""
+    from logs import CheckpointError
     from training import NonFiniteError, train_sae_group
 
     torch.set_float32_matmul_precision("high")
     try:
-        cfgs, _ = parse_args(argv)
-        trainees = []
-        for group in group_by_stream(cfgs):
-            trainees += train_sae_group(group)
+        with warnings.catch_warnings():  # restores the warnings machinery on the way out
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            cfgs, _ = parse_args(argv)
+            trainees = []
+            for group in group_by_stream(cfgs):
+                trainees += train_sae_group(group)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     print_summary(trainees)
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,29 @@ import torch
 from torch import Tensor
 
 from activation_store import ActivationsStore, load_model, model_dims
-from config import STREAM_KEYS, ConfigError, post_init_cfg, resolve_device, validate_cfg
-from logs import Progress, RunLogger, evaluate
+from config import (
+    DERIVED_KEYS,
+    RESUME_KEYS,
+    STREAM_KEYS,
+    ConfigError,
+    get_default_cfg,
+    post_init_cfg,
+    resolve_device,
+    validate_cfg,
+)
+from logs import (
+    FINAL_DIR,
+    MANIFEST_FILE,
+    STREAM_FILE,
+    Progress,
+    RunLogger,
+    checkpoint_folder,
+    evaluate,
+    find_resume_step,
+    load_checkpoint,
+    read_run_config,
+    write_group_file,
+)
 from sae import BaseSAE, build_sae, mean_l0
 
 LOSS_TERMS = ("recon_loss", "sparsity_loss", "aux_loss")
@@ -54,6 +76,7 @@ class Trainee:
     # device and read only when logging or checkpointing, so the step never syncs
     first_bad_step: Tensor = field(default_factory=lambda: torch.tensor(-1))
     bad_terms: Tensor = field(default_factory=lambda: torch.zeros(len(LOSS_TERMS), dtype=torch.bool))
+    skipped_batches: int = 0  # steps skipped for a non-finite loss (skip_nonfinite_batches)
 
     @property
     def run_dir(self) -> Path:
@@ -67,19 +90,22 @@ def use_sparse_kernels(cfg: dict[str, Any]) -> bool:
     return cfg["kernels"] == "sparse"
 
 
-def make_trainee(cfg: dict[str, Any], total_steps: int) -> Trainee:
+def make_trainee(cfg: dict[str, Any], total_steps: int, resume_step: int | None = None) -> Trainee:
     sae = build_sae(cfg).to(cfg["device"])
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg["lr_warmup_frac"], cfg["lr_decay_frac"]))
     device = torch.device(cfg["device"])
-    trainee = Trainee(cfg, sae, optimizer, scheduler, RunLogger(cfg), use_sparse_kernels(cfg))
+    trainee = Trainee(cfg, sae, optimizer, scheduler, RunLogger(cfg, resume_step), use_sparse_kernels(cfg))
     trainee.first_bad_step, trainee.bad_terms = trainee.first_bad_step.to(device), trainee.bad_terms.to(device)
     return trainee
 
 
 def record_non_finite(t: Trainee, out: Any, step: int) -> None:
-    """Remember the first step with a non-finite loss term, without a host sync."""
+    """Remember the first step with a non-finite loss term, without a host sync
+    (with skip_nonfinite_batches such steps were skipped instead)."""
+    if t.cfg.get("skip_nonfinite_batches"):
+        return
     bad = ~torch.isfinite(torch.stack([getattr(out, name).detach().float() for name in LOSS_TERMS]))
     first = (t.first_bad_step < 0) & bad.any()
     t.first_bad_step = torch.where(first, step, t.first_bad_step)
@@ -93,18 +119,30 @@ def check_finite(t: Trainee) -> None:
     if step >= 0:
         terms = ", ".join(n for n, b in zip(LOSS_TERMS, t.bad_terms.tolist(), strict=True) if b)
         raise NonFiniteError(f"non-finite {terms} at step {step} in {where}; earlier checkpoints are intact "
-                             f"(lower lr, enable max_grad_norm, or check the data)")
+                             f"(lower lr, enable max_grad_norm, or check the data; python main.py --resume "
+                             f"{t.run_dir} skip_nonfinite_batches=true continues, skipping such batches)")
     for name, param in t.sae.named_parameters():
         if not torch.isfinite(param).all():
             raise NonFiniteError(f"non-finite parameter {name} in {where}; earlier checkpoints are intact")
 
 
 def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enabled: bool) -> Any:
-    """Forward, backward, decoder-constrained Adam step. No host synchronisation."""
+    """Forward, backward, decoder-constrained Adam step. No host synchronisation, except
+    with skip_nonfinite_batches: skipping must be decided before the optimiser step, so
+    the loss is read on the host every step (free on CPU; on CUDA it waits for the queue
+    to drain, which is why the option is off by default)."""
     sae, cfg = t.sae, t.cfg
     sae.sparsity_coeff = sparsity_coeff(cfg, step, total_steps)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg["dtype"] == "bfloat16"):
         out = sae(x, aux_enabled=aux_enabled, sparse=t.sparse_kernels)
+    if cfg.get("skip_nonfinite_batches") and not torch.isfinite(out.loss.detach()).item():
+        # no optimiser step, no dead-counter or threshold update; the lr schedule still
+        # advances, so lr stays a function of the step index
+        t.skipped_batches += 1
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" if the first step is skipped
+            warnings.simplefilter("ignore", UserWarning)
+            t.scheduler.step()
+        return out
     out.loss.backward()
     if cfg["max_grad_norm"] > 0:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg["max_grad_norm"])
@@ -118,19 +156,43 @@ def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enable
     return out
 
 
-def training_state(t: Trainee, step: int, tokens: int, store: ActivationsStore) -> dict[str, Any]:
+def rng_states() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and python RNG states, in types torch.load(weights_only=True) reads."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                         has_gauss, cached], "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def training_state(t: Trainee, step: int, tokens: int, stream: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint needs beyond the SAE's state dict (SPEC §7); `stream` holds the
+    store's non-tensor state (its tensors go to their own file)."""
     return {
         "step": step,
         "tokens": tokens,
         "optimizer": t.optimizer.state_dict(),
         "scheduler": t.scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "stream": {"rows_read": store.rows_read, "epoch": store.epoch},
+        "skipped_batches": t.skipped_batches,
+        "rng": rng_states(),
+        "stream": stream,
     }
 
 
 def _train_metrics(t: Trainee, out: Any) -> dict[str, float]:
-    return {
+    skipped = {"train/skipped_batches": t.skipped_batches} if t.cfg["skip_nonfinite_batches"] else {}
+    return skipped | {
         "train/loss": out.loss.item(),
         "train/recon_loss": out.recon_loss.item(),
         "train/sparsity_loss": out.sparsity_loss.item(),
@@ -151,6 +213,78 @@ def check_group(cfgs: list[dict[str, Any]]) -> None:
     names = [c["run_name"] for c in cfgs if c["run_name"]]
     if len(names) != len(set(names)):
         raise ConfigError("config run_name repeats within a group: leave it empty to generate unique names")
+    if len({bool(c["resume"]) for c in cfgs}) > 1:
+        raise ConfigError("config resume is set for some runs of a group but not others: "
+                          "a group resumes together (python main.py --resume RUN_DIR resumes its whole group)")
+
+
+# Keys that name the run rather than set it up: on resume the folder decides them.
+_RUN_IDENTITY_KEYS = ("output_dir", "run_name", "overwrite")
+
+
+def _same_setting(key: str, given: Any, saved: Any) -> bool:
+    if key == "device":
+        return resolve_device(given) == resolve_device(saved)
+    if key == "buffer_device" and given == "":
+        return True  # "" means `device`, which the saved config holds resolved
+    return given == saved
+
+
+def resumed_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
+    """For `resume=RUN_DIR`: the run's saved config, with `cfg`'s values of RESUME_KEYS.
+    A key set differently in `cfg` (another variant, dict_size, data...) is refused, since
+    a resumed run must continue the same run; the folder itself gives output_dir and run_name."""
+    if not cfg.get("resume"):
+        return cfg
+    run_dir = Path(cfg["resume"])
+    saved = get_default_cfg() | read_run_config(run_dir)
+    for key, value in cfg.items():
+        if key in RESUME_KEYS or key in DERIVED_KEYS or key in _RUN_IDENTITY_KEYS:
+            continue
+        if not _same_setting(key, value, saved.get(key)):
+            allowed = ", ".join(k for k in RESUME_KEYS if k != "resume")
+            raise ConfigError(f"config {key}={value!r} differs from {saved.get(key)!r} in the run being resumed "
+                              f"({run_dir / 'config.json'}): a resumed run keeps its config; only {allowed} may "
+                              f"change (start a new run for other settings)")
+    return saved | {k: cfg[k] for k in RESUME_KEYS if k in cfg} | {
+        "output_dir": str(run_dir.parent), "run_name": run_dir.name, "overwrite": False}
+
+
+def check_checkpoints_fit(cfgs: list[dict[str, Any]], step: int) -> None:
+    """Each run's checkpoint of `step` was written by a run with the same variant, shapes
+    and stream; checked before anything in the run folders is touched."""
+    for cfg in cfgs:
+        folder = checkpoint_folder(Path(cfg["output_dir"]) / cfg["run_name"], step)
+        saved = read_run_config(folder)
+        for key in ("sae_type", "dict_size", "act_size", "hook_point", *STREAM_KEYS):
+            if key in cfg and not _same_setting(key, cfg[key], saved.get(key)):
+                raise ConfigError(f"checkpoint {folder} is from another run: its {key} is {saved.get(key)!r}, "
+                                  f"this run's is {cfg[key]!r}; resume a run only from its own checkpoints")
+
+
+def _resume_step(run_dirs: list[Path]) -> int:
+    if all((d / FINAL_DIR / MANIFEST_FILE).exists() for d in run_dirs):
+        raise ConfigError(f"config resume={str(run_dirs[0])!r}: the run{'s' if len(run_dirs) > 1 else ''} "
+                          f"already finished ({FINAL_DIR}/ is complete); nothing to resume")
+    return find_resume_step(run_dirs)
+
+
+def restore_group(trainees: list[Trainee], store: ActivationsStore, step: int) -> None:
+    """Load every run's checkpoint of `step`, the stream state and the RNG states (SPEC §7)."""
+    for i, t in enumerate(trainees):
+        folder = checkpoint_folder(t.run_dir, step)
+        weights, state = load_checkpoint(folder)
+        try:
+            t.sae.load_state_dict(weights)
+            t.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ConfigError(f"checkpoint {folder} does not fit this run: {str(err).strip().splitlines()[0]}; "
+                              f"resume a run only from its own folder") from None
+        t.scheduler.load_state_dict(state["scheduler"])
+        t.skipped_batches = state["skipped_batches"]
+        if i == 0:  # the same stream and RNG state in every run of the group
+            store.load_state_dict(state["stream"])
+            set_rng_states(state["rng"])
 
 
 def seed_everything(seed: int) -> None:
@@ -159,38 +293,62 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_sae_group(cfgs: list[dict[str, Any]], model=None) -> list[Trainee]:
-    """Train several SAEs on one activation stream, each with its own optimiser."""
+def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[Trainee]:
+    """Train several SAEs on one activation stream, each with its own optimiser.
+
+    With `resume` set (every config of the group), continue the runs in those folders from
+    their newest common complete checkpoint (from step 0 in the same folders if none).
+    `store` replaces the activation stream (tests: synthetic activations); it needs a
+    post-initialised `cfg`, `next_batch()`, `scales`, `hook_index()`, `eval_acts`, `device`,
+    `state_dict()` / `load_state_dict()`, `flush_cache()`, and `model` (None skips the
+    downstream metrics)."""
+    cfgs = [resumed_cfg(c) for c in cfgs]
     for cfg in cfgs:
         validate_cfg(cfg)
     check_group(cfgs)
     first = cfgs[0]
+    resume_step = _resume_step([Path(c["resume"]) for c in cfgs]) if first["resume"] else None
     seed_everything(first["seed"])
-    if model is None:
-        model = load_model(first["model_name"], resolve_device(first["device"]), first["model_dtype"])
-    cfgs = [post_init_cfg(c, model_dims(model)) for c in cfgs]
+    if store is not None:
+        dims = {"d_model": store.cfg["act_size"], "n_layers": store.cfg["n_layers"], "n_ctx": store.cfg["n_ctx"]}
+    else:
+        if model is None:
+            model = load_model(first["model_name"], resolve_device(first["device"]), first["model_dtype"])
+        dims = model_dims(model)
+    cfgs = [post_init_cfg(c, dims) for c in cfgs]
+    if resume_step:
+        check_checkpoints_fit(cfgs, resume_step)
     hook_points = list(dict.fromkeys(c["hook_point"] for c in cfgs))
-    store = ActivationsStore(model, cfgs[0], hook_points)
+    if store is None:
+        store = ActivationsStore(model, cfgs[0], hook_points)
     batch_size = first["batch_size"]
     total_steps = first["num_tokens"] // batch_size
-    trainees = [make_trainee(c, total_steps) for c in cfgs]
+    trainees = [make_trainee(c, total_steps, resume_step) for c in cfgs]
+    if resume_step is None and len(trainees) > 1:
+        write_group_file([t.run_dir for t in trainees])
     hook_of = [store.hook_index(c["hook_point"]) for c in cfgs]
-    first_batch = store.next_batch()
-    for t, h in zip(trainees, hook_of, strict=True):
-        t.sae.init_from_batch(first_batch[h], store.scales[h])
-        t.logger.log(evaluate(t.sae, store), step=0, tokens=0)
+    start = resume_step or 0
+    if start:
+        restore_group(trainees, store, start)
+    else:
+        first_batch = store.next_batch()
+        for t, h in zip(trainees, hook_of, strict=True):
+            t.sae.init_from_batch(first_batch[h], store.scales[h])
+            t.logger.log(evaluate(t.sae, store), step=0, tokens=0)
 
     where = hook_points[0] if len(hook_points) == 1 else f"{len(hook_points)} hook points"
-    progress = Progress(total_steps * batch_size, desc=f"{len(trainees)} SAE(s) on {where}")
-    x = first_batch
+    progress = Progress(total_steps * batch_size, desc=f"{len(trainees)} SAE(s) on {where}",
+                        initial=start * batch_size)
     try:
-        for step in range(total_steps):
+        x = store.next_batch() if start else first_batch  # a checkpoint is taken before the next batch is drawn
+        for step in range(start, total_steps):
             tokens = (step + 1) * batch_size
             aux_enabled = step * batch_size > min(c["dead_after_tokens"] for c in cfgs)
             for t, h in zip(trainees, hook_of, strict=True):
                 out = training_step(t, x[h], step, total_steps, aux_enabled)
                 record_non_finite(t, out, step + 1)
-                _log_and_checkpoint(t, out, step + 1, total_steps, tokens, store, progress)
+                _log_step(t, out, step + 1, total_steps, tokens, store, progress)
+            _checkpoint_group(trainees, step + 1, total_steps, tokens, store)
             progress.advance(batch_size)
             if step + 1 < total_steps:
                 x = store.next_batch()
@@ -202,11 +360,10 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None) -> list[Trainee]:
     return trainees
 
 
-def _log_and_checkpoint(t: Trainee, out: Any, step: int, total_steps: int, tokens: int,
-                        store: ActivationsStore, progress: Progress) -> None:
+def _log_step(t: Trainee, out: Any, step: int, total_steps: int, tokens: int,
+              store: ActivationsStore, progress: Progress) -> None:
     cfg, last = t.cfg, step == total_steps
-    checkpoint_now = last or (cfg["checkpoint_freq"] and step % cfg["checkpoint_freq"] == 0)
-    if step % cfg["perf_log_freq"] == 0 or checkpoint_now:
+    if step % cfg["perf_log_freq"] == 0 or last or _checkpoint_due(cfg, step):
         check_finite(t)
     if step % cfg["perf_log_freq"] == 0 or last:
         metrics = _train_metrics(t, out) | {"tokens_per_s": progress.rate()}
@@ -217,12 +374,34 @@ def _log_and_checkpoint(t: Trainee, out: Any, step: int, total_steps: int, token
         t.logger.log(metrics, step, tokens)
         if last:
             t.final_metrics = metrics
-    if last:
-        t.logger.save_checkpoint(t.sae, training_state(t, step, tokens, store), step,
-                                 density=t.final_metrics["density"], final=True)
-    elif cfg["checkpoint_freq"] and step % cfg["checkpoint_freq"] == 0:
-        t.logger.save_checkpoint(t.sae, training_state(t, step, tokens, store), step)
 
 
-def train_sae(cfg: dict[str, Any], model=None) -> Trainee:
-    return train_sae_group([cfg], model)[0]
+def _checkpoint_due(cfg: dict[str, Any], step: int) -> bool:
+    return bool(cfg["checkpoint_freq"]) and step % cfg["checkpoint_freq"] == 0
+
+
+def _checkpoint_group(trainees: list[Trainee], step: int, total_steps: int, tokens: int,
+                      store: ActivationsStore) -> None:
+    """Checkpoint the runs due at `step` (all at the end), after every run logged this step.
+    The stream tensors are written once and hard-linked into the other runs' checkpoints;
+    old checkpoints are pruned only once every run's new one is complete."""
+    last = step == total_steps
+    due = [t for t in trainees if last or _checkpoint_due(t.cfg, step)]
+    if not due:
+        return
+    stream = store.state_dict()
+    scalars = {k: v for k, v in stream.items() if not isinstance(v, Tensor)}
+    tensors: dict[str, Tensor] | Path = {k: v for k, v in stream.items() if isinstance(v, Tensor)}
+    for t in due:
+        state = training_state(t, step, tokens, scalars)
+        if last:
+            t.logger.save_checkpoint(t.sae, state, step, density=t.final_metrics["density"], final=True)
+        else:
+            tensors = t.logger.save_checkpoint(t.sae, state, step, stream=tensors) / STREAM_FILE
+    if not last:
+        for t in due:
+            t.logger.prune_checkpoints()
+
+
+def train_sae(cfg: dict[str, Any], model=None, store=None) -> Trainee:
+    return train_sae_group([cfg], model, store)[0]
