@@ -295,8 +295,10 @@ class ActivationCache:
     with the stream position after it, so a crash never lists a partial shard and a run
     that needs more than is cached knows where to resume generating."""
 
-    def __init__(self, root: str | Path, cfg: dict[str, Any], hook_point: str):
+    def __init__(self, root: str | Path, cfg: dict[str, Any], hook_point: str, shard: tuple[int, int] = (0, 1)):
         identity = {k: cfg[k] for k in CACHE_KEYS} | {"hook_point": hook_point}
+        if shard[1] > 1:
+            identity["shard"] = list(shard)
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
         self.folder = Path(root) / f"{hook_point}-{digest}"
         self.dtype = DTYPES[cfg["cache_dtype"]]
@@ -378,9 +380,11 @@ class ActivationsStore:
     instead of running the model (the model is still used for downstream metrics).
     """
 
-    def __init__(self, model, cfg: dict[str, Any], hook_points: Sequence[str] | None = None):
+    def __init__(self, model, cfg: dict[str, Any], hook_points: Sequence[str] | None = None,
+                 shard: tuple[int, int] = (0, 1)):
         self.model = model
         self.cfg = cfg
+        self.shard = shard  # (rank, world size): a data-parallel rank reads every world-th training row
         self.hook_points = list(hook_points or [cfg["hook_point"]])
         for hook_point in self.hook_points:
             check_hook_point(model, hook_point)
@@ -395,7 +399,8 @@ class ActivationsStore:
         self.rows_read = 0
         self.stream_tokens = 0  # training-stream activations produced so far (per hook)
         self.eval_rows_count = eval_rows_count(cfg)
-        self.caches = [ActivationCache(cfg["cache_dir"], cfg, h) for h in self.hook_points] if cfg["cache_dir"] else []
+        self.caches = [ActivationCache(cfg["cache_dir"], cfg, h, shard) for h in self.hook_points
+                       ] if cfg["cache_dir"] else []
         self._rows = self._rows_forever()
         self.eval_tokens = take_eval_rows(self._rows, cfg)
         self.eval_acts = self._eval_activations()
@@ -430,6 +435,8 @@ class ActivationsStore:
                 produced += 1
                 if self.epoch > 0 and i < self.eval_rows_count:
                     continue  # held-out rows are never served for training
+                if i >= self.eval_rows_count and (i - self.eval_rows_count) % self.shard[1] != self.shard[0]:
+                    continue  # another data-parallel rank's row
                 yield row
             if produced <= self.eval_rows_count:
                 raise _too_few_rows(self.cfg, produced)

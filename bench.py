@@ -26,7 +26,14 @@ from typing import Any
 
 import torch
 
-from activation_store import ActivationsStore, load_model, model_dims, resolve_model_path, run_to_hook
+from activation_store import (
+    CACHE_SHARD_TOKENS,
+    ActivationsStore,
+    load_model,
+    model_dims,
+    resolve_model_path,
+    run_to_hook,
+)
 from config import get_default_cfg, post_init_cfg, resolve_device
 from sae import SAE_CLASSES, build_sae
 from training import Trainee, lr_factor, training_step, use_sparse_kernels
@@ -129,15 +136,18 @@ def end_to_end_rates(s: dict[str, Any], device: torch.device, model) -> dict[str
 
 
 def cache_read_rate(s: dict[str, Any], device: torch.device, model) -> float:
-    """Tokens/s a store starts from a cached stream (held-out set and buffer fill read from
-    disk), after a first store has written it."""
+    """Tokens/s a store reads a cached stream at: a first store writes its buffer fill to a
+    cache, a second starts from it, then the second's stream is re-read from the start."""
     with tempfile.TemporaryDirectory() as folder:
         cfg = stream_cfg(s, device, model) | {"cache_dir": folder}
         ActivationsStore(model, cfg).flush_cache()
-        start = time.perf_counter()
         reader = ActivationsStore(model, cfg)
-        seconds = time.perf_counter() - start
-        return (reader.buffer.shape[1] + reader.eval_acts.shape[1]) / seconds
+        cached = min(c.tokens for c in reader.caches)
+        reader.stream_tokens, read = 0, 0
+        start = time.perf_counter()
+        while reader.stream_tokens + CACHE_SHARD_TOKENS < cached:  # stop before the end (it would seek the text)
+            read += reader._next_chunk().shape[1]
+        return read / (time.perf_counter() - start)
 
 
 def parse(argv: list[str]) -> dict[str, Any]:

@@ -509,9 +509,9 @@ def group_run_dirs(run_dir: str | Path) -> list[Path]:
 class Progress:
     """One tqdm bar for a group of SAEs sharing a stream: tokens/s, loss, L0, dead, ETA."""
 
-    def __init__(self, total_tokens: int, desc: str, initial: int = 0):
+    def __init__(self, total_tokens: int, desc: str, initial: int = 0, enabled: bool = True):
         self.bar = tqdm(total=total_tokens, initial=initial, unit="tok", unit_scale=True, desc=desc,
-                        dynamic_ncols=True)
+                        dynamic_ncols=True, disable=not enabled)
         self.initial = initial  # tokens trained before a resume: not part of this process's rate
         self.start = time.perf_counter()
 

@@ -6,6 +6,7 @@
     python main.py --sweep variants         # a named list of runs; runs sharing a hook point share one stream
     python main.py --resume runs/<run>      # continue a killed run (and its group) from its newest checkpoint
     python main.py --sweep layers           # one SAE per layer, every layer from one forward per batch
+    torchrun --nproc_per_node=4 main.py     # data parallel: one rank per GPU (gloo on CPU)
 """
 
 from __future__ import annotations
@@ -123,13 +124,15 @@ def _one_line_warnings(default):
 def main(argv: list[str]) -> int:
     """Exit codes: 0 done, 2 bad config or data, 3 NaN/inf in training, 4 a checkpoint could not be written."""
     from logs import CheckpointError
-    from training import NonFiniteError, train_sae_group
+    from training import NonFiniteError, init_distributed, rank, train_sae_group
 
     torch.set_float32_matmul_precision("high")
     try:
         with warnings.catch_warnings():  # restores the warnings machinery on the way out
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
             cfgs, _ = parse_args(argv)
+            device = init_distributed(cfgs[0]["device"])  # under torchrun: this rank's device
+            cfgs = [c | {"device": device} for c in cfgs]
             trainees = []
             for group in group_by_stream(cfgs):
                 trainees += train_sae_group(group)
@@ -142,7 +145,8 @@ def main(argv: list[str]) -> int:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 4
-    print_summary(trainees)
+    if rank() == 0:
+        print_summary(trainees)
     return 0
 
 

@@ -159,6 +159,7 @@ class BaseSAE(nn.Module):
 
     uses_aux_loss = False
     has_sparse_path = False  # variants whose codes are sparse by construction
+    averaged_buffers: tuple[str, ...] = ()  # training state data-parallel ranks average after each step
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
@@ -274,8 +275,13 @@ class BaseSAE(nn.Module):
 
     @torch.no_grad()
     def update_dead_counters(self, f: Tensor | SparseLatents) -> None:
-        fired = fired_latents(f)
-        self.tokens_since_fired += f.pattern.shape[0] if isinstance(f, SparseLatents) else f.shape[0]
+        n_tokens = f.pattern.shape[0] if isinstance(f, SparseLatents) else f.shape[0]
+        self.mark_fired(fired_latents(f), n_tokens)
+
+    @torch.no_grad()
+    def mark_fired(self, fired: Tensor, n_tokens: int) -> None:
+        """Count `n_tokens` more training tokens for every latent, and reset those that fired."""
+        self.tokens_since_fired += n_tokens
         self.tokens_since_fired.masked_fill_(fired, 0)
 
     def aux_loss(self, residual: Tensor, pre: Tensor) -> Tensor:
@@ -390,6 +396,7 @@ class BatchTopKSAE(BaseSAE):
 
     uses_aux_loss = True
     has_sparse_path = True
+    averaged_buffers = ("threshold",)  # the EMA is linear: averaging after each update averages the batch minima
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)

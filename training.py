@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -10,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from activation_store import ActivationsStore, load_model, model_dims
@@ -36,7 +39,7 @@ from logs import (
     read_run_config,
     write_group_file,
 )
-from sae import BaseSAE, build_sae, mean_l0
+from sae import BaseSAE, build_sae, fired_latents, mean_l0
 
 LOSS_TERMS = ("recon_loss", "sparsity_loss", "aux_loss")
 
@@ -90,13 +93,34 @@ def use_sparse_kernels(cfg: dict[str, Any]) -> bool:
     return cfg["kernels"] == "sparse"
 
 
-def make_trainee(cfg: dict[str, Any], total_steps: int, resume_step: int | None = None) -> Trainee:
+class _SilentLogger:
+    """What data-parallel ranks other than 0 log and write: nothing."""
+
+    run_dir = None
+
+    def log(self, metrics: dict[str, Any], step: int, tokens: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def check_data_parallel(cfgs: list[dict[str, Any]]) -> None:
+    for key in ("resume", "skip_nonfinite_batches"):
+        if any(c[key] for c in cfgs):
+            raise ConfigError(f"config {key} is not supported under torchrun yet (each rank would need its own "
+                              f"stream state / all ranks must skip the same steps); run it in one process")
+
+
+def make_trainee(cfg: dict[str, Any], total_steps: int, resume_step: int | None = None,
+                 main: bool = True) -> Trainee:
     sae = build_sae(cfg).to(cfg["device"])
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg["lr_warmup_frac"], cfg["lr_decay_frac"]))
     device = torch.device(cfg["device"])
-    trainee = Trainee(cfg, sae, optimizer, scheduler, RunLogger(cfg, resume_step), use_sparse_kernels(cfg))
+    logger = RunLogger(cfg, resume_step) if main else _SilentLogger()
+    trainee = Trainee(cfg, sae, optimizer, scheduler, logger, use_sparse_kernels(cfg))
     trainee.first_bad_step, trainee.bad_terms = trainee.first_bad_step.to(device), trainee.bad_terms.to(device)
     return trainee
 
@@ -144,6 +168,8 @@ def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enable
             t.scheduler.step()
         return out
     out.loss.backward()
+    if world_size() > 1:
+        average_gradients(sae)
     if cfg["max_grad_norm"] > 0:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg["max_grad_norm"])
     sae.remove_parallel_decoder_grad()
@@ -151,9 +177,79 @@ def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enable
     t.optimizer.zero_grad(set_to_none=True)
     t.scheduler.step()
     sae.normalize_decoder()
-    sae.update_dead_counters(out.latents)
-    sae.update_inference_state(out.latents)
+    if world_size() > 1:  # every rank ends the step with identical state
+        sae.mark_fired(all_ranks_any(fired_latents(out.latents)), x.shape[0] * world_size())
+        sae.update_inference_state(out.latents)
+        average_buffers(sae, sae.averaged_buffers)
+    else:
+        sae.update_dead_counters(out.latents)
+        sae.update_inference_state(out.latents)
     return out
+
+
+# --- data parallel (torchrun) ---------------------------------------------------------------
+#
+# Every rank boots the model, reads every world_size-th training row of the stream (its own
+# shard) and steps its own copy of each SAE on its own batch. Gradients are averaged before
+# clipping, so all ranks take the same Adam step as one process on the union of the batches
+# (the loss is a per-token mean). Dead-latent counters count a latent as fired if it fired on
+# any rank, and averaged_buffers (BatchTopK's threshold) are averaged, so every rank holds
+# identical state. BatchTopK selects the top k*B of each rank's own batch, not of the union:
+# mean L0 is still k, but which tokens get more or fewer latents is decided per rank.
+# Rank 0 alone evaluates, logs and checkpoints.
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def init_distributed(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs and gloo on
+    CPU, and return this rank's device (cuda:LOCAL_RANK for a CUDA `device`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def average_gradients(sae: BaseSAE) -> None:
+    """One all-reduce for all of an SAE's gradients, then divide by the world size."""
+    grads = [p.grad for p in sae.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for g, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        g.copy_(averaged)
+
+
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module, names: tuple[str, ...]) -> None:
+    for name in names:
+        buffer = getattr(module, name)
+        dist.all_reduce(buffer)
+        buffer /= world_size()
+
+
+def all_ranks_any(mask: Tensor) -> Tensor:
+    flags = mask.to(torch.int32)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags.bool()
+
+
+def average_scale(scale: float, d: int) -> float:
+    """The scale of the union of the ranks' estimate sets: average E||x||^2, not s."""
+    mean_sq = torch.tensor(d / scale**2, dtype=torch.float64)
+    dist.all_reduce(mean_sq)
+    return math.sqrt(d / (mean_sq.item() / world_size()))
 
 
 def rng_states() -> dict[str, Any]:
@@ -319,12 +415,17 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[
     if resume_step:
         check_checkpoints_fit(cfgs, resume_step)
     hook_points = list(dict.fromkeys(c["hook_point"] for c in cfgs))
+    main = rank() == 0
+    if world_size() > 1:
+        check_data_parallel(cfgs)
     if store is None:
-        store = ActivationsStore(model, cfgs[0], hook_points)
+        store = ActivationsStore(model, cfgs[0], hook_points, shard=(rank(), world_size()))
+    if world_size() > 1:
+        store.scales = [average_scale(s, cfgs[0]["act_size"]) for s in store.scales]
     batch_size = first["batch_size"]
     total_steps = first["num_tokens"] // batch_size
-    trainees = [make_trainee(c, total_steps, resume_step) for c in cfgs]
-    if resume_step is None and len(trainees) > 1:
+    trainees = [make_trainee(c, total_steps, resume_step, main) for c in cfgs]
+    if resume_step is None and len(trainees) > 1 and main:
         write_group_file([t.run_dir for t in trainees])
     hook_of = [store.hook_index(c["hook_point"]) for c in cfgs]
     start = resume_step or 0
@@ -334,11 +435,14 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[
         first_batch = store.next_batch()
         for t, h in zip(trainees, hook_of, strict=True):
             t.sae.init_from_batch(first_batch[h], store.scales[h])
-            t.logger.log(evaluate(t.sae, store), step=0, tokens=0)
+            if world_size() > 1:  # b_dec = mean of the union of the ranks' first batches
+                average_buffers(t.sae, ("b_dec",))
+            if main:
+                t.logger.log(evaluate(t.sae, store), step=0, tokens=0)
 
     where = hook_points[0] if len(hook_points) == 1 else f"{len(hook_points)} hook points"
-    progress = Progress(total_steps * batch_size, desc=f"{len(trainees)} SAE(s) on {where}",
-                        initial=start * batch_size)
+    progress = Progress(total_steps * batch_size * world_size(), desc=f"{len(trainees)} SAE(s) on {where}",
+                        initial=start * batch_size * world_size(), enabled=main)
     try:
         x = store.next_batch() if start else first_batch  # a checkpoint is taken before the next batch is drawn
         for step in range(start, total_steps):
@@ -349,7 +453,7 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[
                 record_non_finite(t, out, step + 1)
                 _log_step(t, out, step + 1, total_steps, tokens, store, progress)
             _checkpoint_group(trainees, step + 1, total_steps, tokens, store)
-            progress.advance(batch_size)
+            progress.advance(batch_size * world_size())
             if step + 1 < total_steps:
                 x = store.next_batch()
     finally:
@@ -365,6 +469,8 @@ def _log_step(t: Trainee, out: Any, step: int, total_steps: int, tokens: int,
     cfg, last = t.cfg, step == total_steps
     if step % cfg["perf_log_freq"] == 0 or last or _checkpoint_due(cfg, step):
         check_finite(t)
+    if rank() != 0:
+        return
     if step % cfg["perf_log_freq"] == 0 or last:
         metrics = _train_metrics(t, out) | {"tokens_per_s": progress.rate()}
         t.logger.log(metrics, step, tokens)
@@ -387,7 +493,7 @@ def _checkpoint_group(trainees: list[Trainee], step: int, total_steps: int, toke
     old checkpoints are pruned only once every run's new one is complete."""
     last = step == total_steps
     due = [t for t in trainees if last or _checkpoint_due(t.cfg, step)]
-    if not due:
+    if not due or rank() != 0:
         return
     stream = store.state_dict()
     scalars = {k: v for k, v in stream.items() if not isinstance(v, Tensor)}

@@ -177,3 +177,14 @@ def test_half_precision_cache_serves_the_rounded_values_to_every_run(minilm, tmp
     assert torch.equal(make_store(minilm, **overrides).next_batch(), first)
     shards = list((tmp_path / "cache").rglob("shard_*.safetensors"))
     assert shards and all(p.stat().st_size < 64 * 384 * 4 * 400 for p in shards)
+
+
+def test_data_parallel_shards_take_alternate_training_rows(minilm):
+    cfg = post_init_cfg(small_cfg(), model_dims(minilm))
+    single, *ranks = [ActivationsStore(minilm, cfg, shard=shard) for shard in ((0, 1), (0, 2), (1, 2))]
+    for store in (single, *ranks):
+        store.seek_rows(0)
+        assert torch.equal(store.eval_tokens, single.eval_tokens)  # every rank holds the same held-out set
+    rows = single.next_token_rows(40)
+    assert torch.equal(ranks[0].next_token_rows(20), rows[0::2])
+    assert torch.equal(ranks[1].next_token_rows(20), rows[1::2])

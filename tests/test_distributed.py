@@ -1,0 +1,104 @@
+"""Data parallel on CPU with gloo: two ranks against one process on the union of their batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import small_cfg
+from safetensors.torch import load_file
+
+from config import get_default_cfg
+from sae import build_sae
+from training import Trainee, average_buffers, average_gradients, training_step, use_sparse_kernels
+
+D, M, B, STEPS = 32, 128, 64, 8
+
+
+def step_cfg(sae_type: str) -> dict:
+    return get_default_cfg() | {"sae_type": sae_type, "act_size": D, "dict_size": M, "top_k": 8, "top_k_aux": 16,
+                                "batch_size": B, "device": "cpu", "seed": 0, "lr": 1e-2,
+                                "dead_after_tokens": 10**9}  # AuxK normalises per rank: kept off here
+
+
+def union_batch(step: int) -> torch.Tensor:
+    """The 2B tokens of a step: rank r trains on rows [rB, (r+1)B)."""
+    gen = torch.Generator().manual_seed(step)
+    return torch.randn(2 * B, D, generator=gen) * torch.linspace(0.5, 2.0, D)
+
+
+def train(sae_type: str, rows: slice) -> dict[str, torch.Tensor]:
+    cfg = step_cfg(sae_type)
+    sae = build_sae(cfg)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    trainee = Trainee(cfg, sae, optimizer, scheduler, None, use_sparse_kernels(cfg))
+    sae.init_from_batch(union_batch(0)[rows], scale=0.8)
+    if dist.is_initialized():
+        average_buffers(sae, ("b_dec",))
+    for step in range(STEPS):
+        training_step(trainee, union_batch(step + 1)[rows], step, STEPS, aux_enabled=False)
+    return {k: v.clone() for k, v in sae.state_dict().items()}
+
+
+def _rank_main(rank: int, sae_type: str, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        probe = build_sae(step_cfg(sae_type))  # gradients are averaged, not summed (Adam would hide a sum)
+        for p in probe.parameters():
+            p.grad = torch.full_like(p, rank + 1.0)
+        average_gradients(probe)
+        assert all(torch.equal(p.grad, torch.full_like(p, 1.5)) for p in probe.parameters())
+        torch.save(train(sae_type, slice(rank * B, (rank + 1) * B)), Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sae_type", ["topk", "batchtopk"])
+def test_two_ranks_match_each_other_and_one_process_on_the_union(sae_type, tmp_path):
+    mp.spawn(_rank_main, args=(sae_type, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, value in ranks[0].items():
+        assert torch.equal(ranks[1][name], value), name  # every rank holds identical state
+    if sae_type == "batchtopk":
+        return  # each rank selects its own batch's top k*B: not the union's selection (see training.py)
+    single = train(sae_type, slice(0, 2 * B))
+    for name, value in single.items():
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_train_and_only_rank_0_writes(tmp_path):
+    cfg = small_cfg(sae_type="topk", output_dir=str(tmp_path), run_name="ddp", num_tokens=256 * 8,
+                    checkpoint_freq=4, eval_freq=4, perf_log_freq=2)
+    overrides = [f"{k}={v}" for k, v in cfg.items() if k in ("sae_type", "output_dir", "run_name", "num_tokens",
+                 "checkpoint_freq", "eval_freq", "perf_log_freq", "seq_len", "model_batch_size",
+                 "num_batches_in_buffer", "batch_size", "eval_tokens", "downstream_eval_rows", "dict_size",
+                 "top_k", "wandb_mode", "device")]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "main.py", *overrides]
+    done = subprocess.run(cmd, cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 8
+    assert (tmp_path / "ddp" / "final" / "sae.safetensors").exists()
+    weights = load_file(tmp_path / "ddp" / "final" / "sae.safetensors")
+    assert torch.isfinite(weights["W_dec"]).all()
+    assert done.stdout.count("run folder:") == 1  # the summary is printed once, by rank 0
