@@ -94,9 +94,11 @@ def use_sparse_kernels(cfg: dict[str, Any]) -> bool:
 
 
 class _SilentLogger:
-    """What data-parallel ranks other than 0 log and write: nothing."""
+    """What data-parallel ranks other than 0 log and write: nothing (they read checkpoints
+    from rank 0's run folder on resume)."""
 
-    run_dir = None
+    def __init__(self, cfg: dict[str, Any]):
+        self.run_dir = Path(cfg["output_dir"]) / cfg["run_name"]
 
     def log(self, metrics: dict[str, Any], step: int, tokens: int) -> None:
         pass
@@ -106,10 +108,9 @@ class _SilentLogger:
 
 
 def check_data_parallel(cfgs: list[dict[str, Any]]) -> None:
-    for key in ("resume", "skip_nonfinite_batches"):
-        if any(c[key] for c in cfgs):
-            raise ConfigError(f"config {key} is not supported under torchrun yet (each rank would need its own "
-                              f"stream state / all ranks must skip the same steps); run it in one process")
+    if any(c["skip_nonfinite_batches"] for c in cfgs):
+        raise ConfigError("config skip_nonfinite_batches is not supported under torchrun yet (all ranks would "
+                          "have to skip the same steps); run it in one process")
 
 
 def make_trainee(cfg: dict[str, Any], total_steps: int, resume_step: int | None = None,
@@ -119,7 +120,7 @@ def make_trainee(cfg: dict[str, Any], total_steps: int, resume_step: int | None 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg["lr_warmup_frac"], cfg["lr_decay_frac"]))
     device = torch.device(cfg["device"])
-    logger = RunLogger(cfg, resume_step) if main else _SilentLogger()
+    logger = RunLogger(cfg, resume_step) if main else _SilentLogger(cfg)
     trainee = Trainee(cfg, sae, optimizer, scheduler, logger, use_sparse_kernels(cfg))
     trainee.first_bad_step, trainee.bad_terms = trainee.first_bad_step.to(device), trainee.bad_terms.to(device)
     return trainee
@@ -243,6 +244,30 @@ def all_ranks_any(mask: Tensor) -> Tensor:
     flags = mask.to(torch.int32)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return flags.bool()
+
+
+def gathered_stream_state(store: ActivationsStore) -> dict[str, Any] | None:
+    """The store state to checkpoint: this process's, or under torchrun every rank's,
+    gathered on rank 0 with keys `rank{r}.` (None on the other ranks)."""
+    state = store.state_dict()
+    if world_size() == 1:
+        return state
+    states = [None] * world_size() if rank() == 0 else None
+    dist.gather_object({k: v.cpu() if isinstance(v, Tensor) else v for k, v in state.items()}, states, dst=0)
+    if rank() != 0:
+        return None
+    return {"world_size": world_size()} | {f"rank{r}.{k}": v for r, s in enumerate(states) for k, v in s.items()}
+
+
+def this_ranks_stream_state(stream: dict[str, Any], folder: Path) -> dict[str, Any]:
+    saved_world = stream.get("world_size", 1)
+    if saved_world != world_size():
+        raise ConfigError(f"checkpoint {folder} was written by {saved_world} data-parallel process(es), this run has "
+                          f"{world_size()}: resume with the same torchrun --nproc_per_node/--nnodes")
+    if saved_world == 1:
+        return stream
+    prefix = f"rank{rank()}."
+    return {k.removeprefix(prefix): v for k, v in stream.items() if k.startswith(prefix)}
 
 
 def average_scale(scale: float, d: int) -> float:
@@ -379,7 +404,7 @@ def restore_group(trainees: list[Trainee], store: ActivationsStore, step: int) -
         t.scheduler.load_state_dict(state["scheduler"])
         t.skipped_batches = state["skipped_batches"]
         if i == 0:  # the same stream and RNG state in every run of the group
-            store.load_state_dict(state["stream"])
+            store.load_state_dict(this_ranks_stream_state(state["stream"], folder))
             set_rng_states(state["rng"])
 
 
@@ -493,9 +518,11 @@ def _checkpoint_group(trainees: list[Trainee], step: int, total_steps: int, toke
     old checkpoints are pruned only once every run's new one is complete."""
     last = step == total_steps
     due = [t for t in trainees if last or _checkpoint_due(t.cfg, step)]
-    if not due or rank() != 0:
+    if not due:
         return
-    stream = store.state_dict()
+    stream = gathered_stream_state(store)
+    if stream is None:  # ranks other than 0 write nothing
+        return
     scalars = {k: v for k, v in stream.items() if not isinstance(v, Tensor)}
     tensors: dict[str, Tensor] | Path = {k: v for k, v in stream.items() if isinstance(v, Tensor)}
     for t in due:

@@ -82,18 +82,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_ranks_train_and_only_rank_0_writes(tmp_path):
-    cfg = small_cfg(sae_type="topk", output_dir=str(tmp_path), run_name="ddp", num_tokens=256 * 8,
-                    checkpoint_freq=4, eval_freq=4, perf_log_freq=2)
-    overrides = [f"{k}={v}" for k, v in cfg.items() if k in ("sae_type", "output_dir", "run_name", "num_tokens",
-                 "checkpoint_freq", "eval_freq", "perf_log_freq", "seq_len", "model_batch_size",
-                 "num_batches_in_buffer", "batch_size", "eval_tokens", "downstream_eval_rows", "dict_size",
-                 "top_k", "wandb_mode", "device")]
+REPO = Path(__file__).parent.parent
+KILL_AFTER_CHECKPOINT = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import logs, main
+save = logs.RunLogger.save_checkpoint
+def save_then_die(self, sae, state, step, *args, **kwargs):
+    folder = save(self, sae, state, step, *args, **kwargs)
+    if step == {step}:
+        os._exit(9)  # rank 0 dies right after this checkpoint; torchrun stops the other rank
+    return folder
+logs.RunLogger.save_checkpoint = save_then_die
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def torchrun(script: str, args: list[str]) -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "main.py", *overrides]
-    done = subprocess.run(cmd, cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True,
-                          timeout=600)
+           f"--master_port={_free_port()}", script, *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def ddp_args(out, run_name: str) -> list[str]:
+    cfg = small_cfg(sae_type="batchtopk", output_dir=str(out), run_name=run_name, num_tokens=256 * 8,
+                    checkpoint_freq=4, eval_freq=4, perf_log_freq=2, num_batches_in_buffer=4)
+    keys = ("sae_type", "output_dir", "run_name", "num_tokens", "checkpoint_freq", "eval_freq", "perf_log_freq",
+            "seq_len", "model_batch_size", "num_batches_in_buffer", "batch_size", "eval_tokens",
+            "downstream_eval_rows", "dict_size", "top_k", "wandb_mode", "device")
+    return [f"{k}={cfg[k]}" for k in keys]
+
+
+def test_torchrun_two_ranks_train_and_only_rank_0_writes(tmp_path):
+    done = torchrun("main.py", ddp_args(tmp_path, "ddp"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
@@ -102,3 +124,19 @@ def test_torchrun_two_ranks_train_and_only_rank_0_writes(tmp_path):
     weights = load_file(tmp_path / "ddp" / "final" / "sae.safetensors")
     assert torch.isfinite(weights["W_dec"]).all()
     assert done.stdout.count("run folder:") == 1  # the summary is printed once, by rank 0
+
+
+def test_torchrun_run_killed_after_a_checkpoint_resumes_bitwise(tmp_path):
+    """Each rank's stream state is in the checkpoint: the resumed 2-rank run ends with the
+    uninterrupted one's weights (BatchTopK: counters and threshold synced across ranks)."""
+    assert torchrun("main.py", ddp_args(tmp_path / "full", "run")).returncode == 0
+    script = tmp_path / "kill_after_checkpoint.py"
+    script.write_text(KILL_AFTER_CHECKPOINT.format(repo=str(REPO), step=4))
+    assert torchrun(str(script), ddp_args(tmp_path / "killed", "run")).returncode != 0
+    assert not (tmp_path / "killed" / "run" / "final").exists()
+    resumed = torchrun("main.py", ["--resume", str(tmp_path / "killed" / "run")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    full = load_file(tmp_path / "full" / "run" / "final" / "sae.safetensors")
+    again = load_file(tmp_path / "killed" / "run" / "final" / "sae.safetensors")
+    for name, value in full.items():
+        assert torch.equal(again[name], value), name
