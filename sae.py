@@ -160,6 +160,7 @@ class BaseSAE(nn.Module):
     uses_aux_loss = False
     has_sparse_path = False  # variants whose codes are sparse by construction
     averaged_buffers: tuple[str, ...] = ()  # training state data-parallel ranks average after each step
+    max_sparse_density = 1.0  # above this fraction of selected entries, forward_sparse falls back to dense
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
@@ -239,6 +240,8 @@ class BaseSAE(nn.Module):
                 x_in = x_scaled - self.b_dec
                 pre = torch.addmm(self.b_enc, x_in, self.W_enc)
             pattern = self.select(pre)
+            if pattern.cols.numel() > self.max_sparse_density * pre.numel():
+                return self.forward(x, aux_enabled)  # too dense for sparse kernels to pay (early Vanilla)
             pre_vals = _SparseEncode.apply(pre[pattern.rows(), pattern.cols], x_in, self.W_enc, self.b_enc,
                                            self.b_dec, pattern)
             f_vals = self.sparse_activation(pre_vals, pattern)
@@ -339,13 +342,27 @@ class BaseSAE(nn.Module):
 
 
 class VanillaSAE(BaseSAE):
-    """ReLU + L1 penalty weighted by decoder-row norms."""
+    """ReLU + L1 penalty weighted by decoder-row norms. Its codes are sparse only once the
+    L1 term has acted, so the sparse path falls back to dense while over 8% of entries fire
+    (measured at d384 m3072 B4096 on 2 CPU threads, sparse vs dense step: 1% 135 vs 396 ms,
+    5% 242 vs 452 ms, 8% 324 vs 355 ms, 12% 498 vs 466 ms)."""
+
+    has_sparse_path = True
+    max_sparse_density = 0.08
 
     def activation(self, pre: Tensor) -> Tensor:
         return F.relu(pre)
 
     def sparsity_penalty(self, pre: Tensor, f: Tensor) -> Tensor:
         return (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
+
+    def select(self, pre: Tensor) -> SparsePattern:
+        rows, cols = (pre > 0).nonzero().unbind(1)
+        return SparsePattern.from_rows(rows, cols, pre.shape[0], pre.shape[1])
+
+    def sparse_penalty(self, pre_vals: Tensor, f_vals: Tensor, pattern: SparsePattern) -> Tensor:
+        norms = self.W_dec.norm(dim=-1).index_select(0, pattern.cols)
+        return (f_vals * norms).sum() / pattern.shape[0]
 
 
 class TopKSAE(BaseSAE):

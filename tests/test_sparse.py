@@ -11,7 +11,7 @@ from test_sae import B, D, M, make_cfg, rand_x
 
 from sae import SparseLatents, SparsePattern, batch_top_entries, build_sae, fired_latents, mean_l0
 
-SPARSE_VARIANTS = ("topk", "batchtopk", "jumprelu")
+SPARSE_VARIANTS = ("topk", "batchtopk", "jumprelu", "vanilla")
 
 
 def trained_like(sae_type: str, n_dead: int = 0, **overrides):
@@ -25,6 +25,9 @@ def trained_like(sae_type: str, n_dead: int = 0, **overrides):
         sae.W_enc.add_(0.3 * torch.randn(D, M, generator=gen))
         if sae_type == "jumprelu":
             sae.log_threshold.copy_((0.5 + 0.5 * torch.rand(M, generator=gen)).log())
+        if sae_type == "vanilla":  # a trained Vanilla's sparsity (each latent fires on ~1%), so the sparse path runs
+            pre = (rand_x(seed=5) * sae.scale - sae.b_dec) @ sae.W_enc + sae.b_enc
+            sae.b_enc.sub_(pre.quantile(0.99, dim=0))
         sae.tokens_since_fired[:n_dead] = sae.cfg["dead_after_tokens"] + 1
     sae.sparsity_coeff = 0.7
     return sae
@@ -50,7 +53,7 @@ def test_sparse_path_equals_dense_reference(sae_type, n_dead):
     for term in ("loss", "recon_loss", "sparsity_loss", "aux_loss"):
         torch.testing.assert_close(getattr(sparse, term), getattr(dense, term), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sparse.x_hat, dense.x_hat, rtol=1e-5, atol=1e-5)
-    if n_dead and sae_type != "jumprelu":
+    if n_dead and sae.uses_aux_loss:
         assert sparse.aux_loss > 0
     for name, g in dense_grads.items():
         assert g.abs().sum() > 0, name  # every parameter learns on both paths
@@ -106,3 +109,11 @@ def test_sparse_path_runs_under_bf16_autocast():
         out = sae(rand_x(), sparse=True)
     out.loss.backward()
     assert torch.isfinite(out.loss) and sae.W_enc.grad.dtype == torch.float32
+
+
+def test_vanilla_falls_back_to_dense_while_its_codes_are_dense():
+    sae = build_sae(make_cfg("vanilla")).train()  # at init about half the entries fire
+    x = rand_x()
+    out = sae(x, sparse=True)
+    assert isinstance(out.latents, torch.Tensor) and (out.latents > 0).float().mean() > sae.max_sparse_density
+    torch.testing.assert_close(out.loss, sae(x).loss)
