@@ -353,18 +353,31 @@ class ActivationCache:
         shard = next(s for s in self.manifest["shards"] if s["end"] == end)
         return {"rows_read": shard["rows_read"], "epoch": shard["epoch"]}
 
-    def append(self, acts: Tensor, rows_read: int, epoch: int, flush: bool = False) -> None:
-        """Add the next chunk of the stream; whole shards go to disk as they fill."""
+    @property
+    def end(self) -> int:
+        """Stream tokens written or waiting to fill a shard: where the next chunk appends."""
+        return self.tokens + sum(p.shape[0] for p in self._pending)
+
+    def append(self, acts: Tensor, rows_read: int, epoch: int) -> None:
+        """Add the next chunk of the stream, read up to stream position (rows_read, epoch);
+        whole shards go to disk as they fill."""
         self._pending.append(acts)
-        if flush or sum(p.shape[0] for p in self._pending) >= CACHE_SHARD_TOKENS:
-            data = torch.cat(self._pending)
-            self._pending = []
-            name = f"shard_{len(self.manifest['shards']):05d}.safetensors"
-            self._write(name, data)
-            start = self.tokens
-            self.manifest["shards"].append({"file": name, "start": start, "end": start + data.shape[0],
-                                            "rows_read": rows_read, "epoch": epoch})
-            self._save_manifest()
+        self._pending_position = {"rows_read": rows_read, "epoch": epoch}
+        if self.end - self.tokens >= CACHE_SHARD_TOKENS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending chunks as one shard (also when the run ends with a partial one)."""
+        if not self._pending:
+            return
+        data = torch.cat(self._pending)
+        self._pending = []
+        name = f"shard_{len(self.manifest['shards']):05d}.safetensors"
+        self._write(name, data)
+        start = self.tokens
+        self.manifest["shards"].append({"file": name, "start": start, "end": start + data.shape[0]}
+                                       | self._pending_position)
+        self._save_manifest()
 
 
 # --- the store --------------------------------------------------------------------------
@@ -499,15 +512,14 @@ class ActivationsStore:
         acts = self._activations_of(self.next_token_rows(self.cfg["model_batch_size"]))
         self.stream_tokens += acts.shape[1]
         for cache, a in zip(self.caches, acts, strict=False):
-            if cache.tokens + sum(p.shape[0] for p in cache._pending) == start:
+            if cache.end == start:
                 cache.append(a, self.rows_read, self.epoch)
         return acts
 
     def flush_cache(self) -> None:
         """Write the caches' partial shards (call when the run ends)."""
         for cache in self.caches:
-            if cache._pending:
-                cache.append(torch.empty(0, self.cfg["act_size"]), self.rows_read, self.epoch, flush=True)
+            cache.flush()
 
     def _fresh_activations(self, n: int, desc: str | None = None) -> Tensor:
         parts, have = [self._leftover], self._leftover.shape[1]

@@ -158,7 +158,7 @@ class BaseSAE(nn.Module):
     """Parameters, scale, encode/decode, decoder constraint, dead-latent counters."""
 
     uses_aux_loss = False
-    has_sparse_path = False  # variants whose codes are sparse by construction
+    has_sparse_path = False  # variants that state `select` (and so can train with sparse kernels)
     averaged_buffers: tuple[str, ...] = ()  # training state data-parallel ranks average after each step
     max_sparse_density = 1.0  # above this fraction of selected entries, forward_sparse falls back to dense
 
