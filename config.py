@@ -48,17 +48,18 @@ def get_default_cfg() -> dict[str, Any]:
         "dict_size": 3072,  # number of latents m
         "top_k": 32,  # k for topk and batchtopk
         "top_k_aux": 512,  # dead latents per token used by the AuxK loss
-        "aux_penalty": 1 / 32,  # coefficient of the AuxK loss
-        "dead_after_tokens": 1_000_000,  # a latent silent for this many training tokens is dead
+        "aux_penalty": 0.5,  # coefficient of the AuxK loss (1/32 in Gao et al.'s billion-token runs)
+        "dead_after_tokens": 65_536,  # a latent silent for this many training tokens is dead (AuxK trains it)
         "threshold_ema_decay": 0.95,  # BatchTopK inference threshold: EMA decay per step
         "l1_coeff": 1.5,  # vanilla: L1 coefficient (scaled space)
-        "l0_coeff": 0.3,  # jumprelu: L0 coefficient (scaled space)
+        "l0_coeff": 0.4,  # jumprelu: L0 coefficient (scaled space)
         "bandwidth": 0.5,  # jumprelu: straight-through kernel width epsilon
         "jumprelu_init_threshold": 1.0,  # jumprelu: initial per-latent threshold
         # optimisation
-        "lr": 2e-3,  # Adam learning rate
-        "beta1": 0.9,  # Adam beta1
+        "lr": 5e-3,  # Adam learning rate
+        "beta1": 0.7,  # Adam beta1 (0.9 lets momentum push latents that stopped firing until they die)
         "beta2": 0.999,  # Adam beta2
+        "lazy_adam": True,  # latents that got no gradient in a step take no Adam step (momentum zeroed)
         "batch_size": 4096,  # activations per SAE step
         "num_tokens": 1_228_800,  # training tokens (300 steps of 4096: one pass over the embedded corpus)
         "lr_warmup_frac": 0.02,  # fraction of steps with linear lr warmup from 0
@@ -96,6 +97,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dict_size": 12288,
         "top_k": 32,
         "lr": 3e-4,
+        "beta1": 0.9,
+        "lazy_adam": False,
+        "aux_penalty": 1 / 32,
+        "dead_after_tokens": 1_000_000,
         "batch_size": 4096,
         "seq_len": 128,
         "num_tokens": 1_000_000_000,

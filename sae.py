@@ -287,6 +287,10 @@ class BaseSAE(nn.Module):
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired.masked_fill_(fired, 0)
 
+    def latent_params(self) -> list[tuple[nn.Parameter, int]]:
+        """Parameters with one slice per latent, and the dimension that indexes the latents."""
+        return [(self.W_dec, 0), (self.W_enc, 1), (self.b_enc, 0)]
+
     def aux_loss(self, residual: Tensor, pre: Tensor) -> Tensor:
         """AuxK: reconstruct the detached residual from the top `top_k_aux` dead
         pre-activations of each token, decoded without b_dec. Exactly 0 with no dead
@@ -387,13 +391,13 @@ def batch_top_entries(pre: Tensor, n: int) -> SparsePattern:
     flat = pre.flatten()
     sample = flat[::16]
     rank = min(sample.numel(), max(1, 2 * n // 16))
-    bound = sample.kthvalue(sample.numel() - rank + 1).values.clamp_min(0)
+    bound = kth_largest(sample, rank).clamp_min(0)
     rows, cols = (pre >= bound).logical_and_(pre > 0).nonzero().unbind(1)
     if rows.numel() < n and bound > 0:
         rows, cols = (pre > 0).nonzero().unbind(1)
     vals = pre[rows, cols]
     if vals.numel() > n:
-        keep = vals >= vals.kthvalue(vals.numel() - n + 1).values
+        keep = vals >= kth_largest(vals, n)
         rows, cols = rows[keep], cols[keep]
     return SparsePattern.from_rows(rows, cols, pre.shape[0], pre.shape[1])
 
@@ -504,6 +508,9 @@ class JumpReLUSAE(BaseSAE):
         lower = (self.threshold - self.cfg["bandwidth"] / 2).to(pre.dtype)
         rows, cols = (pre > lower).nonzero().unbind(1)
         return SparsePattern.from_rows(rows, cols, pre.shape[0], pre.shape[1])
+
+    def latent_params(self) -> list[tuple[nn.Parameter, int]]:
+        return [*super().latent_params(), (self.log_threshold, 0)]
 
     def sparse_activation(self, pre_vals: Tensor, pattern: SparsePattern) -> Tensor:
         # index_select: its backward is an index_add; `theta[cols]`'s sorts the indices on CPU (~50x slower here)

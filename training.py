@@ -174,6 +174,8 @@ def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enable
     if cfg["max_grad_norm"] > 0:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg["max_grad_norm"])
     sae.remove_parallel_decoder_grad()
+    if cfg["lazy_adam"]:
+        zero_idle_momentum(t)
     t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.scheduler.step()
@@ -186,6 +188,23 @@ def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enable
         sae.update_dead_counters(out.latents)
         sae.update_inference_state(out.latents)
     return out
+
+
+@torch.no_grad()
+def zero_idle_momentum(t: Trainee) -> None:
+    """lazy_adam: a latent that got no gradient this step (it fired on no token and AuxK
+    did not pick it) takes no Adam step: its first moment is zeroed, so momentum from its
+    last firing cannot keep pushing it away from the data, the way latents die at high
+    learning rates (lazy / sparse Adam does the same for embedding rows). A latent is
+    idle when its b_enc gradient is exactly 0; a per-latent vector (JumpReLU's threshold)
+    goes by its own gradient. No host sync."""
+    idle = t.sae.b_enc.grad == 0 if t.sae.b_enc.grad is not None else None
+    for param, dim in t.sae.latent_params():
+        state = t.optimizer.state.get(param, {})
+        if param.grad is None or idle is None or "exp_avg" not in state:
+            continue
+        mask = (param.grad == 0) if param.dim() == 1 else idle.unsqueeze(1 - dim)
+        state["exp_avg"].masked_fill_(mask, 0)
 
 
 # --- data parallel (torchrun) ---------------------------------------------------------------

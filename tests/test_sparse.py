@@ -12,6 +12,7 @@ from test_sae import B, D, M, make_cfg, rand_x
 from sae import SparseLatents, SparsePattern, batch_top_entries, build_sae, fired_latents, mean_l0
 
 SPARSE_VARIANTS = ("topk", "batchtopk", "jumprelu", "vanilla")
+DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)  # CI has no GPU; a lent one checks CUDA
 
 
 def trained_like(sae_type: str, n_dead: int = 0, **overrides):
@@ -41,11 +42,12 @@ def loss_and_grads(sae, x: torch.Tensor, sparse: bool):
     return out, grads
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_dead", [0, 5, 40])  # none, fewer and more dead latents than top_k_aux=8
 @pytest.mark.parametrize("sae_type", SPARSE_VARIANTS)
-def test_sparse_path_equals_dense_reference(sae_type, n_dead):
-    sae = trained_like(sae_type, n_dead)
-    x = rand_x(seed=5)
+def test_sparse_path_equals_dense_reference(sae_type, n_dead, device):
+    sae = trained_like(sae_type, n_dead).to(device)
+    x = rand_x(seed=5).to(device)
     dense, dense_grads = loss_and_grads(sae, x, sparse=False)
     sparse, sparse_grads = loss_and_grads(sae, x, sparse=True)
     assert isinstance(sparse.latents, SparseLatents)

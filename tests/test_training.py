@@ -134,3 +134,41 @@ def test_group_across_layers_trains_each_sae_on_its_own_hook(minilm, tmp_path):
         torch.testing.assert_close(group[1].sae.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
     assert group[0].sae.scale != group[1].sae.scale  # each hook has its own input scale
     assert group[0].final_metrics["nmse"] < eval_records(group[0].run_dir)[0]["nmse"]
+
+
+def _trainee_after_steps(sae_type: str, lazy: bool, n_steps: int):
+    """A Trainee stepped with training_step on random data; returns it and the parameters
+    before its last step, with latents 0-9 silenced in that last step."""
+    from test_sae import D, M, make_cfg, rand_x
+
+    from sae import build_sae
+    from training import Trainee, training_step
+
+    cfg = make_cfg(sae_type, lazy_adam=lazy, beta1=0.9, lr=1e-2, dead_after_tokens=10**9)
+    sae = build_sae(cfg)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    t = Trainee(cfg, sae, optimizer, scheduler, logger=None)
+    sae.init_from_batch(rand_x(seed=1), 1.0)
+    for step in range(n_steps - 1):
+        training_step(t, rand_x(seed=2 + step), step, 100, aux_enabled=False)
+    with torch.no_grad():  # latents 0-9 can no longer fire: a large negative encoder bias
+        sae.b_enc[:10] = -1e4
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    training_step(t, rand_x(seed=50), n_steps - 1, 100, aux_enabled=False)
+    assert D and M
+    return t, before
+
+
+@pytest.mark.parametrize("sae_type", ["topk", "batchtopk", "jumprelu", "vanilla"])
+def test_lazy_adam_freezes_latents_without_gradient_and_moves_the_rest(sae_type):
+    t, before = _trainee_after_steps(sae_type, lazy=True, n_steps=4)
+    sae = t.sae
+    silent, active = slice(0, 10), slice(10, None)
+    assert torch.equal(sae.W_enc[:, silent], before["W_enc"][:, silent])
+    assert torch.equal(sae.b_enc[silent], before["b_enc"][silent])
+    assert torch.allclose(sae.W_dec[silent], before["W_dec"][silent], atol=1e-6)  # renormalised only
+    assert not torch.equal(sae.W_enc[:, active], before["W_enc"][:, active])
+    # without it, Adam's momentum keeps moving the silenced latents
+    t_eager, before_eager = _trainee_after_steps(sae_type, lazy=False, n_steps=4)
+    assert not torch.equal(t_eager.sae.W_enc[:, silent], before_eager["W_enc"][:, silent])
