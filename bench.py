@@ -3,6 +3,7 @@
     python bench.py                                   # embedded shape: d 384, m 3072, k 32, batch 4096
     python bench.py d=768 m=24576 device=cuda          # gpt2-small shape, on a GPU (random activations)
     python bench.py generation=false end_to_end=false  # SAE steps only
+    python bench.py model_batch_size=128               # rows per model forward (a GPU wants more than 32)
 
 Every figure is timed here: the fp32 matmul roofline at the configured shape, SAE-step
 tokens/s per variant (fp32, and bf16 autocast where the device supports it) with the
@@ -39,7 +40,8 @@ from sae import SAE_CLASSES, build_sae
 from training import Trainee, lr_factor, training_step, use_sparse_kernels
 
 SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": "auto", "generation": True,
-            "end_to_end": True, "e2e_refills": 2, "model": get_default_cfg()["model_name"]}
+            "end_to_end": True, "e2e_refills": 2, "model": get_default_cfg()["model_name"],
+            "model_batch_size": get_default_cfg()["model_batch_size"]}
 GROUP_VARIANTS = ("topk", "batchtopk", "jumprelu", "vanilla") * 2  # the group of 8 SAEs on one stream
 
 
@@ -84,14 +86,14 @@ def sae_step_rate(variant: str, s: dict[str, Any], device: torch.device, dtype: 
     return 1 / timed(lambda: training_step(trainee, x, 10, 1000, aux_enabled=False), device, s["steps"])
 
 
-def generation_rates(model_name: str, device: torch.device) -> dict[str, float]:
+def generation_rates(model_name: str, model_batch_size: int, device: torch.device) -> dict[str, float]:
     """Tokens/s to the default hook: TransformerBridge stopped at the hook vs plain HF truncated."""
     from transformers import AutoModel
 
     cfg = get_default_cfg()
     model = load_model(model_name, str(device))
     hook = f"blocks.{cfg['layer']}.hook_{cfg['site']}"
-    tokens = torch.randint(1000, 20000, (cfg["model_batch_size"], cfg["seq_len"]), device=device)
+    tokens = torch.randint(1000, 20000, (model_batch_size, cfg["seq_len"]), device=device)
     plain = AutoModel.from_pretrained(resolve_model_path(model_name), num_hidden_layers=cfg["layer"])
     plain = plain.to(device).eval()
     n = tokens.numel()
@@ -104,6 +106,7 @@ def generation_rates(model_name: str, device: torch.device) -> dict[str, float]:
 
 def stream_cfg(s: dict[str, Any], device: torch.device, model) -> dict[str, Any]:
     cfg = get_default_cfg() | {"model_name": s["model"], "device": str(device), "batch_size": s["batch"],
+                               "model_batch_size": s["model_batch_size"],
                                "dict_size": s["m"], "top_k": s["k"], "wandb_mode": "disabled"}
     return post_init_cfg(cfg, model_dims(model))
 
@@ -193,7 +196,7 @@ def main(argv: list[str]) -> None:
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         print(f"peak GPU memory {results['peak_memory_gib']:.2f} GiB")
     if s["generation"]:
-        gen = generation_rates(s["model"], device)
+        gen = generation_rates(s["model"], s["model_batch_size"], device)
         results["generation"] = gen
         print(f"generation to the default hook: bridge {gen['bridge_tokens_per_s']:,.0f} tokens/s, plain HF "
               f"{gen['plain_hf_tokens_per_s']:,.0f} tokens/s ({gen['bridge_vs_plain']:.2f}x)", flush=True)

@@ -69,7 +69,7 @@ def get_default_cfg() -> dict[str, Any]:
         "seed": 42,  # seeds SAE init, data order and buffer shuffling
         "device": "auto",  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
         "kernels": "auto",  # SAE step: sparse (encoder backward and decoder touch only selected latents), dense,
-        # or auto (sparse on CPU; dense on CUDA, where the sparse kernels would sync with the host)
+        # or auto (sparse on CPU; on CUDA sparse for fp32 dictionaries of 6144+ latents, else dense)
         "dtype": "float32",  # SAE compute dtype: float32, or bfloat16 autocast on fp32 master weights
         "model_dtype": "float32",  # dtype of the transformer producing activations
         # logging and checkpoints

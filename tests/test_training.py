@@ -172,3 +172,19 @@ def test_lazy_adam_freezes_latents_without_gradient_and_moves_the_rest(sae_type)
     # without it, Adam's momentum keeps moving the silenced latents
     t_eager, before_eager = _trainee_after_steps(sae_type, lazy=False, n_steps=4)
     assert not torch.equal(t_eager.sae.W_enc[:, silent], before_eager["W_enc"][:, silent])
+
+
+@pytest.mark.parametrize(("device", "dtype", "dict_size", "kernels", "sparse"), [
+    ("cpu", "float32", 3072, "auto", True),
+    ("cpu", "bfloat16", 3072, "auto", True),
+    ("cuda", "float32", 3072, "auto", False),
+    ("cuda", "float32", 24576, "auto", True),
+    ("cuda", "bfloat16", 24576, "auto", False),
+    ("cuda", "float32", 3072, "sparse", True),
+    ("cpu", "float32", 24576, "dense", False),
+])
+def test_kernels_auto_picks_the_measured_faster_step(device, dtype, dict_size, kernels, sparse):
+    from training import use_sparse_kernels
+
+    cfg = {"device": device, "dtype": dtype, "dict_size": dict_size, "kernels": kernels}
+    assert use_sparse_kernels(cfg) is sparse
