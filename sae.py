@@ -142,6 +142,20 @@ class _SparseDecode(torch.autograd.Function):
         return grad_vals, grad_W_dec, None
 
 
+_WORKSPACES: dict[tuple[Any, ...], Tensor] = {}
+
+
+def workspace(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A reused scratch tensor for the sparse step's (B, m) pre-activations, shared by every
+    SAE of the process (each uses it only inside its own forward). A fresh 48 MB tensor
+    per step costs ~15 ms of page faults on CPU (measured at B 4096, m 3072). One per
+    shape: a group of SAEs with one batch size and dictionary size holds one."""
+    key = (shape, like.dtype, like.device)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return _WORKSPACES[key]
+
+
 @dataclass
 class SAEOutput:
     """What a forward pass returns. Losses are scalars in the scaled space."""
@@ -238,7 +252,8 @@ class BaseSAE(nn.Module):
             x_scaled = x.float() * self.scale
             with torch.no_grad():
                 x_in = x_scaled - self.b_dec
-                pre = torch.addmm(self.b_enc, x_in, self.W_enc)
+                pre = torch.mm(x_in, self.W_enc, out=workspace((x_in.shape[0], self.W_enc.shape[1]), x_in))
+                pre += self.b_enc
             pattern = self.select(pre)
             if pattern.cols.numel() > self.max_sparse_density * pre.numel():
                 return self.forward(x, aux_enabled)  # too dense for sparse kernels to pay (early Vanilla)
@@ -246,7 +261,7 @@ class BaseSAE(nn.Module):
                                            self.b_dec, pattern)
             f_vals = self.sparse_activation(pre_vals, pattern)
             x_hat_scaled = _SparseDecode.apply(f_vals, self.W_dec, pattern) + self.b_dec
-            recon = (x_hat_scaled - x_scaled).pow(2).sum(-1).mean()
+            recon = F.mse_loss(x_hat_scaled, x_scaled, reduction="sum") / x.shape[0]  # fused; = the dense path's
             sparsity = self.sparsity_coeff * self.sparse_penalty(pre_vals, f_vals, pattern)
             if self.uses_aux_loss and aux_enabled:
                 aux = self.sparse_aux_loss(x_scaled - x_hat_scaled, x_scaled)
@@ -380,7 +395,59 @@ class TopKSAE(BaseSAE):
         return torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
 
     def select(self, pre: Tensor) -> SparsePattern:
-        return SparsePattern.from_topk(pre.topk(self.cfg["top_k"], dim=-1, sorted=False).indices, pre.shape[-1])
+        return SparsePattern.from_topk(row_top_indices(pre, self.cfg["top_k"]), pre.shape[-1])
+
+
+@torch.no_grad()
+def row_top_indices(pre: Tensor, k: int, group: int = 8) -> Tensor:
+    """Column indices of each row's k largest entries (any order), as `topk` picks them up
+    to ties. On CPU through a prefilter: columns j, j+G, j+2G, ... (G = m / group) form a
+    group, and every entry among a row's k largest lies in one of the k groups with the
+    largest maxima, so the exact topk runs over k*group candidates instead of m (measured
+    at 4096 x 3072, k 32, 2 threads: 29 ms vs 35 ms). CUDA's topk is fast as it is."""
+    b, m = pre.shape
+    if pre.is_cuda or m % group or 4 * k * group > m:
+        return pre.topk(k, dim=-1, sorted=False).indices
+    n_groups = m // group
+    strided = pre.view(b, group, n_groups)
+    group_max = torch.maximum(strided[:, 0], strided[:, 1])
+    for j in range(2, group):
+        torch.maximum(group_max, strided[:, j], out=group_max)
+    top_groups = group_max.topk(k, dim=-1, sorted=False).indices
+    cols = (top_groups.unsqueeze(-1) + n_groups * torch.arange(group, device=pre.device)).view(b, k * group)
+    return cols.gather(1, pre.gather(1, cols).topk(k, dim=-1, sorted=False).indices)
+
+
+@torch.no_grad()
+def entries_above(pre: Tensor, threshold: Tensor, group: int = 8) -> tuple[Tensor, Tensor]:
+    """(rows, cols) of the entries with pre > threshold (a 0-d tensor, or one value per
+    column), rows in order as `nonzero` gives them. On CPU through group maxima: with the
+    strided column groups of `row_top_indices`, only groups whose largest pre - threshold
+    is > 0 are scanned (measured at 4096 x 3072, ~2% of entries selected, 2 threads:
+    ~15 ms vs ~25 ms for a compare and `nonzero` over every entry)."""
+    b, m = pre.shape
+    if pre.is_cuda or m % group:
+        return (pre > threshold).nonzero().unbind(1)
+    n_groups = m // group
+    strided = pre.view(b, group, n_groups)
+    if threshold.dim() == 0:
+        group_max = torch.maximum(strided[:, 0], strided[:, 1])
+        for j in range(2, group):
+            torch.maximum(group_max, strided[:, j], out=group_max)
+        hit = group_max > threshold
+    else:  # the sign of a float difference is exact: pre - t > 0 iff pre > t
+        per_column = threshold.view(group, n_groups)
+        group_max = strided[:, 0] - per_column[0]
+        scratch = torch.empty_like(group_max)
+        for j in range(1, group):
+            torch.maximum(group_max, torch.sub(strided[:, j], per_column[j], out=scratch), out=group_max)
+        hit = group_max > 0
+    rows, hit_groups = hit.nonzero().unbind(1)
+    flat = ((rows * m + hit_groups).unsqueeze(1) + n_groups * torch.arange(group, device=pre.device)).flatten()
+    cols = flat % m
+    bound = threshold if threshold.dim() == 0 else threshold.index_select(0, cols)
+    above = torch.take(pre, flat) > bound
+    return rows.repeat_interleave(group)[above], cols[above]
 
 
 def batch_top_entries(pre: Tensor, n: int) -> SparsePattern:
@@ -389,12 +456,14 @@ def batch_top_entries(pre: Tensor, n: int) -> SparsePattern:
     bound holding about 2n entries, and the exact n-th largest is taken among those.
     Falls back to all positive entries when the bound is too high. Syncs (CPU path)."""
     flat = pre.flatten()
-    sample = flat[::16]
-    rank = min(sample.numel(), max(1, 2 * n // 16))
+    sample = flat[::64]
+    rank = min(sample.numel(), max(1, 2 * n // 64))
     bound = kth_largest(sample, rank).clamp_min(0)
-    rows, cols = (pre >= bound).logical_and_(pre > 0).nonzero().unbind(1)
+    zero = bound.new_zeros(())
+    # pre >= bound > 0  <=>  pre > the float just below bound (and that is > 0 or exactly 0)
+    rows, cols = entries_above(pre, torch.nextafter(bound, zero) if bound > 0 else zero)
     if rows.numel() < n and bound > 0:
-        rows, cols = (pre > 0).nonzero().unbind(1)
+        rows, cols = entries_above(pre, zero)
     vals = pre[rows, cols]
     if vals.numel() > n:
         keep = vals >= kth_largest(vals, n)
@@ -506,7 +575,7 @@ class JumpReLUSAE(BaseSAE):
     def select(self, pre: Tensor) -> SparsePattern:
         """Active entries and the lower half of the gradient window: pre > theta - eps/2."""
         lower = (self.threshold - self.cfg["bandwidth"] / 2).to(pre.dtype)
-        rows, cols = (pre > lower).nonzero().unbind(1)
+        rows, cols = entries_above(pre, lower)
         return SparsePattern.from_rows(rows, cols, pre.shape[0], pre.shape[1])
 
     def latent_params(self) -> list[tuple[nn.Parameter, int]]:

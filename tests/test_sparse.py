@@ -93,7 +93,8 @@ def test_batch_top_entries_equals_full_selection(n):
     relu = torch.relu(pre)
     kth = relu.flatten().topk(n).values.min()
     expected = ((relu >= kth) & (relu > 0)).nonzero().unbind(1)
-    assert torch.equal(pattern.rows(), expected[0]) and torch.equal(pattern.cols, expected[1])
+    assert torch.equal(pattern.rows(), expected[0])  # rows in order; columns within a row in any order
+    assert torch.equal((pattern.rows() * M + pattern.cols).sort().values, expected[0] * M + expected[1])
 
 
 def test_pattern_transpose_is_the_transpose():
@@ -119,3 +120,35 @@ def test_vanilla_falls_back_to_dense_while_its_codes_are_dense():
     out = sae(x, sparse=True)
     assert isinstance(out.latents, torch.Tensor) and (out.latents > 0).float().mean() > sae.max_sparse_density
     torch.testing.assert_close(out.loss, sae(x).loss)
+
+
+@pytest.mark.parametrize("per_column", [False, True])
+@pytest.mark.parametrize(("rows", "cols"), [(64, 3072), (33, 512), (8, 100)])
+def test_entries_above_equals_a_full_compare(rows, cols, per_column):
+    """The group-maxima scan finds exactly the entries above a scalar or per-column
+    threshold (ties at the threshold excluded), rows in order."""
+    from sae import entries_above
+
+    gen = torch.Generator().manual_seed(cols)
+    pre = torch.randn(rows, cols, generator=gen)
+    threshold = torch.rand(cols, generator=gen) + 1.5 if per_column else torch.tensor(2.0)
+    pre[:, :5] = threshold[:5] if per_column else 2.0  # exactly at the threshold: not above
+    got_rows, got_cols = entries_above(pre, threshold)
+    want_rows, want_cols = (pre > threshold).nonzero().unbind(1)
+    assert torch.equal(got_rows, want_rows)
+    assert torch.equal((got_rows * cols + got_cols).sort().values, want_rows * cols + want_cols)
+
+
+@pytest.mark.parametrize(("rows", "cols", "k"), [(64, 3072, 32), (33, 512, 16), (8, 100, 5), (16, 256, 32)])
+def test_row_top_indices_is_an_exact_row_topk(rows, cols, k):
+    """The grouped prefilter picks each row's k largest values (also with many ties, and
+    where it falls back to a plain topk: m not a multiple of 8, or k*8*4 > m)."""
+    from sae import row_top_indices
+
+    gen = torch.Generator().manual_seed(rows)
+    for pre in (torch.randn(rows, cols, generator=gen), torch.randint(0, 5, (rows, cols), generator=gen).float()):
+        idx = row_top_indices(pre, k)
+        assert idx.shape == (rows, k)
+        assert all(len(set(r.tolist())) == k for r in idx)  # k distinct columns per row
+        picked = pre.gather(1, idx).sort(-1, descending=True).values
+        torch.testing.assert_close(picked, pre.topk(k, dim=-1).values)
