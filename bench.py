@@ -9,9 +9,9 @@ Every figure is timed here: the fp32 matmul roofline at the configured shape, SA
 tokens/s per variant (fp32, and bf16 autocast where the device supports it) with the
 achieved GFLOP/s of the dense-equivalent step and its fraction of the roofline, and
 activation generation through TransformerBridge against a plain Hugging Face forward
-truncated at the same layer, the end-to-end training loop (store + steps) for one SAE and
-for a group of 8 sharing the stream, and the disk cache's read rate. Speed is never
-asserted in tests.
+truncated at the same layer (with each one's model FLOP utilisation), the end-to-end
+training loop (store + steps) for one SAE and for a group of 8 sharing the stream, and the
+disk cache's read rate. Speed is never asserted in tests.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from activation_store import (
 )
 from config import get_default_cfg, post_init_cfg, resolve_device
 from sae import SAE_CLASSES, build_sae
-from training import Trainee, lr_factor, training_step, use_sparse_kernels
+from training import Trainee, training_step, use_sparse_kernels
 
 SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": "auto", "generation": True,
             "end_to_end": True, "e2e_refills": 2, "model": get_default_cfg()["model_name"],
@@ -68,12 +68,14 @@ def matmul_roofline(d: int, m: int, batch: int, device: torch.device) -> float:
 def sae_step_rate(variant: str, s: dict[str, Any], device: torch.device, dtype: str, kernels: str) -> float:
     """Training steps per second on random activations (forward, backward, Adam, constraint).
     JumpReLU's thresholds (Vanilla's b_enc) are set so each latent fires on k/m of the batch
-    (L0 = k), the sparsity of a trained one; at initialisation far more latents fire."""
+    (L0 = k), the sparsity of a trained one; at initialisation far more latents fire. The
+    learning rate is 0 (every step still does all its work), so that sparsity holds over
+    the timed steps instead of drifting on random data."""
     cfg = get_default_cfg() | {"sae_type": variant, "act_size": s["d"], "dict_size": s["m"], "top_k": s["k"],
                                "batch_size": s["batch"], "dtype": dtype, "device": str(device), "kernels": kernels}
     sae = build_sae(cfg).to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, 1000, 0.0, 0.0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.0)
     trainee = Trainee(cfg, sae, optimizer, scheduler, logger=None, sparse_kernels=kernels == "sparse")
     x = torch.randn(s["batch"], s["d"], device=device)
     sae.init_from_batch(x, 1.0)
@@ -86,8 +88,18 @@ def sae_step_rate(variant: str, s: dict[str, Any], device: torch.device, dtype: 
     return 1 / timed(lambda: training_step(trainee, x, 10, 1000, aux_enabled=False), device, s["steps"])
 
 
-def generation_rates(model_name: str, model_batch_size: int, device: torch.device) -> dict[str, float]:
-    """Tokens/s to the default hook: TransformerBridge stopped at the hook vs plain HF truncated."""
+def model_flops_per_token(plain, seq_len: int) -> float:
+    """Forward FLOPs per token of the truncated model: 2 per matrix weight outside the
+    embeddings and pooler, plus attention's two (seq x seq x d) products per layer."""
+    weights = sum(p.numel() for name, p in plain.named_parameters()
+                  if p.dim() > 1 and "embed" not in name and "pooler" not in name)
+    return 2 * weights + 4 * seq_len * plain.config.hidden_size * plain.config.num_hidden_layers
+
+
+def generation_rates(model_name: str, model_batch_size: int, device: torch.device,
+                     roofline_gflops: float) -> dict[str, float]:
+    """Tokens/s to the default hook: TransformerBridge stopped at the hook vs plain HF
+    truncated, and each one's model FLOP utilisation (of the measured fp32 roofline)."""
     from transformers import AutoModel
 
     cfg = get_default_cfg()
@@ -100,8 +112,11 @@ def generation_rates(model_name: str, model_batch_size: int, device: torch.devic
     bridge_s = timed(lambda: run_to_hook(model, tokens, hook), device, repeats=5)
     with torch.inference_mode():
         plain_s = timed(lambda: plain(input_ids=tokens), device, repeats=5)
+    flops = model_flops_per_token(plain, cfg["seq_len"])
     return {"bridge_tokens_per_s": n / bridge_s, "plain_hf_tokens_per_s": n / plain_s,
-            "bridge_vs_plain": plain_s / bridge_s}
+            "bridge_vs_plain": plain_s / bridge_s, "model_flops_per_token": flops,
+            "bridge_mfu": n / bridge_s * flops / (roofline_gflops * 1e9),
+            "plain_hf_mfu": n / plain_s * flops / (roofline_gflops * 1e9)}
 
 
 def stream_cfg(s: dict[str, Any], device: torch.device, model) -> dict[str, Any]:
@@ -196,10 +211,11 @@ def main(argv: list[str]) -> None:
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         print(f"peak GPU memory {results['peak_memory_gib']:.2f} GiB")
     if s["generation"]:
-        gen = generation_rates(s["model"], s["model_batch_size"], device)
+        gen = generation_rates(s["model"], s["model_batch_size"], device, roofline)
         results["generation"] = gen
         print(f"generation to the default hook: bridge {gen['bridge_tokens_per_s']:,.0f} tokens/s, plain HF "
-              f"{gen['plain_hf_tokens_per_s']:,.0f} tokens/s ({gen['bridge_vs_plain']:.2f}x)", flush=True)
+              f"{gen['plain_hf_tokens_per_s']:,.0f} tokens/s ({gen['bridge_vs_plain']:.2f}x); model FLOP "
+              f"utilisation (of the fp32 roofline) {gen['bridge_mfu']:.0%} vs {gen['plain_hf_mfu']:.0%}", flush=True)
     if s["end_to_end"]:
         model = load_model(s["model"], str(device))
         e2e = end_to_end_rates(s, device, model) | {"cache_read_tokens_per_s": cache_read_rate(s, device, model)}

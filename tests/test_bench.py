@@ -1,0 +1,31 @@
+"""bench.py runs as a user runs it (tiny shapes here; speed itself is never asserted)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bench
+
+
+def test_settings_parse_types_and_reject_unknown_keys():
+    s = bench.parse(["d=16", "generation=false", "model_batch_size=8"])
+    assert s["d"] == 16 and s["generation"] is False and s["model_batch_size"] == 8
+    with pytest.raises(SystemExit, match="unknown bench setting 'dd'"):
+        bench.parse(["dd=3"])
+
+
+@pytest.mark.parametrize("kernels", ["sparse", "dense"])
+@pytest.mark.parametrize("variant", ["vanilla", "topk", "batchtopk", "jumprelu"])
+def test_sae_step_rate_runs_every_variant_and_kernel_path(variant, kernels):
+    s = bench.parse(["d=16", "m=64", "k=4", "batch=64", "steps=1"])
+    assert bench.sae_step_rate(variant, s, torch.device("cpu"), "float32", kernels) > 0
+
+
+def test_model_flops_per_token_counts_weights_and_attention():
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=32)
+    per_layer = 4 * 16 * 16 + 2 * 16 * 64  # q, k, v, o and the two MLP matrices
+    assert bench.model_flops_per_token(BertModel(cfg), seq_len=8) == 2 * 2 * per_layer + 4 * 8 * 16 * 2
