@@ -56,7 +56,7 @@ class SparsePattern:
     def csr_transposed(self, vals: Tensor) -> Tensor:
         """The (m, B) transpose holding `vals` (given in this pattern's order)."""
         if self._transposed is None:
-            order = self.cols.argsort(stable=True)
+            order = self.cols.to(torch.int32).argsort(stable=True)  # int32 sorts ~1.7x faster on CPU
             t_crow = torch.zeros(self.shape[1] + 1, dtype=torch.long, device=self.cols.device)
             t_crow[1:] = torch.bincount(self.cols, minlength=self.shape[1]).cumsum(0)
             self._transposed = (order, t_crow, self.rows()[order])
@@ -145,14 +145,14 @@ class _SparseDecode(torch.autograd.Function):
 _WORKSPACES: dict[tuple[Any, ...], Tensor] = {}
 
 
-def workspace(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """A reused scratch tensor for the sparse step's (B, m) pre-activations, shared by every
-    SAE of the process (each uses it only inside its own forward). A fresh 48 MB tensor
-    per step costs ~15 ms of page faults on CPU (measured at B 4096, m 3072). One per
-    shape: a group of SAEs with one batch size and dictionary size holds one."""
-    key = (shape, like.dtype, like.device)
+def workspace(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A reused scratch tensor for the sparse step's (B, m) pre-activations and masks,
+    shared by every SAE of the process (each uses it only inside its own forward). A fresh
+    48 MB tensor per step costs ~15 ms of page faults on CPU (measured at B 4096, m 3072).
+    One per shape and dtype: a group of SAEs with one batch and dictionary size holds two."""
+    key = (shape, dtype or like.dtype, like.device)
     if key not in _WORKSPACES:
-        _WORKSPACES[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        _WORKSPACES[key] = torch.empty(shape, dtype=key[1], device=like.device)
     return _WORKSPACES[key]
 
 
@@ -376,7 +376,7 @@ class VanillaSAE(BaseSAE):
         return (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
 
     def select(self, pre: Tensor) -> SparsePattern:
-        rows, cols = (pre > 0).nonzero().unbind(1)
+        rows, cols = torch.gt(pre, 0, out=workspace(pre.shape, pre, torch.bool)).nonzero().unbind(1)
         return SparsePattern.from_rows(rows, cols, pre.shape[0], pre.shape[1])
 
     def sparse_penalty(self, pre_vals: Tensor, f_vals: Tensor, pattern: SparsePattern) -> Tensor:
@@ -418,38 +418,6 @@ def row_top_indices(pre: Tensor, k: int, group: int = 8) -> Tensor:
     return cols.gather(1, pre.gather(1, cols).topk(k, dim=-1, sorted=False).indices)
 
 
-@torch.no_grad()
-def entries_above(pre: Tensor, threshold: Tensor, group: int = 8) -> tuple[Tensor, Tensor]:
-    """(rows, cols) of the entries with pre > threshold (a 0-d tensor, or one value per
-    column), rows in order as `nonzero` gives them. On CPU through group maxima: with the
-    strided column groups of `row_top_indices`, only groups whose largest pre - threshold
-    is > 0 are scanned (measured at 4096 x 3072, ~2% of entries selected, 2 threads:
-    ~15 ms vs ~25 ms for a compare and `nonzero` over every entry)."""
-    b, m = pre.shape
-    if pre.is_cuda or m % group:
-        return (pre > threshold).nonzero().unbind(1)
-    n_groups = m // group
-    strided = pre.view(b, group, n_groups)
-    if threshold.dim() == 0:
-        group_max = torch.maximum(strided[:, 0], strided[:, 1])
-        for j in range(2, group):
-            torch.maximum(group_max, strided[:, j], out=group_max)
-        hit = group_max > threshold
-    else:  # the sign of a float difference is exact: pre - t > 0 iff pre > t
-        per_column = threshold.view(group, n_groups)
-        group_max = strided[:, 0] - per_column[0]
-        scratch = torch.empty_like(group_max)
-        for j in range(1, group):
-            torch.maximum(group_max, torch.sub(strided[:, j], per_column[j], out=scratch), out=group_max)
-        hit = group_max > 0
-    rows, hit_groups = hit.nonzero().unbind(1)
-    flat = ((rows * m + hit_groups).unsqueeze(1) + n_groups * torch.arange(group, device=pre.device)).flatten()
-    cols = flat % m
-    bound = threshold if threshold.dim() == 0 else threshold.index_select(0, cols)
-    above = torch.take(pre, flat) > bound
-    return rows.repeat_interleave(group)[above], cols[above]
-
-
 def batch_top_entries(pre: Tensor, n: int) -> SparsePattern:
     """The entries BatchTopK keeps (the n largest positive values of `pre`, ties at the
     n-th included), found without a full selection: a strided sample gives a lower
@@ -460,10 +428,12 @@ def batch_top_entries(pre: Tensor, n: int) -> SparsePattern:
     rank = min(sample.numel(), max(1, 2 * n // 64))
     bound = kth_largest(sample, rank).clamp_min(0)
     zero = bound.new_zeros(())
-    # pre >= bound > 0  <=>  pre > the float just below bound (and that is > 0 or exactly 0)
-    rows, cols = entries_above(pre, torch.nextafter(bound, zero) if bound > 0 else zero)
+    # pre >= bound > 0  <=>  pre > the float just below bound (>= 0): one compare, not two
+    above = torch.gt(pre, torch.nextafter(bound, zero) if bound > 0 else zero,
+                     out=workspace(pre.shape, pre, torch.bool))
+    rows, cols = above.nonzero().unbind(1)
     if rows.numel() < n and bound > 0:
-        rows, cols = entries_above(pre, zero)
+        rows, cols = (pre > 0).nonzero().unbind(1)
     vals = pre[rows, cols]
     if vals.numel() > n:
         keep = vals >= kth_largest(vals, n)
@@ -575,7 +545,7 @@ class JumpReLUSAE(BaseSAE):
     def select(self, pre: Tensor) -> SparsePattern:
         """Active entries and the lower half of the gradient window: pre > theta - eps/2."""
         lower = (self.threshold - self.cfg["bandwidth"] / 2).to(pre.dtype)
-        rows, cols = entries_above(pre, lower)
+        rows, cols = torch.gt(pre, lower, out=workspace(pre.shape, pre, torch.bool)).nonzero().unbind(1)
         return SparsePattern.from_rows(rows, cols, pre.shape[0], pre.shape[1])
 
     def latent_params(self) -> list[tuple[nn.Parameter, int]]:

@@ -122,23 +122,6 @@ def test_vanilla_falls_back_to_dense_while_its_codes_are_dense():
     torch.testing.assert_close(out.loss, sae(x).loss)
 
 
-@pytest.mark.parametrize("per_column", [False, True])
-@pytest.mark.parametrize(("rows", "cols"), [(64, 3072), (33, 512), (8, 100)])
-def test_entries_above_equals_a_full_compare(rows, cols, per_column):
-    """The group-maxima scan finds exactly the entries above a scalar or per-column
-    threshold (ties at the threshold excluded), rows in order."""
-    from sae import entries_above
-
-    gen = torch.Generator().manual_seed(cols)
-    pre = torch.randn(rows, cols, generator=gen)
-    threshold = torch.rand(cols, generator=gen) + 1.5 if per_column else torch.tensor(2.0)
-    pre[:, :5] = threshold[:5] if per_column else 2.0  # exactly at the threshold: not above
-    got_rows, got_cols = entries_above(pre, threshold)
-    want_rows, want_cols = (pre > threshold).nonzero().unbind(1)
-    assert torch.equal(got_rows, want_rows)
-    assert torch.equal((got_rows * cols + got_cols).sort().values, want_rows * cols + want_cols)
-
-
 @pytest.mark.parametrize(("rows", "cols", "k"), [(64, 3072, 32), (33, 512, 16), (8, 100, 5), (16, 256, 32)])
 def test_row_top_indices_is_an_exact_row_topk(rows, cols, k):
     """The grouped prefilter picks each row's k largest values (also with many ties, and
