@@ -3,6 +3,7 @@
     python bench.py                                   # embedded shape: d 384, m 3072, k 32, batch 4096
     python bench.py d=768 m=24576 device=cuda          # gpt2-small shape, on a GPU (random activations)
     python bench.py generation=false end_to_end=false  # SAE steps only
+    python bench.py sae_steps=false end_to_end=false   # generation only
     python bench.py model_batch_size=128               # rows per model forward (a GPU wants more than 32)
 
 Every figure is timed here: the fp32 matmul roofline at the configured shape, SAE-step
@@ -39,30 +40,37 @@ from config import get_default_cfg, post_init_cfg, resolve_device
 from sae import SAE_CLASSES, build_sae
 from training import Trainee, training_step, use_sparse_kernels
 
-SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": "auto", "generation": True,
-            "end_to_end": True, "e2e_refills": 2, "model": get_default_cfg()["model_name"],
+SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": "auto", "sae_steps": True,
+            "generation": True, "end_to_end": True, "e2e_refills": 2, "model": get_default_cfg()["model_name"],
             "model_batch_size": get_default_cfg()["model_batch_size"]}
 GROUP_VARIANTS = ("topk", "batchtopk", "jumprelu", "vanilla") * 2  # the group of 8 SAEs on one stream
 
 
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Seconds per call, after warm-up, synchronising the device around the timed calls."""
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2, rounds: int = 3) -> float:
+    """Seconds per call, after warm-up, synchronising the device around the timed calls: the
+    fastest of `rounds` rounds of `repeats` calls (on a shared machine the slower rounds
+    measure the neighbours; this VM's rounds differ by up to ~35%)."""
     for _ in range(warmup):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+    best = float("inf")
+    for _ in range(rounds):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best
 
 
 def matmul_roofline(d: int, m: int, batch: int, device: torch.device) -> float:
-    """fp32 GFLOP/s of a (batch, d) x (d, m) product, the SAE's dominant shape."""
+    """fp32 GFLOP/s of a (batch, d) x (d, m) product, the SAE's dominant shape, written into
+    a preallocated output (a fresh one per call would time page faults, not arithmetic)."""
     x, w = torch.randn(batch, d, device=device), torch.randn(d, m, device=device)
-    return 2 * batch * d * m / timed(lambda: x @ w, device, repeats=10) / 1e9
+    out = torch.empty(batch, m, device=device)
+    return 2 * batch * d * m / timed(lambda: torch.mm(x, w, out=out), device, repeats=10) / 1e9
 
 
 def sae_step_rate(variant: str, s: dict[str, Any], device: torch.device, dtype: str, kernels: str) -> float:
@@ -150,7 +158,8 @@ def end_to_end_rates(s: dict[str, Any], device: torch.device, model) -> dict[str
             trainees.append(Trainee(cfg, sae, optimizer, scheduler, None, use_sparse_kernels(cfg)))
             sae.init_from_batch(store.next_batch()[0], store.scale)
         steps = s["e2e_refills"] * store.serve_count // s["batch"]
-        seconds = timed(functools.partial(train_loop, store, trainees, steps), device, repeats=1, warmup=0)
+        seconds = timed(functools.partial(train_loop, store, trainees, steps), device, repeats=1, warmup=0,
+                        rounds=1)
         rates[f"{name}_tokens_per_s"] = steps * s["batch"] / seconds
     return rates
 
@@ -196,9 +205,10 @@ def main(argv: list[str]) -> None:
     print(f"device: {results['device']}; fp32 matmul roofline {roofline:.0f} GFLOP/s; dense-step ceiling "
           f"{results['dense_step_ceiling_tokens_per_s']:,.0f} tokens/s; encoder-forward ceiling "
           f"{results['encoder_forward_ceiling_tokens_per_s']:,.0f} tokens/s")
-    print("GFLOP/s counts the dense-equivalent step (6 matmuls), so a sparse step can pass 100% of the roofline")
-    print(f"{'variant':<10}{'kernels':<9}{'dtype':<10}{'tokens/s':>12}{'GFLOP/s':>10}{'of roofline':>13}")
-    for variant, cls in SAE_CLASSES.items():
+    if s["sae_steps"]:
+        print("GFLOP/s counts the dense-equivalent step (6 matmuls), so a sparse step can pass 100% of the roofline")
+        print(f"{'variant':<10}{'kernels':<9}{'dtype':<10}{'tokens/s':>12}{'GFLOP/s':>10}{'of roofline':>13}")
+    for variant, cls in SAE_CLASSES.items() if s["sae_steps"] else ():
         for kernels in ("sparse", "dense") if cls.has_sparse_path else ("dense",):
             for dtype in dtypes:
                 steps_per_s = sae_step_rate(variant, s, device, dtype, kernels)
