@@ -207,10 +207,12 @@ def zero_idle_momentum(t: Trainee) -> None:
     learning rates (lazy / sparse Adam does the same for embedding rows). A latent is
     idle when its b_enc gradient is exactly 0; a per-latent vector (JumpReLU's threshold)
     goes by its own gradient. No host sync."""
-    idle = t.sae.b_enc.grad == 0 if t.sae.b_enc.grad is not None else None
+    if t.sae.b_enc.grad is None:
+        return
+    idle = t.sae.b_enc.grad == 0
     for param, dim in t.sae.latent_params():
         state = t.optimizer.state.get(param, {})
-        if param.grad is None or idle is None or "exp_avg" not in state:
+        if param.grad is None or "exp_avg" not in state:
             continue
         mask = (param.grad == 0) if param.dim() == 1 else idle.unsqueeze(1 - dim)
         state["exp_avg"].masked_fill_(mask, 0)
