@@ -8,6 +8,7 @@ losses, thresholds and coefficients all live in the scaled space.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +30,18 @@ class SparsePattern:
     crow[b]:crow[b+1] (columns in any order). The transposed layout, which the sparse
     backward passes need, is computed once and shared."""
 
-    def __init__(self, crow: Tensor, cols: Tensor, n_latents: int):
+    def __init__(self, crow: Tensor, cols: Tensor, n_latents: int, flat: Tensor | None = None):
         self.crow, self.cols, self.shape = crow, cols, (crow.numel() - 1, n_latents)
+        self._flat = flat
         self._transposed: tuple[Tensor, Tensor, Tensor] | None = None
 
     @classmethod
-    def from_rows(cls, rows: Tensor, cols: Tensor, batch_size: int, n_latents: int) -> SparsePattern:
-        """From row-major (rows, cols) pairs, as `nonzero` gives them."""
-        crow = torch.zeros(batch_size + 1, dtype=torch.long, device=rows.device)
+    def from_positions(cls, flat: Tensor, batch_size: int, n_latents: int) -> SparsePattern:
+        """From ascending row-major positions b * m + j in the (B, m) matrix."""
+        rows = flat.div(n_latents, rounding_mode="floor")
+        crow = torch.zeros(batch_size + 1, dtype=torch.long, device=flat.device)
         crow[1:] = torch.bincount(rows, minlength=batch_size).cumsum(0)
-        return cls(crow, cols, n_latents)
+        return cls(crow, flat - rows * n_latents, n_latents, flat)
 
     @classmethod
     def from_topk(cls, idx: Tensor, n_latents: int) -> SparsePattern:
@@ -49,6 +52,12 @@ class SparsePattern:
 
     def rows(self) -> Tensor:
         return torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device), self.crow.diff())
+
+    def positions(self) -> Tensor:
+        """Row-major positions b * m + j of the entries, in this pattern's order."""
+        if self._flat is None:
+            self._flat = self.rows() * self.shape[1] + self.cols
+        return self._flat
 
     def csr(self, vals: Tensor) -> Tensor:
         return torch.sparse_csr_tensor(self.crow, self.cols, vals, self.shape, check_invariants=False)
@@ -119,27 +128,37 @@ class _SparseEncode(torch.autograd.Function):
         return None, None, grad_W_enc, grad_b_enc, grad_b_dec, None
 
 
+def sampled_grad(pattern: SparsePattern, grad: Tensor, W_dec: Tensor) -> Tensor:
+    """(grad @ W_dec.T) at the pattern's entries: the gradient of f there."""
+    return torch.sparse.sampled_addmm(pattern.csr(grad.new_zeros(pattern.cols.shape)), grad, W_dec.T, beta=0).values()
+
+
 class _SparseDecode(torch.autograd.Function):
     """f @ W_dec for f given as values on a SparsePattern; backward samples the dense
-    gradient only at the pattern and scatters W_dec's gradient into the used rows."""
+    gradient only at the pattern and scatters W_dec's gradient into the used rows.
+    Optional `zero_vals` on a second pattern are entries of f known to be 0 (they add
+    nothing to the product or to W_dec's gradient) whose gradient is still wanted:
+    JumpReLU's threshold learns from them through its straight-through estimator."""
 
     @staticmethod
-    def forward(ctx, vals: Tensor, W_dec: Tensor, pattern: SparsePattern) -> Tensor:
+    def forward(ctx, vals: Tensor, W_dec: Tensor, pattern: SparsePattern,
+                zero_vals: Tensor | None = None, zero_pattern: SparsePattern | None = None) -> Tensor:
         ctx.save_for_backward(vals, W_dec)
-        ctx.pattern = pattern
+        ctx.patterns = pattern, zero_pattern
         return pattern.csr(vals) @ W_dec
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         vals, W_dec = ctx.saved_tensors
-        pattern = ctx.pattern
-        grad_vals = grad_W_dec = None
+        pattern, zero_pattern = ctx.patterns
+        grad_vals = grad_W_dec = grad_zero_vals = None
         if ctx.needs_input_grad[0]:
-            sampled = torch.sparse.sampled_addmm(pattern.csr(torch.zeros_like(vals)), grad, W_dec.T, beta=0)
-            grad_vals = sampled.values()
+            grad_vals = sampled_grad(pattern, grad, W_dec)
         if ctx.needs_input_grad[1]:
             grad_W_dec = pattern.csr_transposed(vals) @ grad
-        return grad_vals, grad_W_dec, None
+        if zero_pattern is not None and ctx.needs_input_grad[3]:
+            grad_zero_vals = sampled_grad(zero_pattern, grad, W_dec)
+        return grad_vals, grad_W_dec, None, grad_zero_vals, None
 
 
 _WORKSPACES: dict[tuple[Any, ...], Tensor] = {}
@@ -233,9 +252,10 @@ class BaseSAE(nn.Module):
 
     # --- sparse training path ----------------------------------------------------------
 
-    def select(self, pre: Tensor) -> SparsePattern:
-        """Variant-specific: every entry of `pre` whose latent may be non-zero or whose
-        straight-through gradient may be non-zero."""
+    def select(self, pre: Tensor) -> tuple[SparsePattern, SparsePattern | None]:
+        """Variant-specific: the entries of `pre` whose latent may be non-zero, and the
+        entries whose latent is 0 but whose straight-through gradient may not be (None
+        where the variant has none)."""
         raise NotImplementedError
 
     def sparse_activation(self, pre_vals: Tensor, pattern: SparsePattern) -> Tensor:
@@ -254,15 +274,21 @@ class BaseSAE(nn.Module):
                 x_in = x_scaled - self.b_dec
                 pre = torch.mm(x_in, self.W_enc, out=workspace((x_in.shape[0], self.W_enc.shape[1]), x_in))
                 pre += self.b_enc
-            pattern = self.select(pre)
+            pattern, window = self.select(pre)
             if pattern.cols.numel() > self.max_sparse_density * pre.numel():
                 return self.forward(x, aux_enabled)  # too dense for sparse kernels to pay (early Vanilla)
-            pre_vals = _SparseEncode.apply(pre[pattern.rows(), pattern.cols], x_in, self.W_enc, self.b_enc,
+            pre_vals = _SparseEncode.apply(pre.view(-1).take(pattern.positions()), x_in, self.W_enc, self.b_enc,
                                            self.b_dec, pattern)
             f_vals = self.sparse_activation(pre_vals, pattern)
-            x_hat_scaled = _SparseDecode.apply(f_vals, self.W_dec, pattern) + self.b_dec
+            penalty = self.sparse_penalty(pre_vals, f_vals, pattern)
+            window_f = None
+            if window is not None:  # f is 0 there: no gradient reaches pre, so no encoder backward
+                window_pre = pre.view(-1).take(window.positions())
+                window_f = self.sparse_activation(window_pre, window)
+                penalty = penalty + self.sparse_penalty(window_pre, window_f, window)
+            x_hat_scaled = _SparseDecode.apply(f_vals, self.W_dec, pattern, window_f, window) + self.b_dec
             recon = F.mse_loss(x_hat_scaled, x_scaled, reduction="sum") / x.shape[0]  # fused; = the dense path's
-            sparsity = self.sparsity_coeff * self.sparse_penalty(pre_vals, f_vals, pattern)
+            sparsity = self.sparsity_coeff * penalty
             if self.uses_aux_loss and aux_enabled:
                 aux = self.sparse_aux_loss(x_scaled - x_hat_scaled, x_scaled)
             else:
@@ -375,9 +401,8 @@ class VanillaSAE(BaseSAE):
     def sparsity_penalty(self, pre: Tensor, f: Tensor) -> Tensor:
         return (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
 
-    def select(self, pre: Tensor) -> SparsePattern:
-        rows, cols = torch.gt(pre, 0, out=workspace(pre.shape, pre, torch.bool)).nonzero().unbind(1)
-        return SparsePattern.from_rows(rows, cols, pre.shape[0], pre.shape[1])
+    def select(self, pre: Tensor) -> tuple[SparsePattern, None]:
+        return entries_above(pre, pre.new_zeros(())), None
 
     def sparse_penalty(self, pre_vals: Tensor, f_vals: Tensor, pattern: SparsePattern) -> Tensor:
         norms = self.W_dec.norm(dim=-1).index_select(0, pattern.cols)
@@ -394,8 +419,8 @@ class TopKSAE(BaseSAE):
         vals, idx = pre.topk(self.cfg["top_k"], dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
 
-    def select(self, pre: Tensor) -> SparsePattern:
-        return SparsePattern.from_topk(row_top_indices(pre, self.cfg["top_k"]), pre.shape[-1])
+    def select(self, pre: Tensor) -> tuple[SparsePattern, None]:
+        return SparsePattern.from_topk(row_top_indices(pre, self.cfg["top_k"]), pre.shape[-1]), None
 
 
 @torch.no_grad()
@@ -418,27 +443,50 @@ def row_top_indices(pre: Tensor, k: int, group: int = 8) -> Tensor:
     return cols.gather(1, pre.gather(1, cols).topk(k, dim=-1, sorted=False).indices)
 
 
+def true_positions(mask: Tensor) -> Tensor:
+    """Row-major positions of the True entries of a contiguous bool tensor, as
+    `mask.view(-1).nonzero()` gives them. On CPU 8 entries at a time: `nonzero` over the
+    mask's 8-byte words, then over the bytes of the words that are not 0; most words of a
+    sparse mask are 0 (measured at 4096 x 3072 with 2% set: 10.6 ms vs 18.6 ms)."""
+    flat = mask.view(-1)
+    if flat.is_cuda or flat.numel() % 8 or flat.data_ptr() % 8:
+        return flat.nonzero().squeeze(1)
+    words = flat.view(torch.int64)
+    word_idx = words.nonzero().squeeze(1)
+    word, byte = words.index_select(0, word_idx).view(torch.uint8).view(-1, 8).nonzero().unbind(1)
+    return word_idx.index_select(0, word) * 8 + byte
+
+
+def entries_above(pre: Tensor, bound: Tensor) -> SparsePattern:
+    """The entries of `pre` (B, m) greater than `bound` (a scalar or one per latent)."""
+    above = torch.gt(pre, bound, out=workspace(pre.shape, pre, torch.bool))
+    return SparsePattern.from_positions(true_positions(above), pre.shape[0], pre.shape[1])
+
+
+BATCH_TOP_SAMPLE_STRIDE = 61  # prime: the strided sample visits every latent unless m is a multiple of 61
+
+
 def batch_top_entries(pre: Tensor, n: int) -> SparsePattern:
     """The entries BatchTopK keeps (the n largest positive values of `pre`, ties at the
-    n-th included), found without a full selection: a strided sample gives a lower
-    bound holding about 2n entries, and the exact n-th largest is taken among those.
-    Falls back to all positive entries when the bound is too high. Syncs (CPU path)."""
-    flat = pre.flatten()
-    sample = flat[::64]
-    rank = min(sample.numel(), max(1, 2 * n // 64))
-    bound = kth_largest(sample, rank).clamp_min(0)
-    zero = bound.new_zeros(())
-    # pre >= bound > 0  <=>  pre > the float just below bound (>= 0): one compare, not two
-    above = torch.gt(pre, torch.nextafter(bound, zero) if bound > 0 else zero,
-                     out=workspace(pre.shape, pre, torch.bool))
-    rows, cols = above.nonzero().unbind(1)
-    if rows.numel() < n and bound > 0:
-        rows, cols = (pre > 0).nonzero().unbind(1)
-    vals = pre[rows, cols]
-    if vals.numel() > n:
-        keep = vals >= kth_largest(vals, n)
-        rows, cols = rows[keep], cols[keep]
-    return SparsePattern.from_rows(rows, cols, pre.shape[0], pre.shape[1])
+    n-th included), found without a full selection: a strided sample of the batch gives a
+    lower bound expected to hold 1.5 n entries, and the exact n-th largest is taken among
+    those. Where the bound holds fewer than n, a looser one (4 n), then 0, is tried. Syncs."""
+    flat = pre.view(-1)
+    sample = flat[::BATCH_TOP_SAMPLE_STRIDE]
+    zero = pre.new_zeros(())
+    for margin in (1.5, 4.0, 0.0):
+        rank = math.ceil(margin * n / BATCH_TOP_SAMPLE_STRIDE)
+        bound = kth_largest(sample, rank).clamp_min(0) if 0 < rank <= sample.numel() else zero
+        # pre >= bound > 0  <=>  pre > the float just below bound (>= 0): one compare, not two
+        pattern = entries_above(pre, torch.nextafter(bound, zero) if bound > 0 else zero)
+        if pattern.cols.numel() >= n or bound == 0:
+            break
+    positions = pattern.positions()
+    if positions.numel() > n:
+        vals = flat.take(positions)
+        positions = positions[vals >= kth_largest(vals, n)]
+        pattern = SparsePattern.from_positions(positions, pre.shape[0], pre.shape[1])
+    return pattern
 
 
 def kth_largest(values: Tensor, k: int) -> Tensor:
@@ -470,8 +518,8 @@ class BatchTopKSAE(BaseSAE):
         kth = kth_largest(relu.flatten(), self.cfg["top_k"] * pre.shape[0])
         return relu * ((relu >= kth) & (relu > 0))
 
-    def select(self, pre: Tensor) -> SparsePattern:
-        return batch_top_entries(pre, self.cfg["top_k"] * pre.shape[0])
+    def select(self, pre: Tensor) -> tuple[SparsePattern, None]:
+        return batch_top_entries(pre, self.cfg["top_k"] * pre.shape[0]), None
 
     @torch.no_grad()
     def update_inference_state(self, f: Tensor | SparseLatents) -> None:
@@ -542,11 +590,16 @@ class JumpReLUSAE(BaseSAE):
         theta = self.threshold.to(pre.dtype)
         return _Step.apply(pre, theta, self.cfg["bandwidth"]).sum(-1).mean()
 
-    def select(self, pre: Tensor) -> SparsePattern:
-        """Active entries and the lower half of the gradient window: pre > theta - eps/2."""
-        lower = (self.threshold - self.cfg["bandwidth"] / 2).to(pre.dtype)
-        rows, cols = torch.gt(pre, lower, out=workspace(pre.shape, pre, torch.bool)).nonzero().unbind(1)
-        return SparsePattern.from_rows(rows, cols, pre.shape[0], pre.shape[1])
+    def select(self, pre: Tensor) -> tuple[SparsePattern, SparsePattern]:
+        """Active entries (pre > theta), and the lower half of the threshold's gradient
+        window (theta - eps/2 < pre <= theta), from one pass over `pre`."""
+        theta = self.threshold.to(pre.dtype)
+        band = entries_above(pre, theta - self.cfg["bandwidth"] / 2)
+        positions = band.positions()
+        active = pre.view(-1).take(positions) > theta.index_select(0, band.cols)
+        b, m = pre.shape
+        return (SparsePattern.from_positions(positions[active], b, m),
+                SparsePattern.from_positions(positions[~active], b, m))
 
     def latent_params(self) -> list[tuple[nn.Parameter, int]]:
         return [*super().latent_params(), (self.log_threshold, 0)]

@@ -135,3 +135,40 @@ def test_row_top_indices_is_an_exact_row_topk(rows, cols, k):
         assert all(len(set(r.tolist())) == k for r in idx)  # k distinct columns per row
         picked = pre.gather(1, idx).sort(-1, descending=True).values
         torch.testing.assert_close(picked, pre.topk(k, dim=-1).values)
+
+
+@pytest.mark.parametrize("shape", [(64, 3072), (33, 100), (7, 5), (1, 8)])
+def test_true_positions_equals_nonzero(shape):
+    """The word-at-a-time search finds every set entry, in row-major order (also for
+    masks whose size is not a multiple of 8, where it falls back to `nonzero`)."""
+    from sae import true_positions
+
+    gen = torch.Generator().manual_seed(shape[0])
+    for density in (0.0, 0.02, 0.5, 1.0):
+        mask = torch.rand(shape, generator=gen) < density
+        assert torch.equal(true_positions(mask), mask.view(-1).nonzero().squeeze(1))
+
+
+def test_batch_top_entries_when_the_sample_overestimates():
+    """Every sampled position holds a large value: the sample's bound admits fewer than n
+    entries, and the looser bounds must still give the exact selection."""
+    from sae import BATCH_TOP_SAMPLE_STRIDE
+
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.rand(B, M, generator=gen)
+    pre.view(-1)[::BATCH_TOP_SAMPLE_STRIDE] += 10
+    n = B * 4
+    pattern = batch_top_entries(pre, n)
+    kth = pre.flatten().topk(n).values.min()
+    assert torch.equal(pattern.positions(), (pre >= kth).view(-1).nonzero().squeeze(1))
+
+
+def test_jumprelu_selection_splits_active_entries_from_the_gradient_window():
+    sae = trained_like("jumprelu")
+    pre = sae.pre_activations(rand_x() * sae.scale).detach()
+    active, window = sae.select(pre)
+    theta, lower = sae.threshold, sae.threshold - sae.cfg["bandwidth"] / 2
+    assert torch.equal(active.positions(), (pre > theta).view(-1).nonzero().squeeze(1))
+    in_window = (pre > lower) & (pre <= theta)
+    assert in_window.any()
+    assert torch.equal(window.positions(), in_window.view(-1).nonzero().squeeze(1))
