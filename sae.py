@@ -168,7 +168,8 @@ def workspace(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = 
     """A reused scratch tensor for the sparse step's (B, m) pre-activations and masks,
     shared by every SAE of the process (each uses it only inside its own forward). A fresh
     48 MB tensor per step costs ~15 ms of page faults on CPU (measured at B 4096, m 3072).
-    One per shape and dtype: a group of SAEs with one batch and dictionary size holds two."""
+    One per shape and dtype: a group of SAEs with one batch and dictionary size holds two
+    (three under bf16 autocast)."""
     key = (shape, dtype or like.dtype, like.device)
     if key not in _WORKSPACES:
         _WORKSPACES[key] = torch.empty(shape, dtype=key[1], device=like.device)
@@ -267,16 +268,20 @@ class BaseSAE(nn.Module):
 
     def forward_sparse(self, x: Tensor, aux_enabled: bool = True) -> SAEOutput:
         """The training forward with sparse kernels: one dense matmul (the encoder),
-        everything else on the selected entries. Same values and gradients as `forward`."""
-        with torch.autocast(x.device.type, enabled=False):
+        everything else on the selected entries. Same values and gradients as `forward`;
+        under autocast the encoder matmul runs in the autocast dtype, as on the dense path,
+        and the rest in float32."""
+        device = x.device.type
+        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        with torch.autocast(device, enabled=False):
             x_scaled = x.float() * self.scale
             with torch.no_grad():
                 x_in = x_scaled - self.b_dec
-                pre = torch.mm(x_in, self.W_enc, out=workspace((x_in.shape[0], self.W_enc.shape[1]), x_in))
-                pre += self.b_enc
+                pre = self.encoder_matmul(x_in, low).add_(self.b_enc)
             pattern, window = self.select(pre)
             if pattern.cols.numel() > self.max_sparse_density * pre.numel():
-                return self.forward(x, aux_enabled)  # too dense for sparse kernels to pay (early Vanilla)
+                with torch.autocast(device, dtype=low or torch.bfloat16, enabled=low is not None):
+                    return self.forward(x, aux_enabled)  # too dense for sparse kernels to pay (early Vanilla)
             pre_vals = _SparseEncode.apply(pre.view(-1).take(pattern.positions()), x_in, self.W_enc, self.b_enc,
                                            self.b_dec, pattern)
             f_vals = self.sparse_activation(pre_vals, pattern)
@@ -295,6 +300,18 @@ class BaseSAE(nn.Module):
                 aux = recon.new_zeros(())
         latents = SparseLatents(pattern, f_vals.detach())
         return SAEOutput(x_hat_scaled / self.scale, latents, recon + sparsity + aux, recon, sparsity, aux)
+
+    @torch.no_grad()
+    def encoder_matmul(self, x_in: Tensor, dtype: torch.dtype | None) -> Tensor:
+        """x_in @ W_enc as float32, into the reused workspace; computed in `dtype` if given
+        (at 4096 x 384 x 3072 on a 2-thread CPU with AMX: 7.7 ms in bf16, conversions included,
+        vs 32 ms in float32)."""
+        shape = (x_in.shape[0], self.W_enc.shape[1])
+        out = workspace(shape, x_in)
+        if dtype is None:
+            return torch.mm(x_in, self.W_enc, out=out)
+        low = torch.mm(x_in.to(dtype), self.W_enc.to(dtype), out=workspace(shape, x_in, dtype))
+        return out.copy_(low)
 
     def sparse_aux_loss(self, residual: Tensor, x_scaled: Tensor) -> Tensor:
         """`aux_loss` computed on the dead columns only (a dense sub-problem of n_dead
@@ -434,10 +451,7 @@ def row_top_indices(pre: Tensor, k: int, group: int = 8) -> Tensor:
     if pre.is_cuda or m % group or 4 * k * group > m:
         return pre.topk(k, dim=-1, sorted=False).indices
     n_groups = m // group
-    strided = pre.view(b, group, n_groups)
-    group_max = torch.maximum(strided[:, 0], strided[:, 1])
-    for j in range(2, group):
-        torch.maximum(group_max, strided[:, j], out=group_max)
+    group_max = pre.view(b, group, n_groups).amax(1)
     top_groups = group_max.topk(k, dim=-1, sorted=False).indices
     cols = (top_groups.unsqueeze(-1) + n_groups * torch.arange(group, device=pre.device)).view(b, k * group)
     return cols.gather(1, pre.gather(1, cols).topk(k, dim=-1, sorted=False).indices)

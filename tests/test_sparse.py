@@ -34,8 +34,10 @@ def trained_like(sae_type: str, n_dead: int = 0, **overrides):
     return sae
 
 
-def loss_and_grads(sae, x: torch.Tensor, sparse: bool):
-    out = sae(x, sparse=sparse)
+def loss_and_grads(sae, x: torch.Tensor, sparse: bool, autocast: torch.dtype | None = None):
+    """Forward (under autocast if given) and backward (outside it, as the trainer does)."""
+    with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = sae(x, sparse=sparse)
     out.loss.backward()
     grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
     sae.zero_grad(set_to_none=True)
@@ -172,3 +174,22 @@ def test_jumprelu_selection_splits_active_entries_from_the_gradient_window():
     in_window = (pre > lower) & (pre <= theta)
     assert in_window.any()
     assert torch.equal(window.positions(), in_window.view(-1).nonzero().squeeze(1))
+
+
+@pytest.mark.parametrize("sae_type", SPARSE_VARIANTS)
+def test_sparse_path_under_bf16_autocast_matches_the_dense_autocast_path(sae_type):
+    """Under autocast the sparse path computes the encoder matmul in bf16 (as the dense
+    path does) and everything after it in float32; both agree to bf16 precision."""
+    sae = trained_like(sae_type)
+    x = rand_x(seed=5)
+    dense, dense_grads = loss_and_grads(sae, x, sparse=False, autocast=torch.bfloat16)
+    sparse, sparse_grads = loss_and_grads(sae, x, sparse=True, autocast=torch.bfloat16)
+    assert isinstance(sparse.latents, SparseLatents)
+    torch.testing.assert_close(sparse.recon_loss, dense.recon_loss.float(), rtol=2e-2, atol=1e-3)
+    fp32_pre = sae.pre_activations(x * sae.scale)
+    assert not torch.equal(sae.encoder_matmul((x * sae.scale - sae.b_dec).detach(), torch.bfloat16) + sae.b_enc,
+                           fp32_pre)  # the bf16 matmul did run
+    for name, g in dense_grads.items():
+        assert sparse_grads[name].dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(sparse_grads[name].flatten(), g.float().flatten(), dim=0)
+        assert cos > 0.98, (name, cos)
