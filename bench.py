@@ -5,8 +5,9 @@
     python bench.py generation=false end_to_end=false  # SAE steps only
     python bench.py sae_steps=false end_to_end=false   # generation only
     python bench.py model_batch_size=128               # rows per model forward (a GPU wants more than 32)
+    python bench.py dtype=bfloat16                     # generation and end to end with a bf16 model and SAEs
 
-Every figure is timed here: the fp32 matmul roofline at the configured shape, SAE-step
+Every figure is timed here: the fp32 (and bf16) matmul roofline at the configured shape, SAE-step
 tokens/s per variant (fp32, and bf16 autocast where the device supports it) with the
 achieved GFLOP/s of the dense-equivalent step and its fraction of the roofline, and
 activation generation through TransformerBridge against a plain Hugging Face forward
@@ -30,6 +31,7 @@ import torch
 
 from activation_store import (
     CACHE_SHARD_TOKENS,
+    DTYPES,
     ActivationsStore,
     load_model,
     model_dims,
@@ -42,7 +44,7 @@ from training import Trainee, training_step, use_sparse_kernels
 
 SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": "auto", "sae_steps": True,
             "generation": True, "end_to_end": True, "e2e_refills": 2, "model": get_default_cfg()["model_name"],
-            "model_batch_size": get_default_cfg()["model_batch_size"]}
+            "model_batch_size": get_default_cfg()["model_batch_size"], "dtype": "float32"}
 GROUP_VARIANTS = ("topk", "batchtopk", "jumprelu", "vanilla") * 2  # the group of 8 SAEs on one stream
 
 
@@ -65,11 +67,12 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
     return best
 
 
-def matmul_roofline(d: int, m: int, batch: int, device: torch.device) -> float:
-    """fp32 GFLOP/s of a (batch, d) x (d, m) product, the SAE's dominant shape, written into
-    a preallocated output (a fresh one per call would time page faults, not arithmetic)."""
-    x, w = torch.randn(batch, d, device=device), torch.randn(d, m, device=device)
-    out = torch.empty(batch, m, device=device)
+def matmul_roofline(d: int, m: int, batch: int, device: torch.device, dtype: str = "float32") -> float:
+    """GFLOP/s of a (batch, d) x (d, m) product, the SAE's dominant shape, written into a
+    preallocated output (a fresh one per call would time page faults, not arithmetic)."""
+    kind = DTYPES[dtype]
+    x, w = torch.randn(batch, d, device=device, dtype=kind), torch.randn(d, m, device=device, dtype=kind)
+    out = torch.empty(batch, m, device=device, dtype=kind)
     return 2 * batch * d * m / timed(lambda: torch.mm(x, w, out=out), device, repeats=10) / 1e9
 
 
@@ -104,17 +107,19 @@ def model_flops_per_token(plain, seq_len: int) -> float:
     return 2 * weights + 4 * seq_len * plain.config.hidden_size * plain.config.num_hidden_layers
 
 
-def generation_rates(model_name: str, model_batch_size: int, device: torch.device,
+def generation_rates(model_name: str, model_batch_size: int, device: torch.device, dtype: str,
                      roofline_gflops: float) -> dict[str, float]:
     """Tokens/s to the default hook: TransformerBridge stopped at the hook vs plain HF
-    truncated, and each one's model FLOP utilisation (of the measured fp32 roofline)."""
+    truncated, both in `dtype`, and each one's model FLOP utilisation (of the measured
+    matmul roofline in that dtype)."""
     from transformers import AutoModel
 
     cfg = get_default_cfg()
-    model = load_model(model_name, str(device))
+    model = load_model(model_name, str(device), dtype)
     hook = f"blocks.{cfg['layer']}.hook_{cfg['site']}"
     tokens = torch.randint(1000, 20000, (model_batch_size, cfg["seq_len"]), device=device)
-    plain = AutoModel.from_pretrained(resolve_model_path(model_name), num_hidden_layers=cfg["layer"])
+    plain = AutoModel.from_pretrained(resolve_model_path(model_name), num_hidden_layers=cfg["layer"],
+                                      dtype=DTYPES[dtype])
     plain = plain.to(device).eval()
     n = tokens.numel()
     bridge_s = timed(lambda: run_to_hook(model, tokens, hook), device, repeats=5)
@@ -129,7 +134,8 @@ def generation_rates(model_name: str, model_batch_size: int, device: torch.devic
 
 def stream_cfg(s: dict[str, Any], device: torch.device, model) -> dict[str, Any]:
     cfg = get_default_cfg() | {"model_name": s["model"], "device": str(device), "batch_size": s["batch"],
-                               "model_batch_size": s["model_batch_size"],
+                               "model_batch_size": s["model_batch_size"], "dtype": s["dtype"],
+                               "model_dtype": s["dtype"],
                                "dict_size": s["m"], "top_k": s["k"], "wandb_mode": "disabled"}
     return post_init_cfg(cfg, model_dims(model))
 
@@ -186,6 +192,8 @@ def parse(argv: list[str]) -> dict[str, Any]:
         if key not in s:
             sys.exit(f"error: unknown bench setting {key!r}; valid: {', '.join(s)}")
         s[key] = value.lower() == "true" if isinstance(s[key], bool) else type(s[key])(value)
+    if s["dtype"] not in ("float32", "bfloat16"):
+        sys.exit(f"error: bench setting dtype={s['dtype']!r}: use float32 or bfloat16")
     return s
 
 
@@ -195,16 +203,19 @@ def main(argv: list[str]) -> None:
     bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.backends.mkldnn.is_available()
     dtypes = ["float32"] + (["bfloat16"] if bf16 else [])
     roofline = matmul_roofline(s["d"], s["m"], s["batch"], device)
+    rooflines = {dtype: roofline if dtype == "float32" else matmul_roofline(s["d"], s["m"], s["batch"], device, dtype)
+                 for dtype in dtypes}
     dense_step_flops = 12 * s["batch"] * s["d"] * s["m"]  # six (B,d)x(d,m)-sized matmuls
     results: dict[str, Any] = {"settings": s, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                               "matmul_roofline_gflops": roofline,
+                               "matmul_roofline_gflops": roofline, "matmul_roofline_gflops_by_dtype": rooflines,
                                "dense_step_ceiling_tokens_per_s": roofline * 1e9 / dense_step_flops * s["batch"],
                                "sae_step": {}}
     results["encoder_forward_ceiling_tokens_per_s"] = roofline * 1e9 / (2 * s["d"] * s["m"])
     print(f"device: {results['device']}; fp32 matmul roofline {roofline:.0f} GFLOP/s; dense-step ceiling "
           f"{results['dense_step_ceiling_tokens_per_s']:,.0f} tokens/s; encoder-forward ceiling "
-          f"{results['encoder_forward_ceiling_tokens_per_s']:,.0f} tokens/s")
+          f"{results['encoder_forward_ceiling_tokens_per_s']:,.0f} tokens/s"
+          + "".join(f"; {dt} matmul roofline {r:.0f} GFLOP/s" for dt, r in rooflines.items() if dt != "float32"))
     if s["sae_steps"]:
         print("GFLOP/s counts the dense-equivalent step (6 matmuls), so a sparse step can pass 100% of the roofline")
         print(f"{'variant':<10}{'kernels':<9}{'dtype':<10}{'tokens/s':>12}{'GFLOP/s':>10}{'of roofline':>13}")
@@ -221,13 +232,16 @@ def main(argv: list[str]) -> None:
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         print(f"peak GPU memory {results['peak_memory_gib']:.2f} GiB")
     if s["generation"]:
-        gen = generation_rates(s["model"], s["model_batch_size"], device, roofline)
+        gen = generation_rates(s["model"], s["model_batch_size"], device, s["dtype"],
+                               rooflines.get(s["dtype"]) or matmul_roofline(s["d"], s["m"], s["batch"], device,
+                                                                            s["dtype"]))
         results["generation"] = gen
-        print(f"generation to the default hook: bridge {gen['bridge_tokens_per_s']:,.0f} tokens/s, plain HF "
-              f"{gen['plain_hf_tokens_per_s']:,.0f} tokens/s ({gen['bridge_vs_plain']:.2f}x); model FLOP "
-              f"utilisation (of the fp32 roofline) {gen['bridge_mfu']:.0%} vs {gen['plain_hf_mfu']:.0%}", flush=True)
+        print(f"generation to the default hook ({s['dtype']}): bridge {gen['bridge_tokens_per_s']:,.0f} tokens/s, "
+              f"plain HF {gen['plain_hf_tokens_per_s']:,.0f} tokens/s ({gen['bridge_vs_plain']:.2f}x); model FLOP "
+              f"utilisation (of the {s['dtype']} matmul roofline) {gen['bridge_mfu']:.0%} vs "
+              f"{gen['plain_hf_mfu']:.0%}", flush=True)
     if s["end_to_end"]:
-        model = load_model(s["model"], str(device))
+        model = load_model(s["model"], str(device), s["dtype"])
         e2e = end_to_end_rates(s, device, model) | {"cache_read_tokens_per_s": cache_read_rate(s, device, model)}
         results["end_to_end"] = e2e
         base = results.get("generation", {}).get("bridge_tokens_per_s")

@@ -13,13 +13,21 @@ def test_settings_parse_types_and_reject_unknown_keys():
     assert s["d"] == 16 and s["generation"] is False and s["model_batch_size"] == 8
     with pytest.raises(SystemExit, match="unknown bench setting 'dd'"):
         bench.parse(["dd=3"])
+    with pytest.raises(SystemExit, match="dtype='float16': use float32 or bfloat16"):
+        bench.parse(["dtype=float16"])
+
+
+def test_roofline_is_measured_in_each_dtype():
+    for dtype in ("float32", "bfloat16"):
+        assert bench.matmul_roofline(8, 16, 8, torch.device("cpu"), dtype) > 0
 
 
 @pytest.mark.parametrize("kernels", ["sparse", "dense"])
 @pytest.mark.parametrize("variant", ["vanilla", "topk", "batchtopk", "jumprelu"])
 def test_sae_step_rate_runs_every_variant_and_kernel_path(variant, kernels):
     s = bench.parse(["d=16", "m=64", "k=4", "batch=64", "steps=1"])
-    assert bench.sae_step_rate(variant, s, torch.device("cpu"), "float32", kernels) > 0
+    for dtype in ("float32", "bfloat16"):
+        assert bench.sae_step_rate(variant, s, torch.device("cpu"), dtype, kernels) > 0
 
 
 def test_model_flops_per_token_counts_weights_and_attention():

@@ -188,3 +188,24 @@ def test_data_parallel_shards_take_alternate_training_rows(minilm):
     rows = single.next_token_rows(40)
     assert torch.equal(ranks[0].next_token_rows(20), rows[0::2])
     assert torch.equal(ranks[1].next_token_rows(20), rows[1::2])
+
+
+def test_streamlined_bridge_matches_plain_hugging_face(minilm):
+    """SDPA attention and the bare HF LayerNorm give the activations of the HF model itself;
+    a hook on a norm's statistics still fires (the bridge then computes them)."""
+    from transformers import AutoModel
+
+    from activation_store import resolve_model_path
+
+    tokens = torch.randint(1000, 2000, (2, 16))
+    plain = AutoModel.from_pretrained(resolve_model_path(minilm.cfg.model_name)).eval()
+    with torch.inference_mode():
+        hidden = plain(input_ids=tokens, output_hidden_states=True).hidden_states
+    for layer in (0, 3, 5):
+        torch.testing.assert_close(run_to_hook(minilm, tokens, f"blocks.{layer}.hook_resid_pre"), hidden[layer],
+                                   rtol=1e-4, atol=1e-4)
+    scales = []
+    hooked = [("blocks.0.ln1.hook_scale", lambda act, hook: scales.append(act))]
+    unhooked = run_to_hook(minilm, tokens, "blocks.1.hook_resid_pre")
+    assert torch.equal(run_to_hook(minilm, tokens, "blocks.1.hook_resid_pre", fwd_hooks=hooked), unhooked)
+    assert len(scales) == 1 and scales[0].shape == (2, 16, 1)
