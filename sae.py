@@ -477,7 +477,10 @@ def entries_above(pre: Tensor, bound: Tensor) -> SparsePattern:
     return SparsePattern.from_positions(true_positions(above), pre.shape[0], pre.shape[1])
 
 
-BATCH_TOP_SAMPLE_STRIDE = 61  # prime: the strided sample visits every latent unless m is a multiple of 61
+# Prime, so the strided sample visits every latent unless m is a multiple of it. On real
+# MiniLM activations (trained SAE, 12 batches of 4096) the bound for 1.5 n admitted 1.40-1.56 n
+# entries (stride 61: 1.47-1.53 n, ~4 ms slower per step).
+BATCH_TOP_SAMPLE_STRIDE = 251
 
 
 def batch_top_entries(pre: Tensor, n: int) -> SparsePattern:
