@@ -123,7 +123,10 @@ class _SparseEncode(torch.autograd.Function):
         x_in, W_enc = ctx.saved_tensors
         pattern = ctx.pattern
         grad_b_enc = grad.new_zeros(pattern.shape[1]).index_add_(0, pattern.cols, grad)
-        grad_W_enc = (pattern.csr_transposed(grad) @ x_in).T.contiguous()
+        # (m, d) product returned as its (d, m) view: W_enc is stored latent-major (it starts
+        # as W_dec.T), so autograd keeps this gradient as it is; a contiguous one would be
+        # transposed into W_enc's layout by a copy
+        grad_W_enc = (pattern.csr_transposed(grad) @ x_in).T
         grad_b_dec = -(W_enc @ grad_b_enc)  # pre depends on b_dec through x_in = x - b_dec
         return None, None, grad_W_enc, grad_b_enc, grad_b_dec, None
 
@@ -204,7 +207,7 @@ class BaseSAE(nn.Module):
         w_dec = torch.randn(m, d, generator=gen)
         w_dec /= w_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.T.clone())
+        self.W_enc = nn.Parameter(w_dec.T.clone())  # (d, m) stored latent-major, as W_dec.T is
         self.b_enc = nn.Parameter(torch.zeros(m))
         self.b_dec = nn.Parameter(torch.zeros(d))
         self.register_buffer("scale", torch.ones(()))

@@ -193,3 +193,18 @@ def test_sparse_path_under_bf16_autocast_matches_the_dense_autocast_path(sae_typ
         assert sparse_grads[name].dtype == torch.float32
         cos = torch.nn.functional.cosine_similarity(sparse_grads[name].flatten(), g.float().flatten(), dim=0)
         assert cos > 0.98, (name, cos)
+
+
+def test_encoder_gradient_arrives_in_the_weights_layout(tmp_path):
+    """W_enc is stored latent-major ((m, d) memory); the sparse backward hands autograd its
+    gradient in that layout, so no transposing copy is made. The layout survives save/load."""
+    from sae import load_sae
+
+    sae = trained_like("topk")
+    assert sae.W_enc.stride() == (1, D)
+    incoming = []
+    sae.W_enc.register_hook(lambda grad: incoming.append(grad.stride()))  # before autograd stores it
+    sae(rand_x(), sparse=True).loss.backward()
+    assert incoming == [sae.W_enc.stride()]
+    sae.save(tmp_path)
+    assert load_sae(tmp_path).W_enc.stride() == (1, D)
