@@ -122,6 +122,8 @@ def test_vanilla_falls_back_to_dense_while_its_codes_are_dense():
     out = sae(x, sparse=True)
     assert isinstance(out.latents, torch.Tensor) and (out.latents > 0).float().mean() > sae.max_sparse_density
     torch.testing.assert_close(out.loss, sae(x).loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the fallback keeps the caller's autocast
+        assert torch.equal(sae(x, sparse=True).loss, sae(x).loss)
 
 
 @pytest.mark.parametrize(("rows", "cols", "k"), [(64, 3072, 32), (33, 512, 16), (8, 100, 5), (16, 256, 32)])
