@@ -30,9 +30,10 @@ class SparsePattern:
     crow[b]:crow[b+1] (columns in any order). The transposed layout, which the sparse
     backward passes need, is computed once and shared."""
 
-    def __init__(self, crow: Tensor, cols: Tensor, n_latents: int, flat: Tensor | None = None):
+    def __init__(self, crow: Tensor, cols: Tensor, n_latents: int, flat: Tensor | None = None,
+                 rows: Tensor | None = None):
         self.crow, self.cols, self.shape = crow, cols, (crow.numel() - 1, n_latents)
-        self._flat = flat
+        self._flat, self._rows = flat, rows
         self._transposed: tuple[Tensor, Tensor, Tensor] | None = None
 
     @classmethod
@@ -41,7 +42,7 @@ class SparsePattern:
         rows = flat.div(n_latents, rounding_mode="floor")
         crow = torch.zeros(batch_size + 1, dtype=torch.long, device=flat.device)
         crow[1:] = torch.bincount(rows, minlength=batch_size).cumsum(0)
-        return cls(crow, flat - rows * n_latents, n_latents, flat)
+        return cls(crow, flat - rows * n_latents, n_latents, flat, rows)
 
     @classmethod
     def from_topk(cls, idx: Tensor, n_latents: int) -> SparsePattern:
@@ -51,7 +52,10 @@ class SparsePattern:
         return cls(crow, idx.flatten(), n_latents)
 
     def rows(self) -> Tensor:
-        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device), self.crow.diff())
+        if self._rows is None:
+            self._rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device),
+                                                 self.crow.diff())
+        return self._rows
 
     def positions(self) -> Tensor:
         """Row-major positions b * m + j of the entries, in this pattern's order."""
@@ -613,7 +617,7 @@ class JumpReLUSAE(BaseSAE):
     def select(self, pre: Tensor) -> tuple[SparsePattern, SparsePattern]:
         """Active entries (pre > theta), and the lower half of the threshold's gradient
         window (theta - eps/2 < pre <= theta), from one pass over `pre`."""
-        theta = self.threshold.to(pre.dtype)
+        theta = self.threshold.detach().to(pre.dtype)  # selection only: no graph
         band = entries_above(pre, theta - self.cfg["bandwidth"] / 2)
         positions = band.positions()
         active = pre.view(-1).take(positions) > theta.index_select(0, band.cols)

@@ -94,7 +94,8 @@ def use_sparse_kernels(cfg: dict[str, Any]) -> bool:
     sparse for fp32 dictionaries of SPARSE_ON_CUDA_FROM latents or more, dense otherwise
     (H100, TopK fp32, tokens/s sparse vs dense: d384 m3072 1.34M vs 1.97M; d768 m6144
     1.06M vs 0.68M; m12288 0.67M vs 0.36M; m24576 0.44M vs 0.19M, where bf16 dense does
-    0.70M: the sparse kernels do not use bf16 tensor cores)."""
+    0.70M; measured before the sparse path ran its encoder matmul in bf16 under autocast,
+    so sparse bf16 on CUDA is untimed)."""
     if cfg["kernels"] != "auto":
         return cfg["kernels"] == "sparse"
     if torch.device(cfg["device"]).type == "cpu":
