@@ -72,9 +72,9 @@ class SparsePattern:
             order = self.cols.to(torch.int32).argsort(stable=True)  # int32 sorts ~1.7x faster on CPU
             t_crow = torch.zeros(self.shape[1] + 1, dtype=torch.long, device=self.cols.device)
             t_crow[1:] = torch.bincount(self.cols, minlength=self.shape[1]).cumsum(0)
-            self._transposed = (order, t_crow, self.rows()[order])
+            self._transposed = (order, t_crow, self.rows().take(order))
         order, t_crow, t_cols = self._transposed
-        return torch.sparse_csr_tensor(t_crow, t_cols, vals[order], self.shape[::-1], check_invariants=False)
+        return torch.sparse_csr_tensor(t_crow, t_cols, vals.take(order), self.shape[::-1], check_invariants=False)
 
 
 @dataclass
@@ -141,31 +141,37 @@ def sampled_grad(pattern: SparsePattern, grad: Tensor, W_dec: Tensor) -> Tensor:
 
 
 class _SparseDecode(torch.autograd.Function):
-    """f @ W_dec for f given as values on a SparsePattern; backward samples the dense
-    gradient only at the pattern and scatters W_dec's gradient into the used rows.
-    Optional `zero_vals` on a second pattern are entries of f known to be 0 (they add
-    nothing to the product or to W_dec's gradient) whose gradient is still wanted:
-    JumpReLU's threshold learns from them through its straight-through estimator."""
+    """The reconstruction error f @ W_dec - x_in in the scaled space (x_hat_scaled - x_scaled,
+    as x_in = x * s - b_dec), for f given as values on a SparsePattern; one sparse product
+    that starts from -x_in, so no separate (B, d) subtraction. x_in comes without gradient:
+    its dependence on b_dec is differentiated here (the error's gradient summed over the
+    batch). Backward samples the dense gradient only at the pattern and scatters W_dec's
+    gradient into the used rows. Optional `zero_vals` on a second pattern are entries of f
+    known to be 0 (they add nothing to the product or to W_dec's gradient) whose gradient
+    is still wanted: JumpReLU's threshold learns from them through its straight-through
+    estimator."""
 
     @staticmethod
-    def forward(ctx, vals: Tensor, W_dec: Tensor, pattern: SparsePattern,
+    def forward(ctx, vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tensor, pattern: SparsePattern,
                 zero_vals: Tensor | None = None, zero_pattern: SparsePattern | None = None) -> Tensor:
         ctx.save_for_backward(vals, W_dec)
         ctx.patterns = pattern, zero_pattern
-        return pattern.csr(vals) @ W_dec
+        return torch.addmm(x_in, pattern.csr(vals), W_dec, beta=-1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         vals, W_dec = ctx.saved_tensors
         pattern, zero_pattern = ctx.patterns
-        grad_vals = grad_W_dec = grad_zero_vals = None
+        grad_vals = grad_W_dec = grad_b_dec = grad_zero_vals = None
         if ctx.needs_input_grad[0]:
             grad_vals = sampled_grad(pattern, grad, W_dec)
         if ctx.needs_input_grad[1]:
             grad_W_dec = pattern.csr_transposed(vals) @ grad
-        if zero_pattern is not None and ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[2]:
+            grad_b_dec = grad.sum(0)
+        if zero_pattern is not None and ctx.needs_input_grad[5]:
             grad_zero_vals = sampled_grad(zero_pattern, grad, W_dec)
-        return grad_vals, grad_W_dec, None, grad_zero_vals, None
+        return grad_vals, grad_W_dec, grad_b_dec, None, None, grad_zero_vals, None
 
 
 _WORKSPACES: dict[tuple[Any, ...], Tensor] = {}
@@ -187,12 +193,27 @@ def workspace(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = 
 class SAEOutput:
     """What a forward pass returns. Losses are scalars in the scaled space."""
 
-    x_hat: Tensor  # raw-space reconstruction, shape (B, d)
     latents: Tensor | SparseLatents  # f, shape (B, m); SparseLatents from the sparse path
     loss: Tensor  # recon_loss + sparsity_loss + aux_loss
-    recon_loss: Tensor  # ||x - x_hat||^2 summed over d, averaged over the batch
+    recon_loss: Tensor  # ||x - x_hat||^2 summed over d, averaged over the batch (scaled space)
     sparsity_loss: Tensor  # coefficient times the variant's sparsity penalty
     aux_loss: Tensor  # AuxK loss on dead latents (0 where the variant has none)
+    error: Tensor  # x_hat_scaled - x_scaled, shape (B, d)
+    x: Tensor  # the raw input
+    scale: Tensor
+
+    @property
+    def x_hat(self) -> Tensor:
+        """Raw-space reconstruction, shape (B, d); formed when read (training does not read it)."""
+        return self.x + self.error / self.scale
+
+
+@dataclass
+class SelectedPre:
+    """Pre-activation values (without gradient) at the entries of a SparsePattern."""
+
+    pattern: SparsePattern
+    pre: Tensor
 
 
 class BaseSAE(nn.Module):
@@ -249,21 +270,23 @@ class BaseSAE(nn.Module):
         x_scaled = x * self.scale
         pre = self.pre_activations(x_scaled)
         f = self.activation(pre)
-        x_hat_scaled = f @ self.W_dec + self.b_dec
-        recon = (x_hat_scaled - x_scaled).pow(2).sum(-1).mean()
+        error = f @ self.W_dec + self.b_dec - x_scaled
+        recon = error.pow(2).sum(-1).mean()
         sparsity = self.sparsity_coeff * self.sparsity_penalty(pre, f)
         if self.uses_aux_loss and aux_enabled and self.training:
-            aux = self.aux_loss(x_scaled - x_hat_scaled, pre)
+            aux = self.aux_loss(-error, pre)
         else:
             aux = recon.new_zeros(())
-        return SAEOutput(x_hat_scaled / self.scale, f, recon + sparsity + aux, recon, sparsity, aux)
+        return SAEOutput(f, recon + sparsity + aux, recon, sparsity, aux, error, x, self.scale)
 
     # --- sparse training path ----------------------------------------------------------
 
-    def select(self, pre: Tensor) -> tuple[SparsePattern, SparsePattern | None]:
-        """Variant-specific: the entries of `pre` whose latent may be non-zero, and the
-        entries whose latent is 0 but whose straight-through gradient may not be (None
-        where the variant has none)."""
+    def select(self, xw: Tensor) -> tuple[SelectedPre, SelectedPre | None]:
+        """Variant-specific, without gradient: from `xw` = x_in @ W_enc (B, m), b_enc not yet
+        added, the entries whose latent may be non-zero, and the entries whose latent is 0
+        but whose straight-through gradient may not be (None where the variant has none),
+        each with its pre-activation values. A variant with a per-latent bound folds b_enc
+        into the bound (`entries_above_biased`) instead of adding it to all B x m entries."""
         raise NotImplementedError
 
     def sparse_activation(self, pre_vals: Tensor, pattern: SparsePattern) -> Tensor:
@@ -281,32 +304,27 @@ class BaseSAE(nn.Module):
         device = x.device.type
         low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         with torch.autocast(device, enabled=False):
-            x_scaled = x.float() * self.scale
-            with torch.no_grad():
-                x_in = x_scaled - self.b_dec
-                pre = self.encoder_matmul(x_in, low).add_(self.b_enc)
-            pattern, window = self.select(pre)
-            if pattern.cols.numel() > self.max_sparse_density * pre.numel():
+            with torch.no_grad():  # the sparse Functions differentiate x_in's dependence on b_dec
+                x_in = torch.addcmul(-self.b_dec, x.float(), self.scale)
+                active, window = self.select(self.encoder_matmul(x_in, low))
+            pattern = active.pattern
+            if pattern.cols.numel() > self.max_sparse_density * pattern.shape[0] * pattern.shape[1]:
                 with torch.autocast(device, dtype=low or torch.bfloat16, enabled=low is not None):
                     return self.forward(x, aux_enabled)  # too dense for sparse kernels to pay (early Vanilla)
-            pre_vals = _SparseEncode.apply(pre.view(-1).take(pattern.positions()), x_in, self.W_enc, self.b_enc,
-                                           self.b_dec, pattern)
+            pre_vals = _SparseEncode.apply(active.pre, x_in, self.W_enc, self.b_enc, self.b_dec, pattern)
             f_vals = self.sparse_activation(pre_vals, pattern)
             penalty = self.sparse_penalty(pre_vals, f_vals, pattern)
-            window_f = None
+            window_f = window_pattern = None
             if window is not None:  # f is 0 there: no gradient reaches pre, so no encoder backward
-                window_pre = pre.view(-1).take(window.positions())
-                window_f = self.sparse_activation(window_pre, window)
-                penalty = penalty + self.sparse_penalty(window_pre, window_f, window)
-            x_hat_scaled = _SparseDecode.apply(f_vals, self.W_dec, pattern, window_f, window) + self.b_dec
-            recon = F.mse_loss(x_hat_scaled, x_scaled, reduction="sum") / x.shape[0]  # fused; = the dense path's
+                window_pattern = window.pattern
+                window_f = self.sparse_activation(window.pre, window_pattern)
+                penalty = penalty + self.sparse_penalty(window.pre, window_f, window_pattern)
+            error = _SparseDecode.apply(f_vals, self.W_dec, self.b_dec, x_in, pattern, window_f, window_pattern)
+            recon = torch.linalg.vector_norm(error).square() / x.shape[0]  # one pass each way
             sparsity = self.sparsity_coeff * penalty
-            if self.uses_aux_loss and aux_enabled:
-                aux = self.sparse_aux_loss(x_scaled - x_hat_scaled, x_scaled)
-            else:
-                aux = recon.new_zeros(())
+            aux = self.sparse_aux_loss(error, x) if self.uses_aux_loss and aux_enabled else recon.new_zeros(())
         latents = SparseLatents(pattern, f_vals.detach())
-        return SAEOutput(x_hat_scaled / self.scale, latents, recon + sparsity + aux, recon, sparsity, aux)
+        return SAEOutput(latents, recon + sparsity + aux, recon, sparsity, aux, error, x, self.scale)
 
     @torch.no_grad()
     def encoder_matmul(self, x_in: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -320,21 +338,22 @@ class BaseSAE(nn.Module):
         low = torch.mm(x_in.to(dtype), self.W_enc.to(dtype), out=workspace(shape, x_in, dtype))
         return out.copy_(low)
 
-    def sparse_aux_loss(self, residual: Tensor, x_scaled: Tensor) -> Tensor:
+    def sparse_aux_loss(self, error: Tensor, x: Tensor) -> Tensor:
         """`aux_loss` computed on the dead columns only (a dense sub-problem of n_dead
-        latents). Reads the dead count on the host, which costs nothing on CPU (the
-        device the sparse path is chosen for)."""
+        latents), given the error x_hat_scaled - x_scaled and the raw input. Reads the dead
+        count on the host, which costs nothing on CPU (the device the sparse path is chosen for)."""
         dead_cols = self.dead_mask().nonzero().squeeze(1)
         if dead_cols.numel() == 0:
-            return x_scaled.new_zeros(())
-        pre = (x_scaled - self.b_dec) @ self.W_enc.index_select(1, dead_cols) + self.b_enc.index_select(0, dead_cols)
+            return x.new_zeros(())
+        x_in = x.float() * self.scale - self.b_dec
+        pre = x_in @ self.W_enc.index_select(1, dead_cols) + self.b_enc.index_select(0, dead_cols)
         f_aux = F.relu(pre)
         if self.cfg["top_k_aux"] < dead_cols.numel():
             top = pre.detach().topk(self.cfg["top_k_aux"], dim=-1, sorted=False).indices
             f_aux = f_aux * torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, top, True)
-        residual = residual.detach()
-        err = (f_aux @ self.W_dec.index_select(0, dead_cols) - residual).pow(2).sum(-1).mean()
-        return self.cfg["aux_penalty"] * err / residual.pow(2).sum(-1).mean().clamp_min(1e-12)
+        error = error.detach()  # the residual to explain is -error
+        err = (f_aux @ self.W_dec.index_select(0, dead_cols) + error).pow(2).sum(-1).mean()
+        return self.cfg["aux_penalty"] * err / error.pow(2).sum(-1).mean().clamp_min(1e-12)
 
     # --- dead latents (SPEC §4) --------------------------------------------------------
 
@@ -425,8 +444,8 @@ class VanillaSAE(BaseSAE):
     def sparsity_penalty(self, pre: Tensor, f: Tensor) -> Tensor:
         return (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
 
-    def select(self, pre: Tensor) -> tuple[SparsePattern, None]:
-        return entries_above(pre, pre.new_zeros(())), None
+    def select(self, xw: Tensor) -> tuple[SelectedPre, None]:
+        return entries_above_biased(xw, self.b_enc, xw.new_zeros(())), None
 
     def sparse_penalty(self, pre_vals: Tensor, f_vals: Tensor, pattern: SparsePattern) -> Tensor:
         norms = self.W_dec.norm(dim=-1).index_select(0, pattern.cols)
@@ -443,8 +462,10 @@ class TopKSAE(BaseSAE):
         vals, idx = pre.topk(self.cfg["top_k"], dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
 
-    def select(self, pre: Tensor) -> tuple[SparsePattern, None]:
-        return SparsePattern.from_topk(row_top_indices(pre, self.cfg["top_k"]), pre.shape[-1]), None
+    def select(self, xw: Tensor) -> tuple[SelectedPre, None]:
+        pre = xw.add_(self.b_enc)  # a per-row selection cannot fold b_enc into a bound
+        pattern = SparsePattern.from_topk(row_top_indices(pre, self.cfg["top_k"]), pre.shape[-1])
+        return SelectedPre(pattern, pre.view(-1).take(pattern.positions())), None
 
 
 @torch.no_grad()
@@ -484,33 +505,45 @@ def entries_above(pre: Tensor, bound: Tensor) -> SparsePattern:
     return SparsePattern.from_positions(true_positions(above), pre.shape[0], pre.shape[1])
 
 
+def entries_above_biased(xw: Tensor, bias: Tensor, bound: Tensor) -> SelectedPre:
+    """The entries where pre = xw + bias (bias one per latent) exceeds `bound` (a scalar or
+    one per latent), with their values of pre, found without forming pre over all of xw:
+    xw is compared with bound - bias, loosened by 1e-6 relative so that rounding never
+    drops an entry (float32 rounds each sum to within 6e-8 relative). So it may also hold
+    entries within that slack at or below the bound; callers that need the exact set
+    compare the returned values (where f is 0 there anyway, nothing needs to)."""
+    slack = 1e-6 * (bound.abs() + bias.abs()) + 1e-30
+    pattern = entries_above(xw, bound - bias - slack)
+    return SelectedPre(pattern, xw.view(-1).take(pattern.positions()) + bias.index_select(0, pattern.cols))
+
+
 # Prime, so the strided sample visits every latent unless m is a multiple of it. On real
 # MiniLM activations (trained SAE, 12 batches of 4096) the bound for 1.5 n admitted 1.40-1.56 n
 # entries (stride 61: 1.47-1.53 n, ~4 ms slower per step).
 BATCH_TOP_SAMPLE_STRIDE = 251
 
 
-def batch_top_entries(pre: Tensor, n: int) -> SparsePattern:
-    """The entries BatchTopK keeps (the n largest positive values of `pre`, ties at the
-    n-th included), found without a full selection: a strided sample of the batch gives a
-    lower bound expected to hold 1.5 n entries, and the exact n-th largest is taken among
-    those. Where the bound holds fewer than n, a looser one (4 n), then 0, is tried. Syncs."""
-    flat = pre.view(-1)
-    sample = flat[::BATCH_TOP_SAMPLE_STRIDE]
-    zero = pre.new_zeros(())
+def batch_top_entries(xw: Tensor, bias: Tensor, n: int) -> SelectedPre:
+    """The entries BatchTopK keeps, the n largest positive values of pre = xw + bias (ties
+    at the n-th included), found without a full selection: a strided sample of the batch
+    gives a lower bound expected to hold 1.5 n entries, and the exact n-th largest is taken
+    among those. Where the bound holds fewer than n, a looser one (4 n), then 0, is tried. Syncs."""
+    b, m = xw.shape
+    sample_cols = torch.arange(0, b * m, BATCH_TOP_SAMPLE_STRIDE, device=xw.device) % m
+    sample = xw.view(-1)[::BATCH_TOP_SAMPLE_STRIDE] + bias.index_select(0, sample_cols)
+    zero = xw.new_zeros(())
     for margin in (1.5, 4.0, 0.0):
         rank = math.ceil(margin * n / BATCH_TOP_SAMPLE_STRIDE)
         bound = kth_largest(sample, rank).clamp_min(0) if 0 < rank <= sample.numel() else zero
-        # pre >= bound > 0  <=>  pre > the float just below bound (>= 0): one compare, not two
-        pattern = entries_above(pre, torch.nextafter(bound, zero) if bound > 0 else zero)
-        if pattern.cols.numel() >= n or bound == 0:
+        candidates = entries_above_biased(xw, bias, bound)
+        n_above = int((candidates.pre >= bound).sum()) if bound > 0 else int((candidates.pre > 0).sum())
+        if n_above >= n or bound == 0:
             break
-    positions = pattern.positions()
-    if positions.numel() > n:
-        vals = flat.take(positions)
-        positions = positions[vals >= kth_largest(vals, n)]
-        pattern = SparsePattern.from_positions(positions, pre.shape[0], pre.shape[1])
-    return pattern
+    vals = candidates.pre  # every entry >= bound, so the n largest if n_above >= n
+    lowest = kth_largest(vals, n) if n_above > n else bound
+    keep = (vals >= lowest) & (vals > 0)
+    pattern = SparsePattern.from_positions(candidates.pattern.positions()[keep], b, m)
+    return SelectedPre(pattern, vals[keep])
 
 
 def kth_largest(values: Tensor, k: int) -> Tensor:
@@ -542,8 +575,8 @@ class BatchTopKSAE(BaseSAE):
         kth = kth_largest(relu.flatten(), self.cfg["top_k"] * pre.shape[0])
         return relu * ((relu >= kth) & (relu > 0))
 
-    def select(self, pre: Tensor) -> tuple[SparsePattern, None]:
-        return batch_top_entries(pre, self.cfg["top_k"] * pre.shape[0]), None
+    def select(self, xw: Tensor) -> tuple[SelectedPre, None]:
+        return batch_top_entries(xw, self.b_enc, self.cfg["top_k"] * xw.shape[0]), None
 
     @torch.no_grad()
     def update_inference_state(self, f: Tensor | SparseLatents) -> None:
@@ -614,16 +647,15 @@ class JumpReLUSAE(BaseSAE):
         theta = self.threshold.to(pre.dtype)
         return _Step.apply(pre, theta, self.cfg["bandwidth"]).sum(-1).mean()
 
-    def select(self, pre: Tensor) -> tuple[SparsePattern, SparsePattern]:
+    def select(self, xw: Tensor) -> tuple[SelectedPre, SelectedPre]:
         """Active entries (pre > theta), and the lower half of the threshold's gradient
-        window (theta - eps/2 < pre <= theta), from one pass over `pre`."""
-        theta = self.threshold.detach().to(pre.dtype)  # selection only: no graph
-        band = entries_above(pre, theta - self.cfg["bandwidth"] / 2)
-        positions = band.positions()
-        active = pre.view(-1).take(positions) > theta.index_select(0, band.cols)
-        b, m = pre.shape
-        return (SparsePattern.from_positions(positions[active], b, m),
-                SparsePattern.from_positions(positions[~active], b, m))
+        window (theta - eps/2 < pre <= theta), from one pass over `xw`."""
+        theta = self.threshold.to(xw.dtype)
+        band = entries_above_biased(xw, self.b_enc, theta - self.cfg["bandwidth"] / 2)
+        active = band.pre > theta.index_select(0, band.pattern.cols)
+        positions, (b, m) = band.pattern.positions(), xw.shape
+        return (SelectedPre(SparsePattern.from_positions(positions[active], b, m), band.pre[active]),
+                SelectedPre(SparsePattern.from_positions(positions[~active], b, m), band.pre[~active]))
 
     def latent_params(self) -> list[tuple[nn.Parameter, int]]:
         return [*super().latent_params(), (self.log_threshold, 0)]

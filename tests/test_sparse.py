@@ -91,7 +91,11 @@ def test_batch_top_entries_equals_full_selection(n):
     gen = torch.Generator().manual_seed(n)
     pre = torch.randn(B, M, generator=gen)
     pre[:, :3] = 0.5  # ties
-    pattern = batch_top_entries(pre, n)
+    bias = torch.randn(M, generator=gen)
+    selected = batch_top_entries(pre - bias, bias, n)
+    pattern = selected.pattern
+    assert torch.equal(selected.pre, (pre - bias).view(-1).take(pattern.positions()) + bias.take(pattern.cols))
+    pre = (pre - bias) + bias  # the values the selection saw
     relu = torch.relu(pre)
     kth = relu.flatten().topk(n).values.min()
     expected = ((relu >= kth) & (relu > 0)).nonzero().unbind(1)
@@ -162,20 +166,29 @@ def test_batch_top_entries_when_the_sample_overestimates():
     pre = torch.rand(B, M, generator=gen)
     pre.view(-1)[::BATCH_TOP_SAMPLE_STRIDE] += 10
     n = B * 4
-    pattern = batch_top_entries(pre, n)
+    pattern = batch_top_entries(pre, torch.zeros(M), n).pattern
     kth = pre.flatten().topk(n).values.min()
     assert torch.equal(pattern.positions(), (pre >= kth).view(-1).nonzero().squeeze(1))
 
 
 def test_jumprelu_selection_splits_active_entries_from_the_gradient_window():
     sae = trained_like("jumprelu")
-    pre = sae.pre_activations(rand_x() * sae.scale).detach()
-    active, window = sae.select(pre)
-    theta, lower = sae.threshold, sae.threshold - sae.cfg["bandwidth"] / 2
-    assert torch.equal(active.positions(), (pre > theta).view(-1).nonzero().squeeze(1))
+    with torch.no_grad():
+        xw = (rand_x() * sae.scale - sae.b_dec) @ sae.W_enc
+        pre = xw + sae.b_enc
+        active, window = sae.select(xw.clone())
+        theta, lower = sae.threshold, sae.threshold - sae.cfg["bandwidth"] / 2
+    assert torch.equal(active.pattern.positions(), (pre > theta).view(-1).nonzero().squeeze(1))
+    assert torch.equal(active.pre, pre.view(-1).take(active.pattern.positions()))
     in_window = (pre > lower) & (pre <= theta)
     assert in_window.any()
-    assert torch.equal(window.positions(), in_window.view(-1).nonzero().squeeze(1))
+    # the window may also hold entries within float32 rounding below its lower edge (f = 0 there,
+    # and the gradient kernel is 0 outside the window, so they add nothing)
+    window_positions = window.pattern.positions()
+    assert torch.equal(window.pre, pre.view(-1).take(window_positions))
+    assert set(in_window.view(-1).nonzero().squeeze(1).tolist()) <= set(window_positions.tolist())
+    assert (window.pre > lower.take(window.pattern.cols) - 1e-5).all()
+    assert (window.pre <= theta.take(window.pattern.cols)).all()
 
 
 @pytest.mark.parametrize("sae_type", SPARSE_VARIANTS)
@@ -189,8 +202,9 @@ def test_sparse_path_under_bf16_autocast_matches_the_dense_autocast_path(sae_typ
     assert isinstance(sparse.latents, SparseLatents)
     torch.testing.assert_close(sparse.recon_loss, dense.recon_loss.float(), rtol=2e-2, atol=1e-3)
     fp32_pre = sae.pre_activations(x * sae.scale)
-    assert not torch.equal(sae.encoder_matmul((x * sae.scale - sae.b_dec).detach(), torch.bfloat16) + sae.b_enc,
-                           fp32_pre)  # the bf16 matmul did run
+    with torch.no_grad():
+        bf16_pre = sae.encoder_matmul(x * sae.scale - sae.b_dec, torch.bfloat16) + sae.b_enc
+    assert not torch.equal(bf16_pre, fp32_pre)  # the bf16 matmul did run
     for name, g in dense_grads.items():
         assert sparse_grads[name].dtype == torch.float32
         cos = torch.nn.functional.cosine_similarity(sparse_grads[name].flatten(), g.float().flatten(), dim=0)
