@@ -26,35 +26,44 @@ CONFIG_FILE = "config.json"
 
 
 class SparsePattern:
-    """Where a batch's latents may be non-zero, in CSR layout: row b owns entries
-    crow[b]:crow[b+1] (columns in any order). The transposed layout, which the sparse
-    backward passes need, is computed once and shared."""
+    """Where a batch's latents may be non-zero: entries (row, column) of a (B, m) matrix, rows
+    ascending, in CSR layout (row b owns entries crow[b]:crow[b+1]; columns in any order).
+    Row indices, row-major positions and the transposed layout (which the sparse backward
+    passes need) are each computed once, when first asked for."""
 
-    def __init__(self, crow: Tensor, cols: Tensor, n_latents: int, flat: Tensor | None = None,
-                 rows: Tensor | None = None):
-        self.crow, self.cols, self.shape = crow, cols, (crow.numel() - 1, n_latents)
-        self._flat, self._rows = flat, rows
+    def __init__(self, cols: Tensor, shape: tuple[int, int], crow: Tensor | None = None, flat: Tensor | None = None):
+        assert crow is not None or flat is not None, "a pattern needs its row starts or its positions"
+        self.cols, self.shape = cols, shape
+        self._crow, self._flat, self._rows = crow, flat, None
         self._transposed: tuple[Tensor, Tensor, Tensor] | None = None
 
     @classmethod
     def from_positions(cls, flat: Tensor, batch_size: int, n_latents: int) -> SparsePattern:
         """From ascending row-major positions b * m + j in the (B, m) matrix."""
-        rows = flat.div(n_latents, rounding_mode="floor")
-        crow = torch.zeros(batch_size + 1, dtype=torch.long, device=flat.device)
-        crow[1:] = torch.bincount(rows, minlength=batch_size).cumsum(0)
-        return cls(crow, flat - rows * n_latents, n_latents, flat, rows)
+        return cls(flat.remainder(n_latents), (batch_size, n_latents), flat=flat)
 
     @classmethod
     def from_topk(cls, idx: Tensor, n_latents: int) -> SparsePattern:
         """From per-row indices (B, k)."""
         b, k = idx.shape
-        crow = torch.arange(0, b * k + 1, k, device=idx.device)
-        return cls(crow, idx.flatten(), n_latents)
+        return cls(idx.flatten(), (b, n_latents), crow=torch.arange(0, b * k + 1, k, device=idx.device))
+
+    @property
+    def crow(self) -> Tensor:
+        if self._crow is None:
+            # positions ascend, so row b starts where b * m would be inserted (at 250k entries
+            # 0.23 ms, vs 1.2 ms for counting the rows with bincount)
+            b, m = self.shape
+            self._crow = torch.searchsorted(self._flat, torch.arange(0, (b + 1) * m, m, device=self._flat.device))
+        return self._crow
 
     def rows(self) -> Tensor:
         if self._rows is None:
-            self._rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device),
-                                                 self.crow.diff())
+            if self._flat is not None:
+                self._rows = self._flat.div(self.shape[1], rounding_mode="floor")
+            else:
+                self._rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.cols.device),
+                                                     self.crow.diff())
         return self._rows
 
     def positions(self) -> Tensor:
@@ -140,28 +149,32 @@ def sampled_grad(pattern: SparsePattern, grad: Tensor, W_dec: Tensor) -> Tensor:
     return torch.sparse.sampled_addmm(pattern.csr(grad.new_zeros(pattern.cols.shape)), grad, W_dec.T, beta=0).values()
 
 
-class _SparseDecode(torch.autograd.Function):
-    """The reconstruction error f @ W_dec - x_in in the scaled space (x_hat_scaled - x_scaled,
-    as x_in = x * s - b_dec), for f given as values on a SparsePattern; one sparse product
-    that starts from -x_in, so no separate (B, d) subtraction. x_in comes without gradient:
-    its dependence on b_dec is differentiated here (the error's gradient summed over the
-    batch). Backward samples the dense gradient only at the pattern and scatters W_dec's
-    gradient into the used rows. Optional `zero_vals` on a second pattern are entries of f
-    known to be 0 (they add nothing to the product or to W_dec's gradient) whose gradient
-    is still wanted: JumpReLU's threshold learns from them through its straight-through
-    estimator."""
+class _SparseReconstruction(torch.autograd.Function):
+    """The reconstruction loss ||e||^2 / B and the error e = f @ W_dec - x_in in the scaled
+    space (x_hat_scaled - x_scaled, as x_in = x * s - b_dec), for f given as values on a
+    SparsePattern: one sparse product that starts from -x_in (no separate subtraction), and
+    a backward whose gradient of e is one scaled copy of e. The error is returned without
+    gradient (AuxK reads it detached). x_in comes without gradient: its dependence on b_dec
+    is differentiated here (e's gradient summed over the batch). Backward samples the dense
+    gradient only at the pattern and scatters W_dec's gradient into the used rows. Optional
+    `zero_vals` on a second pattern are entries of f known to be 0 (they add nothing to the
+    product or to W_dec's gradient) whose gradient is still wanted: JumpReLU's threshold
+    learns from them through its straight-through estimator."""
 
     @staticmethod
     def forward(ctx, vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tensor, pattern: SparsePattern,
-                zero_vals: Tensor | None = None, zero_pattern: SparsePattern | None = None) -> Tensor:
-        ctx.save_for_backward(vals, W_dec)
+                zero_vals: Tensor | None = None, zero_pattern: SparsePattern | None = None) -> tuple[Tensor, Tensor]:
+        error = torch.addmm(x_in, pattern.csr(vals), W_dec, beta=-1)
+        ctx.save_for_backward(vals, W_dec, error)
         ctx.patterns = pattern, zero_pattern
-        return torch.addmm(x_in, pattern.csr(vals), W_dec, beta=-1)
+        ctx.mark_non_differentiable(error)
+        return torch.dot(error.view(-1), error.view(-1)) / error.shape[0], error
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        vals, W_dec = ctx.saved_tensors
+    def backward(ctx, grad_loss: Tensor, _grad_error: None):
+        vals, W_dec, error = ctx.saved_tensors
         pattern, zero_pattern = ctx.patterns
+        grad = error * (2 * grad_loss / error.shape[0])
         grad_vals = grad_W_dec = grad_b_dec = grad_zero_vals = None
         if ctx.needs_input_grad[0]:
             grad_vals = sampled_grad(pattern, grad, W_dec)
@@ -214,6 +227,22 @@ class SelectedPre:
 
     pattern: SparsePattern
     pre: Tensor
+
+    def where(self, keep: Tensor) -> SelectedPre:
+        """The entries where the bool `keep` (one per entry) holds."""
+        idx = keep.nonzero().squeeze(1)  # once: each boolean index would run its own nonzero
+        return SelectedPre(SparsePattern.from_positions(self.pattern.positions().index_select(0, idx),
+                                                        *self.pattern.shape), self.pre.index_select(0, idx))
+
+    def split(self, first: Tensor) -> tuple[SelectedPre, SelectedPre]:
+        """(the entries where the bool `first` holds, the others), each in this order: one
+        stable sort of the mask (at 250k entries 1.7 ms, vs 4.4 ms for four boolean indexings)."""
+        order = torch.argsort(first.logical_not().to(torch.uint8), stable=True)
+        n_first = int(first.sum())
+        positions, pre = self.pattern.positions().index_select(0, order), self.pre.index_select(0, order)
+        b, m = self.pattern.shape
+        return (SelectedPre(SparsePattern.from_positions(positions[:n_first], b, m), pre[:n_first]),
+                SelectedPre(SparsePattern.from_positions(positions[n_first:], b, m), pre[n_first:]))
 
 
 class BaseSAE(nn.Module):
@@ -319,8 +348,8 @@ class BaseSAE(nn.Module):
                 window_pattern = window.pattern
                 window_f = self.sparse_activation(window.pre, window_pattern)
                 penalty = penalty + self.sparse_penalty(window.pre, window_f, window_pattern)
-            error = _SparseDecode.apply(f_vals, self.W_dec, self.b_dec, x_in, pattern, window_f, window_pattern)
-            recon = torch.linalg.vector_norm(error).square() / x.shape[0]  # one pass each way
+            recon, error = _SparseReconstruction.apply(f_vals, self.W_dec, self.b_dec, x_in, pattern, window_f,
+                                                       window_pattern)
             sparsity = self.sparsity_coeff * penalty
             aux = self.sparse_aux_loss(error, x) if self.uses_aux_loss and aux_enabled else recon.new_zeros(())
         latents = SparseLatents(pattern, f_vals.detach())
@@ -541,9 +570,7 @@ def batch_top_entries(xw: Tensor, bias: Tensor, n: int) -> SelectedPre:
             break
     vals = candidates.pre  # every entry >= bound, so the n largest if n_above >= n
     lowest = kth_largest(vals, n) if n_above > n else bound
-    keep = (vals >= lowest) & (vals > 0)
-    pattern = SparsePattern.from_positions(candidates.pattern.positions()[keep], b, m)
-    return SelectedPre(pattern, vals[keep])
+    return candidates.where((vals >= lowest) & (vals > 0))
 
 
 def kth_largest(values: Tensor, k: int) -> Tensor:
@@ -652,10 +679,7 @@ class JumpReLUSAE(BaseSAE):
         window (theta - eps/2 < pre <= theta), from one pass over `xw`."""
         theta = self.threshold.to(xw.dtype)
         band = entries_above_biased(xw, self.b_enc, theta - self.cfg["bandwidth"] / 2)
-        active = band.pre > theta.index_select(0, band.pattern.cols)
-        positions, (b, m) = band.pattern.positions(), xw.shape
-        return (SelectedPre(SparsePattern.from_positions(positions[active], b, m), band.pre[active]),
-                SelectedPre(SparsePattern.from_positions(positions[~active], b, m), band.pre[~active]))
+        return band.split(band.pre > theta.index_select(0, band.pattern.cols))
 
     def latent_params(self) -> list[tuple[nn.Parameter, int]]:
         return [*super().latent_params(), (self.log_threshold, 0)]
