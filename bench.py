@@ -6,6 +6,7 @@
     python bench.py sae_steps=false end_to_end=false   # generation only
     python bench.py model_batch_size=128               # rows per model forward (a GPU wants more than 32)
     python bench.py dtype=bfloat16                     # generation and end to end with a bf16 model and SAEs
+    python bench.py variants=jumprelu,topk kernels=sparse generation=false end_to_end=false  # some step rows
 
 Every figure is timed here: the fp32 (and bf16) matmul roofline at the configured shape, SAE-step
 tokens/s per variant (fp32, and bf16 autocast where the device supports it) with the
@@ -44,7 +45,8 @@ from training import Trainee, training_step, use_sparse_kernels
 
 SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": "auto", "sae_steps": True,
             "generation": True, "end_to_end": True, "e2e_refills": 2, "model": get_default_cfg()["model_name"],
-            "model_batch_size": get_default_cfg()["model_batch_size"], "dtype": "float32"}
+            "model_batch_size": get_default_cfg()["model_batch_size"], "dtype": "float32",
+            "variants": ",".join(SAE_CLASSES), "kernels": "sparse,dense"}
 GROUP_VARIANTS = ("topk", "batchtopk", "jumprelu", "vanilla") * 2  # the group of 8 SAEs on one stream
 
 
@@ -194,6 +196,11 @@ def parse(argv: list[str]) -> dict[str, Any]:
         s[key] = value.lower() == "true" if isinstance(s[key], bool) else type(s[key])(value)
     if s["dtype"] not in ("float32", "bfloat16"):
         sys.exit(f"error: bench setting dtype={s['dtype']!r}: use float32 or bfloat16")
+    for key, allowed in (("variants", SAE_CLASSES), ("kernels", ("sparse", "dense"))):
+        unknown = set(s[key].split(",")) - set(allowed)
+        if unknown:
+            sys.exit(f"error: bench setting {key}={s[key]!r}: {', '.join(sorted(unknown))} unknown; "
+                     f"use a comma-separated list of {', '.join(allowed)}")
     return s
 
 
@@ -221,8 +228,8 @@ def main(argv: list[str]) -> None:
         print("the fp32 roofline is re-measured before each row (a shared machine's speed drifts between rows)")
         print(f"{'variant':<10}{'kernels':<9}{'dtype':<10}{'tokens/s':>12}{'GFLOP/s':>10}{'roofline':>10}"
               f"{'of roofline':>13}")
-    for variant, cls in SAE_CLASSES.items() if s["sae_steps"] else ():
-        for kernels in ("sparse", "dense") if cls.has_sparse_path else ("dense",):
+    for variant in s["variants"].split(",") if s["sae_steps"] else ():
+        for kernels in s["kernels"].split(",") if SAE_CLASSES[variant].has_sparse_path else ("dense",):
             for dtype in dtypes:
                 row_roofline = matmul_roofline(s["d"], s["m"], s["batch"], device)
                 steps_per_s = sae_step_rate(variant, s, device, dtype, kernels)

@@ -102,8 +102,8 @@ class SparseLatents:
 def fired_latents(f: Tensor | SparseLatents) -> Tensor:
     """(m,) bool: which latents fired on at least one token of the batch."""
     if isinstance(f, SparseLatents):
-        cols = f.pattern.cols[f.vals > 0]
-        return torch.bincount(cols, minlength=f.pattern.shape[1]) > 0
+        fired = f.vals.new_zeros(f.pattern.shape[1]).index_add_(0, f.pattern.cols, (f.vals > 0).to(f.vals.dtype))
+        return fired > 0  # index_add, not cols[vals > 0]: a boolean index runs a nonzero
     return (f > 0).any(dim=0)
 
 

@@ -15,6 +15,9 @@ def test_settings_parse_types_and_reject_unknown_keys():
         bench.parse(["dd=3"])
     with pytest.raises(SystemExit, match="dtype='float16': use float32 or bfloat16"):
         bench.parse(["dtype=float16"])
+    assert bench.parse(["variants=jumprelu,topk", "kernels=sparse"])["variants"] == "jumprelu,topk"
+    with pytest.raises(SystemExit, match="variants='topk,relu': relu unknown"):
+        bench.parse(["variants=topk,relu"])
 
 
 def test_roofline_is_measured_in_each_dtype():
