@@ -207,16 +207,23 @@ def zero_idle_momentum(t: Trainee) -> None:
     last firing cannot keep pushing it away from the data, the way latents die at high
     learning rates (lazy / sparse Adam does the same for embedding rows). A latent is
     idle when its b_enc gradient is exactly 0; a per-latent vector (JumpReLU's threshold)
-    goes by its own gradient. No host sync."""
+    goes by its own gradient. No host sync on CUDA."""
     if t.sae.b_enc.grad is None:
         return
     idle = t.sae.b_enc.grad == 0
+    # on CPU only the idle latents' slices are touched (the host reads which; a masked fill
+    # passes over every (m, d) moment: 1.2 ms per step at m 3072, d 384)
+    idle_idx = None if idle.is_cuda else idle.nonzero().squeeze(1)
     for param, dim in t.sae.latent_params():
         state = t.optimizer.state.get(param, {})
         if param.grad is None or "exp_avg" not in state:
             continue
-        mask = (param.grad == 0) if param.dim() == 1 else idle.unsqueeze(1 - dim)
-        state["exp_avg"].masked_fill_(mask, 0)
+        if param.dim() == 1:
+            state["exp_avg"].masked_fill_(param.grad == 0, 0)
+        elif idle_idx is not None:
+            state["exp_avg"].index_fill_(dim, idle_idx, 0)
+        else:
+            state["exp_avg"].masked_fill_(idle.unsqueeze(1 - dim), 0)
 
 
 # --- data parallel (torchrun) ---------------------------------------------------------------
