@@ -224,3 +224,22 @@ def test_encoder_gradient_arrives_in_the_weights_layout(tmp_path):
     assert incoming == [sae.W_enc.stride()]
     sae.save(tmp_path)
     assert load_sae(tmp_path).W_enc.stride() == (1, D)
+
+
+def test_entries_above_biased_never_drops_an_entry_to_rounding():
+    """b_enc is folded into the bound (xw > bound - bias, loosened): every entry whose
+    float32 pre = xw + bias exceeds the bound is found, also entries one ulp above a bound
+    taken from the data itself, and the values read back are exactly xw + bias."""
+    from sae import entries_above_biased
+
+    gen = torch.Generator().manual_seed(0)
+    xw = torch.randn(B, M, generator=gen) * 3
+    bias = torch.randn(M, generator=gen) * 1e3  # large bias: bound - bias rounds coarsely
+    pre = xw + bias
+    for bound in (pre[0], torch.nextafter(pre[1], torch.tensor(float("-inf"))), torch.tensor(0.0)):
+        selected = entries_above_biased(xw, bias, bound)
+        expected = (pre > bound).view(-1).nonzero().squeeze(1)
+        found = selected.pattern.positions()
+        assert torch.isin(expected, found).all()
+        assert torch.equal(selected.pre, pre.view(-1).take(found))
+        assert found.numel() - expected.numel() <= 1e-3 * expected.numel() + B  # only rounding-level extras
