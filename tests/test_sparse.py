@@ -103,10 +103,11 @@ def test_batch_top_entries_equals_full_selection(n):
     assert torch.equal((pattern.rows() * M + pattern.cols).sort().values, expected[0] * M + expected[1])
 
 
-def test_pattern_transpose_is_the_transpose():
+@pytest.mark.parametrize("m", [M, 40_000])  # column indices sorted as int16, and as int32 past 32768
+def test_pattern_transpose_is_the_transpose(m):
     gen = torch.Generator().manual_seed(0)
-    idx = torch.rand(B, M, generator=gen).topk(5, dim=-1).indices
-    pattern = SparsePattern.from_topk(idx, M)
+    idx = torch.rand(B, m, generator=gen).topk(5, dim=-1).indices
+    pattern = SparsePattern.from_topk(idx, m)
     vals = torch.randn(pattern.cols.numel(), generator=gen)
     dense = pattern.csr(vals).to_dense()
     assert torch.equal(pattern.csr_transposed(vals).to_dense(), dense.T)
