@@ -149,13 +149,19 @@ def test_row_top_indices_is_an_exact_row_topk(rows, cols, k):
 @pytest.mark.parametrize("shape", [(64, 3072), (33, 100), (7, 5), (1, 8)])
 def test_true_positions_equals_nonzero(shape):
     """The word-at-a-time search finds every set entry, in row-major order (also for
-    masks whose size is not a multiple of 8, where it falls back to `nonzero`)."""
+    masks whose size is not a multiple of 8, where it falls back to `nonzero`), and gives
+    None exactly where more than `max_count` are set."""
     from sae import true_positions
 
     gen = torch.Generator().manual_seed(shape[0])
     for density in (0.0, 0.02, 0.5, 1.0):
         mask = torch.rand(shape, generator=gen) < density
-        assert torch.equal(true_positions(mask), mask.view(-1).nonzero().squeeze(1))
+        expected = mask.view(-1).nonzero().squeeze(1)
+        assert torch.equal(true_positions(mask), expected)
+        n = expected.numel()
+        for max_count in {0, n // 2, n - 1, n, 2 * n}:  # None exactly where more than max_count are set
+            got = true_positions(mask, max_count)
+            assert got is None if n > max_count else torch.equal(got, expected)
 
 
 def test_batch_top_entries_when_the_sample_overestimates():
