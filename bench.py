@@ -13,8 +13,9 @@ tokens/s per variant (fp32, and bf16 autocast where the device supports it) with
 achieved GFLOP/s of the dense-equivalent step and its fraction of the roofline, and
 activation generation through TransformerBridge against a plain Hugging Face forward
 truncated at the same layer (with each one's model FLOP utilisation), the end-to-end
-training loop (store + steps) for one SAE and for a group of 8 sharing the stream, and the
-disk cache's read rate. Speed is never asserted in tests.
+training loop (store + steps) for one SAE and for a group of 8 sharing the stream, the
+disk cache's read rate, and peak memory (GPU memory allocated on CUDA, resident memory on
+CPU). Speed is never asserted in tests.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -187,6 +189,19 @@ def cache_read_rate(s: dict[str, Any], device: torch.device, model) -> float:
         return read / (time.perf_counter() - start)
 
 
+def report_peak_memory(results: dict[str, Any], when: str, device: torch.device) -> None:
+    """The process's peak so far: allocated GPU memory on CUDA, resident memory (the model,
+    the store's buffer and every workspace included) on CPU. Peaks only grow, so the
+    figure after the SAE steps bounds what they needed."""
+    if device.type == "cuda":
+        kind, gib = "GPU memory allocated", torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+        kind, gib = "resident memory", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**30
+    results.setdefault("peak_memory_gib", {})[when] = gib
+    print(f"peak {kind} {when.replace('_', ' ')}: {gib:.2f} GiB")
+
+
 def parse(argv: list[str]) -> dict[str, Any]:
     s = dict(SETTINGS)
     for item in argv:
@@ -239,9 +254,8 @@ def main(argv: list[str]) -> None:
                     "tokens_per_s": tokens_per_s, "gflops": gflops, "fp32_roofline_gflops": row_roofline}
                 print(f"{variant:<10}{kernels:<9}{dtype:<10}{tokens_per_s:>12,.0f}{gflops:>10.0f}{row_roofline:>10.0f}"
                       f"{gflops / row_roofline:>13.0%}", flush=True)
-    if device.type == "cuda":
-        results["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        print(f"peak GPU memory {results['peak_memory_gib']:.2f} GiB")
+    if s["sae_steps"]:
+        report_peak_memory(results, "after_sae_steps", device)
     if s["generation"]:
         gen = generation_rates(s["model"], s["model_batch_size"], device, s["dtype"],
                                rooflines.get(s["dtype"]) or matmul_roofline(s["d"], s["m"], s["batch"], device,
@@ -259,6 +273,7 @@ def main(argv: list[str]) -> None:
         versus = (lambda v: f" ({v / base:.2f}x generation)") if base else (lambda v: "")
         for key, value in e2e.items():
             print(f"{key.removesuffix('_tokens_per_s').replace('_', ' ')}: {value:,.0f} tokens/s{versus(value)}")
+    report_peak_memory(results, "at_end", device)
     with open("bench_results.json", "w") as f:
         json.dump(results, f, indent=2)
     print("wrote bench_results.json")

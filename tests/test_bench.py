@@ -40,3 +40,16 @@ def test_model_flops_per_token_counts_weights_and_attention():
                      intermediate_size=64, max_position_embeddings=32)
     per_layer = 4 * 16 * 16 + 2 * 16 * 64  # q, k, v, o and the two MLP matrices
     assert bench.model_flops_per_token(BertModel(cfg), seq_len=8) == 2 * 2 * per_layer + 4 * 8 * 16 * 2
+
+
+def test_main_writes_the_step_rows_and_peak_memory(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    bench.main(["d=16", "m=64", "k=4", "batch=64", "steps=1", "generation=false", "end_to_end=false",
+                "variants=topk", "kernels=sparse"])
+    results = json.loads((tmp_path / "bench_results.json").read_text())
+    assert set(results["sae_step"]) == {"topk/sparse/float32", "topk/sparse/bfloat16"}
+    peak = results["peak_memory_gib"]
+    assert 0 < peak["after_sae_steps"] <= peak["at_end"]
+    assert "peak resident memory after sae steps" in capsys.readouterr().out
