@@ -22,12 +22,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from config import EMBEDDED_DATASET, EMBEDDED_MODEL, SITES, ConfigError
+from config import EMBEDDED_DATASET, EMBEDDED_MODEL, SITES, ConfigError, post_init_cfg
 
 LOCAL_FORMATS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -601,3 +602,81 @@ class ActivationsStore:
             raise ConfigError(f"config dataset_path={self.cfg['dataset_path']!r}: the stream reaches epoch "
                               f"{self.epoch}, not {state['epoch']}, at the checkpoint's row {state['rows_read']}; "
                               f"the data changed since the checkpoint was written")
+
+
+# --- activations already at hand ---------------------------------------------------------
+
+def as_float32(rows) -> Tensor:
+    """A float32 tensor of `rows` (a tensor or a numpy array, a read-only memmap's included)."""
+    return rows.float() if isinstance(rows, Tensor) else torch.from_numpy(np.array(rows, dtype=np.float32))
+
+
+class TensorStore:
+    """A stream of activations you already have, with no model: an (N, d) tensor or array
+    (a numpy memmap too: only the rows of each batch are read). For `train_sae` /
+    `train_sae_group(..., store=TensorStore(acts, cfg))`, e.g. to compare trainers on one
+    set of cached activations.
+
+    The first `eval_tokens` rows are held out (or `eval_acts` is the held-out set and every
+    row trains). Each epoch serves the training rows in a fresh random order (seeded by
+    `seed`), `batch_size` at a time; the last partial batch of an epoch is dropped. The input
+    scale is estimated from the first 131,072 rows of the first epoch's order. Downstream
+    metrics need a model and are skipped. The run's hook point and model name are only
+    labels here (set `run_name` to name the run)."""
+
+    SCALE_ROWS = 131_072
+
+    def __init__(self, acts, cfg: dict[str, Any], eval_acts=None):
+        if len(acts.shape) != 2:
+            raise ConfigError(f"TensorStore takes (tokens, d) activations, got shape {tuple(acts.shape)}")
+        n_eval = 0 if eval_acts is not None else cfg["eval_tokens"]
+        if acts.shape[0] - n_eval < cfg["batch_size"]:
+            raise ConfigError(f"TensorStore: {acts.shape[0]} rows leave fewer than batch_size={cfg['batch_size']} "
+                              f"to train on after eval_tokens={n_eval}; pass more rows or lower those settings")
+        # only d is real; the layer and context checks of post_init_cfg have no model to check against
+        self.cfg = post_init_cfg(cfg, {"d_model": acts.shape[1], "n_layers": cfg["layer"] + 1,
+                                       "n_ctx": cfg["seq_len"]})
+        self.acts, self.first_row = acts, n_eval
+        held_out = acts[:n_eval] if eval_acts is None else eval_acts
+        self.eval_acts = as_float32(held_out[:]).unsqueeze(0)
+        self.model, self.device = None, torch.device(self.cfg["device"])
+        self.generator = torch.Generator().manual_seed(self.cfg["seed"])
+        self.epoch, self._served = 0, 0
+        self._reshuffle()
+        self.scales = [ActivationsStore.estimate_scale(self._rows(self._order[: self.SCALE_ROWS]))]
+
+    def hook_index(self, hook_point: str) -> int:
+        return 0
+
+    def _rows(self, idx: Tensor) -> Tensor:
+        """Rows `idx` of the training part, read in ascending order (sequential on a memmap)."""
+        idx = idx.sort().values + self.first_row
+        if isinstance(self.acts, Tensor):
+            return self.acts.index_select(0, idx.to(self.acts.device)).float()
+        return as_float32(self.acts[idx.numpy()])
+
+    def _reshuffle(self) -> None:
+        self._order = torch.randperm(self.acts.shape[0] - self.first_row, generator=self.generator)
+        self._served = 0
+
+    def next_batch(self) -> Tensor:
+        """One shuffled batch (1, batch_size, d) in float32 on `device`."""
+        batch = self.cfg["batch_size"]
+        if self._served + batch > self._order.numel():
+            self.epoch += 1
+            self._reshuffle()
+        idx = self._order[self._served: self._served + batch]
+        self._served += batch
+        return self._rows(idx).to(self.device).unsqueeze(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": self._order, "served": self._served, "epoch": self.epoch,
+                "generator": self.generator.get_state(), "scales": list(self.scales)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._order, self._served, self.epoch = state["order"], int(state["served"]), int(state["epoch"])
+        self.generator.set_state(state["generator"])
+        self.scales = [float(s) for s in state["scales"]]
+
+    def flush_cache(self) -> None:
+        pass

@@ -209,3 +209,81 @@ def test_streamlined_bridge_matches_plain_hugging_face(minilm):
     unhooked = run_to_hook(minilm, tokens, "blocks.1.hook_resid_pre")
     assert torch.equal(run_to_hook(minilm, tokens, "blocks.1.hook_resid_pre", fwd_hooks=hooked), unhooked)
     assert len(scales) == 1 and scales[0].shape == (2, 16, 1)
+
+
+# --- TensorStore: activations already at hand ---------------------------------------------
+
+def sparse_mixture(n: int, d: int = 32, seed: int = 0) -> torch.Tensor:
+    """Activations that are sparse combinations of 128 directions, as an SAE expects."""
+    gen = torch.Generator().manual_seed(seed)
+    directions = torch.randn(128, d, generator=gen)
+    codes = torch.randn(n, 128, generator=gen).relu_() * (torch.rand(n, 128, generator=gen) < 0.05)
+    return codes @ directions + 3.0
+
+
+def test_tensor_store_holds_out_the_first_rows_and_serves_each_row_once_per_epoch(tmp_path):
+    import numpy as np
+
+    from activation_store import TensorStore
+
+    acts = torch.arange(1000 * 4, dtype=torch.float32).view(1000, 4)  # row i holds 4i..4i+3
+    cfg = small_cfg(eval_tokens=100, batch_size=64)
+    store = TensorStore(acts, cfg)
+    assert torch.equal(store.eval_acts[0], acts[:100]) and store.cfg["act_size"] == 4
+    rows = [store.next_batch()[0][:, 0] / 4 for _ in range(14)]  # 900 training rows: 14 full batches
+    epoch = torch.cat(rows).long()
+    assert not torch.equal(epoch[:64], torch.arange(100, 164))  # shuffled
+    assert epoch.unique().numel() == 14 * 64 and epoch.min() >= 100  # no row twice, no held-out row
+    assert store.epoch == 0 and store.next_batch().shape == (1, 64, 4) and store.epoch == 1
+    # a numpy memmap gives the same stream; a saved state continues it exactly
+    np.save(tmp_path / "acts.npy", acts.numpy())
+    mapped = TensorStore(np.load(tmp_path / "acts.npy", mmap_mode="r"), cfg)
+    assert mapped.scales == TensorStore(acts, cfg).scales
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in mapped.state_dict().items()}
+    ahead = [mapped.next_batch() for _ in range(20)]
+    resumed = TensorStore(acts, cfg)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, resumed.next_batch()) for a in ahead)
+
+
+def test_tensor_store_rejects_too_few_rows_and_bad_shapes():
+    from activation_store import TensorStore
+
+    with pytest.raises(ConfigError, match="fewer than batch_size=256"):
+        TensorStore(torch.zeros(300, 8), small_cfg(eval_tokens=100))
+    with pytest.raises(ConfigError, match=r"takes \(tokens, d\) activations, got shape \(3, 4, 5\)"):
+        TensorStore(torch.zeros(3, 4, 5), small_cfg())
+
+
+def test_train_sae_on_a_tensor_store(tmp_path):
+    from activation_store import TensorStore
+    from training import train_sae
+
+    acts = sparse_mixture(20_000)
+    cfg = small_cfg(sae_type="topk", dict_size=256, top_k=8, num_tokens=256 * 40, eval_tokens=2048,
+                    output_dir=str(tmp_path), run_name="from_tensor")
+    trainee = train_sae(cfg, store=TensorStore(acts, cfg))
+    metrics = trainee.final_metrics
+    assert metrics["explained_variance"] > 0.5 and metrics["l0"] == 8
+    assert "downstream_recovered" not in metrics
+    assert (tmp_path / "from_tensor" / "final" / "sae.safetensors").exists()
+
+
+def test_a_tensor_store_run_resumes_bitwise(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from activation_store import TensorStore
+    from training import train_sae
+
+    acts = sparse_mixture(12_000)
+    cfg = small_cfg(sae_type="batchtopk", dict_size=256, top_k=8, num_tokens=256 * 30, eval_tokens=1024,
+                    checkpoint_freq=20, output_dir=str(tmp_path), run_name="run")
+    train_sae(cfg, store=TensorStore(acts, cfg))
+    run = tmp_path / "run"
+    whole = load_file(run / "final" / "sae.safetensors")
+    shutil.rmtree(run / "final")  # as if killed after the step-20 checkpoint
+    train_sae(cfg | {"resume": str(run)}, store=TensorStore(acts, cfg))
+    resumed = load_file(run / "final" / "sae.safetensors")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
