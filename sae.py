@@ -192,15 +192,15 @@ class _SparseReconstruction(torch.autograd.Function):
 _WORKSPACES: dict[tuple[Any, ...], Tensor] = {}
 
 
-def workspace(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+def workspace(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None, use: str = "") -> Tensor:
     """A reused scratch tensor for the sparse step's (B, m) pre-activations and masks,
     shared by every SAE of the process (each uses it only inside its own forward). A fresh
     48 MB tensor per step costs ~15 ms of page faults on CPU (measured at B 4096, m 3072).
-    One per shape and dtype: a group of SAEs with one batch and dictionary size holds two
-    (three under bf16 autocast)."""
-    key = (shape, dtype or like.dtype, like.device)
+    One per use, shape and dtype: a group of SAEs with one batch and dictionary size holds
+    three (four under bf16 autocast)."""
+    key = (use, shape, dtype or like.dtype, like.device)
     if key not in _WORKSPACES:
-        _WORKSPACES[key] = torch.empty(shape, dtype=key[1], device=like.device)
+        _WORKSPACES[key] = torch.empty(shape, dtype=key[2], device=like.device)
     return _WORKSPACES[key]
 
 
@@ -540,10 +540,30 @@ def true_positions(mask: Tensor, max_count: int | None = None) -> Tensor | None:
     return None if max_count is not None and positions.numel() > max_count else positions
 
 
+COMPARE_SCRATCH_BYTES = 3 << 19  # float32 compare results per chunk (1.5 MiB): small enough to stay in cache
+
+
+def greater_than(pre: Tensor, bound: Tensor) -> Tensor:
+    """pre > bound (a scalar or one per latent) as a bool tensor in a workspace. On CPU the
+    comparison is written as float32 (vectorised) and cast to bool (vectorised), a few rows at
+    a time through a small scratch: ATen compares into a bool output one element at a time
+    (measured at 4096 x 3072 on 2 threads: 5.9-7.2 ms vs 3.3 ms; in the step, median of
+    paired A/B over three runs: -1.8 to -5.9 ms JumpReLU, -1.1 to -3.8 ms BatchTopK; Vanilla -3.9)."""
+    mask = workspace(pre.shape, pre, torch.bool)
+    if pre.device.type != "cpu" or pre.dtype != torch.float32:
+        return torch.gt(pre, bound, out=mask)
+    rows = max(1, COMPARE_SCRATCH_BYTES // (4 * pre.shape[1]))
+    scratch = workspace((rows, pre.shape[1]), pre, use="compare")  # never the (B, m) workspace, even if B == rows
+    for start in range(0, pre.shape[0], rows):
+        chunk = pre[start:start + rows]
+        mask[start:start + rows].copy_(torch.gt(chunk, bound, out=scratch[: chunk.shape[0]]))
+    return mask
+
+
 def entries_above(pre: Tensor, bound: Tensor, max_count: int | None = None) -> SparsePattern | None:
     """The entries of `pre` (B, m) greater than `bound` (a scalar or one per latent), or
     None where there are more than `max_count`."""
-    above = torch.gt(pre, bound, out=workspace(pre.shape, pre, torch.bool))
+    above = greater_than(pre, bound)
     positions = true_positions(above, max_count)
     return None if positions is None else SparsePattern.from_positions(positions, pre.shape[0], pre.shape[1])
 

@@ -250,3 +250,21 @@ def test_entries_above_biased_never_drops_an_entry_to_rounding():
         assert torch.isin(expected, found).all()
         assert torch.equal(selected.pre, pre.view(-1).take(found))
         assert found.numel() - expected.numel() <= 1e-3 * expected.numel() + B  # only rounding-level extras
+
+
+@pytest.mark.parametrize("shape", [(300, 3072), (128, 3072), (7, 5), (2000, 96)])
+def test_greater_than_equals_torch_gt(shape):
+    """The chunked float32 compare gives torch.gt's mask (per-latent and scalar bounds, NaN,
+    ties), also where the batch has as many rows as a chunk (its scratch is its own)."""
+    from sae import greater_than, workspace
+
+    gen = torch.Generator().manual_seed(shape[0])
+    pre = workspace(shape, torch.empty(0))  # as the step passes it: the (B, m) workspace itself
+    pre.copy_(torch.randn(shape, generator=gen))
+    pre.view(-1)[::97] = float("nan")
+    bound = torch.randn(shape[1], generator=gen)
+    pre[:, 0] = bound[0]  # ties are not above
+    kept = pre.clone()
+    for b in (bound, torch.tensor(0.25)):
+        assert torch.equal(greater_than(pre, b), torch.gt(kept, b))
+        torch.testing.assert_close(pre, kept, rtol=0, atol=0, equal_nan=True)  # pre is left as it was
