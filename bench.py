@@ -7,6 +7,7 @@
     python bench.py model_batch_size=128               # rows per model forward (a GPU wants more than 32)
     python bench.py dtype=bfloat16                     # generation and end to end with a bf16 model and SAEs
     python bench.py variants=jumprelu,topk kernels=sparse generation=false end_to_end=false  # some step rows
+    python bench.py acts=acts.npy generation=false end_to_end=false  # SAE steps on your (tokens, d) activations
 
 Every figure is timed here: the fp32 (and bf16) matmul roofline at the configured shape, SAE-step
 tokens/s per variant (fp32, and bf16 autocast where the device supports it) with the
@@ -30,12 +31,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from activation_store import (
     CACHE_SHARD_TOKENS,
     DTYPES,
     ActivationsStore,
+    as_float32,
     load_model,
     model_dims,
     resolve_model_path,
@@ -48,7 +51,7 @@ from training import Trainee, training_step, use_sparse_kernels
 SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": "auto", "sae_steps": True,
             "generation": True, "end_to_end": True, "e2e_refills": 2, "model": get_default_cfg()["model_name"],
             "model_batch_size": get_default_cfg()["model_batch_size"], "dtype": "float32",
-            "variants": ",".join(SAE_CLASSES), "kernels": "sparse,dense"}
+            "variants": ",".join(SAE_CLASSES), "kernels": "sparse,dense", "acts": ""}
 GROUP_VARIANTS = ("topk", "batchtopk", "jumprelu", "vanilla") * 2  # the group of 8 SAEs on one stream
 
 
@@ -80,8 +83,23 @@ def matmul_roofline(d: int, m: int, batch: int, device: torch.device, dtype: str
     return 2 * batch * d * m / timed(lambda: torch.mm(x, w, out=out), device, repeats=10) / 1e9
 
 
-def sae_step_rate(variant: str, s: dict[str, Any], device: torch.device, dtype: str, kernels: str) -> float:
-    """Training steps per second on random activations (forward, backward, Adam, constraint).
+def activation_batch(path: str, batch: int) -> torch.Tensor:
+    """`batch` rows drawn at random (seed 0) from a (tokens, d) `.npy` (memmapped) or `.pt` file."""
+    if path.endswith(".npy"):
+        acts = np.load(path, mmap_mode="r")
+    elif path.endswith(".pt"):
+        acts = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        sys.exit(f"error: bench setting acts={path!r}: give a (tokens, d) .npy or .pt file")
+    if len(acts.shape) != 2 or acts.shape[0] < batch:
+        sys.exit(f"error: bench setting acts={path!r}: shape {tuple(acts.shape)}, need (tokens >= batch={batch}, d)")
+    rows = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(0))[:batch].sort().values
+    return as_float32(acts[rows.numpy()] if isinstance(acts, np.ndarray) else acts[rows])
+
+
+def sae_step_rate(variant: str, s: dict[str, Any], device: torch.device, dtype: str, kernels: str,
+                  x: torch.Tensor | None = None) -> float:
+    """Training steps per second on random activations, or on `x` (forward, backward, Adam, constraint).
     JumpReLU's thresholds (Vanilla's b_enc) are set so each latent fires on k/m of the batch
     (L0 = k), the sparsity of a trained one; at initialisation far more latents fire. The
     learning rate is 0 (every step still does all its work), so that sparsity holds over
@@ -92,8 +110,13 @@ def sae_step_rate(variant: str, s: dict[str, Any], device: torch.device, dtype: 
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.0)
     trainee = Trainee(cfg, sae, optimizer, scheduler, logger=None, sparse_kernels=kernels == "sparse")
-    x = torch.randn(s["batch"], s["d"], device=device)
-    sae.init_from_batch(x, 1.0)
+    if x is None:
+        x = torch.randn(s["batch"], s["d"], device=device)
+        scale = 1.0
+    else:
+        x = x.to(device)
+        scale = ActivationsStore.estimate_scale(x)
+    sae.init_from_batch(x, scale)
     with torch.no_grad():  # JumpReLU and Vanilla at a trained one's sparsity: each latent fires on k/m of tokens
         quantile = sae.pre_activations(x * sae.scale).quantile(1 - s["k"] / s["m"], dim=0)
         if variant == "jumprelu":
@@ -222,6 +245,10 @@ def parse(argv: list[str]) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
     s = parse(argv)
     device = torch.device(resolve_device(s["device"]))
+    x = activation_batch(s["acts"], s["batch"]) if s["acts"] and s["sae_steps"] else None
+    if x is not None:
+        s["d"] = x.shape[1]
+        print(f"SAE steps on {s['batch']} rows of {s['acts']} (d {s['d']}), not random activations")
     bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.backends.mkldnn.is_available()
     dtypes = ["float32"] + (["bfloat16"] if bf16 else [])
     roofline = matmul_roofline(s["d"], s["m"], s["batch"], device)
@@ -247,7 +274,7 @@ def main(argv: list[str]) -> None:
         for kernels in s["kernels"].split(",") if SAE_CLASSES[variant].has_sparse_path else ("dense",):
             for dtype in dtypes:
                 row_roofline = matmul_roofline(s["d"], s["m"], s["batch"], device)
-                steps_per_s = sae_step_rate(variant, s, device, dtype, kernels)
+                steps_per_s = sae_step_rate(variant, s, device, dtype, kernels, x)
                 gflops = steps_per_s * dense_step_flops / 1e9
                 tokens_per_s = steps_per_s * s["batch"]
                 results["sae_step"][f"{variant}/{kernels}/{dtype}"] = {

@@ -53,3 +53,24 @@ def test_main_writes_the_step_rows_and_peak_memory(tmp_path, monkeypatch, capsys
     peak = results["peak_memory_gib"]
     assert 0 < peak["after_sae_steps"] <= peak["at_end"]
     assert "peak resident memory after sae steps" in capsys.readouterr().out
+
+
+def test_step_rows_on_activations_from_a_file(tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "acts.npy", np.random.default_rng(0).standard_normal((100, 24), dtype=np.float32) + 1)
+    batch = bench.activation_batch(str(tmp_path / "acts.npy"), 64)
+    assert batch.shape == (64, 24) and batch.dtype == torch.float32
+    torch.save(torch.from_numpy(np.load(tmp_path / "acts.npy")), tmp_path / "acts.pt")
+    assert torch.equal(bench.activation_batch(str(tmp_path / "acts.pt"), 64), batch)  # same rows either way
+    bench.main(["m=64", "k=4", "batch=64", "steps=1", "generation=false", "end_to_end=false",
+                "variants=jumprelu", "kernels=sparse", "acts=acts.npy"])
+    results = json.loads((tmp_path / "bench_results.json").read_text())
+    assert results["settings"]["d"] == 24 and results["sae_step"]["jumprelu/sparse/float32"]["tokens_per_s"] > 0
+    with pytest.raises(SystemExit, match=r"shape \(100, 24\), need \(tokens >= batch=128, d\)"):
+        bench.activation_batch(str(tmp_path / "acts.npy"), 128)
+    with pytest.raises(SystemExit, match="give a \\(tokens, d\\) .npy or .pt file"):
+        bench.activation_batch("acts.csv", 64)
