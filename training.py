@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from activation_store import ActivationsStore, load_model, model_dims
+from activation_store import ActivationsStore, TensorStore, load_model, model_dims
 from config import (
     DERIVED_KEYS,
     RESUME_KEYS,
@@ -481,6 +481,9 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[
     main = rank() == 0
     if world_size() > 1:
         check_data_parallel(cfgs)
+        if isinstance(store, TensorStore):
+            raise ConfigError("TensorStore serves every torchrun rank the same rows (it does not shard yet); "
+                              "train on it in one process")
     if store is None:
         store = ActivationsStore(model, cfgs[0], hook_points, shard=(rank(), world_size()))
     if world_size() > 1:

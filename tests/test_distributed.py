@@ -140,3 +140,30 @@ def test_torchrun_run_killed_after_a_checkpoint_resumes_bitwise(tmp_path):
     again = load_file(tmp_path / "killed" / "run" / "final" / "sae.safetensors")
     for name, value in full.items():
         assert torch.equal(again[name], value), name
+
+
+TENSOR_STORE_UNDER_TORCHRUN = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch
+from activation_store import TensorStore
+from config import ConfigError
+from training import init_distributed, train_sae
+cfg = {cfg!r}
+init_distributed("cpu")
+try:
+    train_sae(cfg, store=TensorStore(torch.randn(4096, 16), cfg))
+except ConfigError as err:
+    print(f"error: {{err}}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_torchrun_refuses_a_tensor_store(tmp_path):
+    """Every rank would read the same rows: a one-line error instead of silently repeated data."""
+    cfg = small_cfg(output_dir=str(tmp_path), run_name="t", eval_tokens=256)
+    script = tmp_path / "tensor_store.py"
+    script.write_text(TENSOR_STORE_UNDER_TORCHRUN.format(repo=str(REPO), cfg=cfg))
+    done = torchrun(str(script), [])
+    assert done.returncode != 0
+    assert "TensorStore serves every torchrun rank the same rows" in done.stderr
