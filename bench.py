@@ -135,10 +135,11 @@ def model_flops_per_token(plain, seq_len: int) -> float:
 
 
 def generation_rates(model_name: str, model_batch_size: int, device: torch.device, dtype: str,
-                     roofline_gflops: float) -> dict[str, float]:
+                     roofline: Callable[[], float]) -> dict[str, float]:
     """Tokens/s to the default hook: TransformerBridge stopped at the hook vs plain HF
-    truncated, both in `dtype`, and each one's model FLOP utilisation (of the measured
-    matmul roofline in that dtype)."""
+    truncated, both in `dtype`, and each one's model FLOP utilisation: of the faster of two
+    matmul rooflines in that dtype measured just before and just after the timings (a
+    roofline from another minute of a drifting machine gave utilisations over 100%)."""
     from transformers import AutoModel
 
     cfg = get_default_cfg()
@@ -149,12 +150,14 @@ def generation_rates(model_name: str, model_batch_size: int, device: torch.devic
                                       dtype=DTYPES[dtype])
     plain = plain.to(device).eval()
     n = tokens.numel()
+    before = roofline()
     bridge_s = timed(lambda: run_to_hook(model, tokens, hook), device, repeats=5)
     with torch.inference_mode():
         plain_s = timed(lambda: plain(input_ids=tokens), device, repeats=5)
+    roofline_gflops = max(before, roofline())
     flops = model_flops_per_token(plain, cfg["seq_len"])
     return {"bridge_tokens_per_s": n / bridge_s, "plain_hf_tokens_per_s": n / plain_s,
-            "bridge_vs_plain": plain_s / bridge_s, "model_flops_per_token": flops,
+            "bridge_vs_plain": plain_s / bridge_s, "model_flops_per_token": flops, "roofline_gflops": roofline_gflops,
             "bridge_mfu": n / bridge_s * flops / (roofline_gflops * 1e9),
             "plain_hf_mfu": n / plain_s * flops / (roofline_gflops * 1e9)}
 
@@ -285,12 +288,12 @@ def main(argv: list[str]) -> None:
         report_peak_memory(results, "after_sae_steps", device)
     if s["generation"]:
         gen = generation_rates(s["model"], s["model_batch_size"], device, s["dtype"],
-                               rooflines.get(s["dtype"]) or matmul_roofline(s["d"], s["m"], s["batch"], device,
-                                                                            s["dtype"]))
+                               functools.partial(matmul_roofline, s["d"], s["m"], s["batch"], device, s["dtype"]))
         results["generation"] = gen
         print(f"generation to the default hook ({s['dtype']}): bridge {gen['bridge_tokens_per_s']:,.0f} tokens/s, "
               f"plain HF {gen['plain_hf_tokens_per_s']:,.0f} tokens/s ({gen['bridge_vs_plain']:.2f}x); model FLOP "
-              f"utilisation (of the {s['dtype']} matmul roofline) {gen['bridge_mfu']:.0%} vs "
+              f"utilisation (of the {s['dtype']} matmul roofline, {gen['roofline_gflops']:.0f} GFLOP/s around the "
+              f"timings) {gen['bridge_mfu']:.0%} vs "
               f"{gen['plain_hf_mfu']:.0%}", flush=True)
     if s["end_to_end"]:
         model = load_model(s["model"], str(device), s["dtype"])

@@ -74,3 +74,12 @@ def test_step_rows_on_activations_from_a_file(tmp_path, monkeypatch):
         bench.activation_batch(str(tmp_path / "acts.npy"), 128)
     with pytest.raises(SystemExit, match="give a \\(tokens, d\\) .npy or .pt file"):
         bench.activation_batch("acts.csv", 64)
+
+
+def test_generation_rates_take_the_faster_roofline_around_the_timings():
+    rooflines = iter([100.0, 400.0])
+    gen = bench.generation_rates(bench.SETTINGS["model"], 2, torch.device("cpu"), "float32", lambda: next(rooflines))
+    assert gen["roofline_gflops"] == 400.0
+    assert gen["bridge_tokens_per_s"] > 0 and gen["plain_hf_tokens_per_s"] > 0
+    expected = gen["bridge_tokens_per_s"] * gen["model_flops_per_token"] / 400e9
+    assert abs(gen["bridge_mfu"] - expected) < 1e-12
