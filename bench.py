@@ -178,10 +178,31 @@ def train_loop(store: ActivationsStore, trainees: list[Trainee], steps: int) -> 
             training_step(t, x, step, 10 * steps, aux_enabled=False)
 
 
+def time_refills(store: ActivationsStore, device: torch.device) -> list[float]:
+    """Accumulate [seconds, tokens] of the store's refills (model forwards included) from now
+    on: the generation rate inside the loop, measured in the same minutes as the loop."""
+    spent = [0.0, 0]
+    refill = store._fresh_activations
+
+    def timed_refill(n: int, desc: str | None = None) -> torch.Tensor:
+        start = time.perf_counter()
+        acts = refill(n, desc)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        spent[0] += time.perf_counter() - start
+        spent[1] += n
+        return acts
+
+    store._fresh_activations = timed_refill
+    return spent
+
+
 def end_to_end_rates(s: dict[str, Any], device: torch.device, model) -> dict[str, float]:
     """Tokens/s of the training loop in steady state (batches from the store, its refills
     running the model, one step per SAE): one SAE, and a group of 8 sharing the stream.
-    Timed over `e2e_refills` buffer refills, after the initial fill."""
+    Timed over `e2e_refills` buffer refills, after the initial fill; also the rate of those
+    refills alone (this VM's speed drifts between sections, so the loop's ratio to its own
+    generation rate is steadier than its ratio to the generation section's)."""
     rates = {}
     for name, variants in (("one_sae", ("batchtopk",)), ("group_of_8", GROUP_VARIANTS)):
         cfgs = [stream_cfg(s, device, model) | {"sae_type": v} for v in variants]
@@ -194,9 +215,11 @@ def end_to_end_rates(s: dict[str, Any], device: torch.device, model) -> dict[str
             trainees.append(Trainee(cfg, sae, optimizer, scheduler, None, use_sparse_kernels(cfg)))
             sae.init_from_batch(store.next_batch()[0], store.scale)
         steps = s["e2e_refills"] * store.serve_count // s["batch"]
+        refills = time_refills(store, device)
         seconds = timed(functools.partial(train_loop, store, trainees, steps), device, repeats=1, warmup=0,
                         rounds=1)
         rates[f"{name}_tokens_per_s"] = steps * s["batch"] / seconds
+        rates[f"{name}_refill_tokens_per_s"] = refills[1] / refills[0]
     return rates
 
 
@@ -300,9 +323,13 @@ def main(argv: list[str]) -> None:
         e2e = end_to_end_rates(s, device, model) | {"cache_read_tokens_per_s": cache_read_rate(s, device, model)}
         results["end_to_end"] = e2e
         base = results.get("generation", {}).get("bridge_tokens_per_s")
-        versus = (lambda v: f" ({v / base:.2f}x generation)") if base else (lambda v: "")
-        for key, value in e2e.items():
-            print(f"{key.removesuffix('_tokens_per_s').replace('_', ' ')}: {value:,.0f} tokens/s{versus(value)}")
+        for name in ("one_sae", "group_of_8"):
+            rate, refill = e2e[f"{name}_tokens_per_s"], e2e[f"{name}_refill_tokens_per_s"]
+            print(f"end to end, {name.replace('_', ' ')}: {rate:,.0f} tokens/s ({rate / refill:.2f}x the loop's own "
+                  f"refills, {refill:,.0f} tokens/s" + (f"; {rate / base:.2f}x the generation section's)" if base
+                                                        else ")"))
+        print(f"cache read: {e2e['cache_read_tokens_per_s']:,.0f} tokens/s"
+              + (f" ({e2e['cache_read_tokens_per_s'] / base:.2f}x generation)" if base else ""))
     report_peak_memory(results, "at_end", device)
     with open("bench_results.json", "w") as f:
         json.dump(results, f, indent=2)

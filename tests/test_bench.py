@@ -83,3 +83,14 @@ def test_generation_rates_take_the_faster_roofline_around_the_timings():
     assert gen["bridge_tokens_per_s"] > 0 and gen["plain_hf_tokens_per_s"] > 0
     expected = gen["bridge_tokens_per_s"] * gen["model_flops_per_token"] / 400e9
     assert abs(gen["bridge_mfu"] - expected) < 1e-12
+
+
+def test_time_refills_counts_the_tokens_and_seconds_of_each_refill():
+    class Store:
+        def _fresh_activations(self, n, desc=None):
+            return torch.zeros(1, n, 4)
+
+    store = Store()
+    spent = bench.time_refills(store, torch.device("cpu"))
+    assert store._fresh_activations(10).shape == (1, 10, 4) and store._fresh_activations(6, "x").shape == (1, 6, 4)
+    assert spent[1] == 16 and spent[0] > 0
