@@ -49,7 +49,8 @@ from sae import SAE_CLASSES, build_sae
 from training import Trainee, training_step, use_sparse_kernels
 
 SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": "auto", "sae_steps": True,
-            "generation": True, "end_to_end": True, "e2e_refills": 2, "model": get_default_cfg()["model_name"],
+            "generation": True, "end_to_end": True, "e2e_refills": 2, "e2e_warmup_steps": 20,
+            "model": get_default_cfg()["model_name"],
             "model_batch_size": get_default_cfg()["model_batch_size"], "dtype": "float32",
             "variants": ",".join(SAE_CLASSES), "kernels": "sparse,dense", "acts": ""}
 GROUP_VARIANTS = ("topk", "batchtopk", "jumprelu", "vanilla") * 2  # the group of 8 SAEs on one stream
@@ -170,12 +171,12 @@ def stream_cfg(s: dict[str, Any], device: torch.device, model) -> dict[str, Any]
     return post_init_cfg(cfg, model_dims(model))
 
 
-def train_loop(store: ActivationsStore, trainees: list[Trainee], steps: int) -> None:
+def train_loop(store: ActivationsStore, trainees: list[Trainee], steps: range, total_steps: int) -> None:
     """The training loop's work without logging: a batch from the store, one step per SAE."""
-    for step in range(steps):
+    for step in steps:
         x = store.next_batch()[0]
         for t in trainees:
-            training_step(t, x, step, 10 * steps, aux_enabled=False)
+            training_step(t, x, step, total_steps, aux_enabled=False)
 
 
 def time_refills(store: ActivationsStore, device: torch.device) -> list[float]:
@@ -200,7 +201,9 @@ def time_refills(store: ActivationsStore, device: torch.device) -> list[float]:
 def end_to_end_rates(s: dict[str, Any], device: torch.device, model) -> dict[str, float]:
     """Tokens/s of the training loop in steady state (batches from the store, its refills
     running the model, one step per SAE): one SAE, and a group of 8 sharing the stream.
-    Timed over `e2e_refills` buffer refills, after the initial fill; also the rate of those
+    Timed over `e2e_refills` buffer refills, after the initial fill and `e2e_warmup_steps`
+    untimed steps (from initialisation Vanilla's codes are dense for ~20 steps and JumpReLU's
+    for ~5, which a long run never sees again); also the rate of those
     refills alone (this VM's speed drifts between sections, so the loop's ratio to its own
     generation rate is steadier than its ratio to the generation section's)."""
     rates = {}
@@ -214,10 +217,12 @@ def end_to_end_rates(s: dict[str, Any], device: torch.device, model) -> dict[str
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
             trainees.append(Trainee(cfg, sae, optimizer, scheduler, None, use_sparse_kernels(cfg)))
             sae.init_from_batch(store.next_batch()[0], store.scale)
-        steps = s["e2e_refills"] * store.serve_count // s["batch"]
+        warmup, steps = s["e2e_warmup_steps"], s["e2e_refills"] * store.serve_count // s["batch"]
+        total = 10 * (warmup + steps)  # the run these steps begin: schedules stay in their early phase
+        train_loop(store, trainees, range(warmup), total)
         refills = time_refills(store, device)
-        seconds = timed(functools.partial(train_loop, store, trainees, steps), device, repeats=1, warmup=0,
-                        rounds=1)
+        seconds = timed(functools.partial(train_loop, store, trainees, range(warmup, warmup + steps), total), device,
+                        repeats=1, warmup=0, rounds=1)
         rates[f"{name}_tokens_per_s"] = steps * s["batch"] / seconds
         rates[f"{name}_refill_tokens_per_s"] = refills[1] / refills[0]
     return rates
