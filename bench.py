@@ -203,9 +203,9 @@ def end_to_end_rates(s: dict[str, Any], device: torch.device, model) -> dict[str
     running the model, one step per SAE): one SAE, and a group of 8 sharing the stream.
     Timed over `e2e_refills` buffer refills, after the initial fill and `e2e_warmup_steps`
     untimed steps (from initialisation Vanilla's codes are dense for ~20 steps and JumpReLU's
-    for ~5, which a long run never sees again); also the rate of those
-    refills alone (this VM's speed drifts between sections, so the loop's ratio to its own
-    generation rate is steadier than its ratio to the generation section's)."""
+    for ~5, which a long run never sees again); also the rate of those refills alone (this
+    VM's speed drifts between sections, so the loop's ratio to its own generation rate is
+    steadier than its ratio to the generation section's; nan where no refill fell in the loop)."""
     rates = {}
     for name, variants in (("one_sae", ("batchtopk",)), ("group_of_8", GROUP_VARIANTS)):
         cfgs = [stream_cfg(s, device, model) | {"sae_type": v} for v in variants]
@@ -224,7 +224,7 @@ def end_to_end_rates(s: dict[str, Any], device: torch.device, model) -> dict[str
         seconds = timed(functools.partial(train_loop, store, trainees, range(warmup, warmup + steps), total), device,
                         repeats=1, warmup=0, rounds=1)
         rates[f"{name}_tokens_per_s"] = steps * s["batch"] / seconds
-        rates[f"{name}_refill_tokens_per_s"] = refills[1] / refills[0]
+        rates[f"{name}_refill_tokens_per_s"] = refills[1] / refills[0] if refills[0] else float("nan")
     return rates
 
 
