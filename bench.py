@@ -8,6 +8,7 @@
     python bench.py dtype=bfloat16                     # generation and end to end with a bf16 model and SAEs
     python bench.py variants=jumprelu,topk kernels=sparse generation=false end_to_end=false  # some step rows
     python bench.py acts=acts.npy generation=false end_to_end=false  # SAE steps on your (tokens, d) activations
+    python bench.py peers=true generation=false end_to_end=false  # + sparsify's step (pip install eai-sparsify==1.3.3)
 
 Every figure is timed here: the fp32 (and bf16) matmul roofline at the configured shape, SAE-step
 tokens/s per variant (fp32, and bf16 autocast where the device supports it) with the
@@ -16,7 +17,9 @@ activation generation through TransformerBridge against a plain Hugging Face for
 truncated at the same layer (with each one's model FLOP utilisation), the end-to-end
 training loop (store + steps) for one SAE and for a group of 8 sharing the stream, the
 disk cache's read rate, and peak memory (GPU memory allocated on CUDA, resident memory on
-CPU). Speed is never asserted in tests.
+CPU). With peers=true, also sparsify's TopK step (the fastest peer) on the same batch, timed
+round by round alongside this project's: the ratio holds where the machine's speed drifts.
+Speed is never asserted in tests.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import functools
 import json
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -52,7 +56,7 @@ SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": 
             "generation": True, "end_to_end": True, "e2e_refills": 2, "e2e_warmup_steps": 20,
             "model": get_default_cfg()["model_name"],
             "model_batch_size": get_default_cfg()["model_batch_size"], "dtype": "float32",
-            "variants": ",".join(SAE_CLASSES), "kernels": "sparse,dense", "acts": ""}
+            "variants": ",".join(SAE_CLASSES), "kernels": "sparse,dense", "acts": "", "peers": False}
 GROUP_VARIANTS = ("topk", "batchtopk", "jumprelu", "vanilla") * 2  # the group of 8 SAEs on one stream
 
 
@@ -98,9 +102,9 @@ def activation_batch(path: str, batch: int) -> torch.Tensor:
     return as_float32(acts[rows.numpy()] if isinstance(acts, np.ndarray) else acts[rows])
 
 
-def sae_step_rate(variant: str, s: dict[str, Any], device: torch.device, dtype: str, kernels: str,
-                  x: torch.Tensor | None = None) -> float:
-    """Training steps per second on random activations, or on `x` (forward, backward, Adam, constraint).
+def sae_step_fn(variant: str, s: dict[str, Any], device: torch.device, dtype: str, kernels: str,
+                x: torch.Tensor | None = None) -> Callable[[], Any]:
+    """One training step (forward, backward, Adam, constraint) on random activations, or on `x`.
     JumpReLU's thresholds (Vanilla's b_enc) are set so each latent fires on k/m of the batch
     (L0 = k), the sparsity of a trained one; at initialisation far more latents fire. The
     learning rate is 0 (every step still does all its work), so that sparsity holds over
@@ -124,7 +128,82 @@ def sae_step_rate(variant: str, s: dict[str, Any], device: torch.device, dtype: 
             sae.log_threshold.copy_(quantile.clamp_min(1e-3).log())
         if variant == "vanilla":
             sae.b_enc.sub_(quantile)
-    return 1 / timed(lambda: training_step(trainee, x, 10, 1000, aux_enabled=False), device, s["steps"])
+    return functools.partial(training_step, trainee, x, 10, 1000, aux_enabled=False)
+
+
+def sae_step_rate(variant: str, s: dict[str, Any], device: torch.device, dtype: str, kernels: str,
+                  x: torch.Tensor | None = None) -> float:
+    """Training steps per second (see `sae_step_fn`)."""
+    return 1 / timed(sae_step_fn(variant, s, device, dtype, kernels, x), device, s["steps"])
+
+
+PEER = "eai-sparsify==1.3.3"  # the fastest peer the issue measured: EleutherAI's sparsify, TopK
+PEER_VARIANTS = ("topk", "batchtopk", "jumprelu")
+
+
+def sparsify_step_fn(s: dict[str, Any], device: torch.device, x: torch.Tensor, optimizer: str) -> Callable[[], Any]:
+    """One step of sparsify's TopK SAE as its trainer takes it: decoder rows renormalised,
+    forward with the dead mask (AuxK), FVU + AuxK/32 backward, the gradient parallel to the
+    decoder rows removed, the optimizer (`adam`, or its default `signum`: schedule-free
+    Signum), dead-latent bookkeeping. Learning rate 0, as for this project's rows."""
+    try:
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify import SparseCoder, SparseCoderConfig
+        from sparsify.sign_sgd import SignSGD
+    except ImportError:
+        sys.exit(f"error: bench setting peers=true needs sparsify: pip install {PEER}")
+    peer = SparseCoder(s["d"], SparseCoderConfig(num_latents=s["m"], k=s["k"]), device=device)
+    if optimizer == "adam":
+        opt = torch.optim.Adam(peer.parameters(), lr=0.0)
+    else:
+        opt = ScheduleFreeWrapper(SignSGD(peer.parameters(), lr=1e-12), momentum=0.95)  # SignSGD refuses lr 0
+        opt.train()
+    since_fired = torch.zeros(s["m"], dtype=torch.long, device=device)
+    x = x.to(device)
+
+    def step() -> None:
+        peer.set_decoder_norm_to_unit_norm()
+        out = peer(x, dead_mask=since_fired > 10_000_000)
+        (out.fvu + out.auxk_loss / 32).backward()
+        peer.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        fired = torch.zeros(s["m"], dtype=torch.bool, device=device)
+        fired[out.latent_indices.flatten()] = True
+        since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
+
+    return step
+
+
+def interleaved_rates(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int,
+                      steps: int = 5) -> dict[str, list[float]]:
+    """Steps per second of each function in each of `rounds` rounds, `steps` calls per
+    function per round, the order reversed every other round: each round's figures come
+    from the same minute, so their ratios hold on a machine whose speed drifts."""
+    for fn in fns.values():
+        fn()
+    rates: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            rates[name].append(1 / timed(fns[name], device, steps, warmup=0, rounds=1))
+    return rates
+
+
+def peer_comparison(s: dict[str, Any], device: torch.device, x: torch.Tensor | None) -> dict[str, Any]:
+    """Sparse fp32 TopK / BatchTopK / JumpReLU steps against sparsify's TopK step (Adam and
+    Signum) on the same batch, interleaved round by round: tokens/s (median of rounds) and
+    each one's ratio to sparsify-with-Adam per round (median and smallest)."""
+    if x is None:
+        x = torch.randn(s["batch"], s["d"])
+    fns = {f"sparsify_topk_{opt}": sparsify_step_fn(s, device, x, opt) for opt in ("adam", "signum")}
+    fns |= {v: sae_step_fn(v, s, device, "float32", "sparse", x) for v in PEER_VARIANTS}
+    rates = interleaved_rates(fns, device, rounds=2 * s["steps"])
+    results = {}
+    for name, per_round in rates.items():
+        ratios = [a / b for a, b in zip(per_round, rates["sparsify_topk_adam"], strict=True)]
+        results[name] = {"tokens_per_s": s["batch"] * statistics.median(per_round),
+                         "vs_sparsify_adam_median": statistics.median(ratios), "vs_sparsify_adam_min": min(ratios)}
+    return results
 
 
 def model_flops_per_token(plain, seq_len: int) -> float:
@@ -314,6 +393,13 @@ def main(argv: list[str]) -> None:
                       f"{gflops / row_roofline:>13.0%}", flush=True)
     if s["sae_steps"]:
         report_peak_memory(results, "after_sae_steps", device)
+    if s["peers"]:
+        peers = results["peers"] = peer_comparison(s, device, x)
+        print(f"same sitting as {PEER}'s TopK step ({2 * s['steps']} rounds, interleaved; tokens/s median of "
+              "rounds; ratio to sparsify with Adam per round, median and smallest):")
+        for name, row in peers.items():
+            print(f"  {name:<20}{row['tokens_per_s']:>10,.0f} tokens/s  {row['vs_sparsify_adam_median']:.2f}x "
+                  f"(smallest {row['vs_sparsify_adam_min']:.2f}x)", flush=True)
     if s["generation"]:
         gen = generation_rates(s["model"], s["model_batch_size"], device, s["dtype"],
                                functools.partial(matmul_roofline, s["d"], s["m"], s["batch"], device, s["dtype"]))

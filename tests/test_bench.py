@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -94,3 +96,30 @@ def test_time_refills_counts_the_tokens_and_seconds_of_each_refill():
     spent = bench.time_refills(store, torch.device("cpu"))
     assert store._fresh_activations(10).shape == (1, 10, 4) and store._fresh_activations(6, "x").shape == (1, 6, 4)
     assert spent[1] == 16 and spent[0] > 0
+
+
+def test_interleaved_rates_time_every_function_every_round():
+    calls = {"a": 0, "b": 0}
+
+    def counter(name: str):
+        return lambda: calls.__setitem__(name, calls[name] + 1)
+
+    rates = bench.interleaved_rates({name: counter(name) for name in calls}, torch.device("cpu"), rounds=3, steps=2)
+    assert set(rates) == {"a", "b"} and all(len(r) == 3 and min(r) > 0 for r in rates.values())
+    assert calls == {"a": 1 + 3 * 2, "b": 1 + 3 * 2}  # one warm-up call, then `steps` per round
+
+
+def test_peers_without_sparsify_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sparsify", None)
+    s = bench.parse(["d=16", "m=64", "k=4", "batch=64", "peers=true"])
+    with pytest.raises(SystemExit, match="peers=true needs sparsify: pip install eai-sparsify==1.3.3"):
+        bench.sparsify_step_fn(s, torch.device("cpu"), torch.randn(64, 16), "adam")
+
+
+def test_peer_comparison_where_sparsify_is_installed():
+    pytest.importorskip("sparsify")
+    s = bench.parse(["d=16", "m=64", "k=4", "batch=64", "steps=1"])
+    peers = bench.peer_comparison(s, torch.device("cpu"), None)
+    assert set(peers) == {"sparsify_topk_adam", "sparsify_topk_signum", *bench.PEER_VARIANTS}
+    assert peers["sparsify_topk_adam"]["vs_sparsify_adam_median"] == 1.0
+    assert all(row["tokens_per_s"] > 0 for row in peers.values())
