@@ -505,18 +505,24 @@ class TopKSAE(BaseSAE):
 @torch.no_grad()
 def row_top_indices(pre: Tensor, k: int, group: int = 8) -> Tensor:
     """Column indices of each row's k largest entries (any order), as `topk` picks them up
-    to ties. On CPU through a prefilter: columns j, j+G, j+2G, ... (G = m / group) form a
-    group, and every entry among a row's k largest lies in one of the k groups with the
-    largest maxima, so the exact topk runs over k*group candidates instead of m (measured
-    at 4096 x 3072, k 32, 2 threads: 29 ms vs 35 ms). CUDA's topk is fast as it is."""
+    to ties and to which entries <= 0 fill a row with fewer than k positive ones (f is 0
+    there and so is its gradient: nothing downstream can tell). On CPU through a prefilter:
+    columns j, j+G, j+2G, ... (G = m / group) form a group, and every entry among a row's k
+    largest lies in one of the k groups with the largest maxima, so the exact topk runs over
+    k*group candidates instead of m. Both topks order the float bits as int32, which orders
+    positive floats as floats and puts them above every negative one, and skips ATen's NaN
+    checks (measured at 4096 x 3072, k 32, 2 threads: 25.4 ms vs 29.0 ms for float topks,
+    35 ms for one topk over m). CUDA's topk is fast as it is."""
     b, m = pre.shape
-    if pre.is_cuda or m % group or 4 * k * group > m:
+    if pre.is_cuda or m % group or 4 * k * group > m or pre.dtype != torch.float32:
         return pre.topk(k, dim=-1, sorted=False).indices
     n_groups = m // group
-    group_max = pre.view(b, group, n_groups).amax(1)
-    top_groups = group_max.topk(k, dim=-1, sorted=False).indices
-    cols = (top_groups.unsqueeze(-1) + n_groups * torch.arange(group, device=pre.device)).view(b, k * group)
-    return cols.gather(1, pre.gather(1, cols).topk(k, dim=-1, sorted=False).indices)
+    blocks = pre.view(b, group, n_groups)
+    top_groups = blocks.amax(1).view(torch.int32).topk(k, dim=-1, sorted=False).indices
+    candidates = blocks.gather(2, top_groups.unsqueeze(1).expand(b, group, k)).view(b, group * k)
+    # candidate j * k + i is column top_groups[i] + j * n_groups
+    pick = candidates.view(torch.int32).topk(k, dim=-1, sorted=False).indices
+    return top_groups.gather(1, pick % k) + n_groups * pick.div(k, rounding_mode="floor")
 
 
 def true_positions(mask: Tensor, max_count: int | None = None) -> Tensor | None:
