@@ -104,17 +104,18 @@ def activation_batch(path: str, batch: int) -> torch.Tensor:
 
 def sae_step_fn(variant: str, s: dict[str, Any], device: torch.device, dtype: str, kernels: str,
                 x: torch.Tensor | None = None) -> Callable[[], Any]:
-    """One training step (forward, backward, Adam, constraint) on random activations, or on `x`.
-    JumpReLU's thresholds (Vanilla's b_enc) are set so each latent fires on k/m of the batch
-    (L0 = k), the sparsity of a trained one; at initialisation far more latents fire. The
-    learning rate is 0 (every step still does all its work), so that sparsity holds over
-    the timed steps instead of drifting on random data."""
+    """One training step (forward, backward, Adam, constraint) on random activations, or on `x`,
+    with `kernels` sparse, dense or auto (as training picks). JumpReLU's thresholds (Vanilla's
+    b_enc) are set so each latent fires on k/m of the batch (L0 = k), the sparsity of a
+    trained one; at initialisation far more latents fire. The learning rate is 0 (every step
+    still does all its work), so that sparsity holds over the timed steps instead of
+    drifting on random data."""
     cfg = get_default_cfg() | {"sae_type": variant, "act_size": s["d"], "dict_size": s["m"], "top_k": s["k"],
                                "batch_size": s["batch"], "dtype": dtype, "device": str(device), "kernels": kernels}
     sae = build_sae(cfg).to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.0)
-    trainee = Trainee(cfg, sae, optimizer, scheduler, logger=None, sparse_kernels=kernels == "sparse")
+    trainee = Trainee(cfg, sae, optimizer, scheduler, logger=None, sparse_kernels=use_sparse_kernels(cfg))
     if x is None:
         x = torch.randn(s["batch"], s["d"], device=device)
         scale = 1.0
@@ -189,14 +190,20 @@ def interleaved_rates(fns: dict[str, Callable[[], Any]], device: torch.device, r
     return rates
 
 
+def peer_dtype(device: torch.device) -> str:
+    """The dtype sparsify computes in: it autocasts to bf16 on CUDA, and runs fp32 elsewhere."""
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
 def peer_comparison(s: dict[str, Any], device: torch.device, x: torch.Tensor | None) -> dict[str, Any]:
-    """Sparse fp32 TopK / BatchTopK / JumpReLU steps against sparsify's TopK step (Adam and
-    Signum) on the same batch, interleaved round by round: tokens/s (median of rounds) and
-    each one's ratio to sparsify-with-Adam per round (median and smallest)."""
+    """TopK / BatchTopK / JumpReLU steps as training takes them (kernels=auto, in sparsify's
+    dtype) against sparsify's TopK step (Adam and Signum) on the same batch, interleaved
+    round by round: tokens/s (median of rounds) and each one's ratio to sparsify-with-Adam
+    per round (median and smallest)."""
     if x is None:
         x = torch.randn(s["batch"], s["d"])
     fns = {f"sparsify_topk_{opt}": sparsify_step_fn(s, device, x, opt) for opt in ("adam", "signum")}
-    fns |= {v: sae_step_fn(v, s, device, "float32", "sparse", x) for v in PEER_VARIANTS}
+    fns |= {v: sae_step_fn(v, s, device, peer_dtype(device), "auto", x) for v in PEER_VARIANTS}
     rates = interleaved_rates(fns, device, rounds=2 * s["steps"])
     results = {}
     for name, per_round in rates.items():
@@ -395,8 +402,8 @@ def main(argv: list[str]) -> None:
         report_peak_memory(results, "after_sae_steps", device)
     if s["peers"]:
         peers = results["peers"] = peer_comparison(s, device, x)
-        print(f"same sitting as {PEER}'s TopK step ({2 * s['steps']} rounds, interleaved; tokens/s median of "
-              "rounds; ratio to sparsify with Adam per round, median and smallest):")
+        print(f"same sitting as {PEER}'s TopK step ({peer_dtype(device)}, kernels=auto; {2 * s['steps']} rounds, "
+              "interleaved; tokens/s median of rounds; ratio to sparsify with Adam per round, median and smallest):")
         for name, row in peers.items():
             print(f"  {name:<20}{row['tokens_per_s']:>10,.0f} tokens/s  {row['vs_sparsify_adam_median']:.2f}x "
                   f"(smallest {row['vs_sparsify_adam_min']:.2f}x)", flush=True)
