@@ -498,14 +498,14 @@ class TopKSAE(BaseSAE):
 
     def select(self, xw: Tensor) -> tuple[SelectedPre, None]:
         pre = xw.add_(self.b_enc)  # a per-row selection cannot fold b_enc into a bound
-        pattern = SparsePattern.from_topk(row_top_indices(pre, self.cfg["top_k"]), pre.shape[-1])
-        return SelectedPre(pattern, pre.view(-1).take(pattern.positions())), None
+        vals, idx = row_top_entries(pre, self.cfg["top_k"])
+        return SelectedPre(SparsePattern.from_topk(idx, pre.shape[-1]), vals.flatten()), None
 
 
 @torch.no_grad()
-def row_top_indices(pre: Tensor, k: int, group: int = 8) -> Tensor:
-    """Column indices of each row's k largest entries (any order), as `topk` picks them up
-    to ties and to which entries <= 0 fill a row with fewer than k positive ones (f is 0
+def row_top_entries(pre: Tensor, k: int, group: int = 8) -> tuple[Tensor, Tensor]:
+    """Values and column indices (B, k) of each row's k largest entries (any order), as
+    `topk` picks them up to ties and to which entries <= 0 fill a row with fewer than k positive ones (f is 0
     there and so is its gradient: nothing downstream can tell). On CPU through a prefilter:
     columns j, j+G, j+2G, ... (G = m / group) form a group, and every entry among a row's k
     largest lies in one of the k groups with the largest maxima, so the exact topk runs over
@@ -515,14 +515,14 @@ def row_top_indices(pre: Tensor, k: int, group: int = 8) -> Tensor:
     35 ms for one topk over m). CUDA's topk is fast as it is."""
     b, m = pre.shape
     if pre.is_cuda or m % group or 4 * k * group > m or pre.dtype != torch.float32:
-        return pre.topk(k, dim=-1, sorted=False).indices
+        return pre.topk(k, dim=-1, sorted=False)
     n_groups = m // group
     blocks = pre.view(b, group, n_groups)
     top_groups = blocks.amax(1).view(torch.int32).topk(k, dim=-1, sorted=False).indices
     candidates = blocks.gather(2, top_groups.unsqueeze(1).expand(b, group, k)).view(b, group * k)
     # candidate j * k + i is column top_groups[i] + j * n_groups
-    pick = candidates.view(torch.int32).topk(k, dim=-1, sorted=False).indices
-    return top_groups.gather(1, pick % k) + n_groups * pick.div(k, rounding_mode="floor")
+    vals, pick = candidates.view(torch.int32).topk(k, dim=-1, sorted=False)
+    return vals.view(torch.float32), top_groups.gather(1, pick % k) + n_groups * pick.div(k, rounding_mode="floor")
 
 
 def true_positions(mask: Tensor, max_count: int | None = None) -> Tensor | None:

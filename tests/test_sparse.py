@@ -132,22 +132,23 @@ def test_vanilla_falls_back_to_dense_while_its_codes_are_dense():
 
 
 @pytest.mark.parametrize(("rows", "cols", "k"), [(64, 3072, 32), (33, 512, 16), (8, 100, 5), (16, 256, 32)])
-def test_row_top_indices_is_an_exact_row_topk(rows, cols, k):
+def test_row_top_entries_is_an_exact_row_topk(rows, cols, k):
     """The grouped prefilter picks each row's k largest values (also with many ties, and
     where it falls back to a plain topk: m not a multiple of 8, or k*8*4 > m). Rows with
     fewer than k positive entries may be filled up with other entries <= 0 than topk's (f
     is 0 there either way); their positive entries are all picked."""
-    from sae import row_top_indices
+    from sae import row_top_entries
 
     gen = torch.Generator().manual_seed(rows)
     few_positive = torch.randn(rows, cols, generator=gen) - 3  # ~0.1% positive: fewer than k per row
     few_positive[:, ::7] = -0.0
     for pre in (torch.randn(rows, cols, generator=gen), torch.randint(0, 5, (rows, cols), generator=gen).float(),
                 torch.randint(-5, 2, (rows, cols), generator=gen).float(), few_positive):
-        idx = row_top_indices(pre, k)
+        vals, idx = row_top_entries(pre, k)
         assert idx.shape == (rows, k)
         assert all(len(set(r.tolist())) == k for r in idx)  # k distinct columns per row
-        picked = pre.gather(1, idx).relu().sort(-1, descending=True).values
+        assert torch.equal(vals, pre.gather(1, idx))  # each value is the entry at its index
+        picked = vals.relu().sort(-1, descending=True).values
         torch.testing.assert_close(picked, pre.topk(k, dim=-1).values.relu())
 
 
