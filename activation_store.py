@@ -9,6 +9,7 @@ Position 0 (BOS/CLS) never reaches the SAE.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import importlib.util
@@ -18,12 +19,14 @@ import math
 import os
 import random
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -297,6 +300,25 @@ def kept_activations(model, tokens: Tensor, hook_points: Sequence[str], excluded
 
 # --- disk cache -------------------------------------------------------------------------
 
+# What a failed write raises: OSError from Python's own file I/O, SafetensorError from
+# safetensors' writer, RuntimeError from torch.save's (neither of the last two is an OSError).
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
+def write_failure(err: BaseException, folder: Path) -> str:
+    """'disk full (reason)' or 'could not write (reason)', for the one-line error about a failed
+    write into `folder` (call before removing what the write left: torch.save's error does not
+    say why it failed, so a full disk is also recognised by its free space)."""
+    full = getattr(err, "errno", None) == errno.ENOSPC or "os error 28" in str(err)
+    with contextlib.suppress(OSError):
+        full = full or shutil.disk_usage(folder).free == 0
+    return f"{'disk full' if full else 'could not write'} ({getattr(err, 'strerror', None) or err})"
+
+
+class CacheWriteError(RuntimeError):
+    """The activation cache could not be written (disk full, I/O error); the shards it lists are intact."""
+
+
 CACHE_KEYS = ("model_name", "dataset_path", "dataset_split", "text_column", "seq_len", "model_batch_size",
               "exclude_special_tokens", "eval_tokens", "seed", "model_dtype", "cache_dtype")
 CACHE_SHARD_TOKENS = 65536
@@ -335,14 +357,26 @@ class ActivationCache:
 
     def _write(self, name: str, tensor: Tensor) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".tmp-{name}"
-        save_file({"acts": tensor.to(self.dtype).contiguous().cpu()}, tmp)
-        os.replace(tmp, self.folder / name)
+        with self._writing(self.folder / f".tmp-{name}") as tmp:
+            save_file({"acts": tensor.to(self.dtype).contiguous().cpu()}, tmp)
+            os.replace(tmp, self.folder / name)
 
     def _save_manifest(self) -> None:
-        tmp = self.folder / ".tmp-manifest.json"
-        tmp.write_text(json.dumps(self.manifest, indent=1))
-        os.replace(tmp, self.manifest_path)
+        with self._writing(self.folder / ".tmp-manifest.json") as tmp:
+            tmp.write_text(json.dumps(self.manifest, indent=1))
+            os.replace(tmp, self.manifest_path)
+
+    @contextlib.contextmanager
+    def _writing(self, tmp: Path) -> Iterator[Path]:
+        """Write through the temporary file `tmp`; a failed write removes it and raises CacheWriteError."""
+        try:
+            yield tmp
+        except WRITE_ERRORS as err:
+            what = write_failure(err, self.folder)
+            tmp.unlink(missing_ok=True)
+            raise CacheWriteError(f"{what} while writing the activation cache {tmp.parent}; the shards it "
+                                  f"lists are intact, and runs read them and generate the rest: free space or "
+                                  f"choose another cache_dir (an interrupted run continues with --resume)") from None
 
     def read_eval(self) -> Tensor | None:
         return load_file(self.folder / self.manifest["eval"])["acts"].float() if self.manifest["eval"] else None

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from activation_store import is_causal_lm, run_to_hook
+from activation_store import WRITE_ERRORS, is_causal_lm, run_to_hook, write_failure
 from config import ConfigError
 from sae import CONFIG_FILE, WEIGHTS_FILE, BaseSAE
 
@@ -301,7 +301,7 @@ class RunLogger:
         """Write to a temporary folder, add the manifest (sizes and sha256 sums, written last,
         files fsynced), then rename it into place (SPEC §7). `stream` is the activation
         store's tensors, or the stream file of another run's checkpoint of this step, which
-        is hard-linked (copied where links fail) rather than written again. An OSError (disk
+        is hard-linked (copied where links fail) rather than written again. A failed write (disk
         full...) removes the temporary folder and raises CheckpointError."""
         target = self.run_dir / FINAL_DIR if final else checkpoint_folder(self.run_dir, step)
         tmp = target.with_name(f".tmp-{target.name}")
@@ -322,10 +322,10 @@ class RunLogger:
                 _remove_folder(target)
             os.replace(tmp, target)
             _fsync_dir(target.parent)
-        except OSError as err:
+        except WRITE_ERRORS as err:
+            what = write_failure(err, tmp.parent)
             shutil.rmtree(tmp, ignore_errors=True)
-            what = "disk full" if err.errno == errno.ENOSPC else "could not write"
-            raise CheckpointError(f"{what} while writing checkpoint {target} ({err.strerror or err}); earlier "
+            raise CheckpointError(f"{what} while writing checkpoint {target}; earlier "
                                   f"checkpoints are intact: free space, then continue with "
                                   f"python main.py --resume {self.run_dir}") from None
         return target

@@ -122,7 +122,9 @@ def _one_line_warnings(default):
 
 
 def main(argv: list[str]) -> int:
-    """Exit codes: 0 done, 2 bad config or data, 3 NaN/inf in training, 4 a checkpoint could not be written."""
+    """Exit codes: 0 done, 2 bad config or data, 3 NaN/inf in training, 4 a checkpoint or the
+    activation cache could not be written."""
+    from activation_store import CacheWriteError
     from logs import CheckpointError
     from training import NonFiniteError, init_distributed, rank, train_sae_group
 
@@ -142,7 +144,7 @@ def main(argv: list[str]) -> int:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except CheckpointError as err:
+    except (CheckpointError, CacheWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 4
     if rank() == 0:

@@ -3,16 +3,18 @@ non-zero exit, and every file already written (an earlier run's folder) left as 
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import small_cfg
+from safetensors import SafetensorError
 
+import activation_store
+import logs
 import main
 import training
 from config import get_default_cfg
@@ -67,18 +69,18 @@ def write_corpora(folder: Path) -> None:
     (folder / "a_file").write_text("not a folder")
 
 
-def disk_full_at_step_4(monkeypatch) -> None:
-    import logs
-
-    real = logs.save_file
+def disk_full_when(module, writing: Callable[[Path], bool], monkeypatch) -> None:
+    """`module.save_file` fails where `writing(path)` holds, as safetensors fails on a full disk
+    (its error is not an OSError), after writing part of the file."""
+    real = module.save_file
 
     def save_file(tensors, filename, *args, **kwargs):
-        if Path(filename).parent.name == ".tmp-step_0000004":
+        if writing(Path(filename)):
             Path(filename).write_bytes(b"partial")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(tensors, filename, *args, **kwargs)
 
-    monkeypatch.setattr(logs, "save_file", save_file)
+    monkeypatch.setattr(module, "save_file", save_file)
 
 
 # (id, argv from (runs folder, corpora folder), setup, exit code, the error line)
@@ -118,8 +120,11 @@ CASES = [
     ("resume not a run", lambda r, d: ["--resume", str(d)], None, 2,
      r"config resume='.*' is not a run folder: .*config\.json cannot be read"),
     ("disk full", lambda r, d: cli(output_dir=r, run_name="full", checkpoint_freq=2), "disk full", 4,
-     r"disk full while writing checkpoint .*full/checkpoints/step_0000004 \(No space left on device\); earlier "
+     r"disk full \(.*No space left on device.*\) while writing checkpoint .*full/checkpoints/step_0000004; earlier "
      r"checkpoints are intact: free space, then continue with python main.py --resume .*full"),
+    ("cache disk full", lambda r, d: cli(output_dir=r, run_name="cached", cache_dir=f"{d}/cache"), "cache disk full",
+     4, r"disk full \(.*No space left on device.*\) while writing the activation cache .*; the shards it lists are "
+     r"intact, and runs read them and generate the rest: free space or choose another cache_dir"),
 ]
 
 
@@ -140,7 +145,9 @@ def test_bad_input_gives_one_line_and_damages_nothing(argv, setup, code, message
     if setup == "foreign checkpoint":
         setup_foreign_checkpoint(runs)
     if setup == "disk full":
-        disk_full_at_step_4(monkeypatch)
+        disk_full_when(logs, lambda path: path.parent.name == ".tmp-step_0000004", monkeypatch)
+    if setup == "cache disk full":
+        disk_full_when(activation_store, lambda path: path.name.startswith(".tmp-shard"), monkeypatch)
     before = snapshot(runs)
     capsys.readouterr()
 
@@ -155,6 +162,9 @@ def test_bad_input_gives_one_line_and_damages_nothing(argv, setup, code, message
         checkpoints = runs / "full" / "checkpoints"
         assert sorted(p.name for p in checkpoints.iterdir()) == ["step_0000002"]  # no .tmp left
         assert verify_checkpoint(checkpoints / "step_0000002") is None
+    if setup == "cache disk full":
+        cache = next((data / "cache").iterdir())
+        assert sorted(p.name for p in cache.iterdir()) == ["eval.safetensors", "manifest.json"]  # no .tmp left
 
 
 def test_overwrite_replaces_a_run_folder_but_never_a_foreign_one(earlier_runs, minilm, tmp_path, monkeypatch):

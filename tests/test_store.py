@@ -287,3 +287,21 @@ def test_a_tensor_store_run_resumes_bitwise(tmp_path):
     train_sae(cfg | {"resume": str(run)}, store=TensorStore(acts, cfg))
     resumed = load_file(run / "final" / "sae.safetensors")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_a_failed_write_is_called_disk_full_only_when_it_is(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    from safetensors import SafetensorError
+
+    from activation_store import write_failure
+
+    assert write_failure(OSError(errno.ENOSPC, "No space left on device"), tmp_path) == \
+        "disk full (No space left on device)"
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert write_failure(full, tmp_path).startswith("disk full (Error while serializing")
+    opaque = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")  # torch.save's
+    assert write_failure(opaque, tmp_path).startswith("could not write (")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10, 10, 0))
+    assert write_failure(opaque, tmp_path).startswith("disk full (")
