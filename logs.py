@@ -150,8 +150,7 @@ def downstream_metrics(sae: BaseSAE, model, tokens: Tensor, keep: Tensor, hook_p
     """Splice the reconstruction (and zeros) into the model at the kept positions (SPEC §5)."""
     device = next(sae.parameters()).device
     causal = is_causal_lm(model)
-    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
-    n_chunks = 0
+    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}  # each a per-chunk mean times its rows
     for rows, mask in zip(tokens.split(batch), keep.split(batch), strict=True):
         rows, mask = rows.to(device), mask.to(device)
         spliced = [(hook_point, _splice_hook(sae, mask, zero=False))]
@@ -160,16 +159,15 @@ def downstream_metrics(sae: BaseSAE, model, tokens: Tensor, keep: Tensor, hook_p
             clean_logits = model(rows)
             spliced_logits = model.run_with_hooks(rows, fwd_hooks=spliced)
             zero_logits = model.run_with_hooks(rows, fwd_hooks=zeroed)
-            totals["clean"] += next_token_ce(clean_logits, rows).item()
-            totals["spliced"] += next_token_ce(spliced_logits, rows).item()
-            totals["zero"] += next_token_ce(zero_logits, rows).item()
-            totals["kl"] += mean_kl(clean_logits, spliced_logits).item()
+            totals["clean"] += next_token_ce(clean_logits, rows).item() * len(rows)
+            totals["spliced"] += next_token_ce(spliced_logits, rows).item() * len(rows)
+            totals["zero"] += next_token_ce(zero_logits, rows).item() * len(rows)
+            totals["kl"] += mean_kl(clean_logits, spliced_logits).item() * len(rows)
         else:
             clean = _final_hidden(model, rows, [])
-            totals["spliced"] += cosine_distance(clean, _final_hidden(model, rows, spliced)).item()
-            totals["zero"] += cosine_distance(clean, _final_hidden(model, rows, zeroed)).item()
-        n_chunks += 1
-    mean = {k: v / n_chunks for k, v in totals.items()}
+            totals["spliced"] += cosine_distance(clean, _final_hidden(model, rows, spliced)).item() * len(rows)
+            totals["zero"] += cosine_distance(clean, _final_hidden(model, rows, zeroed)).item() * len(rows)
+    mean = {k: v / len(tokens) for k, v in totals.items()}  # every row has the same number of positions
     if causal:
         return {"ce_clean": mean["clean"], "ce_spliced": mean["spliced"], "ce_zero": mean["zero"],
                 "ce_recovered": recovered(mean["zero"], mean["spliced"], mean["clean"]), "kl": mean["kl"]}

@@ -142,3 +142,20 @@ def test_unwritable_output_dir_is_one_clear_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ConfigError, match="output_dir=.* is not writable"):
         RunLogger(small_cfg(output_dir=str(blocker / "runs")))
+
+
+def test_downstream_metrics_do_not_depend_on_how_the_rows_are_chunked(tiny_gpt2_dir):
+    """5 rows in chunks of 2 (2 + 2 + 1) give the means over all rows, as one chunk of 5 does."""
+    from activation_store import load_model
+    from logs import downstream_metrics
+
+    model = load_model(str(tiny_gpt2_dir), "cpu")
+    tokens = torch.randint(1, model.cfg.d_vocab, (5, 16), generator=torch.Generator().manual_seed(0))
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    keep[:, 0] = False
+    half = _FixedSplice(zero=False)
+    half.decode = lambda f: 0.5 * f  # a splice between identity and ablation
+    chunked = downstream_metrics(half, model, tokens, keep, "blocks.1.hook_resid_pre", batch=2)
+    whole = downstream_metrics(half, model, tokens, keep, "blocks.1.hook_resid_pre", batch=5)
+    recovered = chunked.pop("ce_recovered"), whole.pop("ce_recovered")  # a ratio of small differences
+    assert chunked == pytest.approx(whole, rel=1e-5) and recovered[0] == pytest.approx(recovered[1], abs=1e-3)
