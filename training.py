@@ -507,26 +507,29 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[
                 t.logger.log(evaluate(t.sae, store), step=0, tokens=0)
 
     where = hook_points[0] if len(hook_points) == 1 else f"{len(hook_points)} hook points"
-    progress = Progress(total_steps * batch_size * world_size(), desc=f"{len(trainees)} SAE(s) on {where}",
-                        initial=start * batch_size * world_size(), enabled=main)
+    tokens_per_step = batch_size * world_size()  # what the dead-latent counters count, too
+    progress = Progress(total_steps * tokens_per_step, desc=f"{len(trainees)} SAE(s) on {where}",
+                        initial=start * tokens_per_step, enabled=main)
     try:
         x = store.next_batch() if start else first_batch  # a checkpoint is taken before the next batch is drawn
         for step in range(start, total_steps):
-            tokens = (step + 1) * batch_size
-            aux_enabled = step * batch_size > min(c["dead_after_tokens"] for c in cfgs)
+            tokens = (step + 1) * tokens_per_step
+            aux_enabled = step * tokens_per_step > min(c["dead_after_tokens"] for c in cfgs)
             for t, h in zip(trainees, hook_of, strict=True):
                 out = training_step(t, x[h], step, total_steps, aux_enabled)
                 record_non_finite(t, out, step + 1)
                 _log_step(t, out, step + 1, total_steps, tokens, store, progress)
             _checkpoint_group(trainees, step + 1, total_steps, tokens, store)
-            progress.advance(batch_size * world_size())
+            progress.advance(tokens_per_step)
             if step + 1 < total_steps:
                 x = store.next_batch()
     finally:
         progress.close()
-        store.flush_cache()
-        for t in trainees:
-            t.logger.finish()
+        try:
+            store.flush_cache()
+        finally:  # the loggers finish (wandb included) even if the cache's last write fails
+            for t in trainees:
+                t.logger.finish()
     return trainees
 
 

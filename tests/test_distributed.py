@@ -118,8 +118,11 @@ def test_torchrun_two_ranks_train_and_only_rank_0_writes(tmp_path):
     done = torchrun("main.py", ddp_args(tmp_path, "ddp"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
-    steps = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    steps = [line["step"] for line in logged]
     assert steps == sorted(steps) and steps[-1] == 8
+    batch_size = small_cfg()["batch_size"]
+    assert all(line["tokens"] == line["step"] * batch_size * 2 for line in logged)  # both ranks' tokens
     assert (tmp_path / "ddp" / "final" / "sae.safetensors").exists()
     weights = load_file(tmp_path / "ddp" / "final" / "sae.safetensors")
     assert torch.isfinite(weights["W_dec"]).all()
