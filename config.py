@@ -37,7 +37,7 @@ def get_default_cfg() -> dict[str, Any]:
         "model_batch_size": 32,  # rows per model forward
         "num_batches_in_buffer": 64,  # model batches of activations in the mixing buffer
         "buffer_device": "",  # where the mixing buffer lives; "" means `device`
-        "exclude_special_tokens": False,  # also drop SEP/EOS positions, not only position 0 (BOS/CLS)
+        "exclude_special_tokens": False,  # also drop SEP/EOS positions, not only BOS/CLS ones (GPT-2's EOS is its BOS)
         "cache_dir": "",  # folder for a disk cache of the activation stream ("" off): the first run writes it,
         # later runs with the same model/hook/data settings read it instead of running the model
         "cache_dtype": "float32",  # dtype the cache stores; float16/bfloat16 halve it (all runs see the rounded values)
@@ -249,7 +249,7 @@ def post_init_cfg(cfg: dict[str, Any], model_dims: dict[str, int]) -> dict[str, 
     """Validate `cfg` and derive hook point, act_size and run name.
 
     `model_dims` holds `d_model`, `n_layers` and `n_ctx` as read from the model
-    (activation_store.read_model_dims), so act_size is never typed by hand.
+    (activation_store.model_dims), so act_size is never typed by hand.
     """
     cfg = dict(cfg)
     validate_cfg(cfg)
