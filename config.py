@@ -46,6 +46,8 @@ def get_default_cfg() -> dict[str, Any]:
         # the SAE
         "sae_type": "batchtopk",  # vanilla | topk | batchtopk | jumprelu
         "dict_size": 3072,  # number of latents m
+        "standardize_tokens": False,  # subtract each token's mean and divide by its std before the SAE (undone on
+        # output; SAELens's normalize_activations="layer_norm"); off: one input scale for all tokens (SPEC §1)
         "top_k": 32,  # k for topk and batchtopk
         "top_k_aux": 512,  # dead latents per token used by the AuxK loss
         "aux_penalty": 0.5,  # coefficient of the AuxK loss (1/32 in Gao et al.'s billion-token runs)

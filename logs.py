@@ -110,7 +110,7 @@ def reconstruction_metrics(sae: BaseSAE, eval_acts: Tensor, device: torch.device
     for x in eval_acts.split(chunk):
         x = x.to(device)
         f = sae.encode(x)
-        sums.add(x, sae.decode(f), f, decoder_norms)
+        sums.add(x, sae.decode(f, x), f, decoder_norms)
     m = sae.cfg["dict_size"]
     density = sums.fire_counts / sums.n
     nmse = sums.sq_err / total_variance(eval_acts)
@@ -134,7 +134,7 @@ def _splice_hook(sae: BaseSAE, keep: Tensor, zero: bool):
     def hook(act: Tensor, hook) -> Tensor:
         act = act.clone()
         x = act[keep].float()
-        act[keep] = (torch.zeros_like(x) if zero else sae.decode(sae.encode(x))).to(act.dtype)
+        act[keep] = (torch.zeros_like(x) if zero else sae.decode(sae.encode(x), x)).to(act.dtype)
         return act
     return hook
 

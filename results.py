@@ -551,12 +551,15 @@ def saelens_tensors(sae: BaseSAE) -> dict[str, Tensor]:
 
 
 def saelens_config(sae: BaseSAE) -> dict[str, Any]:
-    """cfg.json for `saelens_tensors(sae)`: plain inputs (no normalisation: the scale is in the weights)."""
+    """cfg.json for `saelens_tensors(sae)`: the scale is in the weights, so no normalisation, except that an SAE
+    trained with standardize_tokens is SAELens's normalize_activations="layer_norm" (the same standardisation on
+    the way in; SAELens puts back std rather than std + 1e-5 on the way out: relative difference 1e-5 / std)."""
     cfg = sae.cfg
     architecture = SAELENS_ARCHITECTURE[cfg["sae_type"]]
     out: dict[str, Any] = {"architecture": architecture, "d_in": cfg["act_size"], "d_sae": cfg["dict_size"],
                            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-                           "normalize_activations": "none", "reshape_activations": "none"}
+                           "normalize_activations": "layer_norm" if cfg.get("standardize_tokens") else "none",
+                           "reshape_activations": "none"}
     if architecture == "topk":
         out |= {"k": cfg["top_k"], "rescale_acts_by_decoder_norm": False}
     out["metadata"] = {
@@ -595,9 +598,9 @@ def _check_saelens_fields(fields: dict[str, Any], where: Path) -> None:
     if fields["architecture"] not in FROM_SAELENS:
         raise ConfigError(f"{where}: SAELens architecture {fields['architecture']!r} is not supported; "
                           f"supported: {', '.join(FROM_SAELENS)}")
-    if fields.get("normalize_activations") not in (None, False, "none"):
+    if fields.get("normalize_activations") not in (None, False, "none", "layer_norm"):
         raise ConfigError(f"{where}: normalize_activations={fields['normalize_activations']!r} is not supported "
-                          "(its scale is not in the folder); only 'none'")
+                          "(its scale is not in the folder); only 'none' and 'layer_norm'")
     for key in ("d_in", "d_sae") + (("k",) if fields["architecture"] == "topk" else ()):
         if not isinstance(fields.get(key), int):
             raise ConfigError(f"{where}: {key}={fields.get(key)!r} is invalid: a whole number is needed")
@@ -637,7 +640,8 @@ def _imported_cfg(fields: dict[str, Any], sae_type: str, folder: Path) -> dict[s
     """This project's config for an imported SAE: defaults plus what the SAELens folder says."""
     marker = fields.get(EXPORT_MARKER) or {}
     cfg = get_default_cfg() | {"sae_type": sae_type, "act_size": fields["d_in"], "dict_size": fields["d_sae"],
-                               "run_name": marker.get("run_name") or folder.resolve().name}
+                               "run_name": marker.get("run_name") or folder.resolve().name,
+                               "standardize_tokens": fields.get("normalize_activations") == "layer_norm"}
     if sae_type == "topk":
         cfg["top_k"] = fields["k"]
     elif sae_type == "batchtopk" and marker.get("top_k"):
@@ -656,7 +660,8 @@ def _imported_cfg(fields: dict[str, Any], sae_type: str, folder: Path) -> dict[s
 
 def load_saelens(folder: str | Path, device: str = "cpu") -> BaseSAE:
     """An SAE folder in SAELens's layout (exported here, trained with SAELens, or downloaded from the Hub) as this
-    project's SAE class, input scale 1, in eval mode: standard -> VanillaSAE, topk -> TopKSAE, jumprelu ->
+    project's SAE class, input scale 1, in eval mode (normalize_activations="layer_norm" -> standardize_tokens):
+    standard -> VanillaSAE, topk -> TopKSAE, jumprelu ->
     JumpReLUSAE (log_threshold = log threshold; thresholds must be > 0), and jumprelu folders written by
     `export_saelens` from a BatchTopK SAE back to BatchTopKSAE."""
     folder = Path(folder)

@@ -2,7 +2,9 @@
 
 Every SAE takes raw activations and returns raw-space reconstructions; the input
 scale `s` (SPEC §1) is a buffer applied inside `encode` and undone in `decode`, so
-losses, thresholds and coefficients all live in the scaled space.
+losses, thresholds and coefficients all live in the scaled space. With
+`standardize_tokens` each token is also standardised first (its mean subtracted, divided
+by its std) and its mean and std are put back on output.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
+TOKEN_STD_EPS = 1e-5  # added to each token's (unbiased) std under standardize_tokens, as SAELens's layer_norm does
 
 
 class SparsePattern:
@@ -215,12 +218,12 @@ class SAEOutput:
     aux_loss: Tensor  # AuxK loss on dead latents (0 where the variant has none)
     error: Tensor  # x_hat_scaled - x_scaled, shape (B, d)
     x: Tensor  # the raw input
-    scale: Tensor
+    unit: Tensor  # scaled-space units per raw unit: s, or (B, 1) under standardize_tokens
 
     @property
     def x_hat(self) -> Tensor:
         """Raw-space reconstruction, shape (B, d); formed when read (training does not read it)."""
-        return self.x + self.error / self.scale
+        return self.x + self.error / self.unit
 
 
 @dataclass
@@ -282,13 +285,34 @@ class BaseSAE(nn.Module):
         """Variant-specific penalty before its coefficient, averaged over the batch."""
         return pre.new_zeros(())
 
+    def input_transform(self, x: Tensor) -> tuple[Tensor | None, Tensor]:
+        """(shift, unit) for raw activations x (B, d): the SAE works on x_scaled = (x - shift) *
+        unit and maps a reconstruction back as shift + x_hat_scaled / unit. By default shift is
+        None (0) and unit the input scale s; with standardize_tokens they are each token's mean
+        and s / (std + eps), shapes (B, 1) (SPEC §1)."""
+        if not self.cfg.get("standardize_tokens", False):
+            return None, self.scale
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 inputs: statistics in float32
+        return x.mean(-1, keepdim=True), self.scale / (x.std(-1, keepdim=True) + TOKEN_STD_EPS)
+
+    def scaled_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_scaled, unit): raw activations in the space the SAE works in (`input_transform`)."""
+        shift, unit = self.input_transform(x)
+        return (x if shift is None else x - shift) * unit, unit
+
     def encode(self, x: Tensor) -> Tensor:
         """Raw activations -> latents."""
-        return self.activation(self.pre_activations(x * self.scale))
+        return self.activation(self.pre_activations(self.scaled_input(x)[0]))
 
-    def decode(self, f: Tensor) -> Tensor:
-        """Latents -> raw-space reconstruction."""
-        return (f @ self.W_dec + self.b_dec) / self.scale
+    def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
+        """Latents -> raw-space reconstruction. With standardize_tokens pass the raw input `x`
+        the latents came from: its tokens' mean and std are put back."""
+        if x is None and self.cfg.get("standardize_tokens", False):
+            raise ValueError("this SAE standardises each token (standardize_tokens): decode(f, x) needs the raw "
+                             "input x to put its tokens' mean and std back (or read sae(x).x_hat)")
+        shift, unit = (None, self.scale) if x is None else self.input_transform(x)
+        x_hat = (f @ self.W_dec + self.b_dec) / unit
+        return x_hat if shift is None else x_hat + shift
 
     def forward(self, x: Tensor, aux_enabled: bool = True, sparse: bool = False) -> SAEOutput:
         """Raw activations -> SAEOutput. `aux_enabled=False` lets the trainer skip the
@@ -297,7 +321,7 @@ class BaseSAE(nn.Module):
         with a backward that touches only the selected latents (`forward_sparse`)."""
         if sparse and self.has_sparse_path and self.training:
             return self.forward_sparse(x, aux_enabled)
-        x_scaled = x * self.scale
+        x_scaled, unit = self.scaled_input(x)
         pre = self.pre_activations(x_scaled)
         f = self.activation(pre)
         error = f @ self.W_dec + self.b_dec - x_scaled
@@ -307,7 +331,7 @@ class BaseSAE(nn.Module):
             aux = self.aux_loss(-error, pre)
         else:
             aux = recon.new_zeros(())
-        return SAEOutput(f, recon + sparsity + aux, recon, sparsity, aux, error, x, self.scale)
+        return SAEOutput(f, recon + sparsity + aux, recon, sparsity, aux, error, x, unit)
 
     # --- sparse training path ----------------------------------------------------------
 
@@ -337,7 +361,8 @@ class BaseSAE(nn.Module):
         low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         with torch.autocast(device, enabled=False):
             with torch.no_grad():  # the sparse Functions differentiate x_in's dependence on b_dec
-                x_in = torch.addcmul(-self.b_dec, x.float(), self.scale)
+                shift, unit = self.input_transform(x)
+                x_in = torch.addcmul(-self.b_dec, x.float() if shift is None else x.float() - shift, unit)
                 active, window = self.select(self.encoder_matmul(x_in, low))
             if active is None:  # too dense for sparse kernels to pay (early Vanilla)
                 with torch.autocast(device, dtype=low or torch.bfloat16, enabled=low is not None):
@@ -356,7 +381,7 @@ class BaseSAE(nn.Module):
             sparsity = self.sparsity_coeff * penalty
             aux = self.sparse_aux_loss(error, x) if self.uses_aux_loss and aux_enabled else recon.new_zeros(())
         latents = SparseLatents(pattern, f_vals.detach())
-        return SAEOutput(latents, recon + sparsity + aux, recon, sparsity, aux, error, x, self.scale)
+        return SAEOutput(latents, recon + sparsity + aux, recon, sparsity, aux, error, x, unit)
 
     @torch.no_grad()
     def encoder_matmul(self, x_in: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -377,7 +402,7 @@ class BaseSAE(nn.Module):
         dead_cols = self.dead_mask().nonzero().squeeze(1)
         if dead_cols.numel() == 0:
             return x.new_zeros(())
-        x_in = x.float() * self.scale - self.b_dec
+        x_in = self.scaled_input(x.float())[0] - self.b_dec
         pre = x_in @ self.W_enc.index_select(1, dead_cols) + self.b_enc.index_select(0, dead_cols)
         f_aux = F.relu(pre)
         if self.cfg["top_k_aux"] < dead_cols.numel():
@@ -443,9 +468,15 @@ class BaseSAE(nn.Module):
 
     @torch.no_grad()
     def init_from_batch(self, x: Tensor, scale: float) -> None:
-        """Set the input scale and b_dec = mean of the first batch, scaled."""
+        """Set the input scale and b_dec = mean of the first batch, scaled. With
+        standardize_tokens the scale is not the store's estimate `scale` for raw activations
+        but s = sqrt(d / mean ||x_standardised||^2) over this batch (SPEC §1: E||s x||^2 = d
+        for what the SAE sees; about sqrt(d / (d - 1)), as the std is unbiased)."""
+        if self.cfg.get("standardize_tokens", False):
+            self.scale.fill_(1.0)
+            scale = math.sqrt(x.shape[-1] / self.scaled_input(x)[0].pow(2).sum(-1).mean().item())
         self.scale.fill_(scale)
-        self.b_dec.copy_((x * scale).mean(dim=0))
+        self.b_dec.copy_(self.scaled_input(x)[0].mean(dim=0))
 
     @torch.no_grad()
     def update_inference_state(self, f: Tensor | SparseLatents) -> None:

@@ -501,8 +501,8 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[
         first_batch = store.next_batch()
         for t, h in zip(trainees, hook_of, strict=True):
             t.sae.init_from_batch(first_batch[h], store.scales[h])
-            if world_size() > 1:  # b_dec = mean of the union of the ranks' first batches
-                average_buffers(t.sae, ("b_dec",))
+            if world_size() > 1:  # b_dec = mean of the union of the ranks' first batches (and standardize_tokens'
+                average_buffers(t.sae, ("scale", "b_dec"))  # scale, which each rank takes from its own batch)
             if main:
                 t.logger.log(evaluate(t.sae, store), step=0, tokens=0)
 

@@ -40,10 +40,11 @@ ARCHITECTURES = {"vanilla": "standard", "topk": "topk", "batchtopk": "jumprelu",
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
-def trained_like(sae_type: str, seed: int = 0) -> BaseSAE:
+def trained_like(sae_type: str, seed: int = 0, standardize_tokens: bool = False) -> BaseSAE:
     """A small SAE in eval mode with weights no fresh SAE has: scale 3.7, random biases, thresholds."""
     cfg = get_default_cfg() | {"act_size": D, "dict_size": M, "sae_type": sae_type, "top_k": K, "seed": seed,
-                               "hook_point": HOOK, "run_name": f"{sae_type}_test_run"}
+                               "hook_point": HOOK, "run_name": f"{sae_type}_test_run",
+                               "standardize_tokens": standardize_tokens}
     sae = build_sae(cfg)
     gen = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
@@ -87,6 +88,14 @@ def saelens_decode(cfg: dict, t: dict[str, torch.Tensor], f: torch.Tensor) -> to
     if cfg.get("rescale_acts_by_decoder_norm"):
         f = f / t["W_dec"].norm(dim=-1)
     return f @ t["W_dec"] + t["b_dec"]
+
+
+def saelens_layer_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SAELens 6's normalize_activations="layer_norm" on the way in: (x - mu) / (std + 1e-5), with mu and the
+    (unbiased) std, which its way out puts back as x_hat * std + mu."""
+    centred = x - x.mean(-1, keepdim=True)
+    std = centred.std(-1, keepdim=True)
+    return centred / (std + 1e-5), x.mean(-1, keepdim=True), std
 
 
 def read_export(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -260,8 +269,29 @@ def test_load_saelens_bad_folders_fail_with_one_line(tmp_path):
     save_file(t | {"b_enc": torch.zeros(M + 1)}, tmp_path / "shape" / SAELENS_WEIGHTS_FILE)
     assert "b_enc" in one_line_error(ConfigError, lambda: load_saelens(tmp_path / "shape"))
 
-    write_saelens_folder(tmp_path / "norm", V6 | {"architecture": "standard", "normalize_activations": "layer_norm"})
+    write_saelens_folder(tmp_path / "norm", V6 | {"architecture": "standard",
+                                                  "normalize_activations": "expected_average_only_in"})
     assert "normalize_activations" in one_line_error(ConfigError, lambda: load_saelens(tmp_path / "norm"))
+
+
+@pytest.mark.parametrize("sae_type", VARIANTS)
+def test_an_sae_trained_on_standardised_tokens_exports_as_layer_norm_and_loads_back(sae_type, tmp_path):
+    sae = trained_like(sae_type, standardize_tokens=True)
+    folder = export_saelens(sae, tmp_path / "export")
+    cfg, t = read_export(folder)
+    assert cfg["normalize_activations"] == "layer_norm"
+    x = raw_x() * torch.linspace(0.5, 4.0, B)[:, None] + torch.randn(B, 1)  # tokens of differing mean and std
+    x_n, mu, std = saelens_layer_norm(x)
+    with torch.no_grad():
+        f = sae.encode(x)
+        assert_some_fire_some_not(f)
+        f_theirs = saelens_encode(cfg, t, x_n)
+        torch.testing.assert_close(f_theirs, f, **TOL)
+        # SAELens puts back std, not std + 1e-5: relative difference 1e-5 / std
+        torch.testing.assert_close(saelens_decode(cfg, t, f_theirs) * std + mu, sae.decode(f, x), rtol=1e-4, atol=1e-4)
+        loaded = load_saelens(folder)
+        assert loaded.cfg["standardize_tokens"] is True
+        torch.testing.assert_close(loaded(x).x_hat, sae(x).x_hat, **TOL)
 
 
 # --- the Hub folder and upload, without network --------------------------------------------

@@ -105,7 +105,7 @@ class _FixedSplice(torch.nn.Module):
     def encode(self, x):
         return x
 
-    def decode(self, f):
+    def decode(self, f, x=None):
         return torch.zeros_like(f) if self.zero else f
 
 
@@ -154,7 +154,7 @@ def test_downstream_metrics_do_not_depend_on_how_the_rows_are_chunked(tiny_gpt2_
     keep = torch.ones_like(tokens, dtype=torch.bool)
     keep[:, 0] = False
     half = _FixedSplice(zero=False)
-    half.decode = lambda f: 0.5 * f  # a splice between identity and ablation
+    half.decode = lambda f, x=None: 0.5 * f  # a splice between identity and ablation
     chunked = downstream_metrics(half, model, tokens, keep, "blocks.1.hook_resid_pre", batch=2)
     whole = downstream_metrics(half, model, tokens, keep, "blocks.1.hook_resid_pre", batch=5)
     recovered = chunked.pop("ce_recovered"), whole.pop("ce_recovered")  # a ratio of small differences

@@ -372,6 +372,49 @@ def test_rescaling_input_and_scale_gives_same_latents(sae_type):
     torch.testing.assert_close(x_hat2, x_hat1 * c)
 
 
+def affine_tokens(x: torch.Tensor, seed: int = 2) -> torch.Tensor:
+    """x with each token scaled by its own factor in [0.2, 5] and shifted by its own offset."""
+    gen = torch.Generator().manual_seed(seed)
+    a = 0.2 * 25 ** torch.rand(x.shape[0], 1, generator=gen, dtype=x.dtype)
+    return x * a + torch.randn(x.shape[0], 1, generator=gen, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("sae_type", VARIANTS)
+def test_standardised_tokens_match_a_plain_sae_on_standardised_input(sae_type):
+    """standardize_tokens (SPEC §1): the SAE sees (x - mean) / (std + eps) per token and the
+    reconstruction gets each token's mean and std + eps back; the loss is in that space."""
+    std_sae = make_sae(sae_type, standardize_tokens=True).double().eval()
+    plain = make_sae(sae_type).double().eval()
+    x = affine_tokens(rand_x(dtype=torch.float64))
+    mean, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True) + 1e-5
+    x_n = (x - mean) / std
+    std_sae.init_from_batch(x, 99.0)  # the store's raw-space estimate does not apply
+    assert (x_n * std_sae.scale).pow(2).sum(-1).mean().item() == pytest.approx(D)  # E||s x||^2 = d
+    plain.load_state_dict(std_sae.state_dict())
+    torch.testing.assert_close(std_sae.b_dec.detach(), (x_n * std_sae.scale).mean(0))
+    a, b = std_sae(x), plain(x_n)
+    torch.testing.assert_close(a.latents, b.latents)
+    torch.testing.assert_close(a.recon_loss, b.recon_loss)
+    torch.testing.assert_close(a.x_hat, b.x_hat * std + mean)
+    torch.testing.assert_close(std_sae.decode(std_sae.encode(x), x), a.x_hat)
+
+
+@pytest.mark.parametrize("sae_type", VARIANTS)
+def test_standardised_sae_latents_ignore_each_tokens_scale_and_offset(sae_type):
+    sae = make_sae(sae_type, standardize_tokens=True).double().eval()
+    x = rand_x(dtype=torch.float64)
+    sae.init_from_batch(x, 1.0)
+    moved = affine_tokens(x)
+    f = sae.encode(x)
+    assert 0 < (f != 0).double().mean() < 1
+    torch.testing.assert_close(sae.encode(moved), f, rtol=1e-4, atol=1e-4)  # up to the std's eps
+    gain = moved.std(-1, keepdim=True) / x.std(-1, keepdim=True)  # x_hat follows each token's affine map
+    shift = moved.mean(-1, keepdim=True) - gain * x.mean(-1, keepdim=True)
+    torch.testing.assert_close(sae(moved).x_hat, sae(x).x_hat * gain + shift, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"decode\(f, x\) needs the raw input x"):
+        sae.decode(f)
+
+
 # --- 9. save / load -----------------------------------------------------------------------
 
 

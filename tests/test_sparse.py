@@ -65,6 +65,19 @@ def test_sparse_path_equals_dense_reference(sae_type, n_dead, device):
 
 
 @pytest.mark.parametrize("sae_type", SPARSE_VARIANTS)
+def test_sparse_path_equals_dense_reference_on_standardised_tokens(sae_type):
+    sae = trained_like(sae_type, n_dead=5, standardize_tokens=True)
+    x = rand_x(seed=5) * torch.linspace(0.3, 3.0, rand_x().shape[0])[:, None] + 0.5
+    dense, dense_grads = loss_and_grads(sae, x, sparse=False)
+    sparse, sparse_grads = loss_and_grads(sae, x, sparse=True)
+    torch.testing.assert_close(sparse.latents.dense(), dense.latents)
+    torch.testing.assert_close(sparse.loss, dense.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sparse.x_hat, dense.x_hat, rtol=1e-5, atol=1e-5)
+    for name, g in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("sae_type", SPARSE_VARIANTS)
 def test_sparse_training_steps_track_dense_ones(sae_type):
     """Five optimiser steps, counters and BatchTopK threshold included, on each path."""
     from test_sae import train_steps
