@@ -461,6 +461,26 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[
     post-initialised `cfg`, `next_batch()`, `scales`, `hook_index()`, `eval_acts`, `device`,
     `state_dict()` / `load_state_dict()`, `flush_cache()`, and `model` (None skips the
     downstream metrics)."""
+    cfgs, store, resume_step = _open_stream(cfgs, model, store)
+    total_steps = cfgs[0]["num_tokens"] // cfgs[0]["batch_size"]
+    main = rank() == 0
+    trainees = [make_trainee(c, total_steps, resume_step, main) for c in cfgs]
+    if resume_step is None and len(trainees) > 1 and main:
+        write_group_file([t.run_dir for t in trainees])
+    hook_of = [store.hook_index(c["hook_point"]) for c in cfgs]
+    if resume_step:
+        restore_group(trainees, store, resume_step)
+        first_batch = None
+    else:
+        first_batch = _init_from_first_batch(trainees, store, hook_of)
+    _run_steps(trainees, store, hook_of, resume_step or 0, total_steps, first_batch)
+    return trainees
+
+
+def _open_stream(cfgs: list[dict[str, Any]], model, store) -> tuple[list[dict[str, Any]], Any, int | None]:
+    """The group's configs checked and post-initialised (a resumed run's saved ones), the
+    activation stream (`store`, or one built on `model`, booted if None), and the step to
+    resume from (None: a fresh start)."""
     cfgs = [resumed_cfg(c) for c in cfgs]
     for cfg in cfgs:
         validate_cfg(cfg)
@@ -477,41 +497,45 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[
     cfgs = [post_init_cfg(c, dims) for c in cfgs]
     if resume_step:
         check_checkpoints_fit(cfgs, resume_step)
-    hook_points = list(dict.fromkeys(c["hook_point"] for c in cfgs))
-    main = rank() == 0
     if world_size() > 1:
         check_data_parallel(cfgs)
         if isinstance(store, TensorStore):
             raise ConfigError("TensorStore serves every torchrun rank the same rows (it does not shard yet); "
                               "train on it in one process")
     if store is None:
+        hook_points = list(dict.fromkeys(c["hook_point"] for c in cfgs))
         store = ActivationsStore(model, cfgs[0], hook_points, shard=(rank(), world_size()))
     if world_size() > 1:
         store.scales = [average_scale(s, cfgs[0]["act_size"]) for s in store.scales]
-    batch_size = first["batch_size"]
-    total_steps = first["num_tokens"] // batch_size
-    trainees = [make_trainee(c, total_steps, resume_step, main) for c in cfgs]
-    if resume_step is None and len(trainees) > 1 and main:
-        write_group_file([t.run_dir for t in trainees])
-    hook_of = [store.hook_index(c["hook_point"]) for c in cfgs]
-    start = resume_step or 0
-    if start:
-        restore_group(trainees, store, start)
-    else:
-        first_batch = store.next_batch()
-        for t, h in zip(trainees, hook_of, strict=True):
-            t.sae.init_from_batch(first_batch[h], store.scales[h])
-            if world_size() > 1:  # b_dec = mean of the union of the ranks' first batches (and standardize_tokens'
-                average_buffers(t.sae, ("scale", "b_dec"))  # scale, which each rank takes from its own batch)
-            if main:
-                t.logger.log(evaluate(t.sae, store), step=0, tokens=0)
+    return cfgs, store, resume_step
 
+
+def _init_from_first_batch(trainees: list[Trainee], store, hook_of: list[int]) -> Tensor:
+    """A fresh start: each SAE's input scale and b_dec from the stream's first batch, then the
+    step-0 evaluation. Returns that batch: the first step trains on it."""
+    first_batch = store.next_batch()
+    for t, h in zip(trainees, hook_of, strict=True):
+        t.sae.init_from_batch(first_batch[h], store.scales[h])
+        if world_size() > 1:  # b_dec = mean of the union of the ranks' first batches (and standardize_tokens'
+            average_buffers(t.sae, ("scale", "b_dec"))  # scale, which each rank takes from its own batch)
+        if rank() == 0:
+            t.logger.log(evaluate(t.sae, store), step=0, tokens=0)
+    return first_batch
+
+
+def _run_steps(trainees: list[Trainee], store, hook_of: list[int], start: int, total_steps: int,
+               first_batch: Tensor | None) -> None:
+    """The training loop from step `start`: every SAE steps on its hook's slice of each batch,
+    logs, and the group checkpoints together. `first_batch` is the batch of step `start`, or
+    None to draw it (a resumed run: its checkpoint was taken before the next batch was drawn)."""
+    cfgs = [t.cfg for t in trainees]
+    hook_points = list(dict.fromkeys(c["hook_point"] for c in cfgs))
     where = hook_points[0] if len(hook_points) == 1 else f"{len(hook_points)} hook points"
-    tokens_per_step = batch_size * world_size()  # what the dead-latent counters count, too
+    tokens_per_step = cfgs[0]["batch_size"] * world_size()  # what the dead-latent counters count, too
     progress = Progress(total_steps * tokens_per_step, desc=f"{len(trainees)} SAE(s) on {where}",
-                        initial=start * tokens_per_step, enabled=main)
+                        initial=start * tokens_per_step, enabled=rank() == 0)
     try:
-        x = store.next_batch() if start else first_batch  # a checkpoint is taken before the next batch is drawn
+        x = store.next_batch() if first_batch is None else first_batch
         for step in range(start, total_steps):
             tokens = (step + 1) * tokens_per_step
             aux_enabled = step * tokens_per_step > min(c["dead_after_tokens"] for c in cfgs)
@@ -530,7 +554,6 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[
         finally:  # the loggers finish (wandb included) even if the cache's last write fails
             for t in trainees:
                 t.logger.finish()
-    return trainees
 
 
 def _log_step(t: Trainee, out: Any, step: int, total_steps: int, tokens: int,
