@@ -661,9 +661,8 @@ def _imported_cfg(fields: dict[str, Any], sae_type: str, folder: Path) -> dict[s
 def load_saelens(folder: str | Path, device: str = "cpu") -> BaseSAE:
     """An SAE folder in SAELens's layout (exported here, trained with SAELens, or downloaded from the Hub) as this
     project's SAE class, input scale 1, in eval mode (normalize_activations="layer_norm" -> standardize_tokens):
-    standard -> VanillaSAE, topk -> TopKSAE, jumprelu ->
-    JumpReLUSAE (log_threshold = log threshold; thresholds must be > 0), and jumprelu folders written by
-    `export_saelens` from a BatchTopK SAE back to BatchTopKSAE."""
+    standard -> VanillaSAE, topk -> TopKSAE, jumprelu -> JumpReLUSAE (log_threshold = log threshold; thresholds
+    must be > 0), and jumprelu folders written by `export_saelens` from a BatchTopK SAE back to BatchTopKSAE."""
     folder = Path(folder)
     for name in (SAELENS_CFG_FILE, SAELENS_WEIGHTS_FILE):
         if not (folder / name).is_file():
@@ -731,13 +730,17 @@ def model_card(run_or_sae: str | Path | Run | BaseSAE, metrics: dict[str, Any] |
         "## Files", "",
         f"`{sae_id}/cfg.json` and `{sae_id}/sae_weights.safetensors` in the SAELens 6 layout. The input scale "
         f"s = {float(sae.scale):.6g} used in training is folded into the weights: give the SAE raw activations. "
-        "Latent values are those of the training code, so decoder rows have norm 1/s.", "",
+        "Latent values are those of the training code, so decoder rows have norm 1/s."
+        + (" Each token is standardised first (its mean subtracted, divided by its std: SAELens's "
+           "normalize_activations layer_norm) and its mean and std are put back after decoding."
+           if cfg.get("standardize_tokens") else ""), "",
         "## Load", "", "With SAELens:", "", "```python", "from sae_lens import SAE", "",
         f'sae = SAE.from_pretrained("{repo}", "{sae_id}")', "```", "",
         "With the training scripts (`results.py`):", "", "```python",
         "from huggingface_hub import snapshot_download", "from results import load_saelens", "",
         f'sae = load_saelens(snapshot_download("{repo}") + "/{sae_id}")',
-        "latents = sae.encode(x); x_hat = sae.decode(latents)  # x: raw activations, shape (tokens, d_in)", "```", "",
+        "latents = sae.encode(x); x_hat = sae.decode(latents, x)  # x: raw activations, shape (tokens, d_in)",
+        "```", "",
     ])
 
 

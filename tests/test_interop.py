@@ -292,6 +292,10 @@ def test_an_sae_trained_on_standardised_tokens_exports_as_layer_norm_and_loads_b
         loaded = load_saelens(folder)
         assert loaded.cfg["standardize_tokens"] is True
         torch.testing.assert_close(loaded(x).x_hat, sae(x).x_hat, **TOL)
+        torch.testing.assert_close(loaded.decode(loaded.encode(x), x), sae(x).x_hat, **TOL)  # as the model card says
+    card = model_card(sae)
+    assert "Each token is standardised first" in card and "x_hat = sae.decode(latents, x)" in card
+    assert "standardised" not in model_card(trained_like(sae_type))
 
 
 # --- the Hub folder and upload, without network --------------------------------------------
