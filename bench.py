@@ -9,6 +9,7 @@
     python bench.py variants=jumprelu,topk kernels=sparse generation=false end_to_end=false  # some step rows
     python bench.py acts=acts.npy generation=false end_to_end=false  # SAE steps on your (tokens, d) activations
     python bench.py peers=true generation=false end_to_end=false  # + sparsify's step (pip install eai-sparsify==1.3.3)
+    python bench.py quality=true acts=train.npy eval_acts=eval.npy sae_steps=false generation=false end_to_end=false
 
 Every figure is timed here: the fp32 (and bf16) matmul roofline at the configured shape, SAE-step
 tokens/s per variant (fp32, and bf16 autocast where the device supports it) with the
@@ -18,7 +19,9 @@ truncated at the same layer (with each one's model FLOP utilisation), the end-to
 training loop (store + steps) for one SAE and for a group of 8 sharing the stream, the
 disk cache's read rate, and peak memory (GPU memory allocated on CUDA, resident memory on
 CPU). With peers=true, also sparsify's TopK step (the fastest peer) on the same batch, timed
-round by round alongside this project's: the ratio holds where the machine's speed drifts.
+round by round alongside this project's: the ratio holds where the machine's speed drifts. With
+quality=true, this project's TopK / BatchTopK / JumpReLU and sparsify's TopK trained on the same
+rows of acts= and evaluated on eval_acts= (held-out EV, L0, latents never firing).
 Speed is never asserted in tests.
 """
 
@@ -42,6 +45,7 @@ from activation_store import (
     CACHE_SHARD_TOKENS,
     DTYPES,
     ActivationsStore,
+    TensorStore,
     as_float32,
     load_model,
     model_dims,
@@ -49,14 +53,16 @@ from activation_store import (
     run_to_hook,
 )
 from config import get_default_cfg, post_init_cfg, resolve_device
+from logs import total_variance
 from sae import SAE_CLASSES, build_sae
-from training import Trainee, training_step, use_sparse_kernels
+from training import Trainee, train_sae_group, training_step, use_sparse_kernels
 
 SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": "auto", "sae_steps": True,
             "generation": True, "end_to_end": True, "e2e_refills": 2, "e2e_warmup_steps": 20,
             "model": get_default_cfg()["model_name"],
             "model_batch_size": get_default_cfg()["model_batch_size"], "dtype": "float32",
-            "variants": ",".join(SAE_CLASSES), "kernels": "sparse,dense", "acts": "", "peers": False}
+            "variants": ",".join(SAE_CLASSES), "kernels": "sparse,dense", "acts": "", "peers": False,
+            "quality": False, "eval_acts": "", "quality_tokens": 1_048_576}
 GROUP_VARIANTS = ("topk", "batchtopk", "jumprelu", "vanilla") * 2  # the group of 8 SAEs on one stream
 
 
@@ -88,18 +94,31 @@ def matmul_roofline(d: int, m: int, batch: int, device: torch.device, dtype: str
     return 2 * batch * d * m / timed(lambda: torch.mm(x, w, out=out), device, repeats=10) / 1e9
 
 
-def activation_batch(path: str, batch: int) -> torch.Tensor:
-    """`batch` rows drawn at random (seed 0) from a (tokens, d) `.npy` (memmapped) or `.pt` file."""
+def load_rows(path: str, what: str = "acts") -> np.ndarray | torch.Tensor:
+    """A (tokens, d) `.npy` (memmapped) or `.pt` file of activations, named by bench setting `what`."""
     if path.endswith(".npy"):
         acts = np.load(path, mmap_mode="r")
     elif path.endswith(".pt"):
         acts = torch.load(path, map_location="cpu", weights_only=True)
     else:
-        sys.exit(f"error: bench setting acts={path!r}: give a (tokens, d) .npy or .pt file")
-    if len(acts.shape) != 2 or acts.shape[0] < batch:
-        sys.exit(f"error: bench setting acts={path!r}: shape {tuple(acts.shape)}, need (tokens >= batch={batch}, d)")
-    rows = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(0))[:batch].sort().values
+        sys.exit(f"error: bench setting {what}={path!r}: give a (tokens, d) .npy or .pt file")
+    if len(acts.shape) != 2:
+        sys.exit(f"error: bench setting {what}={path!r}: shape {tuple(acts.shape)}, need (tokens, d)")
+    return acts
+
+
+def read_rows(acts: np.ndarray | torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of `acts` as float32, read in ascending order (a memmap reads them in one pass)."""
+    rows = rows.sort().values
     return as_float32(acts[rows.numpy()] if isinstance(acts, np.ndarray) else acts[rows])
+
+
+def activation_batch(path: str, batch: int) -> torch.Tensor:
+    """`batch` rows drawn at random (seed 0) from a (tokens, d) `.npy` (memmapped) or `.pt` file."""
+    acts = load_rows(path)
+    if acts.shape[0] < batch:
+        sys.exit(f"error: bench setting acts={path!r}: shape {tuple(acts.shape)}, need (tokens >= batch={batch}, d)")
+    return read_rows(acts, torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(0))[:batch])
 
 
 def sae_step_fn(variant: str, s: dict[str, Any], device: torch.device, dtype: str, kernels: str,
@@ -142,38 +161,68 @@ PEER = "eai-sparsify==1.3.3"  # the fastest peer the issue measured: EleutherAI'
 PEER_VARIANTS = ("topk", "batchtopk", "jumprelu")
 
 
-def sparsify_step_fn(s: dict[str, Any], device: torch.device, x: torch.Tensor, optimizer: str) -> Callable[[], Any]:
-    """One step of sparsify's TopK SAE as its trainer takes it: decoder rows renormalised,
-    forward with the dead mask (AuxK), FVU + AuxK/32 backward, the gradient parallel to the
-    decoder rows removed, the optimizer (`adam`, or its default `signum`: schedule-free
-    Signum), dead-latent bookkeeping. Learning rate 0, as for this project's rows."""
+SPARSIFY_WARMUP_STEPS = 1000  # sparsify 1.3.3's lr_warmup_steps (Adam only)
+
+
+def sparsify_trainer(s: dict[str, Any], device: torch.device, optimizer: str, lr: float | None = None,
+                     total_steps: int = 1, warmup_steps: int = SPARSIFY_WARMUP_STEPS
+                     ) -> tuple[Any, Callable[[torch.Tensor], None], Callable[[], None]]:
+    """sparsify's TopK SAE and a function stepping it on a batch as sparsify 1.3.3's trainer does
+    with its defaults: b_dec set to the first batch's mean, decoder rows renormalised, the FVU
+    loss (auxk_alpha is 0 by default: no AuxK, no dead mask), the gradient parallel to the
+    decoder rows removed, the optimizer, and the count of tokens since each latent fired.
+    `optimizer`: `signum` (its default: schedule-free SignSGD, momentum 0.95, lr 5e-3 /
+    sqrt(m / 2^14)) or `adam` (lr 2e-4 / sqrt(m / 2^14), warmed up linearly over `warmup_steps`
+    and decayed linearly to 0 at `total_steps`); `lr` overrides the default rate. Returns the SAE,
+    `step(x)`, and `finish()`, to call before evaluating (schedule-free keeps the averaged weights
+    it is evaluated at aside while training)."""
     try:
         from schedulefree import ScheduleFreeWrapper
         from sparsify import SparseCoder, SparseCoderConfig
         from sparsify.sign_sgd import SignSGD
+        from transformers import get_linear_schedule_with_warmup
     except ImportError:
         sys.exit(f"error: bench setting peers=true needs sparsify: pip install {PEER}")
     peer = SparseCoder(s["d"], SparseCoderConfig(num_latents=s["m"], k=s["k"]), device=device)
+    size = (s["m"] / 2**14) ** 0.5
+    schedule = None
     if optimizer == "adam":
-        opt = torch.optim.Adam(peer.parameters(), lr=0.0)
+        opt = torch.optim.Adam(peer.parameters(), lr=2e-4 / size if lr is None else lr)
+        schedule = get_linear_schedule_with_warmup(opt, warmup_steps, total_steps)
     else:
-        opt = ScheduleFreeWrapper(SignSGD(peer.parameters(), lr=1e-12), momentum=0.95)  # SignSGD refuses lr 0
+        opt = ScheduleFreeWrapper(SignSGD(peer.parameters(), lr=5e-3 / size if lr is None else lr), momentum=0.95)
         opt.train()
     since_fired = torch.zeros(s["m"], dtype=torch.long, device=device)
-    x = x.to(device)
+    started = []
 
-    def step() -> None:
+    def step(x: torch.Tensor) -> None:
+        if not started:
+            peer.b_dec.data = x.mean(0)
+            started.append(True)
         peer.set_decoder_norm_to_unit_norm()
-        out = peer(x, dead_mask=since_fired > 10_000_000)
-        (out.fvu + out.auxk_loss / 32).backward()
+        out = peer(x)
+        out.fvu.backward()
         peer.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad()
+        if schedule is not None:
+            schedule.step()
         fired = torch.zeros(s["m"], dtype=torch.bool, device=device)
         fired[out.latent_indices.flatten()] = True
         since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
 
-    return step
+    def finish() -> None:
+        if schedule is None:
+            opt.eval()
+
+    return peer, step, finish
+
+
+def sparsify_step_fn(s: dict[str, Any], device: torch.device, x: torch.Tensor, optimizer: str) -> Callable[[], Any]:
+    """One step of sparsify's TopK SAE on `x` as its trainer takes it (`sparsify_trainer`), at a
+    learning rate of 0, as for this project's rows (SignSGD refuses 0: 1e-12)."""
+    _, step, _ = sparsify_trainer(s, device, optimizer, lr=0.0 if optimizer == "adam" else 1e-12)
+    return functools.partial(step, x.to(device))
 
 
 def interleaved_rates(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int,
@@ -211,6 +260,61 @@ def peer_comparison(s: dict[str, Any], device: torch.device, x: torch.Tensor | N
         results[name] = {"tokens_per_s": s["batch"] * statistics.median(per_round),
                          "vs_sparsify_adam_median": statistics.median(ratios), "vs_sparsify_adam_min": min(ratios)}
     return results
+
+
+# sparsify runs of the quality comparison: (optimizer, lr (None: its default), warmup steps). Its
+# default, then Adam at the lr the issue's table used (3e-4) with its default warmup and without.
+SPARSIFY_QUALITY_RUNS = (("signum", None, SPARSIFY_WARMUP_STEPS), ("adam", 3e-4, SPARSIFY_WARMUP_STEPS),
+                         ("adam", 3e-4, 0))
+
+
+@torch.no_grad()
+def sparsify_held_out(peer, eval_acts: torch.Tensor, batch: int) -> dict[str, float]:
+    """Explained variance (SPEC §5: around the held-out mean), L0 and the fraction of latents
+    never firing on `eval_acts`, for a sparsify SAE."""
+    sq_err, active, fired = 0.0, 0, torch.zeros(peer.num_latents, dtype=torch.bool, device=eval_acts.device)
+    for chunk in eval_acts.split(batch):
+        out = peer(chunk)
+        sq_err += (out.sae_out - chunk).double().pow(2).sum().item()
+        on = out.latent_acts > 0
+        active += int(on.sum())
+        fired[out.latent_indices[on]] = True
+    return {"explained_variance": 1 - sq_err / total_variance(eval_acts), "l0": active / len(eval_acts),
+            "never_fired_eval_frac": 1 - fired.float().mean().item()}
+
+
+def quality_comparison(s: dict[str, Any], device: torch.device) -> dict[str, dict[str, float]]:
+    """This project's TopK / BatchTopK / JumpReLU (defaults, one group through TensorStore) and
+    sparsify's TopK (SPARSIFY_QUALITY_RUNS) trained on the same `quality_tokens` rows of `acts`
+    and evaluated on the same `eval_acts`: held-out explained variance, L0, latents never
+    firing, and training tokens/s (data reading included; this project's SAEs share theirs).
+    Returns {"tokens": training tokens, "runs": {name: figures}}."""
+    acts, eval_acts = load_rows(s["acts"], "acts"), as_float32(load_rows(s["eval_acts"], "eval_acts"))
+    tokens = min(s["quality_tokens"], acts.shape[0]) // s["batch"] * s["batch"]
+    results = {}
+    with tempfile.TemporaryDirectory() as out:
+        cfgs = [get_default_cfg() | {"sae_type": v, "run_name": v, "output_dir": out, "device": str(device),
+                                     "wandb_mode": "disabled", "num_tokens": tokens, "batch_size": s["batch"],
+                                     "dict_size": s["m"], "top_k": s["k"]} for v in PEER_VARIANTS]
+        start = time.perf_counter()
+        trainees = train_sae_group(cfgs, store=TensorStore(acts, cfgs[0], eval_acts=eval_acts))
+        seconds = time.perf_counter() - start
+    for t in trainees:
+        m = t.final_metrics
+        results[t.cfg["sae_type"]] = {k: m[k] for k in ("explained_variance", "l0", "never_fired_eval_frac")} | {
+            "tokens_per_s": tokens * len(trainees) / seconds}
+    order = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(0))[:tokens]
+    for optimizer, lr, warmup in SPARSIFY_QUALITY_RUNS:
+        steps = tokens // s["batch"]
+        peer, step, finish = sparsify_trainer(s, device, optimizer, lr, steps, warmup)
+        start = time.perf_counter()
+        for rows in order.view(steps, s["batch"]):
+            step(read_rows(acts, rows).to(device))
+        seconds = time.perf_counter() - start
+        finish()
+        name = f"sparsify_topk_{optimizer}" + (f"_lr{lr:g}_warmup{warmup}" if lr is not None else "")
+        results[name] = sparsify_held_out(peer, eval_acts.to(device), s["batch"]) | {"tokens_per_s": tokens / seconds}
+    return {"tokens": tokens, "runs": results}
 
 
 def model_flops_per_token(plain, seq_len: int) -> float:
@@ -407,6 +511,15 @@ def main(argv: list[str]) -> None:
         for name, row in peers.items():
             print(f"  {name:<20}{row['tokens_per_s']:>10,.0f} tokens/s  {row['vs_sparsify_adam_median']:.2f}x "
                   f"(smallest {row['vs_sparsify_adam_min']:.2f}x)", flush=True)
+    if s["quality"]:
+        if not (s["acts"] and s["eval_acts"]):
+            sys.exit("error: bench setting quality=true needs acts=TRAIN_FILE and eval_acts=HELD_OUT_FILE")
+        quality = results["quality"] = quality_comparison(s, device)
+        print(f"held-out quality after {quality['tokens']:,} training rows of {s['acts']}, evaluated on "
+              f"{s['eval_acts']} (EV around the held-out mean; tokens/s of training, data reading included):")
+        for name, row in quality["runs"].items():
+            print(f"  {name:<40}  EV {row['explained_variance']:.4f}  L0 {row['l0']:6.2f}  never fired "
+                  f"{row['never_fired_eval_frac']:6.2%}  {row['tokens_per_s']:>8,.0f} tokens/s", flush=True)
     if s["generation"]:
         gen = generation_rates(s["model"], s["model_batch_size"], device, s["dtype"],
                                functools.partial(matmul_roofline, s["d"], s["m"], s["batch"], device, s["dtype"]))

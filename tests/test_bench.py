@@ -123,3 +123,33 @@ def test_peer_comparison_where_sparsify_is_installed():
     assert set(peers) == {"sparsify_topk_adam", "sparsify_topk_signum", *bench.PEER_VARIANTS}
     assert peers["sparsify_topk_adam"]["vs_sparsify_adam_median"] == 1.0
     assert all(row["tokens_per_s"] > 0 for row in peers.values())
+
+
+def test_quality_needs_both_activation_files(monkeypatch):
+    monkeypatch.setattr(bench, "matmul_roofline", lambda *args: 1.0)
+    with pytest.raises(SystemExit, match="quality=true needs acts=TRAIN_FILE and eval_acts=HELD_OUT_FILE"):
+        bench.main(["d=16", "m=64", "k=4", "batch=64", "quality=true", "sae_steps=false", "generation=false",
+                    "end_to_end=false"])
+
+
+def test_quality_comparison_where_sparsify_is_installed(tmp_path):
+    """Ours and sparsify's TopK trained on the same rows of a file, evaluated on the same held-out file."""
+    pytest.importorskip("sparsify")
+    import numpy as np
+    from test_store import sparse_mixture
+
+    acts = sparse_mixture(12_288 + 2048).numpy()
+    np.save(tmp_path / "train.npy", acts[2048:])
+    np.save(tmp_path / "eval.npy", acts[:2048])
+    s = bench.parse(["d=32", "m=128", "k=8", "batch=256", "quality_tokens=12000", f"acts={tmp_path}/train.npy",
+                     f"eval_acts={tmp_path}/eval.npy"])
+    quality = bench.quality_comparison(s, torch.device("cpu"))
+    assert quality["tokens"] == 11_776  # whole batches
+    runs = quality["runs"]
+    assert set(runs) == {*bench.PEER_VARIANTS, "sparsify_topk_signum", "sparsify_topk_adam_lr0.0003_warmup1000",
+                         "sparsify_topk_adam_lr0.0003_warmup0"}
+    for name, row in runs.items():
+        print(name, row)
+        assert row["tokens_per_s"] > 0 and 0 <= row["never_fired_eval_frac"] <= 1
+    assert runs["topk"]["l0"] == 8 and runs["sparsify_topk_signum"]["l0"] <= 8
+    assert runs["topk"]["explained_variance"] > 0.5 and runs["sparsify_topk_signum"]["explained_variance"] > 0.5
