@@ -113,9 +113,17 @@ class StopForward(Exception):
     """Raised by a hook to end the forward pass once the activation is captured."""
 
 
+HOOK_LEVEL = -8191  # TransformerLens context level of the hooks run_to_hooks adds, so it removes exactly those
+
+
 def run_to_hooks(model, tokens: Tensor, hook_points: Sequence[str], fwd_hooks: list | None = None) -> list[Tensor]:
     """Forward only as far as the deepest of `hook_points` (with any extra `fwd_hooks`
-    before them) and return their activations (B, S, d), in the order given."""
+    before them) and return their activations (B, S, d), in the order given. The hooks go
+    straight onto the HookPoints (`add_hook` / `remove_hooks` at HOOK_LEVEL) rather than
+    through the bridge's `run_with_hooks`, which rebuilds its alias maps on every call:
+    0.44-0.83 ms less per forward (medians of 300 paired calls at 8 tokens on the 2-core CPU,
+    two runs; lost in the noise at 32 x 128 tokens there, but Python overhead of this kind is
+    what bounds a small model's forward on a GPU)."""
     captured: dict[str, Tensor] = {}
     wanted = set(hook_points)
 
@@ -124,9 +132,16 @@ def run_to_hooks(model, tokens: Tensor, hook_points: Sequence[str], fwd_hooks: l
         if len(captured) == len(wanted):
             raise StopForward
 
-    grabs = [(h, functools.partial(grab, name=h)) for h in wanted]
-    with torch.inference_mode(), contextlib.suppress(StopForward):
-        model.run_with_hooks(tokens, fwd_hooks=[*(fwd_hooks or []), *grabs])
+    points = model.hook_dict
+    hooks = [*(fwd_hooks or []), *((h, functools.partial(grab, name=h)) for h in wanted)]
+    try:
+        for name, fn in hooks:
+            points[name].add_hook(fn, level=HOOK_LEVEL)
+        with torch.inference_mode(), contextlib.suppress(StopForward):
+            model(tokens)
+    finally:
+        for name, _ in hooks:
+            points[name].remove_hooks("fwd", level=HOOK_LEVEL)
     return [captured[h] for h in hook_points]
 
 

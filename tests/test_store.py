@@ -113,6 +113,23 @@ def test_run_to_hooks_stops_after_the_deepest_hook(minilm):
     assert not fired  # layer 5 never ran
     for hook, act in zip(HOOKS, acts, strict=True):
         assert torch.equal(act, run_to_hook(minilm, tokens, hook))
+    points = minilm.hook_dict
+
+    def added_hooks() -> list:  # the bridge keeps permanent hooks of its own; a point may have two names
+        return list({id(h): h for p in points.values() for h in p.fwd_hooks if not h.is_permanent}.values())
+
+    assert not added_hooks()  # its hooks are removed,
+
+    def fails(act, hook):
+        raise ValueError("a hook that fails")
+
+    with pytest.raises(ValueError, match="a hook that fails"):
+        run_to_hooks(minilm, tokens, HOOKS, fwd_hooks=[("blocks.0.hook_resid_pre", fails)])
+    assert not added_hooks()  # also when a hook raises,
+    kept = points["blocks.1.hook_resid_pre"].add_hook(lambda act, hook: None)
+    run_to_hooks(minilm, tokens, HOOKS)
+    assert added_hooks() == [kept]  # and only its own
+    points["blocks.1.hook_resid_pre"].remove_hooks("fwd")
 
 
 def test_multi_hook_store_serves_each_hook_like_a_single_hook_store(minilm):
