@@ -283,7 +283,7 @@ def sparsify_held_out(peer, eval_acts: torch.Tensor, batch: int) -> dict[str, fl
             "never_fired_eval_frac": 1 - fired.float().mean().item()}
 
 
-def quality_comparison(s: dict[str, Any], device: torch.device) -> dict[str, dict[str, float]]:
+def quality_comparison(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """This project's TopK / BatchTopK / JumpReLU (defaults, one group through TensorStore) and
     sparsify's TopK (SPARSIFY_QUALITY_RUNS) trained on the same `quality_tokens` rows of `acts`
     and evaluated on the same `eval_acts`: held-out explained variance, L0, latents never
