@@ -477,6 +477,11 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[
     return trainees
 
 
+def hook_points_of(cfgs: list[dict[str, Any]]) -> list[str]:
+    """The group's hook points, each once, in the order of the configs."""
+    return list(dict.fromkeys(c["hook_point"] for c in cfgs))
+
+
 def _open_stream(cfgs: list[dict[str, Any]], model, store) -> tuple[list[dict[str, Any]], Any, int | None]:
     """The group's configs checked and post-initialised (a resumed run's saved ones), the
     activation stream (`store`, or one built on `model`, booted if None), and the step to
@@ -503,8 +508,7 @@ def _open_stream(cfgs: list[dict[str, Any]], model, store) -> tuple[list[dict[st
             raise ConfigError("TensorStore serves every torchrun rank the same rows (it does not shard yet); "
                               "train on it in one process")
     if store is None:
-        hook_points = list(dict.fromkeys(c["hook_point"] for c in cfgs))
-        store = ActivationsStore(model, cfgs[0], hook_points, shard=(rank(), world_size()))
+        store = ActivationsStore(model, cfgs[0], hook_points_of(cfgs), shard=(rank(), world_size()))
     if world_size() > 1:
         store.scales = [average_scale(s, cfgs[0]["act_size"]) for s in store.scales]
     return cfgs, store, resume_step
@@ -529,7 +533,7 @@ def _run_steps(trainees: list[Trainee], store, hook_of: list[int], start: int, t
     logs, and the group checkpoints together. `first_batch` is the batch of step `start`, or
     None to draw it (a resumed run: its checkpoint was taken before the next batch was drawn)."""
     cfgs = [t.cfg for t in trainees]
-    hook_points = list(dict.fromkeys(c["hook_point"] for c in cfgs))
+    hook_points = hook_points_of(cfgs)
     where = hook_points[0] if len(hook_points) == 1 else f"{len(hook_points)} hook points"
     tokens_per_step = cfgs[0]["batch_size"] * world_size()  # what the dead-latent counters count, too
     progress = Progress(total_steps * tokens_per_step, desc=f"{len(trainees)} SAE(s) on {where}",
