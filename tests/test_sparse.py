@@ -1,4 +1,4 @@
-"""The sparse training path (SAE.forward_sparse) against the dense reference
+"""The sparse training path (kernels.sparse_forward) against the dense reference
 (SAE.forward): same loss terms, same latents, same gradients for every parameter."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import pytest
 import torch
 from test_sae import B, D, M, make_cfg, rand_x
 
-from sae import SparseLatents, SparsePattern, batch_top_entries, build_sae, fired_latents, mean_l0
+from kernels import SparseLatents, SparsePattern, batch_top_entries, encoder_matmul, fired_latents, mean_l0
+from sae import SAE_CLASSES, build_sae
 
-SPARSE_VARIANTS = ("topk", "batchtopk", "jumprelu", "vanilla")
+SPARSE_VARIANTS = tuple(name for name, cls in SAE_CLASSES.items() if cls.has_sparse_path)
 DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)  # CI has no GPU; a lent one checks CUDA
 
 
@@ -24,11 +25,8 @@ def trained_like(sae_type: str, n_dead: int = 0, **overrides):
         sae.b_enc.copy_(0.1 * torch.randn(M, generator=gen))
         sae.b_dec.copy_(0.2 * torch.randn(D, generator=gen))
         sae.W_enc.add_(0.3 * torch.randn(D, M, generator=gen))
-        if sae_type == "jumprelu":
-            sae.log_threshold.copy_((0.5 + 0.5 * torch.rand(M, generator=gen)).log())
-        if sae_type == "vanilla":  # a trained Vanilla's sparsity (each latent fires on ~1%), so the sparse path runs
-            pre = (rand_x(seed=5) * sae.scale - sae.b_dec) @ sae.W_enc + sae.b_enc
-            sae.b_enc.sub_(pre.quantile(0.99, dim=0))
+        # a trained SAE's sparsity (each latent fires on ~5%: Vanilla's sparse path runs), thresholds per latent
+        sae.start_at_density(sae.pre_activations(rand_x(seed=5) * sae.scale).quantile(0.95, dim=0))
         sae.tokens_since_fired[:n_dead] = sae.cfg["dead_after_tokens"] + 1
     sae.sparsity_coeff = 0.7
     return sae
@@ -150,7 +148,7 @@ def test_row_top_entries_is_an_exact_row_topk(rows, cols, k):
     where it falls back to a plain topk: m not a multiple of 8, or k*8*4 > m). Rows with
     fewer than k positive entries may be filled up with other entries <= 0 than topk's (f
     is 0 there either way); their positive entries are all picked."""
-    from sae import row_top_entries
+    from kernels import row_top_entries
 
     gen = torch.Generator().manual_seed(rows)
     few_positive = torch.randn(rows, cols, generator=gen) - 3  # ~0.1% positive: fewer than k per row
@@ -170,7 +168,7 @@ def test_true_positions_equals_nonzero(shape):
     """The word-at-a-time search finds every set entry, in row-major order (also for
     masks whose size is not a multiple of 8, where it falls back to `nonzero`), and gives
     None exactly where more than `max_count` are set."""
-    from sae import true_positions
+    from kernels import true_positions
 
     gen = torch.Generator().manual_seed(shape[0])
     for density in (0.0, 0.02, 0.5, 1.0):
@@ -186,7 +184,7 @@ def test_true_positions_equals_nonzero(shape):
 def test_batch_top_entries_when_the_sample_overestimates():
     """Every sampled position holds a large value: the sample's bound admits fewer than n
     entries, and the looser bounds must still give the exact selection."""
-    from sae import BATCH_TOP_SAMPLE_STRIDE
+    from kernels import BATCH_TOP_SAMPLE_STRIDE
 
     gen = torch.Generator().manual_seed(0)
     pre = torch.rand(B, M, generator=gen)
@@ -229,7 +227,7 @@ def test_sparse_path_under_bf16_autocast_matches_the_dense_autocast_path(sae_typ
     torch.testing.assert_close(sparse.recon_loss, dense.recon_loss.float(), rtol=2e-2, atol=1e-3)
     fp32_pre = sae.pre_activations(x * sae.scale)
     with torch.no_grad():
-        bf16_pre = sae.encoder_matmul(x * sae.scale - sae.b_dec, torch.bfloat16) + sae.b_enc
+        bf16_pre = encoder_matmul(x * sae.scale - sae.b_dec, sae.W_enc, torch.bfloat16) + sae.b_enc
     assert not torch.equal(bf16_pre, fp32_pre)  # the bf16 matmul did run
     for name, g in dense_grads.items():
         assert sparse_grads[name].dtype == torch.float32
@@ -256,7 +254,7 @@ def test_entries_above_biased_never_drops_an_entry_to_rounding():
     """b_enc is folded into the bound (xw > bound - bias, loosened): every entry whose
     float32 pre = xw + bias exceeds the bound is found, also entries one ulp above a bound
     taken from the data itself, and the values read back are exactly xw + bias."""
-    from sae import entries_above_biased
+    from kernels import entries_above_biased
 
     gen = torch.Generator().manual_seed(0)
     xw = torch.randn(B, M, generator=gen) * 3
@@ -275,7 +273,7 @@ def test_entries_above_biased_never_drops_an_entry_to_rounding():
 def test_greater_than_equals_torch_gt(shape):
     """The chunked float32 compare gives torch.gt's mask (per-latent and scalar bounds, NaN,
     ties), also where the batch has as many rows as a chunk (its scratch is its own)."""
-    from sae import greater_than, workspace
+    from kernels import greater_than, workspace
 
     gen = torch.Generator().manual_seed(shape[0])
     pre = workspace(shape, torch.empty(0))  # as the step passes it: the (B, m) workspace itself

@@ -10,10 +10,10 @@ import torch
 from conftest import small_cfg
 
 from logs import recovered
-from sae import load_sae
+from sae import SAE_CLASSES, load_sae
 from training import lr_factor, train_sae, train_sae_group
 
-VARIANTS = ("vanilla", "topk", "batchtopk", "jumprelu")
+VARIANTS = tuple(SAE_CLASSES)
 
 
 def read_metrics(run_dir) -> list[dict]:

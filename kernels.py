@@ -1,0 +1,422 @@
+"""CPU sparse kernels for the SAE training step: one entry point, `sparse_forward(sae, x)`.
+
+Same values and gradients as `BaseSAE.forward` (tests/test_sparse.py checks every variant
+that states `select`), with one dense matmul (the encoder) and everything else on the
+entries the variant selects: the encoder backward is a sparse (m, B) x (B, d) product, the
+decoder forward and backward touch only the used rows. Why each piece is shaped as it is,
+with its timings: docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+# --- the sparse training path: latents on a CSR pattern, and its autograd functions ----------------
+
+
+class SparsePattern:
+    """Where a batch's latents may be non-zero: entries (row, column) of a (B, m) matrix, rows
+    ascending, in CSR layout (row b owns entries crow[b]:crow[b+1]; columns in any order).
+    Row indices, row-major positions and the transposed layout (which the sparse backward
+    passes need) are each computed once, when first asked for."""
+
+    def __init__(self, cols: Tensor, shape: tuple[int, int], crow: Tensor | None = None, flat: Tensor | None = None):
+        assert crow is not None or flat is not None, "a pattern needs its row starts or its positions"
+        self.cols, self.shape = cols, shape
+        self._crow, self._flat, self._rows = crow, flat, None
+        self._transposed: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @classmethod
+    def from_positions(cls, flat: Tensor, batch_size: int, n_latents: int) -> SparsePattern:
+        """From ascending row-major positions b * m + j in the (B, m) matrix."""
+        return cls(flat.remainder(n_latents), (batch_size, n_latents), flat=flat)
+
+    @classmethod
+    def from_topk(cls, idx: Tensor, n_latents: int) -> SparsePattern:
+        """From per-row indices (B, k)."""
+        b, k = idx.shape
+        return cls(idx.flatten(), (b, n_latents), crow=torch.arange(0, b * k + 1, k, device=idx.device))
+
+    @property
+    def crow(self) -> Tensor:
+        if self._crow is None:
+            # positions ascend, so row b starts where b * m would be inserted (faster than a bincount)
+            b, m = self.shape
+            self._crow = torch.searchsorted(self._flat, torch.arange(0, (b + 1) * m, m, device=self._flat.device))
+        return self._crow
+
+    def rows(self) -> Tensor:
+        if self._rows is None:
+            if self._flat is not None:
+                self._rows = self._flat.div(self.shape[1], rounding_mode="floor")
+            else:
+                self._rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.cols.device),
+                                                     self.crow.diff())
+        return self._rows
+
+    def positions(self) -> Tensor:
+        """Row-major positions b * m + j of the entries, in this pattern's order."""
+        if self._flat is None:
+            self._flat = self.rows() * self.shape[1] + self.cols
+        return self._flat
+
+    def csr(self, vals: Tensor) -> Tensor:
+        return torch.sparse_csr_tensor(self.crow, self.cols, vals, self.shape, check_invariants=False)
+
+    def csr_transposed(self, vals: Tensor) -> Tensor:
+        """The (m, B) transpose holding `vals` (given in this pattern's order)."""
+        if self._transposed is None:
+            # the narrowest integer type sorts fastest on CPU
+            narrow = torch.int16 if self.shape[1] <= torch.iinfo(torch.int16).max + 1 else torch.int32
+            order = self.cols.to(narrow).argsort(stable=True)
+            t_crow = torch.zeros(self.shape[1] + 1, dtype=torch.long, device=self.cols.device)
+            t_crow[1:] = torch.bincount(self.cols, minlength=self.shape[1]).cumsum(0)
+            self._transposed = (order, t_crow, self.rows().take(order))
+        order, t_crow, t_cols = self._transposed
+        return torch.sparse_csr_tensor(t_crow, t_cols, vals.take(order), self.shape[::-1], check_invariants=False)
+
+
+@dataclass
+class SparseLatents:
+    """Latents f as values on a SparsePattern (entries may hold 0)."""
+
+    pattern: SparsePattern
+    vals: Tensor
+
+    def dense(self) -> Tensor:
+        out = self.vals.new_zeros(self.pattern.shape)
+        out[self.pattern.rows(), self.pattern.cols] = self.vals
+        return out
+
+
+def fired_latents(f: Tensor | SparseLatents) -> Tensor:
+    """(m,) bool: which latents fired on at least one token of the batch."""
+    if isinstance(f, SparseLatents):
+        fired = f.vals.new_zeros(f.pattern.shape[1]).index_add_(0, f.pattern.cols, (f.vals > 0).to(f.vals.dtype))
+        return fired > 0  # index_add, not cols[vals > 0]: a boolean index runs a nonzero
+    return (f > 0).any(dim=0)
+
+
+def mean_l0(f: Tensor | SparseLatents) -> Tensor:
+    if isinstance(f, SparseLatents):
+        return (f.vals > 0).sum() / f.pattern.shape[0]
+    return (f > 0).float().sum(-1).mean()
+
+
+def smallest_positive(f: Tensor | SparseLatents) -> Tensor:
+    """Smallest positive latent value in the batch (inf if none)."""
+    vals = f.vals if isinstance(f, SparseLatents) else f
+    return torch.where(vals > 0, vals, torch.full_like(vals, float("inf"))).amin()
+
+
+class _SparseEncode(torch.autograd.Function):
+    """The selected entries of pre = x_in @ W_enc + b_enc, whose values were already
+    computed without gradient. Backward touches only those entries: a sparse (m, B)
+    by (B, d) product for W_enc instead of a dense (d, B) by (B, m) one."""
+
+    @staticmethod
+    def forward(ctx, pre_vals: Tensor, x_in: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
+                pattern: SparsePattern) -> Tensor:
+        ctx.save_for_backward(x_in, W_enc)
+        ctx.pattern = pattern
+        return pre_vals.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x_in, W_enc = ctx.saved_tensors
+        pattern = ctx.pattern
+        grad_b_enc = grad.new_zeros(pattern.shape[1]).index_add_(0, pattern.cols, grad)
+        # (m, d) product returned as its (d, m) view: W_enc is stored latent-major (it starts
+        # as W_dec.T), so autograd keeps this gradient as it is; a contiguous one would be
+        # transposed into W_enc's layout by a copy
+        grad_W_enc = (pattern.csr_transposed(grad) @ x_in).T
+        grad_b_dec = -(W_enc @ grad_b_enc)  # pre depends on b_dec through x_in = x - b_dec
+        return None, None, grad_W_enc, grad_b_enc, grad_b_dec, None
+
+
+def sampled_grad(pattern: SparsePattern, grad: Tensor, W_dec: Tensor) -> Tensor:
+    """(grad @ W_dec.T) at the pattern's entries: the gradient of f there."""
+    return torch.sparse.sampled_addmm(pattern.csr(grad.new_zeros(pattern.cols.shape)), grad, W_dec.T, beta=0).values()
+
+
+class _SparseReconstruction(torch.autograd.Function):
+    """The reconstruction loss ||e||^2 / B and the error e = f @ W_dec - x_in in the scaled
+    space (x_hat_scaled - x_scaled, as x_in = x * s - b_dec), for f given as values on a
+    SparsePattern: one sparse product that starts from -x_in (no separate subtraction), and
+    a backward whose gradient of e is one scaled copy of e. The error is returned without
+    gradient (AuxK reads it detached). x_in comes without gradient: its dependence on b_dec
+    is differentiated here (e's gradient summed over the batch). Backward samples the dense
+    gradient only at the pattern and scatters W_dec's gradient into the used rows. Optional
+    `zero_vals` on a second pattern are entries of f known to be 0 (they add nothing to the
+    product or to W_dec's gradient) whose gradient is still wanted: JumpReLU's threshold
+    learns from them through its straight-through estimator."""
+
+    @staticmethod
+    def forward(ctx, vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tensor, pattern: SparsePattern,
+                zero_vals: Tensor | None = None, zero_pattern: SparsePattern | None = None) -> tuple[Tensor, Tensor]:
+        error = torch.addmm(x_in, pattern.csr(vals), W_dec, beta=-1)
+        ctx.save_for_backward(vals, W_dec, error)
+        ctx.patterns = pattern, zero_pattern
+        ctx.mark_non_differentiable(error)
+        return torch.dot(error.view(-1), error.view(-1)) / error.shape[0], error
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_error: None):
+        vals, W_dec, error = ctx.saved_tensors
+        pattern, zero_pattern = ctx.patterns
+        grad = error * (2 * grad_loss / error.shape[0])
+        grad_vals = grad_W_dec = grad_b_dec = grad_zero_vals = None
+        if ctx.needs_input_grad[0]:
+            grad_vals = sampled_grad(pattern, grad, W_dec)
+        if ctx.needs_input_grad[1]:
+            grad_W_dec = pattern.csr_transposed(vals) @ grad
+        if ctx.needs_input_grad[2]:
+            grad_b_dec = grad.sum(0)
+        if zero_pattern is not None and ctx.needs_input_grad[5]:
+            grad_zero_vals = sampled_grad(zero_pattern, grad, W_dec)
+        return grad_vals, grad_W_dec, grad_b_dec, None, None, grad_zero_vals, None
+
+
+_WORKSPACES: dict[tuple[Any, ...], Tensor] = {}
+
+
+def workspace(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None, use: str = "") -> Tensor:
+    """A reused scratch tensor for the sparse step's (B, m) pre-activations and masks,
+    shared by every SAE of the process (each uses it only inside its own forward): a fresh
+    (B, m) tensor per step costs its page faults again. One per use, shape and dtype: a group
+    of SAEs with one batch and dictionary size holds three (four under bf16 autocast)."""
+    key = (use, shape, dtype or like.dtype, like.device)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = torch.empty(shape, dtype=key[2], device=like.device)
+    return _WORKSPACES[key]
+
+
+@dataclass
+class SelectedPre:
+    """Pre-activation values (without gradient) at the entries of a SparsePattern."""
+
+    pattern: SparsePattern
+    pre: Tensor
+
+    def where(self, keep: Tensor) -> SelectedPre:
+        """The entries where the bool `keep` (one per entry) holds."""
+        idx = keep.nonzero().squeeze(1)  # once: each boolean index would run its own nonzero
+        return SelectedPre(SparsePattern.from_positions(self.pattern.positions().index_select(0, idx),
+                                                        *self.pattern.shape), self.pre.index_select(0, idx))
+
+    def split(self, first: Tensor) -> tuple[SelectedPre, SelectedPre]:
+        """(the entries where the bool `first` holds, the others), each in this order: one
+        stable sort of the mask (cheaper than four boolean indexings)."""
+        order = torch.argsort(first.logical_not().to(torch.uint8), stable=True)
+        n_first = int(first.sum())
+        positions, pre = self.pattern.positions().index_select(0, order), self.pre.index_select(0, order)
+        b, m = self.pattern.shape
+        return (SelectedPre(SparsePattern.from_positions(positions[:n_first], b, m), pre[:n_first]),
+                SelectedPre(SparsePattern.from_positions(positions[n_first:], b, m), pre[n_first:]))
+
+
+# --- selection: the entries of a (B, m) product a variant keeps, found without sorting or
+# listing all of it (the sparse path's CPU fast paths; each equals its plain torch reference in tests)
+
+
+@torch.no_grad()
+def row_top_entries(pre: Tensor, k: int, group: int = 8) -> tuple[Tensor, Tensor]:
+    """Values and column indices (B, k) of each row's k largest entries (any order), as
+    `topk` picks them up to ties and to which entries <= 0 fill a row with fewer than k
+    positive ones (f is 0 there and so is its gradient: nothing downstream can tell). On CPU
+    through a prefilter: columns j, j+G, j+2G, ... (G = m / group) form a group, and every
+    entry among a row's k largest lies in one of the k groups with the largest maxima, so the
+    exact topk runs over k*group candidates instead of m. Both topks order the float bits as
+    int32, which orders positive floats as floats and puts them above every negative one, and
+    skips ATen's NaN checks. CUDA's topk is fast as it is."""
+    b, m = pre.shape
+    if pre.is_cuda or m % group or 4 * k * group > m or pre.dtype != torch.float32:
+        return pre.topk(k, dim=-1, sorted=False)
+    n_groups = m // group
+    blocks = pre.view(b, group, n_groups)
+    top_groups = blocks.amax(1).view(torch.int32).topk(k, dim=-1, sorted=False).indices
+    candidates = blocks.gather(2, top_groups.unsqueeze(1).expand(b, group, k)).view(b, group * k)
+    # candidate j * k + i is column top_groups[i] + j * n_groups
+    vals, pick = candidates.view(torch.int32).topk(k, dim=-1, sorted=False)
+    return vals.view(torch.float32), top_groups.gather(1, pick % k) + n_groups * pick.div(k, rounding_mode="floor")
+
+
+def true_positions(mask: Tensor, max_count: int | None = None) -> Tensor | None:
+    """Row-major positions of the True entries of a contiguous bool tensor, as
+    `mask.view(-1).nonzero()` gives them, or None where more than `max_count` are True. On
+    CPU 8 entries at a time: `nonzero` over the mask's 8-byte words, then over the bytes of
+    the words that are not 0; most words of a sparse mask are 0. More than `max_count` words
+    not 0 means more than `max_count` entries, so a dense mask is given up before its bytes are
+    listed."""
+    flat = mask.view(-1)
+    if flat.is_cuda or flat.numel() % 8 or flat.data_ptr() % 8:
+        positions = flat.nonzero().squeeze(1)
+    else:
+        words = flat.view(torch.int64)
+        word_idx = words.nonzero().squeeze(1)
+        if max_count is not None and word_idx.numel() > max_count:
+            return None
+        word, byte = words.index_select(0, word_idx).view(torch.uint8).view(-1, 8).nonzero().unbind(1)
+        positions = word_idx.index_select(0, word) * 8 + byte
+    return None if max_count is not None and positions.numel() > max_count else positions
+
+
+COMPARE_SCRATCH_BYTES = 3 << 19  # float32 compare results per chunk (1.5 MiB): small enough to stay in cache
+
+
+def greater_than(pre: Tensor, bound: Tensor) -> Tensor:
+    """pre > bound (a scalar or one per latent) as a bool tensor in a workspace. On CPU the
+    comparison is written as float32 (vectorised) and cast to bool (vectorised), a few rows at
+    a time through a small scratch: ATen compares into a bool output one element at a time
+    (about half the time of the direct compare)."""
+    mask = workspace(pre.shape, pre, torch.bool)
+    if pre.device.type != "cpu" or pre.dtype != torch.float32:
+        return torch.gt(pre, bound, out=mask)
+    rows = max(1, COMPARE_SCRATCH_BYTES // (4 * pre.shape[1]))
+    scratch = workspace((rows, pre.shape[1]), pre, use="compare")  # never the (B, m) workspace, even if B == rows
+    for start in range(0, pre.shape[0], rows):
+        chunk = pre[start:start + rows]
+        mask[start:start + rows].copy_(torch.gt(chunk, bound, out=scratch[: chunk.shape[0]]))
+    return mask
+
+
+def entries_above(pre: Tensor, bound: Tensor, max_count: int | None = None) -> SparsePattern | None:
+    """The entries of `pre` (B, m) greater than `bound` (a scalar or one per latent), or
+    None where there are more than `max_count`."""
+    above = greater_than(pre, bound)
+    positions = true_positions(above, max_count)
+    return None if positions is None else SparsePattern.from_positions(positions, pre.shape[0], pre.shape[1])
+
+
+def entries_above_biased(xw: Tensor, bias: Tensor, bound: Tensor, max_count: int | None = None) -> SelectedPre | None:
+    """The entries where pre = xw + bias (bias one per latent) exceeds `bound` (a scalar or
+    one per latent), with their values of pre, found without forming pre over all of xw
+    (None where there are more than `max_count`): xw is compared with bound - bias,
+    loosened by 1e-6 relative so that rounding never drops an entry (float32 rounds each
+    sum to within 6e-8 relative). So it may also hold entries within that slack at or below
+    the bound; callers that need the exact set compare the returned values (where f is 0
+    there anyway, nothing needs to)."""
+    slack = 1e-6 * (bound.abs() + bias.abs()) + 1e-30
+    pattern = entries_above(xw, bound - bias - slack, max_count)
+    if pattern is None:
+        return None
+    return SelectedPre(pattern, xw.view(-1).take(pattern.positions()) + bias.index_select(0, pattern.cols))
+
+
+# Prime, so the strided sample visits every latent unless m is a multiple of it (docs/kernels.md).
+BATCH_TOP_SAMPLE_STRIDE = 251
+
+
+def batch_top_entries(xw: Tensor, bias: Tensor, n: int) -> SelectedPre:
+    """The entries BatchTopK keeps, the n largest positive values of pre = xw + bias (ties
+    at the n-th included), found without a full selection: a strided sample of the batch
+    gives a lower bound expected to hold 1.5 n entries, and the exact n-th largest is taken
+    among those. Where the bound holds fewer than n, a looser one (4 n), then 0, is tried. Syncs."""
+    b, m = xw.shape
+    sample_cols = torch.arange(0, b * m, BATCH_TOP_SAMPLE_STRIDE, device=xw.device) % m
+    sample = xw.view(-1)[::BATCH_TOP_SAMPLE_STRIDE] + bias.index_select(0, sample_cols)
+    zero = xw.new_zeros(())
+    for margin in (1.5, 4.0, 0.0):
+        rank = math.ceil(margin * n / BATCH_TOP_SAMPLE_STRIDE)
+        bound = kth_largest(sample, rank).clamp_min(0) if 0 < rank <= sample.numel() else zero
+        candidates = entries_above_biased(xw, bias, bound)
+        n_above = int((candidates.pre >= bound).sum()) if bound > 0 else int((candidates.pre > 0).sum())
+        if n_above >= n or bound == 0:
+            break
+    vals = candidates.pre  # every entry >= bound, so the n largest if n_above >= n
+    lowest = kth_largest(vals, n) if n_above > n else bound
+    return candidates.where((vals >= lowest) & (vals > 0))
+
+
+def kth_largest(values: Tensor, k: int) -> Tensor:
+    """The k-th largest entry of a 1-D tensor: kthvalue on CPU, topk on CUDA (each the faster
+    there; same value either way)."""
+    if values.is_cuda:
+        return values.topk(k, sorted=False).values.min()
+    return values.kthvalue(values.numel() - k + 1).values
+
+
+
+
+# --- the entry point ---------------------------------------------------------------------------------
+
+
+class SparseStep(NamedTuple):
+    """What `sparse_forward` computed: the fields of an SAEOutput but its total loss and input."""
+
+    latents: SparseLatents
+    recon_loss: Tensor
+    sparsity_loss: Tensor
+    aux_loss: Tensor
+    error: Tensor
+    unit: Tensor
+
+
+def sparse_forward(sae, x: Tensor, aux_enabled: bool = True) -> SparseStep | None:
+    """The training forward of `sae` with sparse kernels, or None where the variant's `select`
+    finds too many entries for them to pay (the caller then takes the dense step). Under
+    autocast the encoder matmul runs in the autocast dtype, as on the dense path, and the rest
+    in float32."""
+    device = x.device.type
+    low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    with torch.autocast(device, enabled=False):
+        with torch.no_grad():  # the sparse Functions differentiate x_in's dependence on b_dec
+            shift, unit = sae.input_transform(x)
+            x_in = torch.addcmul(-sae.b_dec, x.float() if shift is None else x.float() - shift, unit)
+            active, window = sae.select(encoder_matmul(x_in, sae.W_enc, low))
+        if active is None:
+            return None
+        pattern = active.pattern
+        pre_vals = _SparseEncode.apply(active.pre, x_in, sae.W_enc, sae.b_enc, sae.b_dec, pattern)
+        f_vals = sae.sparse_activation(pre_vals, pattern)
+        penalty = sae.sparse_penalty(pre_vals, f_vals, pattern)
+        window_f = window_pattern = None
+        if window is not None:  # f is 0 there: no gradient reaches pre, so no encoder backward
+            window_pattern = window.pattern
+            window_f = sae.sparse_activation(window.pre, window_pattern)
+            penalty = penalty + sae.sparse_penalty(window.pre, window_f, window_pattern)
+        recon, error = _SparseReconstruction.apply(f_vals, sae.W_dec, sae.b_dec, x_in, pattern, window_f,
+                                                   window_pattern)
+        sparsity = sae.sparsity_coeff * penalty
+        aux = sparse_aux_loss(sae, error, x) if sae.uses_aux_loss and aux_enabled else recon.new_zeros(())
+    return SparseStep(SparseLatents(pattern, f_vals.detach()), recon, sparsity, aux, error, unit)
+
+
+@torch.no_grad()
+def encoder_matmul(x_in: Tensor, W_enc: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """x_in @ W_enc as float32, into the reused workspace; computed in `dtype` if given (bf16
+    runs on the CPU's AMX units where it has them)."""
+    shape = (x_in.shape[0], W_enc.shape[1])
+    out = workspace(shape, x_in)
+    if dtype is None:
+        return torch.mm(x_in, W_enc, out=out)
+    low = torch.mm(x_in.to(dtype), W_enc.to(dtype), out=workspace(shape, x_in, dtype))
+    return out.copy_(low)
+
+
+def sparse_aux_loss(sae, error: Tensor, x: Tensor) -> Tensor:
+    """`sae.aux_loss` computed on the dead columns only (a dense sub-problem of n_dead latents),
+    given the error x_hat_scaled - x_scaled and the raw input. Reads the dead count on the host,
+    which costs nothing on CPU (the device the sparse path is chosen for)."""
+    dead_cols = sae.dead_mask().nonzero().squeeze(1)
+    if dead_cols.numel() == 0:
+        return x.new_zeros(())
+    x_in = sae.scaled_input(x.float())[0] - sae.b_dec
+    pre = x_in @ sae.W_enc.index_select(1, dead_cols) + sae.b_enc.index_select(0, dead_cols)
+    f_aux = F.relu(pre)
+    if sae.cfg["top_k_aux"] < dead_cols.numel():
+        top = pre.detach().topk(sae.cfg["top_k_aux"], dim=-1, sorted=False).indices
+        f_aux = f_aux * torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, top, True)
+    error = error.detach()  # the residual to explain is -error
+    err = (f_aux @ sae.W_dec.index_select(0, dead_cols) + error).pow(2).sum(-1).mean()
+    return sae.cfg["aux_penalty"] * err / error.pow(2).sum(-1).mean().clamp_min(1e-12)
