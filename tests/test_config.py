@@ -76,3 +76,11 @@ def test_cli_layer_beyond_model_exits_2_with_one_line():
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert error_lines == ["error: config layer=9 is invalid: the model has 6 layers (0..5)"]
     assert "Traceback" not in result.stderr
+
+
+def test_config_reference_is_the_declaration():
+    from config import ROLES, all_keys, reference_table
+
+    assert all(spec.doc and set(spec.roles) <= set(ROLES) for spec in all_keys().values())
+    written = (REPO / "docs" / "config.md").read_text()
+    assert written == reference_table(), "docs/config.md is stale: python config.py > docs/config.md"
