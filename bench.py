@@ -266,7 +266,7 @@ SPARSIFY_QUALITY_RUNS = (("signum", None, SPARSIFY_WARMUP_STEPS), ("adam", 3e-4,
 
 @torch.no_grad()
 def sparsify_held_out(peer, eval_acts: torch.Tensor, batch: int) -> dict[str, float]:
-    """Explained variance (SPEC §5: around the held-out mean), L0 and the fraction of latents
+    """Explained variance (docs/math.md §5: around the held-out mean), L0 and the fraction of latents
     never firing on `eval_acts`, for a sparsify SAE."""
     sq_err, active, fired = 0.0, 0, torch.zeros(peer.num_latents, dtype=torch.bool, device=eval_acts.device)
     for chunk in eval_acts.split(batch):

@@ -174,9 +174,7 @@ class BaseSAE(nn.Module):
         return x_hat if shift is None else x_hat + shift
 
     def forward(self, x: Tensor, aux_enabled: bool = True, sparse: bool = False) -> SAEOutput:
-        """Raw activations -> SAEOutput. `aux_enabled=False` skips AuxK while no latent can be
-        dead yet. `sparse=True` (training a variant with `select`) takes the same values and
-        gradients from the sparse kernels, unless its codes are too dense for them to pay."""
+        """Raw activations -> SAEOutput; `sparse`: the same values and gradients from kernels.py."""
         if sparse and self.has_sparse_path and self.training:
             step = sparse_forward(self, x, aux_enabled)
             if step is not None:
@@ -192,10 +190,8 @@ class BaseSAE(nn.Module):
     # --- the sparse path (kernels.py): a variant states `select`, and its math on the selected entries
 
     def select(self, xw: Tensor) -> tuple[SelectedPre | None, SelectedPre | None]:
-        """Without gradient, from xw = x_in @ W_enc (B, m) before b_enc (a scratch it may overwrite):
-        the entries whose latent may be non-zero, and those that are 0 but carry a straight-through
-        gradient (or None), each with its pre-activations. The first is None where too many fire
-        for sparse kernels to pay; the step is then dense."""
+        """From xw = x_in @ W_enc (B, m), b_enc not added (a scratch): the entries that may be non-zero
+        (None: too many for sparse kernels to pay) and those 0 with a straight-through gradient (or None)."""
         raise NotImplementedError
 
     def sparse_activation(self, pre_vals: Tensor, pattern: SparsePattern) -> Tensor:
@@ -222,9 +218,8 @@ class BaseSAE(nn.Module):
         self.tokens_since_fired.masked_fill_(fired, 0)
 
     def aux_loss(self, residual: Tensor, pre: Tensor) -> Tensor:
-        """Reconstruct the detached residual from each token's top `top_k_aux` dead
-        pre-activations, decoded without b_dec. Exactly 0 with no dead latents, without a host
-        sync: live latents are masked to -inf, so the entries past n_dead add 0."""
+        """The detached residual from each token's top `top_k_aux` dead pre-activations, decoded without
+        b_dec; exactly 0 with no dead latents, with no host sync (live latents masked to -inf add 0)."""
         dead = self.dead_mask()
         k_aux = min(self.cfg["top_k_aux"], pre.shape[-1])
         vals, idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
@@ -259,8 +254,7 @@ class BaseSAE(nn.Module):
 
     @torch.no_grad()
     def init_from_batch(self, x: Tensor, scale: float) -> None:
-        """The input scale and b_dec = mean of the first batch, scaled (docs/math.md §1, §2). With
-        standardize_tokens, s = sqrt(d / mean ||x_standardised||^2) over this batch instead."""
+        """s (from this batch under standardize_tokens) and b_dec = the batch's scaled mean (§1, §2)."""
         if self.cfg.get("standardize_tokens", False):
             self.scale.fill_(1.0)
             scale = math.sqrt(x.shape[-1] / self.scaled_input(x)[0].pow(2).sum(-1).mean().item())
@@ -273,20 +267,18 @@ class BaseSAE(nn.Module):
 
     @torch.no_grad()
     def start_at_density(self, bound: Tensor) -> None:
-        """Benchmarks: make latent i fire where its pre-activation exceeds bound[i], as a trained
-        SAE of that density would (nothing to do where k sets the density)."""
+        """Benchmarks and tests: latent i fires where pre > bound[i], as in a trained SAE (k-variants: no-op)."""
 
     # --- SAELens form (interop.py writes and reads the files) ----------------------------------
 
     def saelens_extras(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """Tensors and cfg.json fields its SAELens architecture needs beyond W_enc, W_dec, b_enc, b_dec."""
+        """(tensors, cfg.json fields) its SAELens architecture needs beyond W_enc, W_dec, b_enc, b_dec."""
         return {}, {}
 
     @classmethod
     def from_saelens(cls, tensors: dict[str, Tensor], fields: dict[str, Any]) -> dict[str, Any] | None:
-        """This variant's cfg entries and state-dict entries ({"cfg": ..., "state": ...}) for a SAELens
-        folder of its architecture (`fields`: cfg.json, flattened; `tensors` without the four weights),
-        or None if the folder is not one of this variant's."""
+        """{"cfg": ..., "state": ...} entries from a SAELens folder's extra `tensors` and flat cfg `fields`,
+        or None if the folder is not this variant's."""
         return {"cfg": {}, "state": {}}
 
     # --- save / load -----------------------------------------------------------------------
@@ -418,7 +410,7 @@ class BatchTopKSAE(BaseSAE):
 
 
 class _JumpReLU(torch.autograd.Function):
-    """f = pre * H(pre - theta); straight-through rectangle-kernel gradient for theta."""
+    """f = pre * H(pre - theta); d/dtheta = -(theta/eps) K((pre - theta)/eps), K the rectangle (§3)."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, theta: Tensor, bandwidth: float) -> Tensor:

@@ -1,4 +1,4 @@
-"""Unit tests for sae.py against SPEC.md §1-§4. Small tensors, CPU, seeded."""
+"""Unit tests for sae.py against docs/math.md §1-§4. Small tensors, CPU, seeded."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def rand_x(n: int = B, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
 
 
 def hand_pre(sae, x: torch.Tensor) -> torch.Tensor:
-    """pre = (x*s - b_dec) W_enc + b_enc, computed from the parameters directly (SPEC §2)."""
+    """pre = (x*s - b_dec) W_enc + b_enc, computed from the parameters directly (docs/math.md §2)."""
     with torch.no_grad():
         return (x * sae.scale - sae.b_dec) @ sae.W_enc + sae.b_enc
 
@@ -181,7 +181,7 @@ def test_decoder_grad_orthogonal_and_rows_unit_norm_after_step(sae_type):
 
 
 def hand_aux_loss(sae, residual, pre):
-    """SPEC §4 written per token: top k_aux dead pre-activations, decoded without b_dec."""
+    """docs/math.md §4 written per token: top k_aux dead pre-activations, decoded without b_dec."""
     dead_idx = sae.dead_mask().nonzero().squeeze(-1)
     k_aux = min(sae.cfg["top_k_aux"], len(dead_idx))
     f_aux = torch.zeros_like(pre)
@@ -258,7 +258,7 @@ def test_dead_counters_updated_in_training_untouched_by_evaluation(sae_type):
         sae.b_enc[0] = -100.0  # latent 0 can never fire
     train_steps(sae, n_steps=2)
     counters = sae.tokens_since_fired.clone()
-    assert counters[0] == 2 * B  # training counts its tokens (every variant counts, SPEC §4)
+    assert counters[0] == 2 * B  # training counts its tokens (every variant counts, docs/math.md §4)
     assert (counters[1:] < 2 * B).any()
     sae.eval()
     with torch.no_grad():
@@ -351,7 +351,7 @@ def test_scale_is_applied_in_encode_and_undone_in_decode(sae_type):
         assert (f[f != 0] == pre[f != 0]).all()  # every variant passes kept values through
         x_hat_scaled = f @ sae.W_dec + sae.b_dec
         torch.testing.assert_close(out.x_hat, x_hat_scaled / s)
-        # the loss is in the scaled space (SPEC §1)
+        # the loss is in the scaled space (docs/math.md §1)
         torch.testing.assert_close(out.recon_loss, (x * s - x_hat_scaled).pow(2).sum(-1).mean())
 
 
@@ -380,7 +380,7 @@ def affine_tokens(x: torch.Tensor, seed: int = 2) -> torch.Tensor:
 
 @pytest.mark.parametrize("sae_type", VARIANTS)
 def test_standardised_tokens_match_a_plain_sae_on_standardised_input(sae_type):
-    """standardize_tokens (SPEC §1): the SAE sees (x - mean) / (std + eps) per token and the
+    """standardize_tokens (docs/math.md §1): the SAE sees (x - mean) / (std + eps) per token and the
     reconstruction gets each token's mean and std + eps back; the loss is in that space."""
     std_sae = make_sae(sae_type, standardize_tokens=True).double().eval()
     plain = make_sae(sae_type).double().eval()
