@@ -1,4 +1,4 @@
-"""SAELens export/import and the Hub folder (results.py): offline, small SAEs, no model.
+"""SAELens export/import and the Hub folder (interop.py): offline, small SAEs, no model.
 
 Every variant gets a non-trivial input scale, random biases and thresholds, so folding the scale into the
 exported weights is checked where it can fail. The SAELens formulas are re-implemented here from its source
