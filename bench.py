@@ -53,7 +53,7 @@ from activation_store import (
     run_to_hook,
 )
 from config import get_default_cfg, post_init_cfg, resolve_device
-from logs import total_variance
+from metrics import total_variance
 from sae import SAE_CLASSES, build_sae
 from training import Trainee, train_sae_group, training_step, use_sparse_kernels
 

@@ -81,7 +81,7 @@ def parse_args(argv: list[str]) -> tuple[list[dict[str, Any]], argparse.Namespac
 def resume_cfgs(run_dir: str, overrides: dict[str, Any]) -> list[dict[str, Any]]:
     """The saved configs of `run_dir` and the runs of its group, with `overrides` (which
     train_sae_group refuses unless they are config.RESUME_KEYS or equal the saved values)."""
-    from logs import group_run_dirs, read_run_config
+    from checkpoint import group_run_dirs, read_run_config
 
     return [read_run_config(d) | overrides | {"resume": str(d)} for d in group_run_dirs(run_dir)]
 
@@ -111,7 +111,7 @@ def print_summary(trainees: list) -> None:
 def _one_line_warnings(default):
     """A warnings.showwarning that prints a ResumeWarning (a checkpoint passed over on
     resume) as one `warning: ...` line and hands every other warning to `default`."""
-    from logs import ResumeWarning
+    from checkpoint import ResumeWarning
 
     def show(message, category, *args, **kwargs) -> None:
         if issubclass(category, ResumeWarning):
@@ -125,8 +125,9 @@ def main(argv: list[str]) -> int:
     """Exit codes: 0 done, 2 bad config or data, 3 NaN/inf in training, 4 a checkpoint or the
     activation cache could not be written."""
     from activation_store import CacheWriteError
-    from logs import CheckpointError
-    from training import NonFiniteError, init_distributed, rank, train_sae_group
+    from checkpoint import CheckpointError
+    from data_parallel import init_distributed, rank
+    from training import NonFiniteError, train_sae_group
 
     torch.set_float32_matmul_precision("high")
     try:

@@ -42,8 +42,9 @@ from activation_store import (
     kept_position_mask,
     load_model,
 )
+from checkpoint import DENSITY_FILE, FINAL_DIR
 from config import SAE_TYPES, SITES, ConfigError, get_default_cfg, resolve_device
-from logs import DENSE_FRACTION, DENSITY_FILE, FINAL_DIR
+from metrics import DENSE_FRACTION
 from sae import BaseSAE, BatchTopKSAE, JumpReLUSAE, build_sae, load_sae
 
 FRONTIER_METRICS = ("nmse", "explained_variance", "ce_recovered", "downstream_recovered")

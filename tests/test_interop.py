@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from checkpoint import FINAL_DIR
 from config import ConfigError, get_default_cfg
-from logs import FINAL_DIR
 from results import (
     SAELENS_CFG_FILE,
     SAELENS_WEIGHTS_FILE,
