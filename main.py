@@ -21,9 +21,6 @@ import torch
 
 from config import PRESETS, STREAM_KEYS, ConfigError, get_default_cfg, parse_value
 
-SUMMARY_METRICS = ("l0", "explained_variance", "nmse", "cosine", "dead", "dense",
-                   "downstream_recovered", "ce_recovered", "kl")
-
 
 def sweep_variants(base: dict[str, Any]) -> list[dict[str, Any]]:
     """All four variants on the embedded default, at comparable sparsity (L0 near 32)."""
@@ -94,8 +91,10 @@ def group_by_stream(cfgs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 
 def print_summary(trainees: list) -> None:
-    """Final held-out metrics: one row per run, one column per metric."""
-    present = [m for m in SUMMARY_METRICS if any(m in (t.final_metrics or {}) for t in trainees)]
+    """Final held-out metrics: one row per run, one column per headline metric it has."""
+    from metrics import HEADLINE_METRICS
+
+    present = [m for m in HEADLINE_METRICS if any(m in (t.final_metrics or {}) for t in trainees)]
     widths = [max(len(m), 8) + 2 for m in present]
     several_hooks = len({t.cfg["hook_point"] for t in trainees}) > 1
     labels = [t.cfg["sae_type"] + (f" L{t.cfg['layer']} {t.cfg['site']}" if several_hooks else "") for t in trainees]

@@ -1,5 +1,5 @@
 """Evaluation metrics (docs/math.md §5): pure tensor functions, then `evaluate`, which runs
-them on the held-out set."""
+them on the held-out set; and `SUMMARY_METRICS`, the metrics a run is summarised by."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ from activation_store import is_causal_lm, run_to_hook
 from sae import BaseSAE
 
 DENSE_FRACTION = 0.1  # a latent firing on more than this fraction of eval tokens is dense
+# The metrics a run is summarised by, headline first: results.py's report shows every one present,
+# the terminal tables (main.py, `python results.py`) the HEADLINE_METRICS present, so that a row fits
+# ~120 columns (an encoder has downstream_recovered, a causal LM ce_recovered and kl, never both).
+SUMMARY_METRICS = ("l0", "explained_variance", "nmse", "cosine", "dead", "dense", "downstream_recovered",
+                   "ce_recovered", "kl", "shrinkage", "never_fired_eval_frac", "ce_clean", "ce_spliced")
+HEADLINE_METRICS = SUMMARY_METRICS[: SUMMARY_METRICS.index("kl") + 1]
 
 
 # --- pure metrics -------------------------------------------------------------------------
