@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,12 +115,17 @@ def check_data_parallel(cfgs: list[dict[str, Any]]) -> None:
                           "have to skip the same steps); run it in one process")
 
 
-def make_trainee(cfg: dict[str, Any], total_steps: int, resume_step: int | None = None,
-                 main: bool = True) -> Trainee:
+def make_trainee(cfg: dict[str, Any], total_steps: int, resume_step: int | None = None, main: bool = True,
+                 schedule: Callable[[int], float] | None = None) -> Trainee:
+    """A fresh SAE with its Adam and lr schedule (`schedule`: the lr factor per step, default the
+    configured warmup and decay); `main` false: a rank other than 0, or a caller that keeps
+    no run folder (bench), whose logger writes nothing."""
     sae = build_sae(cfg).to(cfg["device"])
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, cfg["lr_warmup_frac"], cfg["lr_decay_frac"]))
+    if schedule is None:
+        def schedule(s: int) -> float:
+            return lr_factor(s, total_steps, cfg["lr_warmup_frac"], cfg["lr_decay_frac"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     device = torch.device(cfg["device"])
     logger = RunLogger(cfg, resume_step) if main else _SilentLogger(cfg)
     trainee = Trainee(cfg, sae, optimizer, scheduler, logger, use_sparse_kernels(cfg))
