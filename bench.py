@@ -53,9 +53,9 @@ from activation_store import (
     run_to_hook,
 )
 from config import get_default_cfg, post_init_cfg, resolve_device
-from logs import total_variance
-from sae import SAE_CLASSES, build_sae
-from training import Trainee, train_sae_group, training_step, use_sparse_kernels
+from metrics import total_variance
+from sae import SAE_CLASSES
+from training import Trainee, make_trainee, train_sae_group, training_step
 
 SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": "auto", "sae_steps": True,
             "generation": True, "end_to_end": True, "e2e_refills": 2, "e2e_warmup_steps": 20,
@@ -131,10 +131,8 @@ def sae_step_fn(variant: str, s: dict[str, Any], device: torch.device, dtype: st
     drifting on random data."""
     cfg = get_default_cfg() | {"sae_type": variant, "act_size": s["d"], "dict_size": s["m"], "top_k": s["k"],
                                "batch_size": s["batch"], "dtype": dtype, "device": str(device), "kernels": kernels}
-    sae = build_sae(cfg).to(device)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.0)
-    trainee = Trainee(cfg, sae, optimizer, scheduler, logger=None, sparse_kernels=use_sparse_kernels(cfg))
+    trainee = make_trainee(cfg, total_steps=1000, main=False, schedule=lambda i: 0.0)  # no run folder
+    sae = trainee.sae
     if x is None:
         x = torch.randn(s["batch"], s["d"], device=device)
         scale = 1.0
@@ -396,15 +394,12 @@ def end_to_end_rates(s: dict[str, Any], device: torch.device, model) -> dict[str
     for name, variants in (("one_sae", ("batchtopk",)), ("group_of_8", GROUP_VARIANTS)):
         cfgs = [stream_cfg(s, device, model) | {"sae_type": v} for v in variants]
         store = ActivationsStore(model, cfgs[0])
-        trainees = []
-        for cfg in cfgs:
-            sae = build_sae(cfg).to(device)
-            optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], fused=True)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
-            trainees.append(Trainee(cfg, sae, optimizer, scheduler, None, use_sparse_kernels(cfg)))
-            sae.init_from_batch(store.next_batch()[0], store.scale)
         warmup, steps = s["e2e_warmup_steps"], s["e2e_refills"] * store.serve_count // s["batch"]
         total = 10 * (warmup + steps)  # the run these steps begin: schedules stay in their early phase
+        trainees = []
+        for cfg in cfgs:
+            trainees.append(make_trainee(cfg, total, main=False, schedule=lambda i: 1.0))  # no run folder
+            trainees[-1].sae.init_from_batch(store.next_batch()[0], store.scale)
         train_loop(store, trainees, range(warmup), total)
         refills = time_refills(store, device)
         seconds = timed(functools.partial(train_loop, store, trainees, range(warmup, warmup + steps), total), device,

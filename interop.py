@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from checkpoint import FINAL_DIR
 from config import SITES, ConfigError, get_default_cfg
-from results import FINAL_DIR, Run, _as_run, _cell, last_evaluation
+from results import Run, _as_run, _cell, last_evaluation
 from sae import SAE_CLASSES, BaseSAE, build_sae
 
 # The layout matched is SAELens 6's (read in decoderesearch/SAELens at sae_lens 6.49: saes/sae.py SAEConfig and

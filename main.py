@@ -21,9 +21,6 @@ import torch
 
 from config import PRESETS, STREAM_KEYS, ConfigError, get_default_cfg, parse_value
 
-SUMMARY_METRICS = ("l0", "explained_variance", "nmse", "cosine", "dead", "dense",
-                   "downstream_recovered", "ce_recovered", "kl")
-
 
 def sweep_variants(base: dict[str, Any]) -> list[dict[str, Any]]:
     """Every registered variant on one stream, at its default sparsity (L0 near 32 for the four built in)."""
@@ -83,7 +80,7 @@ def parse_args(argv: list[str]) -> tuple[list[dict[str, Any]], argparse.Namespac
 def resume_cfgs(run_dir: str, overrides: dict[str, Any]) -> list[dict[str, Any]]:
     """The saved configs of `run_dir` and the runs of its group, with `overrides` (which
     train_sae_group refuses unless they are config.RESUME_KEYS or equal the saved values)."""
-    from logs import group_run_dirs, read_run_config
+    from checkpoint import group_run_dirs, read_run_config
 
     return [read_run_config(d) | overrides | {"resume": str(d)} for d in group_run_dirs(run_dir)]
 
@@ -96,8 +93,10 @@ def group_by_stream(cfgs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 
 def print_summary(trainees: list) -> None:
-    """Final held-out metrics: one row per run, one column per metric."""
-    present = [m for m in SUMMARY_METRICS if any(m in (t.final_metrics or {}) for t in trainees)]
+    """Final held-out metrics: one row per run, one column per headline metric it has."""
+    from metrics import HEADLINE_METRICS
+
+    present = [m for m in HEADLINE_METRICS if any(m in (t.final_metrics or {}) for t in trainees)]
     widths = [max(len(m), 8) + 2 for m in present]
     several_hooks = len({t.cfg["hook_point"] for t in trainees}) > 1
     labels = [t.cfg["sae_type"] + (f" L{t.cfg['layer']} {t.cfg['site']}" if several_hooks else "") for t in trainees]
@@ -113,7 +112,7 @@ def print_summary(trainees: list) -> None:
 def _one_line_warnings(default):
     """A warnings.showwarning that prints a ResumeWarning (a checkpoint passed over on
     resume) as one `warning: ...` line and hands every other warning to `default`."""
-    from logs import ResumeWarning
+    from checkpoint import ResumeWarning
 
     def show(message, category, *args, **kwargs) -> None:
         if issubclass(category, ResumeWarning):
@@ -127,8 +126,9 @@ def main(argv: list[str]) -> int:
     """Exit codes: 0 done, 2 bad config or data, 3 NaN/inf in training, 4 a checkpoint or the
     activation cache could not be written."""
     from activation_store import CacheWriteError
-    from logs import CheckpointError
-    from training import NonFiniteError, init_distributed, rank, train_sae_group
+    from checkpoint import CheckpointError
+    from data_parallel import init_distributed, rank
+    from training import NonFiniteError, train_sae_group
 
     torch.set_float32_matmul_precision("high")
     try:

@@ -39,13 +39,12 @@ from activation_store import (
     kept_position_mask,
     load_model,
 )
+from checkpoint import DENSITY_FILE, FINAL_DIR
 from config import EVAL_KEYS, resolve_device
-from logs import DENSE_FRACTION, DENSITY_FILE, FINAL_DIR
+from metrics import DENSE_FRACTION, HEADLINE_METRICS, SUMMARY_METRICS
 from sae import SAE_CLASSES, BaseSAE, load_sae
 
 FRONTIER_METRICS = ("nmse", "explained_variance", "ce_recovered", "downstream_recovered")
-SUMMARY_METRICS = ("l0", "explained_variance", "nmse", "cosine", "shrinkage", "dead", "dense",
-                   "never_fired_eval_frac", "downstream_recovered", "ce_recovered", "ce_clean", "ce_spliced", "kl")
 LABELS = {
     "l0": "L0 (active latents per token)",
     "nmse": "normalised MSE (lower is better)",
@@ -511,8 +510,7 @@ def main(argv: list[str]) -> int:
     if df.empty:
         print(f"no run folders (with config.json) under {', '.join(args.runs)}", file=sys.stderr)
         return 1
-    columns = [c for c in ("run_name", "sae_type", "l0", "explained_variance", "nmse", "dead", "dense",
-                           "downstream_recovered", "ce_recovered") if c in df]
+    columns = [c for c in ("run_name", "sae_type", *HEADLINE_METRICS) if c in df]
     print(df[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     out = write_report(args.runs, args.out or Path(args.runs[0]) / "report", args.latents, args.device)
     print(f"report: {out / 'summary.md'}")

@@ -1,47 +1,37 @@
-"""Optimise one SAE, or a group of SAEs sharing one activation stream."""
+"""Optimise one SAE, or a group of SAEs sharing one activation stream.
+
+`train_sae_group` opens the stream, builds one `Trainee` per config and runs `_run_steps`,
+which calls `training_step` per SAE and batch; what a checkpoint holds and how a run resumes
+is in checkpoint.py, the torchrun collectives in data_parallel.py."""
 
 from __future__ import annotations
 
-import math
-import os
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from activation_store import ActivationsStore, TensorStore, load_model, model_dims
-from config import (
-    CHECKPOINT_KEYS,
-    DERIVED_KEYS,
-    RESUME_KEYS,
-    RUN_KEYS,
-    STREAM_KEYS,
-    ConfigError,
-    get_default_cfg,
-    post_init_cfg,
-    resolve_device,
-    validate_cfg,
-)
-from kernels import fired_latents, mean_l0
-from logs import (
-    FINAL_DIR,
-    MANIFEST_FILE,
-    STREAM_FILE,
-    Progress,
-    RunLogger,
-    checkpoint_folder,
-    evaluate,
-    find_resume_step,
-    load_checkpoint,
-    read_run_config,
+from checkpoint import (
+    check_checkpoints_fit,
+    checkpoint_due,
+    checkpoint_group,
+    restore_group,
+    resumed_cfg,
+    step_to_resume,
     write_group_file,
 )
+from config import STREAM_KEYS, ConfigError, post_init_cfg, resolve_device, validate_cfg
+from data_parallel import all_ranks_any, average_buffers, average_gradients, average_scale, rank, world_size
+from kernels import fired_latents, mean_l0
+from logs import Progress, RunLogger
+from metrics import evaluate
 from sae import BaseSAE, build_sae
 
 LOSS_TERMS = ("recon_loss", "sparsity_loss", "aux_loss")
@@ -120,12 +110,17 @@ def check_data_parallel(cfgs: list[dict[str, Any]]) -> None:
                           "have to skip the same steps); run it in one process")
 
 
-def make_trainee(cfg: dict[str, Any], total_steps: int, resume_step: int | None = None,
-                 main: bool = True) -> Trainee:
+def make_trainee(cfg: dict[str, Any], total_steps: int, resume_step: int | None = None, main: bool = True,
+                 schedule: Callable[[int], float] | None = None) -> Trainee:
+    """A fresh SAE with its Adam and lr schedule (`schedule`: the lr factor per step, default the
+    configured warmup and decay); `main` false: a rank other than 0, or a caller that keeps
+    no run folder (bench), whose logger writes nothing."""
     sae = build_sae(cfg).to(cfg["device"])
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, cfg["lr_warmup_frac"], cfg["lr_decay_frac"]))
+    if schedule is None:
+        def schedule(s: int) -> float:
+            return lr_factor(s, total_steps, cfg["lr_warmup_frac"], cfg["lr_decay_frac"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     device = torch.device(cfg["device"])
     logger = RunLogger(cfg, resume_step) if main else _SilentLogger(cfg)
     trainee = Trainee(cfg, sae, optimizer, scheduler, logger, use_sparse_kernels(cfg))
@@ -223,129 +218,6 @@ def zero_idle_momentum(t: Trainee) -> None:
             state["exp_avg"].masked_fill_(idle.unsqueeze(1 - dim), 0)
 
 
-# --- data parallel (torchrun) ---------------------------------------------------------------
-#
-# Every rank boots the model, reads every world_size-th training row of the stream (its own
-# shard) and steps its own copy of each SAE on its own batch. Gradients are averaged before
-# clipping, so all ranks take the same Adam step as one process on the union of the batches
-# (the loss is a per-token mean). Dead-latent counters count a latent as fired if it fired on
-# any rank, and averaged_buffers (BatchTopK's threshold) are averaged, so every rank holds
-# identical state. BatchTopK selects the top k*B of each rank's own batch, not of the union:
-# mean L0 is still k, but which tokens get more or fewer latents is decided per rank.
-# Rank 0 alone evaluates, logs and checkpoints.
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def init_distributed(device: str) -> str:
-    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs and gloo on
-    CPU, and return this rank's device (cuda:LOCAL_RANK for a CUDA `device`)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    device = resolve_device(device)
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return device
-
-
-def average_gradients(sae: BaseSAE) -> None:
-    """One all-reduce for all of an SAE's gradients, then divide by the world size."""
-    grads = [p.grad for p in sae.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size()
-    for g, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        g.copy_(averaged)
-
-
-@torch.no_grad()
-def average_buffers(module: torch.nn.Module, names: tuple[str, ...]) -> None:
-    for name in names:
-        buffer = getattr(module, name)
-        dist.all_reduce(buffer)
-        buffer /= world_size()
-
-
-def all_ranks_any(mask: Tensor) -> Tensor:
-    flags = mask.to(torch.int32)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return flags.bool()
-
-
-def gathered_stream_state(store: ActivationsStore) -> dict[str, Any] | None:
-    """The store state to checkpoint: this process's, or under torchrun every rank's,
-    gathered on rank 0 with keys `rank{r}.` (None on the other ranks)."""
-    state = store.state_dict()
-    if world_size() == 1:
-        return state
-    states = [None] * world_size() if rank() == 0 else None
-    dist.gather_object({k: v.cpu() if isinstance(v, Tensor) else v for k, v in state.items()}, states, dst=0)
-    if rank() != 0:
-        return None
-    return {"world_size": world_size()} | {f"rank{r}.{k}": v for r, s in enumerate(states) for k, v in s.items()}
-
-
-def this_ranks_stream_state(stream: dict[str, Any], folder: Path) -> dict[str, Any]:
-    saved_world = stream.get("world_size", 1)
-    if saved_world != world_size():
-        raise ConfigError(f"checkpoint {folder} was written by {saved_world} data-parallel process(es), this run has "
-                          f"{world_size()}: resume with the same torchrun --nproc_per_node/--nnodes")
-    if saved_world == 1:
-        return stream
-    prefix = f"rank{rank()}."
-    return {k.removeprefix(prefix): v for k, v in stream.items() if k.startswith(prefix)}
-
-
-def average_scale(scale: float, d: int) -> float:
-    """The scale of the union of the ranks' estimate sets: average E||x||^2, not s."""
-    mean_sq = torch.tensor(d / scale**2, dtype=torch.float64)
-    dist.all_reduce(mean_sq)
-    return math.sqrt(d / (mean_sq.item() / world_size()))
-
-
-def rng_states() -> dict[str, Any]:
-    """torch (CPU and CUDA), numpy and python RNG states, in types torch.load(weights_only=True) reads."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                         has_gauss, cached], "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def training_state(t: Trainee, step: int, tokens: int, stream: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint needs beyond the SAE's state dict (SPEC §7); `stream` holds the
-    store's non-tensor state (its tensors go to their own file)."""
-    return {
-        "step": step,
-        "tokens": tokens,
-        "optimizer": t.optimizer.state_dict(),
-        "scheduler": t.scheduler.state_dict(),
-        "skipped_batches": t.skipped_batches,
-        "rng": rng_states(),
-        "stream": stream,
-    }
-
-
 def _train_metrics(t: Trainee, out: Any) -> dict[str, float]:
     skipped = {"train/skipped_batches": t.skipped_batches} if t.cfg["skip_nonfinite_batches"] else {}
     return skipped | {
@@ -372,71 +244,6 @@ def check_group(cfgs: list[dict[str, Any]]) -> None:
     if len({bool(c["resume"]) for c in cfgs}) > 1:
         raise ConfigError("config resume is set for some runs of a group but not others: "
                           "a group resumes together (python main.py --resume RUN_DIR resumes its whole group)")
-
-
-def _same_setting(key: str, given: Any, saved: Any) -> bool:
-    if key == "device":
-        return resolve_device(given) == resolve_device(saved)
-    if key == "buffer_device" and given == "":
-        return True  # "" means `device`, which the saved config holds resolved
-    return given == saved
-
-
-def resumed_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
-    """For `resume=RUN_DIR`: the run's saved config, with `cfg`'s values of RESUME_KEYS.
-    A key set differently in `cfg` (another variant, dict_size, data...) is refused, since
-    a resumed run must continue the same run; the folder itself gives output_dir and run_name."""
-    if not cfg.get("resume"):
-        return cfg
-    run_dir = Path(cfg["resume"])
-    saved = get_default_cfg() | read_run_config(run_dir)
-    for key, value in cfg.items():
-        if key in RESUME_KEYS or key in DERIVED_KEYS or key in RUN_KEYS:
-            continue
-        if not _same_setting(key, value, saved.get(key)):
-            allowed = ", ".join(k for k in RESUME_KEYS if k != "resume")
-            raise ConfigError(f"config {key}={value!r} differs from {saved.get(key)!r} in the run being resumed "
-                              f"({run_dir / 'config.json'}): a resumed run keeps its config; only {allowed} may "
-                              f"change (start a new run for other settings)")
-    return saved | {k: cfg[k] for k in RESUME_KEYS if k in cfg} | {
-        "output_dir": str(run_dir.parent), "run_name": run_dir.name, "overwrite": False}
-
-
-def check_checkpoints_fit(cfgs: list[dict[str, Any]], step: int) -> None:
-    """Each run's checkpoint of `step` was written by a run with the same variant, shapes
-    and stream; checked before anything in the run folders is touched."""
-    for cfg in cfgs:
-        folder = checkpoint_folder(Path(cfg["output_dir"]) / cfg["run_name"], step)
-        saved = read_run_config(folder)
-        for key in CHECKPOINT_KEYS:
-            if key in cfg and not _same_setting(key, cfg[key], saved.get(key)):
-                raise ConfigError(f"checkpoint {folder} is from another run: its {key} is {saved.get(key)!r}, "
-                                  f"this run's is {cfg[key]!r}; resume a run only from its own checkpoints")
-
-
-def _resume_step(run_dirs: list[Path]) -> int:
-    if all((d / FINAL_DIR / MANIFEST_FILE).exists() for d in run_dirs):
-        raise ConfigError(f"config resume={str(run_dirs[0])!r}: the run{'s' if len(run_dirs) > 1 else ''} "
-                          f"already finished ({FINAL_DIR}/ is complete); nothing to resume")
-    return find_resume_step(run_dirs)
-
-
-def restore_group(trainees: list[Trainee], store: ActivationsStore, step: int) -> None:
-    """Load every run's checkpoint of `step`, the stream state and the RNG states (SPEC §7)."""
-    for i, t in enumerate(trainees):
-        folder = checkpoint_folder(t.run_dir, step)
-        weights, state = load_checkpoint(folder)
-        try:
-            t.sae.load_state_dict(weights)
-            t.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise ConfigError(f"checkpoint {folder} does not fit this run: {str(err).strip().splitlines()[0]}; "
-                              f"resume a run only from its own folder") from None
-        t.scheduler.load_state_dict(state["scheduler"])
-        t.skipped_batches = state["skipped_batches"]
-        if i == 0:  # the same stream and RNG state in every run of the group
-            store.load_state_dict(this_ranks_stream_state(state["stream"], folder))
-            set_rng_states(state["rng"])
 
 
 def seed_everything(seed: int) -> None:
@@ -484,7 +291,7 @@ def _open_stream(cfgs: list[dict[str, Any]], model, store) -> tuple[list[dict[st
         validate_cfg(cfg)
     check_group(cfgs)
     first = cfgs[0]
-    resume_step = _resume_step([Path(c["resume"]) for c in cfgs]) if first["resume"] else None
+    resume_step = step_to_resume([Path(c["resume"]) for c in cfgs]) if first["resume"] else None
     seed_everything(first["seed"])
     if store is not None:
         dims = {"d_model": store.cfg["act_size"], "n_layers": store.cfg["n_layers"], "n_ctx": store.cfg["n_ctx"]}
@@ -540,7 +347,7 @@ def _run_steps(trainees: list[Trainee], store, hook_of: list[int], start: int, t
                 out = training_step(t, x[h], step, total_steps, aux_enabled)
                 record_non_finite(t, out, step + 1)
                 _log_step(t, out, step + 1, total_steps, tokens, store, progress)
-            _checkpoint_group(trainees, step + 1, total_steps, tokens, store)
+            checkpoint_group(trainees, step + 1, total_steps, tokens, store)
             progress.advance(tokens_per_step)
             if step + 1 < total_steps:
                 x = store.next_batch()
@@ -556,7 +363,7 @@ def _run_steps(trainees: list[Trainee], store, hook_of: list[int], start: int, t
 def _log_step(t: Trainee, out: Any, step: int, total_steps: int, tokens: int,
               store: ActivationsStore, progress: Progress) -> None:
     cfg, last = t.cfg, step == total_steps
-    if step % cfg["perf_log_freq"] == 0 or last or _checkpoint_due(cfg, step):
+    if step % cfg["perf_log_freq"] == 0 or last or checkpoint_due(cfg, step):
         check_finite(t)
     if rank() != 0:
         return
@@ -569,35 +376,6 @@ def _log_step(t: Trainee, out: Any, step: int, total_steps: int, tokens: int,
         t.logger.log(metrics, step, tokens)
         if last:
             t.final_metrics = metrics
-
-
-def _checkpoint_due(cfg: dict[str, Any], step: int) -> bool:
-    return bool(cfg["checkpoint_freq"]) and step % cfg["checkpoint_freq"] == 0
-
-
-def _checkpoint_group(trainees: list[Trainee], step: int, total_steps: int, tokens: int,
-                      store: ActivationsStore) -> None:
-    """Checkpoint the runs due at `step` (all at the end), after every run logged this step.
-    The stream tensors are written once and hard-linked into the other runs' checkpoints;
-    old checkpoints are pruned only once every run's new one is complete."""
-    last = step == total_steps
-    due = [t for t in trainees if last or _checkpoint_due(t.cfg, step)]
-    if not due:
-        return
-    stream = gathered_stream_state(store)
-    if stream is None:  # ranks other than 0 write nothing
-        return
-    scalars = {k: v for k, v in stream.items() if not isinstance(v, Tensor)}
-    tensors: dict[str, Tensor] | Path = {k: v for k, v in stream.items() if isinstance(v, Tensor)}
-    for t in due:
-        state = training_state(t, step, tokens, scalars)
-        if last:
-            t.logger.save_checkpoint(t.sae, state, step, density=t.final_metrics["density"], final=True)
-        else:
-            tensors = t.logger.save_checkpoint(t.sae, state, step, stream=tensors) / STREAM_FILE
-    if not last:
-        for t in due:
-            t.logger.prune_checkpoints()
 
 
 def train_sae(cfg: dict[str, Any], model=None, store=None) -> Trainee:

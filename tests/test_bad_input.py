@@ -14,11 +14,11 @@ from conftest import small_cfg
 from safetensors import SafetensorError
 
 import activation_store
-import logs
+import checkpoint
 import main
 import training
+from checkpoint import verify_checkpoint
 from config import get_default_cfg
-from logs import verify_checkpoint
 
 TINY = {"batch_size": 64, "num_batches_in_buffer": 4, "eval_tokens": 256, "downstream_eval_rows": 4,
         "num_tokens": 64 * 8, "checkpoint_freq": 4, "eval_freq": 8}
@@ -145,7 +145,7 @@ def test_bad_input_gives_one_line_and_damages_nothing(argv, setup, code, message
     if setup == "foreign checkpoint":
         setup_foreign_checkpoint(runs)
     if setup == "disk full":
-        disk_full_when(logs, lambda path: path.parent.name == ".tmp-step_0000004", monkeypatch)
+        disk_full_when(checkpoint, lambda path: path.parent.name == ".tmp-step_0000004", monkeypatch)
     if setup == "cache disk full":
         disk_full_when(activation_store, lambda path: path.name.startswith(".tmp-shard"), monkeypatch)
     before = snapshot(runs)

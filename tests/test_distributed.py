@@ -17,8 +17,9 @@ from conftest import small_cfg
 from safetensors.torch import load_file
 
 from config import get_default_cfg
+from data_parallel import average_buffers, average_gradients
 from sae import build_sae
-from training import Trainee, average_buffers, average_gradients, training_step, use_sparse_kernels
+from training import Trainee, training_step, use_sparse_kernels
 
 D, M, B, STEPS = 32, 128, 64, 8
 
@@ -86,14 +87,14 @@ REPO = Path(__file__).parent.parent
 KILL_AFTER_CHECKPOINT = """
 import os, sys
 sys.path.insert(0, {repo!r})
-import logs, main
-save = logs.RunLogger.save_checkpoint
-def save_then_die(self, sae, state, step, *args, **kwargs):
-    folder = save(self, sae, state, step, *args, **kwargs)
+import checkpoint, main
+save = checkpoint.save_checkpoint
+def save_then_die(run_dir, sae, state, step, *args, **kwargs):
+    folder = save(run_dir, sae, state, step, *args, **kwargs)
     if step == {step}:
         os._exit(9)  # rank 0 dies right after this checkpoint; torchrun stops the other rank
     return folder
-logs.RunLogger.save_checkpoint = save_then_die
+checkpoint.save_checkpoint = save_then_die
 sys.exit(main.main(sys.argv[1:]))
 """
 
@@ -151,7 +152,8 @@ sys.path.insert(0, {repo!r})
 import torch
 from activation_store import TensorStore
 from config import ConfigError
-from training import init_distributed, train_sae
+from data_parallel import init_distributed
+from training import train_sae
 cfg = {cfg!r}
 init_distributed("cpu")
 try:

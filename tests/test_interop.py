@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from checkpoint import FINAL_DIR
 from config import ConfigError, get_default_cfg
 from interop import (
     SAELENS_CFG_FILE,
@@ -25,7 +26,6 @@ from interop import (
     model_card,
     upload,
 )
-from logs import FINAL_DIR
 from results import load_run
 from sae import SAE_CLASSES, BaseSAE, BatchTopKSAE, JumpReLUSAE, TopKSAE, VanillaSAE, build_sae
 

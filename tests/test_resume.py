@@ -16,7 +16,7 @@ from conftest import small_cfg
 from safetensors.torch import load_file
 
 from activation_store import ActivationsStore
-from logs import ResumeWarning, verify_checkpoint
+from checkpoint import ResumeWarning, verify_checkpoint
 from training import make_trainee, train_sae, train_sae_group, training_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ RUNNER = r"""
 import json, os, signal, sys
 import torch
 torch.set_num_threads(2)
-import logs, main, training
+import checkpoint, logs, main, training
 
 spec = json.loads(sys.argv[1])
 
@@ -35,20 +35,20 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 if "kill_before_manifest_of" in spec:  # mid-checkpoint: its files written, the manifest not yet
-    write_manifest = logs.write_manifest
+    write_manifest = checkpoint.write_manifest
     def patched(folder, known=None):
         if folder.name == ".tmp-" + spec["kill_before_manifest_of"]:
             die()
         write_manifest(folder, known)
-    logs.write_manifest = patched
+    checkpoint.write_manifest = patched
 if "kill_at_save" in spec:  # the n-th checkpoint save of the process (a group: between runs)
-    save_checkpoint, calls = logs.RunLogger.save_checkpoint, []
-    def patched_save(self, *args, **kwargs):
+    save_checkpoint, calls = checkpoint.save_checkpoint, []
+    def patched_save(*args, **kwargs):
         calls.append(1)
         if len(calls) == spec["kill_at_save"]:
             die()
-        return save_checkpoint(self, *args, **kwargs)
-    logs.RunLogger.save_checkpoint = patched_save
+        return save_checkpoint(*args, **kwargs)
+    checkpoint.save_checkpoint = patched_save
 if "kill_mid_log_of" in spec:  # half a metrics.jsonl line written
     log = logs.RunLogger.log
     def patched_log(self, metrics, step, tokens):

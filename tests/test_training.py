@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import small_cfg
 
-from logs import recovered
 from sae import SAE_CLASSES, load_sae
 from training import lr_factor, train_sae, train_sae_group
 
@@ -89,10 +88,6 @@ def test_causal_lm_path_reports_ce_metrics(tiny_gpt2_dir, tmp_path):
     vocab = model.cfg.d_vocab
     assert abs(final["ce_clean"] - math.log(vocab)) < 0.5  # random weights predict near-uniformly
 
-
-def test_recovered_endpoints():
-    assert recovered(zero=5.0, spliced=3.0, clean=3.0) == 1.0
-    assert recovered(zero=5.0, spliced=5.0, clean=3.0) == 0.0
 
 
 def test_lr_schedule_warms_up_and_decays():

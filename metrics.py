@@ -1,0 +1,164 @@
+"""Evaluation metrics (docs/math.md §5): pure tensor functions, then `evaluate`, which runs
+them on the held-out set; and `SUMMARY_METRICS`, the metrics a run is summarised by."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from activation_store import is_causal_lm, run_to_hook
+from sae import BaseSAE
+
+DENSE_FRACTION = 0.1  # a latent firing on more than this fraction of eval tokens is dense
+# The metrics a run is summarised by, headline first: results.py's report shows every one present,
+# the terminal tables (main.py, `python results.py`) the HEADLINE_METRICS present, so that a row fits
+# ~120 columns (an encoder has downstream_recovered, a causal LM ce_recovered and kl, never both).
+SUMMARY_METRICS = ("l0", "explained_variance", "nmse", "cosine", "dead", "dense", "downstream_recovered",
+                   "ce_recovered", "kl", "shrinkage", "never_fired_eval_frac", "ce_clean", "ce_spliced")
+HEADLINE_METRICS = SUMMARY_METRICS[: SUMMARY_METRICS.index("kl") + 1]
+
+
+# --- pure metrics -------------------------------------------------------------------------
+
+@dataclass
+class ReconstructionSums:
+    """Running sums over evaluation chunks, so a large dictionary never needs (N, m) at once."""
+
+    sq_err: float = 0.0
+    l0: float = 0.0
+    l1: float = 0.0
+    cosine: float = 0.0
+    shrinkage: float = 0.0
+    n: int = 0
+    fire_counts: Tensor | None = None
+
+    def add(self, x: Tensor, x_hat: Tensor, f: Tensor, decoder_norms: Tensor) -> None:
+        self.sq_err += (x - x_hat).pow(2).sum().item()
+        self.l0 += (f != 0).sum().item()
+        self.l1 += (f.abs() * decoder_norms).sum().item()
+        self.cosine += F.cosine_similarity(x, x_hat, dim=-1).sum().item()
+        self.shrinkage += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum().item()
+        counts = (f != 0).sum(0).double()
+        self.fire_counts = counts if self.fire_counts is None else self.fire_counts + counts
+        self.n += x.shape[0]
+
+
+def total_variance(x: Tensor) -> float:
+    """sum ||x - mean(x)||^2 over tokens and dims (variance around the mean, not 0)."""
+    return (x.double() - x.double().mean(0)).pow(2).sum().item()
+
+
+def next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over all positions of all rows."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def mean_kl(clean_logits: Tensor, other_logits: Tensor) -> Tensor:
+    """Mean over positions of KL(clean next-token distribution || other)."""
+    p_log = F.log_softmax(clean_logits.float(), dim=-1)
+    q_log = F.log_softmax(other_logits.float(), dim=-1)
+    return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+
+
+def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Mean over tokens of 1 - cos(a, b)."""
+    return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+
+
+def recovered(zero: float, spliced: float, clean: float) -> float:
+    """(zero - spliced) / (zero - clean): 1 for a perfect splice, 0 for zero-ablation."""
+    return (zero - spliced) / (zero - clean) if zero != clean else float("nan")
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def reconstruction_metrics(sae: BaseSAE, eval_acts: Tensor, device: torch.device, chunk: int = 4096) -> dict[str, Any]:
+    sums = ReconstructionSums()
+    decoder_norms = sae.W_dec.norm(dim=-1)
+    for x in eval_acts.split(chunk):
+        x = x.to(device)
+        f = sae.encode(x)
+        sums.add(x, sae.decode(f, x), f, decoder_norms)
+    m = sae.cfg["dict_size"]
+    density = sums.fire_counts / sums.n
+    nmse = sums.sq_err / total_variance(eval_acts)
+    dead = int(sae.dead_mask().sum().item())
+    return {
+        "l0": sums.l0 / sums.n,
+        "l1": sums.l1 / sums.n,
+        "nmse": nmse,
+        "explained_variance": 1 - nmse,
+        "cosine": sums.cosine / sums.n,
+        "shrinkage": sums.shrinkage / sums.n,
+        "dead": dead,
+        "dead_frac": dead / m,
+        "dense": int((density > DENSE_FRACTION).sum().item()),
+        "never_fired_eval_frac": (density == 0).double().mean().item(),
+        "density": density.float().cpu(),
+    }
+
+
+def _splice_hook(sae: BaseSAE, keep: Tensor, zero: bool):
+    def hook(act: Tensor, hook) -> Tensor:
+        act = act.clone()
+        x = act[keep].float()
+        act[keep] = (torch.zeros_like(x) if zero else sae.decode(sae.encode(x), x)).to(act.dtype)
+        return act
+    return hook
+
+
+def _final_hidden(model, tokens: Tensor, hooks: list) -> Tensor:
+    """The encoder's last block output, with `hooks` applied on the way."""
+    return run_to_hook(model, tokens, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", hooks).float()
+
+
+@torch.no_grad()
+def downstream_metrics(sae: BaseSAE, model, tokens: Tensor, keep: Tensor, hook_point: str,
+                       batch: int) -> dict[str, float]:
+    """Splice the reconstruction (and zeros) into the model at the kept positions (docs/math.md §5)."""
+    device = next(sae.parameters()).device
+    causal = is_causal_lm(model)
+    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}  # each a per-chunk mean times its rows
+    for rows, mask in zip(tokens.split(batch), keep.split(batch), strict=True):
+        rows, mask = rows.to(device), mask.to(device)
+        spliced = [(hook_point, _splice_hook(sae, mask, zero=False))]
+        zeroed = [(hook_point, _splice_hook(sae, mask, zero=True))]
+        if causal:
+            clean_logits = model(rows)
+            spliced_logits = model.run_with_hooks(rows, fwd_hooks=spliced)
+            zero_logits = model.run_with_hooks(rows, fwd_hooks=zeroed)
+            totals["clean"] += next_token_ce(clean_logits, rows).item() * len(rows)
+            totals["spliced"] += next_token_ce(spliced_logits, rows).item() * len(rows)
+            totals["zero"] += next_token_ce(zero_logits, rows).item() * len(rows)
+            totals["kl"] += mean_kl(clean_logits, spliced_logits).item() * len(rows)
+        else:
+            clean = _final_hidden(model, rows, [])
+            totals["spliced"] += cosine_distance(clean, _final_hidden(model, rows, spliced)).item() * len(rows)
+            totals["zero"] += cosine_distance(clean, _final_hidden(model, rows, zeroed)).item() * len(rows)
+    mean = {k: v / len(tokens) for k, v in totals.items()}  # every row has the same number of positions
+    if causal:
+        return {"ce_clean": mean["clean"], "ce_spliced": mean["spliced"], "ce_zero": mean["zero"],
+                "ce_recovered": recovered(mean["zero"], mean["spliced"], mean["clean"]), "kl": mean["kl"]}
+    return {"downstream_recovered": recovered(mean["zero"], mean["spliced"], 0.0)}
+
+
+def evaluate(sae: BaseSAE, store) -> dict[str, Any]:
+    """All docs/math.md §5 metrics on the held-out set, in raw space, with the inference encoder.
+    Touches no training state: counters, threshold and RNG are only read."""
+    was_training = sae.training
+    sae.eval()
+    try:
+        hook_point = sae.cfg["hook_point"]
+        metrics = reconstruction_metrics(sae, store.eval_acts[store.hook_index(hook_point)], store.device)
+        if store.model is not None:  # None: a synthetic stream (tests), no model to splice into
+            rows = store.eval_tokens[: store.cfg["downstream_eval_rows"]]
+            metrics.update(downstream_metrics(sae, store.model, rows, store.kept_positions(rows),
+                                              hook_point, store.cfg["model_batch_size"]))
+    finally:
+        sae.train(was_training)
+    return metrics
