@@ -151,7 +151,7 @@ def sae_step_rate(variant: str, s: dict[str, Any], device: torch.device, dtype: 
     return 1 / timed(sae_step_fn(variant, s, device, dtype, kernels, x), device, s["steps"])
 
 
-PEER = "eai-sparsify==1.3.3"  # the fastest peer the issue measured: EleutherAI's sparsify, TopK
+PEER = "eai-sparsify==1.3.3"  # the fastest peer measured: EleutherAI's sparsify, TopK
 PEER_VARIANTS = tuple(SAE_CLASSES)
 
 
@@ -257,7 +257,7 @@ def peer_comparison(s: dict[str, Any], device: torch.device, x: torch.Tensor | N
 
 
 # sparsify runs of the quality comparison: (optimizer, lr (None: its default), warmup steps). Its
-# default, then Adam at the lr the issue's table used (3e-4) with its default warmup and without.
+# default, then Adam at lr 3e-4 (a common choice) with its default warmup and without.
 SPARSIFY_QUALITY_RUNS = (("signum", None, SPARSIFY_WARMUP_STEPS), ("adam", 3e-4, SPARSIFY_WARMUP_STEPS),
                          ("adam", 3e-4, 0))
 
