@@ -73,8 +73,8 @@ def streamline(model) -> None:
     so that its inner hooks do; the store reads only residual/attn/mlp outputs, so
     switch to SDPA attention and the native LayerNorm (same activations to ~1e-5).
     The native LayerNorm still computes the statistics for hook_scale/hook_normalized in
-    float32 on every call (~15% of a bf16 forward on CPU); skip them while those hooks
-    have nothing attached."""
+    float32 on every call (a sizeable share of a bf16 forward on CPU: docs/benchmarks.md);
+    skip them while those hooks have nothing attached."""
     from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
 
     with contextlib.suppress(Exception):  # best effort: some architectures need eager
@@ -120,10 +120,8 @@ def run_to_hooks(model, tokens: Tensor, hook_points: Sequence[str], fwd_hooks: l
     """Forward only as far as the deepest of `hook_points` (with any extra `fwd_hooks`
     before them) and return their activations (B, S, d), in the order given. The hooks go
     straight onto the HookPoints (`add_hook` / `remove_hooks` at HOOK_LEVEL) rather than
-    through the bridge's `run_with_hooks`, which rebuilds its alias maps on every call:
-    0.44-0.83 ms less per forward (medians of 300 paired calls at 8 tokens on the 2-core CPU,
-    two runs; lost in the noise at 32 x 128 tokens there, but Python overhead of this kind is
-    what bounds a small model's forward on a GPU)."""
+    through the bridge's `run_with_hooks`, which rebuilds its alias maps on every call (Python
+    overhead of the kind that bounds a small model's forward on a GPU; docs/benchmarks.md)."""
     captured: dict[str, Tensor] = {}
     wanted = set(hook_points)
 

@@ -61,9 +61,8 @@ SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": 
             "generation": True, "end_to_end": True, "e2e_refills": 2, "e2e_warmup_steps": 20,
             "model": get_default_cfg()["model_name"],
             "model_batch_size": get_default_cfg()["model_batch_size"], "dtype": "float32",
-            "variants": ",".join(SAE_CLASSES), "kernels": "sparse,dense", "acts": "", "peers": False,
+            "variants": "", "kernels": "sparse,dense", "acts": "", "peers": False,
             "quality": False, "eval_acts": "", "quality_tokens": 1_048_576}
-GROUP_VARIANTS = (tuple(SAE_CLASSES) * 8)[:8]  # the group of 8 SAEs on one stream: the variants in turn
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2, rounds: int = 3) -> float:
@@ -152,7 +151,6 @@ def sae_step_rate(variant: str, s: dict[str, Any], device: torch.device, dtype: 
 
 
 PEER = "eai-sparsify==1.3.3"  # the fastest peer measured: EleutherAI's sparsify, TopK
-PEER_VARIANTS = tuple(SAE_CLASSES)
 
 
 SPARSIFY_WARMUP_STEPS = 1000  # sparsify 1.3.3's lr_warmup_steps (Adam only)
@@ -246,7 +244,7 @@ def peer_comparison(s: dict[str, Any], device: torch.device, x: torch.Tensor | N
     if x is None:
         x = torch.randn(s["batch"], s["d"])
     fns = {f"sparsify_topk_{opt}": sparsify_step_fn(s, device, x, opt) for opt in ("adam", "signum")}
-    fns |= {v: sae_step_fn(v, s, device, peer_dtype(device), "auto", x) for v in PEER_VARIANTS}
+    fns |= {v: sae_step_fn(v, s, device, peer_dtype(device), "auto", x) for v in SAE_CLASSES}
     rates = interleaved_rates(fns, device, rounds=2 * s["steps"])
     results = {}
     for name, per_round in rates.items():
@@ -289,7 +287,7 @@ def quality_comparison(s: dict[str, Any], device: torch.device) -> dict[str, Any
     with tempfile.TemporaryDirectory() as out:
         cfgs = [get_default_cfg() | {"sae_type": v, "run_name": v, "output_dir": out, "device": str(device),
                                      "wandb_mode": "disabled", "num_tokens": tokens, "batch_size": s["batch"],
-                                     "dict_size": s["m"], "top_k": s["k"]} for v in PEER_VARIANTS]
+                                     "dict_size": s["m"], "top_k": s["k"]} for v in SAE_CLASSES]
         start = time.perf_counter()
         trainees = train_sae_group(cfgs, store=TensorStore(acts, cfgs[0], eval_acts=eval_acts))
         seconds = time.perf_counter() - start
@@ -391,7 +389,8 @@ def end_to_end_rates(s: dict[str, Any], device: torch.device, model) -> dict[str
     VM's speed drifts between sections, so the loop's ratio to its own generation rate is
     steadier than its ratio to the generation section's; nan where no refill fell in the loop)."""
     rates = {}
-    for name, variants in (("one_sae", ("batchtopk",)), ("group_of_8", GROUP_VARIANTS)):
+    group_of_8 = (tuple(SAE_CLASSES) * 8)[:8]  # the registered variants in turn
+    for name, variants in (("one_sae", (get_default_cfg()["sae_type"],)), ("group_of_8", group_of_8)):
         cfgs = [stream_cfg(s, device, model) | {"sae_type": v} for v in variants]
         store = ActivationsStore(model, cfgs[0])
         warmup, steps = s["e2e_warmup_steps"], s["e2e_refills"] * store.serve_count // s["batch"]
@@ -446,6 +445,7 @@ def parse(argv: list[str]) -> dict[str, Any]:
         s[key] = value.lower() == "true" if isinstance(s[key], bool) else type(s[key])(value)
     if s["dtype"] not in ("float32", "bfloat16"):
         sys.exit(f"error: bench setting dtype={s['dtype']!r}: use float32 or bfloat16")
+    s["variants"] = s["variants"] or ",".join(SAE_CLASSES)  # "": every registered variant
     for key, allowed in (("variants", SAE_CLASSES), ("kernels", ("sparse", "dense"))):
         unknown = set(s[key].split(",")) - set(allowed)
         if unknown:

@@ -30,7 +30,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from activation_store import WRITE_ERRORS, ActivationsStore, write_failure
-from config import CHECKPOINT_KEYS, DERIVED_KEYS, RESUME_KEYS, RUN_KEYS, ConfigError, get_default_cfg, resolve_device
+from config import (
+    CHECKPOINT_KEYS,
+    DERIVED_KEYS,
+    RESUME_KEYS,
+    RUN_KEYS,
+    ConfigError,
+    all_keys,
+    get_default_cfg,
+    resolve_device,
+)
 from data_parallel import rank, world_size
 from sae import CONFIG_FILE, WEIGHTS_FILE, BaseSAE
 
@@ -339,9 +348,10 @@ def resumed_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     if not cfg.get("resume"):
         return cfg
     run_dir = Path(cfg["resume"])
-    saved = get_default_cfg() | read_run_config(run_dir)
+    known = all_keys()  # a key of a variant not registered in this process is not this run's concern
+    saved = {k: v for k, v in (get_default_cfg() | read_run_config(run_dir)).items() if k in known}
     for key, value in cfg.items():
-        if key in RESUME_KEYS or key in DERIVED_KEYS or key in RUN_KEYS:
+        if key in RESUME_KEYS or key in DERIVED_KEYS or key in RUN_KEYS or key not in known:
             continue
         if not _same_setting(key, value, saved.get(key)):
             allowed = ", ".join(k for k in RESUME_KEYS if k != "resume")

@@ -149,6 +149,7 @@ def variant_keys() -> dict[str, tuple[Key, tuple[str, ...]]]:
     for name, cls in SAE_CLASSES.items():
         for key, spec in cls.keys.items():
             assert key not in KEYS, f"{cls.__name__} redeclares the general config key {key!r}"
+            assert not spec.roles, f"{cls.__name__}.keys[{key!r}]: roles are for config.KEYS (a variant's key has none)"
             known, readers = found.get(key, (spec, ()))
             assert known == spec, f"{cls.__name__} declares {key!r} differently from {readers[0]}"
             found[key] = (spec, (*readers, name))
@@ -330,7 +331,7 @@ def reference_table() -> str:
     for key, spec in all_keys().items():
         allowed = ", ".join(sae_types()) if spec.allowed == "variant" else spec.allowed
         allowed = ", ".join(allowed) if isinstance(allowed, tuple) else allowed
-        roles = ", ".join(spec.roles) + (f"variant: {readers[key]}" if key in readers else "")
+        roles = ", ".join(spec.roles) or (f"variant: {readers[key]}" if key in readers else "")  # variant keys: none
         cells = [f"`{key}`", f"`{spec.default!r}`", allowed, roles, spec.doc.replace("|", "\\|")]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"

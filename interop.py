@@ -40,7 +40,6 @@ from sae import SAE_CLASSES, BaseSAE, build_sae
 SAELENS_CFG_FILE = "cfg.json"
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"  # metadata.sae_lens_version written: the cfg.json layout above, not an install
-SAELENS_EXTRA_TENSORS = {"jumprelu": ("threshold",)}  # beyond W_enc, W_dec, b_enc, b_dec, by architecture
 EXPORT_MARKER = "sae_training_export"  # metadata entry of our exports: variant, its keys, folded input scale, run
 CARD_KEYS = ("model_name", "hook_point", "dataset_path", "sae_type", "dict_size")  # then the variant's own keys,
 CARD_TRAINING_KEYS = ("num_tokens", "batch_size", "lr", "seq_len", "seed")  # then these
@@ -78,7 +77,7 @@ def saelens_config(sae: BaseSAE) -> dict[str, Any]:
         "model_name": cfg.get("model_name"), "hook_name": hook_name(cfg), "hook_head_index": None,
         "context_size": cfg.get("seq_len"), "dataset_path": cfg.get("dataset_path"), "prepend_bos": True,
         EXPORT_MARKER: {"sae_type": cfg["sae_type"], "input_scale": float(sae.scale), "run_name": cfg.get("run_name"),
-                        **{k: cfg[k] for k in sae.keys}},
+                        **{k: cfg.get(k) for k in sae.keys}},
     }
     return out
 
@@ -86,6 +85,10 @@ def saelens_config(sae: BaseSAE) -> dict[str, Any]:
 def export_saelens(sae: BaseSAE, folder: str | Path) -> Path:
     """Write the SAE's inference form as a SAELens 6 folder (cfg.json, sae_weights.safetensors), loadable with
     `sae_lens.SAE.load_from_disk(folder)`; it takes raw activations and gives our latents and reconstructions."""
+    if sae.saelens_architecture is None:
+        raise ConfigError(f"sae_type={sae.cfg['sae_type']!r} states no saelens_architecture (its activation is its "
+                          "own, which SAELens may not compute): set it on the class if one fits, or share the "
+                          "SAE as saved (sae.save / load_sae)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(saelens_tensors(sae), folder / SAELENS_WEIGHTS_FILE)
@@ -107,7 +110,13 @@ def _saelens_fields(raw: dict[str, Any]) -> dict[str, Any]:
 
 def saelens_architectures() -> list[str]:
     """The SAELens architectures some registered variant reads, in registration order."""
-    return list(dict.fromkeys(cls.saelens_architecture for cls in SAE_CLASSES.values()))
+    return list(dict.fromkeys(c.saelens_architecture for c in SAE_CLASSES.values() if c.saelens_architecture))
+
+
+def saelens_extra_tensors(architecture: str) -> list[str]:
+    """The per-latent tensors beyond W_enc, W_dec, b_enc, b_dec that the variants of `architecture` read."""
+    same = [c for c in SAE_CLASSES.values() if c.saelens_architecture == architecture]
+    return list(dict.fromkeys(name for c in same for name in c.saelens_tensors))
 
 
 def _check_saelens_fields(fields: dict[str, Any], where: Path) -> None:
@@ -142,7 +151,7 @@ def _fold_saelens_options(t: dict[str, Tensor], fields: dict[str, Any]) -> dict[
 
 def _check_saelens_tensors(t: dict[str, Tensor], d: int, m: int, architecture: str, where: Path) -> None:
     shapes = {"W_enc": (d, m), "W_dec": (m, d), "b_enc": (m,), "b_dec": (d,)}
-    shapes |= {name: (m,) for name in SAELENS_EXTRA_TENSORS.get(architecture, ())}
+    shapes |= {name: (m,) for name in saelens_extra_tensors(architecture)}
     for name, shape in shapes.items():
         if name not in t or tuple(t[name].shape) != shape:
             found = tuple(t[name].shape) if name in t else "missing"
@@ -177,7 +186,10 @@ def _saelens_variant(fields: dict[str, Any], extras: dict[str, Tensor], folder: 
     """The variant that reads the folder, and what it reads from it: the one our export names, else the first
     registered variant of its architecture that accepts it (`from_saelens`)."""
     marker = fields.get(EXPORT_MARKER) or {}
-    named = [SAE_CLASSES[marker["sae_type"]]] if marker.get("sae_type") in SAE_CLASSES else []
+    if marker.get("sae_type") and marker["sae_type"] not in SAE_CLASSES:
+        raise ConfigError(f"{folder}: exported from sae_type={marker['sae_type']!r}, which is not registered here "
+                          f"(registered: {', '.join(SAE_CLASSES)}): import the module that registers it first")
+    named = [SAE_CLASSES[marker["sae_type"]]] if marker.get("sae_type") else []
     same = [c for c in SAE_CLASSES.values() if c.saelens_architecture == fields["architecture"]]
     for cls in [c for c in named if c in same] + same:
         try:
@@ -203,7 +215,7 @@ def load_saelens(folder: str | Path, device: str = "cpu") -> BaseSAE:
     d, m, architecture = fields["d_in"], fields["d_sae"], fields["architecture"]
     t = _fold_saelens_options(load_file(folder / SAELENS_WEIGHTS_FILE), fields)
     _check_saelens_tensors(t, d, m, architecture, folder)
-    extras = {name: t.pop(name) for name in SAELENS_EXTRA_TENSORS.get(architecture, ())}
+    extras = {name: t.pop(name) for name in saelens_extra_tensors(architecture)}
     cls, found = _saelens_variant(fields, extras, folder)
     sae = build_sae(_imported_cfg(fields, cls, folder) | found["cfg"])
     sae.load_state_dict(sae.state_dict() | t | {"scale": torch.ones(())} | found["state"])

@@ -498,6 +498,16 @@ def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latent
     return out
 
 
+def __getattr__(name: str):
+    """`from results import load_saelens` (and the other SAELens/Hub functions, now in interop.py), as model
+    cards already published print it."""
+    if name in ("export_saelens", "load_saelens", "model_card", "build_hub_folder", "upload"):
+        import interop
+
+        return getattr(interop, name)
+    raise AttributeError(f"module 'results' has no attribute {name!r}")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="Print a summary of finished runs and write a report folder.")
     parser.add_argument("runs", nargs="+", help="run folders, or folders holding them")

@@ -86,13 +86,18 @@ class BaseSAE(nn.Module):
     keys: ClassVar[dict[str, Key]] = {}  # the config keys it reads beyond config.KEYS, declared here
     coeff_key: ClassVar[str | None] = None  # the key of its sparsity coefficient (warmed up; None: no penalty)
     uses_aux_loss: ClassVar[bool] = False  # AuxK on dead latents (docs/math.md §4)
-    saelens_architecture: ClassVar[str] = "standard"  # SAELens's name for its inference rule
+    saelens_architecture: ClassVar[str | None] = None  # SAELens's name for its inference rule (None: none fits)
+    saelens_tensors: ClassVar[tuple[str, ...]] = ()  # per-latent tensors its SAELens form adds (m,)
     averaged_buffers: ClassVar[tuple[str, ...]] = ()  # training state data-parallel ranks average after each step
     has_sparse_path: ClassVar[bool] = False  # set by __init_subclass__: the class states its own `select`
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.has_sparse_path = "select" in cls.__dict__  # a subclass that changes only its math runs dense
+        # a subclass that changes its math does not inherit what computes the parent's math: it trains on
+        # the dense reference and states its SAELens form itself
+        cls.has_sparse_path = "select" in cls.__dict__
+        if "activation" in cls.__dict__ and "saelens_architecture" not in cls.__dict__:
+            cls.saelens_architecture = None
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
@@ -305,6 +310,7 @@ class VanillaSAE(BaseSAE):
     name, title = "vanilla", "Vanilla (ReLU + L1)"
     keys = {"l1_coeff": Key(1.5, "L1 coefficient (scaled space)", ">= 0")}
     coeff_key = "l1_coeff"
+    saelens_architecture = "standard"
     max_sparse_density = 0.08
 
     def activation(self, pre: Tensor) -> Tensor:
@@ -369,7 +375,7 @@ class BatchTopKSAE(BaseSAE):
     keys = {"top_k": TOP_K,
             "threshold_ema_decay": Key(0.95, "inference threshold: EMA decay per step", "[0, 1)")}
     uses_aux_loss = True
-    saelens_architecture = "jumprelu"
+    saelens_architecture, saelens_tensors = "jumprelu", ("threshold",)
     averaged_buffers = ("threshold",)  # the EMA is linear: averaging after each update averages the batch minima
     run_tag, check_cfg = TopKSAE.run_tag, TopKSAE.check_cfg  # k, as TopK's
 
@@ -455,7 +461,7 @@ class JumpReLUSAE(BaseSAE):
             "bandwidth": Key(0.5, "straight-through kernel width epsilon", "> 0"),
             "jumprelu_init_threshold": Key(1.0, "initial per-latent threshold", "> 0")}
     coeff_key = "l0_coeff"
-    saelens_architecture = "jumprelu"
+    saelens_architecture, saelens_tensors = "jumprelu", ("threshold",)
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
@@ -508,6 +514,9 @@ class JumpReLUSAE(BaseSAE):
 
 
 def build_sae(cfg: dict[str, Any]) -> BaseSAE:
+    if cfg["sae_type"] not in SAE_CLASSES:
+        raise ConfigError(f"config sae_type={cfg['sae_type']!r} is not a registered variant (registered: "
+                          f"{', '.join(SAE_CLASSES)}): import the module that registers it first")
     return SAE_CLASSES[cfg["sae_type"]](cfg)
 
 

@@ -77,12 +77,9 @@ SPARSE_ON_CUDA_FROM = 6144  # dict_size from which kernels=auto picks the sparse
 
 
 def use_sparse_kernels(cfg: dict[str, Any]) -> bool:
-    """kernels=auto: sparse on CPU (measured 2.6-5.3x the dense fp32 step there). On CUDA
-    sparse for fp32 dictionaries of SPARSE_ON_CUDA_FROM latents or more, dense otherwise
-    (H100, TopK fp32, tokens/s sparse vs dense: d384 m3072 1.34M vs 1.97M; d768 m6144
-    1.06M vs 0.68M; m12288 0.67M vs 0.36M; m24576 0.44M vs 0.19M, where bf16 dense does
-    0.70M; measured before the sparse path ran its encoder matmul in bf16 under autocast,
-    so sparse bf16 on CUDA is untimed)."""
+    """kernels=auto: sparse on CPU, where it is several times the dense step. On CUDA sparse for
+    fp32 dictionaries of SPARSE_ON_CUDA_FROM latents or more, where it measured faster than the
+    launch-bound dense step; dense otherwise (the H100 figures: docs/kernels.md)."""
     if cfg["kernels"] != "auto":
         return cfg["kernels"] == "sparse"
     if torch.device(cfg["device"]).type == "cpu":
@@ -203,8 +200,8 @@ def zero_idle_momentum(t: Trainee) -> None:
     if t.sae.b_enc.grad is None:
         return
     idle = t.sae.b_enc.grad == 0
-    # on CPU only the idle latents' slices are touched (the host reads which; a masked fill
-    # passes over every (m, d) moment: 1.2 ms per step at m 3072, d 384)
+    # on CPU only the idle latents' slices are touched (the host reads which): a masked fill
+    # would pass over every (m, d) moment
     idle_idx = None if idle.is_cuda else idle.nonzero().squeeze(1)
     for param, dim in t.sae.latent_params():
         state = t.optimizer.state.get(param, {})

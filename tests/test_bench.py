@@ -121,7 +121,7 @@ def test_peer_comparison_where_sparsify_is_installed():
     pytest.importorskip("sparsify")
     s = bench.parse(["d=16", "m=64", "k=4", "batch=64", "steps=1"])
     peers = bench.peer_comparison(s, torch.device("cpu"), None)
-    assert set(peers) == {"sparsify_topk_adam", "sparsify_topk_signum", *bench.PEER_VARIANTS}
+    assert set(peers) == {"sparsify_topk_adam", "sparsify_topk_signum", *bench.SAE_CLASSES}
     assert peers["sparsify_topk_adam"]["vs_sparsify_adam_median"] == 1.0
     assert all(row["tokens_per_s"] > 0 for row in peers.values())
 
@@ -147,7 +147,7 @@ def test_quality_comparison_where_sparsify_is_installed(tmp_path):
     quality = bench.quality_comparison(s, torch.device("cpu"))
     assert quality["tokens"] == 11_776  # whole batches
     runs = quality["runs"]
-    assert set(runs) == {*bench.PEER_VARIANTS, "sparsify_topk_signum", "sparsify_topk_adam_lr0.0003_warmup1000",
+    assert set(runs) == {*bench.SAE_CLASSES, "sparsify_topk_signum", "sparsify_topk_adam_lr0.0003_warmup1000",
                          "sparsify_topk_adam_lr0.0003_warmup0"}
     for name, row in runs.items():
         print(name, row)

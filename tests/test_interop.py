@@ -368,3 +368,12 @@ def test_upload_creates_repo_and_uploads_the_hub_folder(tmp_path, monkeypatch):
     assert calls == [("init", "tok"), ("create_repo", "someone/sae-test", True, True),
                      ("upload_folder", "someone/sae-test",
                       ["README.md", f"{HOOK}/{SAELENS_CFG_FILE}", f"{HOOK}/{SAELENS_WEIGHTS_FILE}"])]
+
+
+def test_results_still_gives_the_interop_functions_older_model_cards_import():
+    import interop
+    import results
+
+    assert results.load_saelens is interop.load_saelens and results.upload is interop.upload
+    with pytest.raises(AttributeError):
+        results.no_such_function  # noqa: B018

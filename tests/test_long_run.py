@@ -76,7 +76,7 @@ def run_synthetic(output_dir: str) -> dict:
 
 # In a fresh process (its memory is the run's alone) with one thread: with two, each of the
 # step's many small parallel ops waits for a descheduled thread when the CPU is busy, and
-# the run was measured 25x slower inside a full test session.
+# the run was many times slower inside a full test session.
 SCRIPT = """
 import json, sys
 sys.path.insert(0, "tests")

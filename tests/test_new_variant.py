@@ -21,6 +21,7 @@ class SquaredTopKSAE(TopKSAE):
 
     name, title = "squared_topk", "Squared TopK"
     keys = TopKSAE.keys | {"square_scale": Key(1.0, "multiplies the squared kept entries", "> 0")}
+    saelens_architecture = "topk"  # stated, not inherited: SAELens reads it as TopK; load_saelens restores this class
 
     def activation(self, pre: Tensor) -> Tensor:
         vals, idx = pre.topk(self.cfg["top_k"], dim=-1, sorted=False)
@@ -51,6 +52,22 @@ def test_a_registered_variant_is_known_everywhere(squared_topk):
     assert TopKSAE.has_sparse_path and not squared_topk.has_sparse_path
 
 
+def test_a_subclass_with_its_own_activation_does_not_export_as_its_parent(tmp_path):
+    from interop import export_saelens
+
+    class CubedTopKSAE(TopKSAE):  # not registered: export reads only the instance
+        name, title = "cubed_topk", "Cubed TopK"
+
+        def activation(self, pre: Tensor) -> Tensor:
+            return super().activation(pre) ** 3
+
+    assert CubedTopKSAE.saelens_architecture is None and not CubedTopKSAE.has_sparse_path
+    cfg = get_default_cfg() | {"sae_type": "topk", "act_size": 8, "dict_size": 16, "top_k": 2}
+    with pytest.raises(ConfigError, match="states no saelens_architecture"):
+        export_saelens(CubedTopKSAE(cfg), tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
 def test_a_registered_variant_trains_exports_and_loads_back(squared_topk, tmp_path):
     from activation_store import TensorStore
     from interop import export_saelens, load_saelens
@@ -65,9 +82,41 @@ def test_a_registered_variant_trains_exports_and_loads_back(squared_topk, tmp_pa
     sae = load_sae(tmp_path / "runs" / "squared" / "final")
     assert isinstance(sae, SquaredTopKSAE) and sae.cfg["square_scale"] == 0.5
 
-    back = load_saelens(export_saelens(sae, tmp_path / "export"))
+    folder = export_saelens(sae, tmp_path / "export")
+    back = load_saelens(folder)
     assert isinstance(back, SquaredTopKSAE) and back.cfg["square_scale"] == 0.5 and back.cfg["top_k"] == 4
     x = acts[:64]
     with torch.no_grad():
         torch.testing.assert_close(back.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(back.decode(back.encode(x)), sae.decode(sae.encode(x)), rtol=1e-5, atol=1e-5)
+    # in a process where the variant is not registered, its export is refused in one line, not read as TopK
+    SAE_CLASSES.pop(squared_topk.name)
+    try:
+        with pytest.raises(ConfigError, match="sae_type='squared_topk', which is not registered here"):
+            load_saelens(folder)
+    finally:
+        register(squared_topk)
+
+
+def test_a_run_saved_while_a_variant_was_registered_resumes_without_it(squared_topk, tmp_path):
+    import json
+    import shutil
+
+    from activation_store import TensorStore
+    from training import train_sae
+
+    acts = torch.randn(4096, 16, generator=torch.Generator().manual_seed(1))
+    cfg = small_cfg(sae_type="topk", dict_size=64, top_k=4, top_k_aux=8, num_tokens=256 * 6, eval_tokens=512,
+                    checkpoint_freq=2, output_dir=str(tmp_path / "runs"), run_name="plain")
+    train_sae(cfg, store=TensorStore(acts, cfg))
+    run_dir = tmp_path / "runs" / "plain"
+    assert "square_scale" in json.loads((run_dir / "config.json").read_text())  # every registered key is saved
+    SAE_CLASSES.pop(squared_topk.name)
+    try:
+        for leftover in ("final", "checkpoints/step_0000006"):  # as if killed after step 4's checkpoint
+            shutil.rmtree(run_dir / leftover, ignore_errors=True)
+        plain = {k: v for k, v in cfg.items() if k != "square_scale"}
+        resumed = train_sae(plain | {"resume": str(run_dir)}, store=TensorStore(acts, plain))
+        assert resumed.final_metrics["l0"] <= 4
+    finally:
+        register(squared_topk)

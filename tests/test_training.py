@@ -154,7 +154,7 @@ def _trainee_after_steps(sae_type: str, lazy: bool, n_steps: int):
     return t, before
 
 
-@pytest.mark.parametrize("sae_type", ["topk", "batchtopk", "jumprelu", "vanilla"])
+@pytest.mark.parametrize("sae_type", VARIANTS)
 def test_lazy_adam_freezes_latents_without_gradient_and_moves_the_rest(sae_type):
     t, before = _trainee_after_steps(sae_type, lazy=True, n_steps=4)
     sae = t.sae
