@@ -187,6 +187,60 @@ class _SparseReconstruction(torch.autograd.Function):
         return grad_vals, grad_W_dec, grad_b_dec, None, None, grad_zero_vals, None
 
 
+class _NestedSparseReconstruction(torch.autograd.Function):
+    """Matryoshka's loss: the mean over nested prefixes g of ||e_g||^2 / B, e_g = f_{<end_g} @ W_dec - x_in,
+    for f given as values on a SparsePattern. The latents are split into groups at `ends`; forward adds one
+    group's sparse product at a time (e_g = e_{g-1} + f_g @ W_dec_g), so the prefixes cost one full product.
+    Backward: a latent of group h appears in every prefix from h on, so its gradient samples
+    R_h = sum_{g >= h} e_g * 2 / (G B) at its entries, and W_dec's rows of group h get f_h^T @ R_h.
+    Returns (loss, the full error without gradient, each prefix's ||e_g||^2 / B without gradient)."""
+
+    @staticmethod
+    def forward(ctx, vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tensor, pattern: SparsePattern,
+                ends: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        b, _ = pattern.shape
+        group = torch.bucketize(pattern.cols, torch.tensor(ends, device=vals.device), right=True)
+        order = torch.argsort(group.to(torch.uint8), stable=True)  # entries of group 0, then 1, ...
+        sizes = torch.bincount(group, minlength=len(ends)).tolist()
+        rows, cols = pattern.rows().index_select(0, order), pattern.cols.index_select(0, order)
+        starts, groups, errors = [0, *ends[:-1]], [], []
+        for start, end, piece, g_rows, g_cols in zip(starts, ends, order.split(sizes), rows.split(sizes),
+                                                      cols.split(sizes), strict=True):
+            local = SparsePattern.from_positions(g_rows * (end - start) + g_cols - start, b, end - start)
+            g_vals = vals.index_select(0, piece)
+            previous, beta = (errors[-1], 1) if errors else (x_in, -1)  # the first prefix starts from -x_in
+            errors.append(torch.addmm(previous, local.csr(g_vals), W_dec[start:end], beta=beta))
+            groups.append((local, piece, g_vals))
+        prefix = torch.stack([torch.dot(e.view(-1), e.view(-1)) for e in errors]) / b
+        terms = prefix.clone()
+        ctx.save_for_backward(W_dec, *errors)
+        ctx.groups, ctx.starts, ctx.ends, ctx.n_vals = groups, starts, ends, vals.shape[0]
+        ctx.mark_non_differentiable(errors[-1], terms)
+        return prefix.mean(), errors[-1], terms
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_error: None, _grad_prefix: None):
+        W_dec, *errors = ctx.saved_tensors
+        scale = (2 * grad_loss / (len(errors) * errors[0].shape[0])).item()  # the sparse path syncs anyway
+        grad_vals = grad_loss.new_empty(ctx.n_vals)
+        grad_W_dec = torch.empty_like(W_dec)  # every row belongs to one group
+        reach = errors[-1] * scale
+        for h in reversed(range(len(errors))):  # reach = R_h: every prefix that group h is part of
+            if h < len(errors) - 1:
+                reach.add_(errors[h], alpha=scale)
+            local, piece, g_vals = ctx.groups[h]
+            rows = slice(ctx.starts[h], ctx.ends[h])
+            grad_vals.index_copy_(0, piece, sampled_grad(local, reach, W_dec[rows]))
+            torch.mm(local.csr_transposed(g_vals), reach, out=grad_W_dec[rows])
+        return grad_vals, grad_W_dec, reach.sum(0), None, None, None
+
+
+def nested_sparse_reconstruction(vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tensor, pattern: SparsePattern,
+                                 ends: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean over prefixes of ||e_g||^2 / B, the full error, each prefix's term): `_NestedSparseReconstruction`."""
+    return _NestedSparseReconstruction.apply(vals, W_dec, b_dec, x_in, pattern, tuple(ends))
+
+
 _WORKSPACES: dict[tuple[Any, ...], Tensor] = {}
 
 
@@ -360,6 +414,14 @@ class SparseStep(NamedTuple):
     aux_loss: Tensor
     error: Tensor
     unit: Tensor
+    details: dict[str, Tensor]
+
+
+def sparse_reconstruction(vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tensor, pattern: SparsePattern,
+                          zero_vals: Tensor | None = None, zero_pattern: SparsePattern | None = None
+                          ) -> tuple[Tensor, Tensor]:
+    """(||e||^2 / B, e) for e = f @ W_dec - x_in, f given as `vals` on `pattern` (`_SparseReconstruction`)."""
+    return _SparseReconstruction.apply(vals, W_dec, b_dec, x_in, pattern, zero_vals, zero_pattern)
 
 
 def sparse_forward(sae, x: Tensor, aux_enabled: bool = True) -> SparseStep | None:
@@ -385,11 +447,10 @@ def sparse_forward(sae, x: Tensor, aux_enabled: bool = True) -> SparseStep | Non
             window_pattern = window.pattern
             window_f = sae.sparse_activation(window.pre, window_pattern)
             penalty = penalty + sae.sparse_penalty(window.pre, window_f, window_pattern)
-        recon, error = _SparseReconstruction.apply(f_vals, sae.W_dec, sae.b_dec, x_in, pattern, window_f,
-                                                   window_pattern)
+        recon, error, details = sae.sparse_reconstruction(f_vals, x_in, pattern, window_f, window_pattern)
         sparsity = sae.sparsity_coeff * penalty
         aux = sparse_aux_loss(sae, error, x) if sae.uses_aux_loss and aux_enabled else recon.new_zeros(())
-    return SparseStep(SparseLatents(pattern, f_vals.detach()), recon, sparsity, aux, error, unit)
+    return SparseStep(SparseLatents(pattern, f_vals.detach()), recon, sparsity, aux, error, unit, details)
 
 
 @torch.no_grad()

@@ -13,9 +13,10 @@ dense `forward`, which is the reference.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -33,9 +34,11 @@ from kernels import (
     entries_above_biased,
     fired_latents,
     kth_largest,
+    nested_sparse_reconstruction,
     row_top_entries,
     smallest_positive,
     sparse_forward,
+    sparse_reconstruction,
 )
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -56,6 +59,7 @@ class LossTerms(NamedTuple):
     recon: Tensor  # ||x - x_hat||^2 summed over d, averaged over the batch (scaled space)
     sparsity: Tensor  # coefficient times the variant's sparsity penalty
     aux: Tensor  # AuxK loss on dead latents (0 where the variant has none)
+    details: dict[str, Tensor] = {}  # parts of the loss worth logging (detached), e.g. each prefix's error
 
 
 @dataclass
@@ -70,6 +74,7 @@ class SAEOutput:
     error: Tensor  # x_hat_scaled - x_scaled, shape (B, d)
     x: Tensor  # the raw input
     unit: Tensor  # scaled-space units per raw unit: s, or (B, 1) under standardize_tokens
+    details: dict[str, Tensor] = field(default_factory=dict)  # logged as train/<name>
 
     @property
     def x_hat(self) -> Tensor:
@@ -184,13 +189,15 @@ class BaseSAE(nn.Module):
             step = sparse_forward(self, x, aux_enabled)
             if step is not None:
                 return SAEOutput(step.latents, step.recon_loss + step.sparsity_loss + step.aux_loss,
-                                 step.recon_loss, step.sparsity_loss, step.aux_loss, step.error, x, step.unit)
+                                 step.recon_loss, step.sparsity_loss, step.aux_loss, step.error, x, step.unit,
+                                 step.details)
         x_scaled, unit = self.scaled_input(x)
         pre = self.pre_activations(x_scaled)
         f = self.activation(pre)
         error = f @ self.W_dec + self.b_dec - x_scaled
-        recon, sparsity, aux = self.loss(x_scaled, pre, f, error, aux_enabled)
-        return SAEOutput(f, recon + sparsity + aux, recon, sparsity, aux, error, x, unit)
+        terms = self.loss(x_scaled, pre, f, error, aux_enabled)
+        return SAEOutput(f, terms.recon + terms.sparsity + terms.aux, terms.recon, terms.sparsity, terms.aux, error,
+                         x, unit, terms.details)
 
     # --- the sparse path (kernels.py): a variant states `select`, and its math on the selected entries
 
@@ -205,6 +212,11 @@ class BaseSAE(nn.Module):
 
     def sparse_penalty(self, pre_vals: Tensor, f_vals: Tensor, pattern: SparsePattern) -> Tensor:
         return pre_vals.new_zeros(())
+
+    def sparse_reconstruction(self, f_vals: Tensor, x_in: Tensor, pattern: SparsePattern, zero_vals: Tensor | None,
+                              zero_pattern: SparsePattern | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(recon, error, details) of `loss` from the selected entries (`zero_*`: JumpReLU's gradient window)."""
+        return *sparse_reconstruction(f_vals, self.W_dec, self.b_dec, x_in, pattern, zero_vals, zero_pattern), {}
 
     # --- dead latents and AuxK (docs/math.md §4) -----------------------------------------
 
@@ -511,6 +523,53 @@ class JumpReLUSAE(BaseSAE):
             raise ConfigError(f"jumprelu threshold of latent {bad} is {theta[bad].item():g}; JumpReLUSAE learns "
                               "log(threshold), so every threshold must be > 0")
         return {"cfg": {}, "state": {"log_threshold": theta.log()}}
+
+
+@register
+class MatryoshkaSAE(BatchTopKSAE):
+    """BatchTopK whose latents form nested groups: every prefix of the dictionary (the decoder bias plus
+    the selected latents before the prefix's end) must reconstruct the input on its own, so general
+    features settle in the early latents. Loss: the prefixes' reconstruction errors averaged, plus AuxK
+    (docs/math.md §3). Inference as BatchTopK: one learnt threshold."""
+
+    name, title = "matryoshka", "Matryoshka BatchTopK"
+    keys = BatchTopKSAE.keys | {"matryoshka_groups": Key("", "group sizes, comma-separated, adding up to dict_size "
+                                                         "(\"\": prefixes at 1/16, 1/8, 1/4, 1/2 and all of it)")}
+    select = BatchTopKSAE.select  # stated here: the sparse path computes this class's loss (sparse_reconstruction)
+
+    @staticmethod
+    def prefix_ends(cfg: dict[str, Any]) -> list[int]:
+        """Where each nested prefix of the dictionary ends, the last at dict_size."""
+        m, text = cfg["dict_size"], cfg["matryoshka_groups"]
+        sizes = [int(size) for size in text.split(",")] if text.strip() else []
+        return list(itertools.accumulate(sizes)) if sizes else [m // 16, m // 8, m // 4, m // 2, m]
+
+    @classmethod
+    def check_cfg(cls, cfg: dict[str, Any]) -> dict[str, str]:
+        text = cfg["matryoshka_groups"]
+        if text.strip() and not all(size.strip().isdigit() for size in text.split(",")):
+            return {"matryoshka_groups": "comma-separated whole numbers of latents, e.g. 192,192,384,768,1536"}
+        ends = cls.prefix_ends(cfg)
+        if ends[-1] != cfg["dict_size"] or min(b - a for a, b in zip([0, *ends], ends, strict=False)) <= 0:
+            return {"matryoshka_groups": f"non-empty groups adding up to dict_size ({cfg['dict_size']})"}
+        return super().check_cfg(cfg)
+
+    def loss(self, x_scaled: Tensor, pre: Tensor, f: Tensor, error: Tensor, aux_enabled: bool) -> LossTerms:
+        ends = self.prefix_ends(self.cfg)
+        prefix = [(f[:, :end] @ self.W_dec[:end] + self.b_dec - x_scaled).pow(2).sum(-1).mean() for end in ends[:-1]]
+        terms = super().loss(x_scaled, pre, f, error, aux_enabled)  # the full dictionary's error, and AuxK on it
+        return self._averaged(terms, [*prefix, terms.recon], ends)
+
+    def sparse_reconstruction(self, f_vals: Tensor, x_in: Tensor, pattern: SparsePattern, zero_vals: Tensor | None,
+                              zero_pattern: SparsePattern | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        ends = self.prefix_ends(self.cfg)
+        recon, error, prefix = nested_sparse_reconstruction(f_vals, self.W_dec, self.b_dec, x_in, pattern, ends)
+        return recon, error, {f"recon_loss_prefix_{end}": r for end, r in zip(ends, prefix, strict=True)}
+
+    @staticmethod
+    def _averaged(terms: LossTerms, recons: list[Tensor], ends: list[int]) -> LossTerms:
+        details = {f"recon_loss_prefix_{end}": r.detach() for end, r in zip(ends, recons, strict=True)}
+        return terms._replace(recon=torch.stack(recons).mean(), details=details)
 
 
 def build_sae(cfg: dict[str, Any]) -> BaseSAE:

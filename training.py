@@ -226,7 +226,7 @@ def _train_metrics(t: Trainee, out: Any) -> dict[str, float]:
         "train/dead": int(t.sae.dead_mask().sum().item()),
         "lr": t.scheduler.get_last_lr()[0],
         "sparsity_coeff": t.sae.sparsity_coeff,
-    }
+    } | {f"train/{name}": value.item() for name, value in out.details.items()}
 
 
 def check_group(cfgs: list[dict[str, Any]]) -> None:

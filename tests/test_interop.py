@@ -27,7 +27,7 @@ from interop import (
     upload,
 )
 from results import load_run
-from sae import SAE_CLASSES, BaseSAE, BatchTopKSAE, JumpReLUSAE, TopKSAE, VanillaSAE, build_sae
+from sae import SAE_CLASSES, BaseSAE, BatchTopKSAE, JumpReLUSAE, build_sae
 
 torch.set_num_threads(2)
 
@@ -35,8 +35,10 @@ D, M, K, B = 16, 64, 4, 256
 SCALE = 3.7
 HOOK = "blocks.3.hook_resid_pre"
 VARIANTS = tuple(SAE_CLASSES)
-CLASSES = {"vanilla": VanillaSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE}
-ARCHITECTURES = {"vanilla": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+CLASSES = SAE_CLASSES
+# the built-in variants' SAELens architectures, written out (a new variant states its own on its class)
+ARCHITECTURES = {"vanilla": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu",
+                 "matryoshka": "jumprelu"}
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 

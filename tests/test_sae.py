@@ -351,8 +351,10 @@ def test_scale_is_applied_in_encode_and_undone_in_decode(sae_type):
         assert (f[f != 0] == pre[f != 0]).all()  # every variant passes kept values through
         x_hat_scaled = f @ sae.W_dec + sae.b_dec
         torch.testing.assert_close(out.x_hat, x_hat_scaled / s)
-        # the loss is in the scaled space (docs/math.md §1)
-        torch.testing.assert_close(out.recon_loss, (x * s - x_hat_scaled).pow(2).sum(-1).mean())
+        # the loss is in the scaled space (docs/math.md §1): the error, and the loss where it is the full error's
+        torch.testing.assert_close(out.error, x_hat_scaled - x * s)
+        full = out.details.get(f"recon_loss_prefix_{M}", out.recon_loss)
+        torch.testing.assert_close(full, (x * s - x_hat_scaled).pow(2).sum(-1).mean())
 
 
 @pytest.mark.parametrize("sae_type", VARIANTS)
@@ -477,3 +479,31 @@ def test_vanilla_sparsity_penalty_weights_by_decoder_norms():
     torch.testing.assert_close(out.sparsity_loss, expected)
     assert out.aux_loss.item() == 0.0
     torch.testing.assert_close(out.loss, out.recon_loss + out.sparsity_loss)
+
+
+# --- Matryoshka -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("groups,ends", [("", [4, 8, 16, 32, 64]), ("8,24,32", [8, 32, 64])])
+def test_matryoshka_loss_averages_every_prefix_reconstruction(groups, ends):
+    sae = make_sae("matryoshka", matryoshka_groups=groups).train()
+    x = rand_x()
+    out = sae(x, aux_enabled=False)
+    f, xs = out.latents.detach(), x * sae.scale
+    with torch.no_grad():  # each prefix: b_dec plus the latents before its end, against the scaled input
+        errors = [(f[:, :end] @ sae.W_dec[:end] + sae.b_dec - xs).pow(2).sum(-1).mean() for end in ends]
+    assert sorted(out.details) == sorted(f"recon_loss_prefix_{end}" for end in ends)
+    for end, err in zip(ends, errors, strict=True):
+        torch.testing.assert_close(out.details[f"recon_loss_prefix_{end}"], err)
+    torch.testing.assert_close(out.recon_loss, torch.stack(errors).mean())
+    assert l0_per_token(f).float().mean() == pytest.approx(K, rel=0.05)  # BatchTopK selection over all latents
+
+
+def test_matryoshka_groups_must_be_non_empty_and_add_up():
+    from config import ConfigError, post_init_cfg
+
+    dims = {"d_model": D, "n_layers": 4, "n_ctx": 512}
+    for bad in ("32,16", "32,0,32", "a,b"):
+        with pytest.raises(ConfigError, match="matryoshka_groups"):
+            post_init_cfg(make_cfg("matryoshka", matryoshka_groups=bad), dims)
+    post_init_cfg(make_cfg("matryoshka", matryoshka_groups="16, 48"), dims)

@@ -285,3 +285,18 @@ def test_greater_than_equals_torch_gt(shape):
     for b in (bound, torch.tensor(0.25)):
         assert torch.equal(greater_than(pre, b), torch.gt(kept, b))
         torch.testing.assert_close(pre, kept, rtol=0, atol=0, equal_nan=True)  # pre is left as it was
+
+
+def test_matryoshka_sparse_path_with_a_group_that_never_fires():
+    sae = trained_like("matryoshka")
+    with torch.no_grad():
+        sae.b_enc[:4] = -1e4  # the first group (latents 0-3 of the default prefixes) gets no entry
+    x = rand_x()
+    dense, dense_grads = loss_and_grads(sae, x, sparse=False)
+    sparse, sparse_grads = loss_and_grads(sae, x, sparse=True)
+    assert isinstance(sparse.latents, SparseLatents)
+    torch.testing.assert_close(sparse.loss, dense.loss)
+    for name, value in sparse.details.items():
+        torch.testing.assert_close(value, dense.details[name])
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-4, atol=1e-5)
