@@ -9,6 +9,7 @@
     python bench.py variants=jumprelu,topk kernels=sparse generation=false end_to_end=false  # some step rows
     python bench.py acts=acts.npy generation=false end_to_end=false  # SAE steps on your (tokens, d) activations
     python bench.py peers=true generation=false end_to_end=false  # + sparsify's step (pip install eai-sparsify==1.3.3)
+    python bench.py compare=matryoshka,batchtopk sae_steps=false generation=false end_to_end=false  # a step ratio
     python bench.py quality=true acts=train.npy eval_acts=eval.npy sae_steps=false generation=false end_to_end=false
 
 Every figure is timed here: the fp32 (and bf16) matmul roofline at the configured shape, SAE-step
@@ -62,7 +63,7 @@ SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": 
             "model": get_default_cfg()["model_name"],
             "model_batch_size": get_default_cfg()["model_batch_size"], "dtype": "float32",
             "variants": "", "kernels": "sparse,dense", "acts": "", "peers": False,
-            "quality": False, "eval_acts": "", "quality_tokens": 1_048_576}
+            "quality": False, "eval_acts": "", "quality_tokens": 1_048_576, "compare": ""}
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2, rounds: int = 3) -> float:
@@ -148,6 +149,18 @@ def sae_step_rate(variant: str, s: dict[str, Any], device: torch.device, dtype: 
                   x: torch.Tensor | None = None) -> float:
     """Training steps per second (see `sae_step_fn`)."""
     return 1 / timed(sae_step_fn(variant, s, device, dtype, kernels, x), device, s["steps"])
+
+
+def variant_ratio(a: str, b: str, s: dict[str, Any], device: torch.device, x: torch.Tensor | None
+                  ) -> dict[str, Any]:
+    """Variant `a`'s step against `b`'s on the same batch, interleaved round by round (`interleaved_rates`):
+    tokens/s (median of rounds) and the per-round ratio a/b (median and smallest)."""
+    x = torch.randn(s["batch"], s["d"]) if x is None else x
+    rates = interleaved_rates({v: sae_step_fn(v, s, device, "float32", "auto", x) for v in (a, b)}, device,
+                              rounds=2 * s["steps"])
+    ratios = [ra / rb for ra, rb in zip(rates[a], rates[b], strict=True)]
+    return {"tokens_per_s": {v: s["batch"] * statistics.median(r) for v, r in rates.items()},
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios)}
 
 
 PEER = "eai-sparsify==1.3.3"  # the fastest peer measured: EleutherAI's sparsify, TopK
@@ -446,6 +459,8 @@ def parse(argv: list[str]) -> dict[str, Any]:
     if s["dtype"] not in ("float32", "bfloat16"):
         sys.exit(f"error: bench setting dtype={s['dtype']!r}: use float32 or bfloat16")
     s["variants"] = s["variants"] or ",".join(SAE_CLASSES)  # "": every registered variant
+    if s["compare"] and (len(s["compare"].split(",")) != 2 or not set(s["compare"].split(",")) <= set(SAE_CLASSES)):
+        sys.exit(f"error: bench setting compare={s['compare']!r}: give two variants, e.g. compare=matryoshka,batchtopk")
     for key, allowed in (("variants", SAE_CLASSES), ("kernels", ("sparse", "dense"))):
         unknown = set(s[key].split(",")) - set(allowed)
         if unknown:
@@ -495,6 +510,12 @@ def main(argv: list[str]) -> None:
                       f"{gflops / row_roofline:>13.0%}", flush=True)
     if s["sae_steps"]:
         report_peak_memory(results, "after_sae_steps", device)
+    if s["compare"]:
+        a, b = s["compare"].split(",")
+        row = results["compare"] = variant_ratio(a, b, s, device, x)
+        print(f"{a} against {b}, steps as training takes them (kernels=auto, fp32; {2 * s['steps']} interleaved "
+              f"rounds): {row['tokens_per_s'][a]:,.0f} vs {row['tokens_per_s'][b]:,.0f} tokens/s, ratio per round "
+              f"median {row['ratio_median']:.3f}, smallest {row['ratio_min']:.3f}", flush=True)
     if s["peers"]:
         peers = results["peers"] = peer_comparison(s, device, x)
         print(f"same sitting as {PEER}'s TopK step ({peer_dtype(device)}, kernels=auto; {2 * s['steps']} rounds, "

@@ -23,7 +23,7 @@ from config import PRESETS, STREAM_KEYS, ConfigError, get_default_cfg, parse_val
 
 
 def sweep_variants(base: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every registered variant on one stream, at its default sparsity (L0 near 32 for the four built in)."""
+    """Every registered variant on one stream, at its default sparsity (L0 near 32 for the built-in ones)."""
     from sae import SAE_CLASSES
 
     return [base | {"sae_type": t} for t in SAE_CLASSES]

@@ -1,4 +1,4 @@
-"""Sparse autoencoders: the shared base class, the four variants, and their registry.
+"""Sparse autoencoders: the shared base class, the variants, and their registry.
 
 The math is docs/math.md §1-§4. Every SAE takes raw activations and returns raw-space
 reconstructions: the input scale `s` is a buffer applied inside `encode` and undone in

@@ -110,6 +110,14 @@ def test_interleaved_rates_time_every_function_every_round():
     assert calls == {"a": 1 + 3 * 2, "b": 1 + 3 * 2}  # one warm-up call, then `steps` per round
 
 
+def test_compare_times_two_variants_in_the_same_rounds():
+    s = bench.parse(["d=8", "m=64", "k=4", "batch=64", "steps=2", "compare=matryoshka,batchtopk"])
+    row = bench.variant_ratio("matryoshka", "batchtopk", s, torch.device("cpu"), None)
+    assert set(row["tokens_per_s"]) == {"matryoshka", "batchtopk"} and 0 < row["ratio_min"] <= row["ratio_median"]
+    with pytest.raises(SystemExit, match="compare='topk': give two variants"):
+        bench.parse(["compare=topk"])
+
+
 def test_peers_without_sparsify_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "sparsify", None)
     s = bench.parse(["d=16", "m=64", "k=4", "batch=64", "peers=true"])
