@@ -86,6 +86,9 @@ KEYS: dict[str, Key] = {
     "aux_penalty": Key(0.5, "coefficient of the AuxK loss (1/32 in Gao et al.'s billion-token runs)", ">= 0"),
     "dead_after_tokens": Key(65_536, "a latent silent for this many training tokens is dead (AuxK trains it)",
                              "> 0"),
+    "target_l0": Key(0.0, "L0 to end at, for a variant whose sparsity is set by a coefficient: the run scales the "
+                     "coefficient each step towards it (0: off; docs/math.md §8)", ">= 0"),
+    "target_l0_rate": Key(0.05, "target_l0: the coefficient moves by a factor of at most e^rate per step", "> 0"),
     # optimisation
     "lr": Key(5e-3, "Adam learning rate", "> 0"),
     "beta1": Key(0.7, "Adam beta1 (0.9 lets momentum push latents that stopped firing until they die)", "[0, 1)"),
@@ -271,6 +274,12 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
         _fail("device", device, "CUDA is not available here; use device=cpu or device=auto")
     from sae import SAE_CLASSES
 
+    if cfg.get("target_l0", 0) > 0 and SAE_CLASSES[cfg["sae_type"]].coeff_key is None:
+        by_coeff = ", ".join(name for name, cls in SAE_CLASSES.items() if cls.coeff_key)
+        _fail("target_l0", cfg["target_l0"], f"sae_type={cfg['sae_type']} has no sparsity coefficient to adapt (its "
+              f"L0 is set otherwise, e.g. by top_k); use it with {by_coeff}, or 0")
+    if cfg.get("target_l0", 0) > cfg["dict_size"]:
+        _fail("target_l0", cfg["target_l0"], f"must be <= dict_size ({cfg['dict_size']})")
     for key, problem in SAE_CLASSES[cfg["sae_type"]].check_cfg(cfg).items():
         _fail(key, cfg[key], problem)
 

@@ -206,9 +206,24 @@ def load_density(run: str | Path | Run) -> Tensor:
     return load_file(_as_run(run).path / FINAL_DIR / DENSITY_FILE)["density"]
 
 
+def _group_ends(run: Run) -> list[int] | None:
+    cls = SAE_CLASSES.get(run.cfg["sae_type"])
+    return cls.group_ends(run.cfg) if cls else None
+
+
+def latent_group(run: str | Path | Run, latent: int) -> str | None:
+    """'group g of G (latents a-b)' for a variant with groups of latents (Matryoshka), else None."""
+    ends = _group_ends(_as_run(run))
+    if not ends:
+        return None
+    g = int(np.searchsorted(np.array(ends), latent, side="right"))
+    return f"group {g + 1} of {len(ends)} (latents {([0, *ends])[g]}-{ends[g] - 1})"
+
+
 def plot_density(run: str | Path | Run):
     """Histogram of log10 firing density; latents that never fired (density 0) get their own bar on the left,
-    dense latents (> DENSE_FRACTION of tokens) are coloured and the dense line drawn."""
+    dense latents (> DENSE_FRACTION of tokens) are coloured (or, for a variant with groups of latents, each group)
+    and the dense line drawn."""
     run = _as_run(run)
     density = load_density(run).double().numpy()
     alive = density[density > 0]
@@ -221,9 +236,18 @@ def plot_density(run: str | Path | Run):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     never = int((density == 0).sum())
-    ax.hist([log_alive[~dense], log_alive[dense]], bins=bins, stacked=True, color=["C0", "C3"],
-            label=[f"fire on ≤ {DENSE_FRACTION:.0%} of tokens: {int((~dense).sum())}",
-                   f"dense, > {DENSE_FRACTION:.0%} (right of dashed line): {int(dense.sum())}"])
+    ends = _group_ends(run)
+    if ends:  # one colour per group of latents, in order
+        group = np.searchsorted(np.array(ends), np.nonzero(density > 0)[0], side="right")
+        spans = list(zip([0, *ends[:-1]], ends, strict=True))
+        ax.hist([log_alive[group == g] for g in range(len(ends))], bins=bins, stacked=True,
+                color=[plt.cm.viridis(g / max(len(ends) - 1, 1)) for g in range(len(ends))],
+                label=[f"group {g + 1}, latents {a}-{b - 1}: {int((group == g).sum())} alive, "
+                       f"{int((density[a:b] > DENSE_FRACTION).sum())} dense" for g, (a, b) in enumerate(spans)])
+    else:
+        ax.hist([log_alive[~dense], log_alive[dense]], bins=bins, stacked=True, color=["C0", "C3"],
+                label=[f"fire on ≤ {DENSE_FRACTION:.0%} of tokens: {int((~dense).sum())}",
+                       f"dense, > {DENSE_FRACTION:.0%} (right of dashed line): {int(dense.sum())}"])
     ax.bar([never_x], [never], width=0.5, color="0.5", label=f"never fired on eval: {never}")
     ax.annotate(str(never), (never_x, never), ha="center", va="bottom")
     ax.axvline(math.log10(DENSE_FRACTION), color="C3", linestyle="--", linewidth=1)
@@ -235,7 +259,7 @@ def plot_density(run: str | Path | Run):
     dead_note = "" if dead is None else f", dead in training: {int(dead)}"
     ax.set_title(f"Firing density: {run.cfg['sae_type']}, {len(density)} latents{dead_note}\n{run.cfg['run_name']}",
                  fontsize=10)
-    ax.legend()
+    ax.legend(fontsize=8)
     return _finish(plt, fig)
 
 
@@ -375,11 +399,13 @@ class LatentSummary:
     density: float  # fraction of held-out tokens it fires on (saved with the final checkpoint)
     mean_activation: float  # mean activation over the held-out tokens where it fires; nan if none
     promoted_tokens: list[tuple[str, float]] | None  # (token, logit per unit activation); None: no unembedding
+    group: str | None = None  # its group of latents, for a variant that has groups (Matryoshka)
 
     def __str__(self) -> str:
         promoted = ("none (not a language model with an unembedding)" if self.promoted_tokens is None
                     else ", ".join(f"{tok!r} {value:+.2f}" for tok, value in self.promoted_tokens))
-        return (f"latent {self.latent} of {self.run_name}: density {self.density:.4g}, "
+        group = f" ({self.group})" if self.group else ""
+        return (f"latent {self.latent}{group} of {self.run_name}: density {self.density:.4g}, "
                 f"mean activation when firing {self.mean_activation:.4g}; promoted tokens: {promoted}")
 
 
@@ -402,7 +428,7 @@ def _summarise(run: Run, latent: int, values: Tensor, device: str) -> LatentSumm
     firing = values[values != 0]
     mean = firing.mean().item() if firing.numel() else float("nan")
     return LatentSummary(run.cfg["run_name"], latent, float(load_density(run)[latent]), mean,
-                         promoted_tokens(run, latent, device=device))
+                         promoted_tokens(run, latent, device=device), latent_group(run, latent))
 
 
 def latent_summary(run: str | Path | Run, latent: int, device: str = "auto") -> LatentSummary:

@@ -34,6 +34,7 @@ from kernels import (
     entries_above_biased,
     fired_latents,
     kth_largest,
+    mean_l0,
     nested_sparse_reconstruction,
     row_top_entries,
     smallest_positive,
@@ -118,6 +119,9 @@ class BaseSAE(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("tokens_since_fired", torch.zeros(m, dtype=torch.long))
         self.sparsity_coeff = 0.0  # set every step by the trainer (`coefficient_at`)
+        if cfg.get("target_l0", 0) > 0:  # the coefficient's factor, adapted every step (`adapt_coefficient`)
+            self.register_buffer("coeff_scale", torch.ones(()))
+            self.averaged_buffers = (*self.averaged_buffers, "coeff_scale")
 
     def activation(self, pre: Tensor) -> Tensor:
         """f(pre); training and inference may differ (self.training)."""
@@ -134,11 +138,21 @@ class BaseSAE(nn.Module):
         use_aux = self.uses_aux_loss and aux_enabled and self.training
         return LossTerms(recon, sparsity, self.aux_loss(-error, pre) if use_aux else recon.new_zeros(()))
 
-    def coefficient_at(self, step: int, total_steps: int) -> float:
-        """The sparsity coefficient at `step`: cfg[coeff_key], warmed up linearly from 0."""
+    def coefficient_at(self, step: int, total_steps: int) -> float | Tensor:
+        """The sparsity coefficient at `step`: cfg[coeff_key], warmed up linearly from 0 (times the
+        factor `target_l0` adapts)."""
         base = self.cfg[self.coeff_key] if self.coeff_key else 0.0
         warmup = self.cfg["sparsity_warmup_frac"] * total_steps
-        return base * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+        coeff = base * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+        return coeff * self.coeff_scale if hasattr(self, "coeff_scale") else coeff
+
+    @torch.no_grad()
+    def adapt_coefficient(self, f: Tensor | SparseLatents) -> None:
+        """target_l0: scale the coefficient by (batch L0 / target)^rate, the log ratio clipped to
+        [-1, 1], on the device (docs/math.md §8)."""
+        if hasattr(self, "coeff_scale"):
+            ratio = (mean_l0(f).clamp_min(1e-3) / self.cfg["target_l0"]).log().clamp(-1.0, 1.0)
+            self.coeff_scale.mul_(torch.exp(self.cfg["target_l0_rate"] * ratio))
 
     @classmethod
     def run_tag(cls, cfg: dict[str, Any]) -> str:
@@ -149,6 +163,11 @@ class BaseSAE(nn.Module):
     def check_cfg(cls, cfg: dict[str, Any]) -> dict[str, str]:
         """Problems with this variant's keys in `cfg` beyond their declared ranges: {key: what is allowed}."""
         return {}
+
+    @staticmethod
+    def group_ends(cfg: dict[str, Any]) -> list[int] | None:
+        """Where the variant's groups of latents end, if it has groups (plots and dashboards show them)."""
+        return None
 
     # --- shared math (docs/math.md §1, §2) -----------------------------------------------
 
@@ -538,7 +557,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     select = BatchTopKSAE.select  # stated here: the sparse path computes this class's loss (sparse_reconstruction)
 
     @staticmethod
-    def prefix_ends(cfg: dict[str, Any]) -> list[int]:
+    def group_ends(cfg: dict[str, Any]) -> list[int]:
         """Where each nested prefix of the dictionary ends, the last at dict_size."""
         m, text = cfg["dict_size"], cfg["matryoshka_groups"]
         sizes = [int(size) for size in text.split(",")] if text.strip() else []
@@ -549,20 +568,20 @@ class MatryoshkaSAE(BatchTopKSAE):
         text = cfg["matryoshka_groups"]
         if text.strip() and not all(size.strip().isdigit() for size in text.split(",")):
             return {"matryoshka_groups": "comma-separated whole numbers of latents, e.g. 192,192,384,768,1536"}
-        ends = cls.prefix_ends(cfg)
+        ends = cls.group_ends(cfg)
         if ends[-1] != cfg["dict_size"] or min(b - a for a, b in zip([0, *ends], ends, strict=False)) <= 0:
             return {"matryoshka_groups": f"non-empty groups adding up to dict_size ({cfg['dict_size']})"}
         return super().check_cfg(cfg)
 
     def loss(self, x_scaled: Tensor, pre: Tensor, f: Tensor, error: Tensor, aux_enabled: bool) -> LossTerms:
-        ends = self.prefix_ends(self.cfg)
+        ends = self.group_ends(self.cfg)
         prefix = [(f[:, :end] @ self.W_dec[:end] + self.b_dec - x_scaled).pow(2).sum(-1).mean() for end in ends[:-1]]
         terms = super().loss(x_scaled, pre, f, error, aux_enabled)  # the full dictionary's error, and AuxK on it
         return self._averaged(terms, [*prefix, terms.recon], ends)
 
     def sparse_reconstruction(self, f_vals: Tensor, x_in: Tensor, pattern: SparsePattern, zero_vals: Tensor | None,
                               zero_pattern: SparsePattern | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        ends = self.prefix_ends(self.cfg)
+        ends = self.group_ends(self.cfg)
         recon, error, prefix = nested_sparse_reconstruction(f_vals, self.W_dec, self.b_dec, x_in, pattern, ends)
         return recon, error, {f"recon_loss_prefix_{end}": r for end, r in zip(ends, prefix, strict=True)}
 

@@ -182,10 +182,12 @@ def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enable
     if world_size() > 1:  # every rank ends the step with identical state
         sae.mark_fired(all_ranks_any(fired_latents(out.latents)), x.shape[0] * world_size())
         sae.update_inference_state(out.latents)
+        sae.adapt_coefficient(out.latents)
         average_buffers(sae, sae.averaged_buffers)
     else:
         sae.update_dead_counters(out.latents)
         sae.update_inference_state(out.latents)
+        sae.adapt_coefficient(out.latents)
     return out
 
 
@@ -225,7 +227,7 @@ def _train_metrics(t: Trainee, out: Any) -> dict[str, float]:
         "train/l0": mean_l0(out.latents).item(),
         "train/dead": int(t.sae.dead_mask().sum().item()),
         "lr": t.scheduler.get_last_lr()[0],
-        "sparsity_coeff": t.sae.sparsity_coeff,
+        "sparsity_coeff": float(t.sae.sparsity_coeff),
     } | {f"train/{name}": value.item() for name, value in out.details.items()}
 
 

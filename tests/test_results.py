@@ -200,3 +200,18 @@ def test_notebook_runs_top_to_bottom(runs_dir, monkeypatch):
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2 + len(VARIANTS)  # two frontiers and a density plot per run
     assert any("<mark>" in o.get("data", {}).get("text/html", "") for o in outputs)
+
+
+def test_a_variant_with_groups_shows_them_in_the_density_plot_and_dashboards(tmp_path):
+    from activation_store import TensorStore
+    from results import latent_group, load_run, plot_density
+    from training import train_sae
+
+    acts = torch.randn(4096, 16, generator=torch.Generator().manual_seed(2))
+    cfg = small_cfg(sae_type="matryoshka", dict_size=64, top_k=4, top_k_aux=8, matryoshka_groups="8,24,32",
+                    num_tokens=256 * 4, eval_tokens=512, output_dir=str(tmp_path), run_name="nested")
+    train_sae(cfg, store=TensorStore(acts, cfg))
+    run = load_run(tmp_path / "nested")
+    assert latent_group(run, 7) == "group 1 of 3 (latents 0-7)" and latent_group(run, 63).startswith("group 3 of 3")
+    labels = [t.get_text() for t in plot_density(run).axes[0].get_legend().get_texts()]
+    assert [label.split(",")[0] for label in labels[:3]] == ["group 1", "group 2", "group 3"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -507,3 +509,31 @@ def test_matryoshka_groups_must_be_non_empty_and_add_up():
         with pytest.raises(ConfigError, match="matryoshka_groups"):
             post_init_cfg(make_cfg("matryoshka", matryoshka_groups=bad), dims)
     post_init_cfg(make_cfg("matryoshka", matryoshka_groups="16, 48"), dims)
+
+
+# --- target_l0 ------------------------------------------------------------------------------
+
+
+def test_target_l0_moves_the_coefficient_towards_the_target_by_a_bounded_factor():
+    sae = make_sae("jumprelu", target_l0=8.0, target_l0_rate=0.1, sparsity_warmup_frac=0.0)
+    assert sae.coefficient_at(0, 100) == pytest.approx(sae.cfg["l0_coeff"])
+    dense = torch.ones(B, M)  # L0 64, far above 8: the ratio's log is clipped to 1
+    sae.adapt_coefficient(dense)
+    assert sae.coeff_scale.item() == pytest.approx(math.exp(0.1))
+    sparse = torch.zeros(B, M)
+    sparse[:, :4] = 1.0  # L0 4: half the target
+    sae.adapt_coefficient(sparse)
+    assert sae.coeff_scale.item() == pytest.approx(math.exp(0.1) * 0.5 ** 0.1)
+    assert float(sae.coefficient_at(50, 100)) == pytest.approx(sae.cfg["l0_coeff"] * sae.coeff_scale.item())
+    assert "coeff_scale" in sae.state_dict() and "coeff_scale" in sae.averaged_buffers  # saved, and ranks agree
+    assert "coeff_scale" not in make_sae("jumprelu").state_dict()  # off by default: nothing added
+
+
+def test_target_l0_is_refused_where_k_sets_the_l0():
+    from config import ConfigError, post_init_cfg
+
+    dims = {"d_model": D, "n_layers": 4, "n_ctx": 512}
+    with pytest.raises(ConfigError, match="target_l0=8.0 is invalid: sae_type=topk has no sparsity coefficient"):
+        post_init_cfg(make_cfg("topk", target_l0=8.0), dims)
+    with pytest.raises(ConfigError, match=r"target_l0=100.0 is invalid: must be <= dict_size \(64\)"):
+        post_init_cfg(make_cfg("vanilla", target_l0=100.0), dims)
