@@ -4,6 +4,7 @@
     python main.py sae_type=topk top_k=64   # override any config key
     python main.py --preset paper           # start from a named preset (needs GPU + internet)
     python main.py --sweep variants         # a named list of runs; runs sharing a hook point share one stream
+    python main.py --sweep l0               # every variant at L0 16, 32 and 64 (top_k or target_l0), one stream
     python main.py --resume runs/<run>      # continue a killed run (and its group) from its newest checkpoint
     python main.py --sweep layers           # one SAE per layer, every layer from one forward per batch
     torchrun --nproc_per_node=4 main.py     # data parallel: one rank per GPU (gloo on CPU)
@@ -29,6 +30,15 @@ def sweep_variants(base: dict[str, Any]) -> list[dict[str, Any]]:
     return [base | {"sae_type": t} for t in SAE_CLASSES]
 
 
+def sweep_l0(base: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every registered variant at L0 16, 32 and 64 on one stream, for a frontier at matched L0: a variant
+    whose sparsity is a coefficient reaches it through target_l0, the others through top_k."""
+    from sae import SAE_CLASSES
+
+    return [base | {"sae_type": name} | ({"target_l0": float(l0)} if cls.coeff_key else {"top_k": l0})
+            for name, cls in SAE_CLASSES.items() for l0 in (16, 32, 64)]
+
+
 def sweep_paper(base: dict[str, Any]) -> list[dict[str, Any]]:
     """The BatchTopK paper grid on gpt2 layer 8: TopK and BatchTopK over k at dict 12288,
     and over dict size at k 32. Needs a GPU and internet (gpt2, openwebtext)."""
@@ -48,7 +58,7 @@ def sweep_layers(base: dict[str, Any]) -> list[dict[str, Any]]:
     return [base | {"layer": layer} for layer in range(n_layers)]
 
 
-SWEEPS = {"variants": sweep_variants, "paper": sweep_paper, "layers": sweep_layers}
+SWEEPS = {"variants": sweep_variants, "l0": sweep_l0, "paper": sweep_paper, "layers": sweep_layers}
 
 
 def parse_args(argv: list[str]) -> tuple[list[dict[str, Any]], argparse.Namespace]:

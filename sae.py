@@ -147,10 +147,10 @@ class BaseSAE(nn.Module):
         return coeff * self.coeff_scale if hasattr(self, "coeff_scale") else coeff
 
     @torch.no_grad()
-    def adapt_coefficient(self, f: Tensor | SparseLatents) -> None:
-        """target_l0: scale the coefficient by (batch L0 / target)^rate, the log ratio clipped to
-        [-1, 1], on the device (docs/math.md §8)."""
-        if hasattr(self, "coeff_scale"):
+    def adapt_coefficient(self, f: Tensor | SparseLatents, step: int, total_steps: int) -> None:
+        """target_l0: once the coefficient's warm-up is over, scale it by (batch L0 / target)^rate, the
+        log ratio clipped to [-1, 1], on the device (docs/math.md §8)."""
+        if hasattr(self, "coeff_scale") and step + 1 >= self.cfg["sparsity_warmup_frac"] * total_steps:
             ratio = (mean_l0(f).clamp_min(1e-3) / self.cfg["target_l0"]).log().clamp(-1.0, 1.0)
             self.coeff_scale.mul_(torch.exp(self.cfg["target_l0_rate"] * ratio))
 

@@ -182,12 +182,12 @@ def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enable
     if world_size() > 1:  # every rank ends the step with identical state
         sae.mark_fired(all_ranks_any(fired_latents(out.latents)), x.shape[0] * world_size())
         sae.update_inference_state(out.latents)
-        sae.adapt_coefficient(out.latents)
+        sae.adapt_coefficient(out.latents, step, total_steps)
         average_buffers(sae, sae.averaged_buffers)
     else:
         sae.update_dead_counters(out.latents)
         sae.update_inference_state(out.latents)
-        sae.adapt_coefficient(out.latents)
+        sae.adapt_coefficient(out.latents, step, total_steps)
     return out
 
 

@@ -120,3 +120,14 @@ def test_a_run_saved_while_a_variant_was_registered_resumes_without_it(squared_t
         assert resumed.final_metrics["l0"] <= 4
     finally:
         register(squared_topk)
+
+
+def test_the_l0_sweep_reaches_each_l0_through_the_variants_own_setting():
+    cfgs = main.sweep_l0(get_default_cfg())
+    assert len(cfgs) == 3 * len(SAE_CLASSES) and len(main.group_by_stream(cfgs)) == 1  # one stream
+    dims = {"d_model": 16, "n_layers": 4, "n_ctx": 512}
+    for cfg in cfgs:
+        post_init_cfg(cfg, dims)  # every one is a valid config
+        cls = SAE_CLASSES[cfg["sae_type"]]
+        assert (cfg["target_l0"] > 0) == (cls.coeff_key is not None)
+    assert sorted(c["top_k"] for c in cfgs if c["sae_type"] == "topk") == [16, 32, 64]

@@ -518,11 +518,11 @@ def test_target_l0_moves_the_coefficient_towards_the_target_by_a_bounded_factor(
     sae = make_sae("jumprelu", target_l0=8.0, target_l0_rate=0.1, sparsity_warmup_frac=0.0)
     assert sae.coefficient_at(0, 100) == pytest.approx(sae.cfg["l0_coeff"])
     dense = torch.ones(B, M)  # L0 64, far above 8: the ratio's log is clipped to 1
-    sae.adapt_coefficient(dense)
+    sae.adapt_coefficient(dense, 0, 100)
     assert sae.coeff_scale.item() == pytest.approx(math.exp(0.1))
     sparse = torch.zeros(B, M)
     sparse[:, :4] = 1.0  # L0 4: half the target
-    sae.adapt_coefficient(sparse)
+    sae.adapt_coefficient(sparse, 1, 100)
     assert sae.coeff_scale.item() == pytest.approx(math.exp(0.1) * 0.5 ** 0.1)
     assert float(sae.coefficient_at(50, 100)) == pytest.approx(sae.cfg["l0_coeff"] * sae.coeff_scale.item())
     assert "coeff_scale" in sae.state_dict() and "coeff_scale" in sae.averaged_buffers  # saved, and ranks agree
