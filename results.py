@@ -44,13 +44,15 @@ from config import EVAL_KEYS, resolve_device
 from metrics import DENSE_FRACTION, HEADLINE_METRICS, SUMMARY_METRICS
 from sae import SAE_CLASSES, BaseSAE, load_sae
 
-FRONTIER_METRICS = ("nmse", "explained_variance", "ce_recovered", "downstream_recovered")
+FRONTIER_METRICS = ("nmse", "explained_variance", "ce_recovered", "downstream_recovered", "mcc", "f1")
 LABELS = {
     "l0": "L0 (active latents per token)",
     "nmse": "normalised MSE (lower is better)",
     "explained_variance": "explained variance (higher is better)",
     "ce_recovered": "CE loss recovered (higher is better)",
     "downstream_recovered": "downstream similarity recovered (higher is better)",
+    "mcc": "MCC, decoder rows vs true features (higher is better)",
+    "f1": "F1 of latents as detectors of their feature (higher is better)",
 }
 # wandb keeps the last value of every logged key; these come from the training lines, not evaluations
 TRAINING_LINE_KEYS = ("lr", "sparsity_coeff", "tokens_per_s")

@@ -27,12 +27,13 @@ from checkpoint import (
     step_to_resume,
     write_group_file,
 )
-from config import STREAM_KEYS, ConfigError, post_init_cfg, resolve_device, validate_cfg
+from config import STREAM_KEYS, SYNTHETIC_DATASET, ConfigError, post_init_cfg, resolve_device, validate_cfg
 from data_parallel import all_ranks_any, average_buffers, average_gradients, average_scale, rank, world_size
 from kernels import fired_latents, mean_l0
 from logs import Progress, RunLogger
 from metrics import evaluate
 from sae import BaseSAE, build_sae
+from synthetic import SyntheticStore
 
 LOSS_TERMS = ("recon_loss", "sparsity_loss", "aux_loss")
 
@@ -292,6 +293,8 @@ def _open_stream(cfgs: list[dict[str, Any]], model, store) -> tuple[list[dict[st
     first = cfgs[0]
     resume_step = step_to_resume([Path(c["resume"]) for c in cfgs]) if first["resume"] else None
     seed_everything(first["seed"])
+    if store is None and first["dataset_path"] == SYNTHETIC_DATASET:
+        store = SyntheticStore(first)
     if store is not None:
         dims = {"d_model": store.cfg["act_size"], "n_layers": store.cfg["n_layers"], "n_ctx": store.cfg["n_ctx"]}
     else:

@@ -1,0 +1,148 @@
+"""Activations with known features, for asking whether an SAE finds the real ones (docs/math.md §10).
+
+    x = sum_i c_i · a_i · d_i + b
+
+from `synthetic_features` unit directions d_i in `synthetic_d` dimensions (many more features
+than dimensions: superposition). Feature i fires (a_i = 1) with a Zipf-distributed probability
+scaled so that a sample holds `synthetic_l0` features on average. Firing is correlated: each
+sample is of one of a few kinds (contexts) that scale every feature's odds. A quarter of the
+features are children: a child fires only with its parent, and siblings exclude each other.
+Magnitudes c_i are 1 + 0.25·N(0, 1), at least 0.1; b is a fixed random bias. Every stream
+(directions, structure, samples, the held-out set) has its own generator, seeded from `seed`
+but never the SAE's, so the SAE cannot start out holding the answer. `SyntheticStore` serves
+fresh samples with the interface of a TensorStore.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from config import post_init_cfg
+
+STREAMS = {"directions": 1_000_003, "structure": 2_000_003, "eval": 3_000_017, "train": 4_000_037}
+CHILD_FRACTION = 0.25  # of the features, in sibling groups under parents
+SIBLINGS = 4  # children per parent
+CONTEXTS, CONTEXT_SPREAD = 8, 0.5  # kinds of sample, and how much each scales a feature's odds (log-normal)
+ZIPF_EXPONENT = 1.0
+
+
+class SyntheticFeatures:
+    """The ground truth: directions, firing structure, and a sampler of (activations, which features fired)."""
+
+    def __init__(self, n: int, d: int, l0: float, seed: int):
+        gen = torch.Generator().manual_seed(seed + STREAMS["directions"])
+        self.n, self.directions = n, torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=-1)
+        self.bias = 0.1 * torch.randn(d, generator=gen)
+        gen = torch.Generator().manual_seed(seed + STREAMS["structure"])
+        order = torch.randperm(n, generator=gen)  # which features are children, parents, free
+        n_groups = int(CHILD_FRACTION * n) // SIBLINGS
+        self.children = order[: n_groups * SIBLINGS].view(n_groups, SIBLINGS)
+        self.parents = order[n_groups * SIBLINGS: n_groups * (SIBLINGS + 1)]
+        rank = torch.empty(n, dtype=torch.long)
+        rank[order.flip(0)] = torch.arange(n)  # Zipf ranks: free features and parents most frequent
+        self.p = self._scaled_to_l0((rank + 1).double().pow(-ZIPF_EXPONENT), l0)
+        self.child_cdf = (self.p[self.children] / self.p[self.children].sum(1, keepdim=True)).cumsum(1)
+        self.child_rate = self.p[self.children].sum(1).clamp(max=1)  # a fired parent fires one child this often
+        # correlated firing: CONTEXTS kinds of sample, each scaling every independent feature's odds
+        self.context_p = (self.p * torch.exp(CONTEXT_SPREAD * torch.randn(CONTEXTS, n, generator=gen)
+                                             - CONTEXT_SPREAD**2 / 2)).clamp(max=0.9)
+        self.context_p[:, self.children.flatten()] = 0  # children fire only through their parents
+
+    def _scaled_to_l0(self, weights: Tensor, l0: float) -> Tensor:
+        """Probabilities proportional to `weights` (each at most 0.5) whose expected L0 is `l0`: a free feature
+        or parent counts p; a sibling group adds one child with probability min(1, sum of its p) per parent fire."""
+        is_child = torch.zeros(len(weights), dtype=torch.bool)
+        is_child[self.children.flatten()] = True
+        lo, hi = 0.0, 1e6
+        for _ in range(100):  # bisection on the scale
+            mid = (lo + hi) / 2
+            p = (weights * mid).clamp(max=0.5)
+            expected = p[~is_child].sum() + (p[self.parents] * p[self.children].sum(1).clamp(max=1)).sum()
+            lo, hi = (mid, hi) if expected < l0 else (lo, mid)
+        return (weights * lo).clamp(max=0.5).float()
+
+    def _bernoulli_positions(self, p: Tensor, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(sample, feature) of every success of independent Bernoulli(p[i]) trials over n samples, drawn as
+        geometric gaps between successes: work in proportion to the successes, not to n x features."""
+        rows, cols = [], []
+        pending, start = torch.nonzero(p > 0).squeeze(1), torch.zeros(len(p), dtype=torch.long)
+        while pending.numel():
+            q, expected = p[pending].double(), n * p[pending].double()
+            draws = (expected + 5 * expected.sqrt() + 3).ceil().long()  # enough to pass n almost always
+            feature = pending.repeat_interleave(draws)
+            gaps = (torch.log(torch.rand(feature.shape, generator=gen, dtype=torch.float64))
+                    / torch.log1p(-q.repeat_interleave(draws))).floor().long() + 1
+            ends, total = draws.cumsum(0), gaps.cumsum(0)
+            before = (total - gaps)[ends - draws]  # the running sum before each feature's first gap
+            position = total - before.repeat_interleave(draws) + start[feature] - 1
+            keep = position < n
+            rows.append(position[keep])
+            cols.append(feature[keep])
+            last = position[ends - 1]
+            start[pending] = last + 1
+            pending = pending[last < n]  # features whose draws did not reach the end yet
+        return torch.cat(rows), torch.cat(cols)
+
+    def sample(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(activations (n, d), the fired (sample, feature) pairs (2, fires))."""
+        sizes = torch.bincount(torch.randint(CONTEXTS, (n,), generator=gen), minlength=CONTEXTS).tolist()
+        rows, cols, offset = [], [], 0
+        for k, size in enumerate(sizes):  # samples of one context form a block
+            r, c = self._bernoulli_positions(self.context_p[k], size, gen)
+            rows.append(r + offset)
+            cols.append(c)
+            offset += size
+        rows, cols = torch.cat(rows), torch.cat(cols)
+        is_parent = torch.zeros(self.n, dtype=torch.long)
+        is_parent[self.parents] = torch.arange(1, len(self.parents) + 1)
+        group = is_parent[cols] - 1  # the sibling group of a fired parent (-1: not a parent)
+        fired_parent = (group >= 0).nonzero().squeeze(1)
+        g = group[fired_parent]
+        fires = torch.rand(len(g), generator=gen) < self.child_rate[g]
+        pick = (torch.rand(len(g), 1, generator=gen) > self.child_cdf[g]).sum(1).clamp(max=SIBLINGS - 1)
+        rows = torch.cat([rows, rows[fired_parent][fires]])
+        cols = torch.cat([cols, self.children[g, pick][fires]])
+        magnitude = (1 + 0.25 * torch.randn(len(rows), generator=gen)).clamp_min(0.1)
+        x = self.bias.repeat(n, 1).index_add_(0, rows, magnitude.unsqueeze(1) * self.directions[cols])
+        return x, torch.stack([rows, cols])
+
+
+class SyntheticStore:
+    """Fresh synthetic samples, `batch_size` at a time, with a held-out set of `eval_tokens` samples and
+    the ground truth for its metrics (`true_features`, `eval_fired`: (sample, feature) pairs). No model:
+    downstream metrics are skipped."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = post_init_cfg(cfg, {"d_model": cfg["synthetic_d"], "n_layers": cfg["layer"] + 1,
+                                       "n_ctx": cfg["seq_len"]})
+        self.truth = SyntheticFeatures(cfg["synthetic_features"], cfg["synthetic_d"], cfg["synthetic_l0"],
+                                       cfg["seed"])
+        self.true_features = self.truth.directions
+        eval_acts, self.eval_fired = self.truth.sample(cfg["eval_tokens"], self._generator("eval"))
+        self.eval_acts = eval_acts.unsqueeze(0)
+        self.model, self.device = None, torch.device(self.cfg["device"])
+        self.generator = self._generator("train")
+        self.scales = [math.sqrt(cfg["synthetic_d"] / eval_acts.pow(2).sum(-1).mean().item())]
+
+    def _generator(self, stream: str) -> torch.Generator:
+        return torch.Generator().manual_seed(self.cfg["seed"] + STREAMS[stream])
+
+    def hook_index(self, hook_point: str) -> int:
+        return 0
+
+    def next_batch(self) -> Tensor:
+        return self.truth.sample(self.cfg["batch_size"], self.generator)[0].to(self.device).unsqueeze(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "scales": list(self.scales)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.scales = [float(s) for s in state["scales"]]
+
+    def flush_cache(self) -> None:
+        pass

@@ -1,0 +1,74 @@
+"""The synthetic source with known features (synthetic.py) and the ground-truth metrics (metrics.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from conftest import small_cfg
+
+from metrics import ground_truth_metrics
+from sae import build_sae
+from synthetic import SyntheticFeatures, SyntheticStore
+
+N, D, L0 = 512, 32, 8.0
+
+
+def synthetic_cfg(**overrides) -> dict:
+    return small_cfg(dataset_path="synthetic", model_name="synthetic", layer=0, synthetic_features=N, synthetic_d=D,
+                     synthetic_l0=L0, dict_size=128, top_k=8, eval_tokens=2048) | overrides
+
+
+def test_samples_hold_the_requested_l0_and_respect_the_hierarchy():
+    truth = SyntheticFeatures(N, D, L0, seed=0)
+    x, fired = truth.sample(8192, torch.Generator().manual_seed(1))
+    assert x.shape == (8192, D)
+    assert abs(torch.bincount(fired[0], minlength=8192).float().mean().item() - L0) < 0.05 * L0
+    on = torch.zeros(8192, N, dtype=torch.bool)
+    on[fired[0], fired[1]] = True
+    assert on.sum() == fired.shape[1]  # no feature twice in a sample
+    children_on = on[:, truth.children]  # (samples, groups, siblings)
+    assert (children_on.sum(-1) <= 1).all()  # siblings exclude each other
+    assert (children_on.any(-1) <= on[:, truth.parents]).all()  # a child fires only with its parent
+    assert children_on.any()
+    one = truth.sample(1, torch.Generator().manual_seed(2))  # x is the bias plus the fired directions
+    assert one[0].shape == (1, D) and torch.allclose(one[0][0], truth.bias) == (one[1].shape[1] == 0)
+
+
+def test_the_stream_is_seeded_and_resumes_exactly():
+    store = SyntheticStore(synthetic_cfg())
+    again = SyntheticStore(synthetic_cfg())
+    assert torch.equal(store.true_features, again.true_features) and torch.equal(store.eval_acts, again.eval_acts)
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in store.state_dict().items()}
+    ahead = [store.next_batch() for _ in range(3)]
+    again.load_state_dict(state)
+    assert all(torch.equal(a, again.next_batch()) for a in ahead)
+    other = SyntheticStore(synthetic_cfg(seed=7))
+    assert not torch.equal(store.true_features, other.true_features)
+
+
+def test_an_untrained_sae_scores_chance_and_the_answer_scores_one():
+    store = SyntheticStore(synthetic_cfg())
+    cfg = store.cfg | {"sae_type": "topk", "dict_size": N, "top_k": 8}
+    sae = build_sae(cfg).eval()
+    sae.init_from_batch(store.next_batch()[0], store.scales[0])
+    untrained = ground_truth_metrics(sae, store.true_features, store.eval_acts[0], store.eval_fired)
+    random_rows = F.normalize(torch.randn(N, D, generator=torch.Generator().manual_seed(123)), dim=-1)
+    chance = (random_rows @ store.true_features.T).abs()
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(chance.numpy(), maximize=True)
+    assert abs(untrained["mcc"] - chance[rows, cols].mean().item()) < 0.03  # the init does not hold the answer
+    with torch.no_grad():
+        sae.W_dec.copy_(store.true_features)
+    planted = ground_truth_metrics(sae, store.true_features, store.eval_acts[0], store.eval_fired)
+    assert planted["mcc"] > 0.999 and planted["uniqueness"] == 1.0
+
+
+def test_training_on_the_synthetic_source_reports_ground_truth_metrics(tmp_path):
+    from training import train_sae
+
+    cfg = synthetic_cfg(sae_type="batchtopk", num_tokens=256 * 30, output_dir=str(tmp_path), run_name="synthetic")
+    trainee = train_sae(cfg)
+    metrics = trainee.final_metrics
+    assert {"mcc", "uniqueness", "precision", "recall", "f1"} <= set(metrics)
+    assert 0 <= metrics["f1"] <= 1 and 0 < metrics["mcc"] <= 1
