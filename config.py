@@ -293,6 +293,9 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
         by_coeff = ", ".join(name for name, cls in SAE_CLASSES.items() if cls.coeff_key)
         _fail("target_l0", cfg["target_l0"], f"sae_type={cfg['sae_type']} has no sparsity coefficient to adapt (its "
               f"L0 is set otherwise, e.g. by top_k); use it with {by_coeff}, or 0")
+    coeff_key = SAE_CLASSES[cfg["sae_type"]].coeff_key
+    if cfg.get("target_l0", 0) > 0 and coeff_key and cfg[coeff_key] == 0:
+        _fail("target_l0", cfg["target_l0"], f"scales {coeff_key}, which is 0; set {coeff_key} > 0")
     if cfg.get("target_l0", 0) > cfg["dict_size"]:
         _fail("target_l0", cfg["target_l0"], f"must be <= dict_size ({cfg['dict_size']})")
     for key, problem in SAE_CLASSES[cfg["sae_type"]].check_cfg(cfg).items():

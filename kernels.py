@@ -200,7 +200,9 @@ class _NestedSparseReconstruction(torch.autograd.Function):
                 ends: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
         b, _ = pattern.shape
         group = torch.bucketize(pattern.cols, torch.tensor(ends, device=vals.device), right=True)
-        order = torch.argsort(group.to(torch.uint8), stable=True)  # entries of group 0, then 1, ...
+        assert ends[-1] == W_dec.shape[0], f"groups end at {ends[-1]}, the dictionary at {W_dec.shape[0]}"
+        narrow = torch.int16 if len(ends) <= torch.iinfo(torch.int16).max else torch.int32  # sorts fastest
+        order = torch.argsort(group.to(narrow), stable=True)  # entries of group 0, then 1, ...
         sizes = torch.bincount(group, minlength=len(ends)).tolist()
         rows, cols = pattern.rows().index_select(0, order), pattern.cols.index_select(0, order)
         starts, groups, errors = [0, *ends[:-1]], [], []

@@ -40,7 +40,7 @@ from activation_store import (
     load_model,
 )
 from checkpoint import DENSITY_FILE, FINAL_DIR
-from config import EVAL_KEYS, resolve_device
+from config import EVAL_KEYS, SYNTHETIC_DATASET, resolve_device
 from metrics import DENSE_FRACTION, HEADLINE_METRICS, SUMMARY_METRICS
 from sae import SAE_CLASSES, BaseSAE, load_sae
 
@@ -517,9 +517,10 @@ def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latent
         plot_density(run).savefig(out / "density" / f"{run.cfg['run_name']}.png", dpi=120)
         doc += ["", f"![density of {run.cfg['run_name']}](density/{run.cfg['run_name']}.png)"]
 
-    if n_latents > 0 and finished:
+    with_text = [run for run in finished if run.cfg.get("dataset_path") != SYNTHETIC_DATASET]  # synthetic: no text
+    if n_latents > 0 and with_text:
         doc += ["", "## Latent dashboards", ""]
-        for run in finished:
+        for run in with_text:
             md = write_dashboards(run, out / "dashboards", n_latents, device=device)
             doc.append(f"- [{run.cfg['run_name']}](dashboards/{md.name}) (also dashboards/{md.stem}.html)")
     (out / "summary.md").write_text("\n".join(doc) + "\n")

@@ -16,8 +16,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -60,7 +63,7 @@ class LossTerms(NamedTuple):
     recon: Tensor  # ||x - x_hat||^2 summed over d, averaged over the batch (scaled space)
     sparsity: Tensor  # coefficient times the variant's sparsity penalty
     aux: Tensor  # AuxK loss on dead latents (0 where the variant has none)
-    details: dict[str, Tensor] = {}  # parts of the loss worth logging (detached), e.g. each prefix's error
+    details: Mapping[str, Tensor] = MappingProxyType({})  # parts worth logging (detached), e.g. each prefix's
 
 
 @dataclass
@@ -75,7 +78,7 @@ class SAEOutput:
     error: Tensor  # x_hat_scaled - x_scaled, shape (B, d)
     x: Tensor  # the raw input
     unit: Tensor  # scaled-space units per raw unit: s, or (B, 1) under standardize_tokens
-    details: dict[str, Tensor] = field(default_factory=dict)  # logged as train/<name>
+    details: Mapping[str, Tensor] = field(default_factory=dict)  # logged as train/<name>
 
     @property
     def x_hat(self) -> Tensor:
@@ -152,12 +155,15 @@ class BaseSAE(nn.Module):
         log ratio clipped to [-1, 1], on the device (docs/math.md §8)."""
         if hasattr(self, "coeff_scale") and step + 1 >= self.cfg["sparsity_warmup_frac"] * total_steps:
             ratio = (mean_l0(f).clamp_min(1e-3) / self.cfg["target_l0"]).log().clamp(-1.0, 1.0)
-            self.coeff_scale.mul_(torch.exp(self.cfg["target_l0_rate"] * ratio))
+            self.coeff_scale.mul_(torch.exp(self.cfg["target_l0_rate"] * ratio)).clamp_(1e-6, 1e6)
 
     @classmethod
     def run_tag(cls, cfg: dict[str, Any]) -> str:
-        """The sparsity setting in generated run names, e.g. l1_1.5."""
-        return f"{cls.coeff_key.removesuffix('_coeff')}_{cfg[cls.coeff_key]:g}" if cls.coeff_key else cls.name
+        """The sparsity setting in generated run names, e.g. l1_1.5 (l1_1.5_target32 with target_l0)."""
+        if not cls.coeff_key:
+            return cls.name
+        target = f"_target{cfg['target_l0']:g}" if cfg.get("target_l0", 0) > 0 else ""
+        return f"{cls.coeff_key.removesuffix('_coeff')}_{cfg[cls.coeff_key]:g}{target}"
 
     @classmethod
     def check_cfg(cls, cfg: dict[str, Any]) -> dict[str, str]:
@@ -566,7 +572,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     @classmethod
     def check_cfg(cls, cfg: dict[str, Any]) -> dict[str, str]:
         text = cfg["matryoshka_groups"]
-        if text.strip() and not all(size.strip().isdigit() for size in text.split(",")):
+        if text.strip() and not all(re.fullmatch(r"[0-9]+", size.strip()) for size in text.split(",")):
             return {"matryoshka_groups": "comma-separated whole numbers of latents, e.g. 192,192,384,768,1536"}
         ends = cls.group_ends(cfg)
         if ends[-1] != cfg["dict_size"] or min(b - a for a, b in zip([0, *ends], ends, strict=False)) <= 0:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from config import post_init_cfg
+from config import ConfigError, post_init_cfg
 
 STREAMS = {"directions": 1_000_003, "structure": 2_000_003, "eval": 3_000_017, "train": 4_000_037}
 CHILD_FRACTION = 0.25  # of the features, in sibling groups under parents
@@ -48,8 +48,8 @@ class SyntheticFeatures:
         self.child_cdf = (self.p[self.children] / self.p[self.children].sum(1, keepdim=True)).cumsum(1)
         self.child_rate = self.p[self.children].sum(1).clamp(max=1)  # a fired parent fires one child this often
         # correlated firing: CONTEXTS kinds of sample, each scaling every independent feature's odds
-        self.context_p = (self.p * torch.exp(CONTEXT_SPREAD * torch.randn(CONTEXTS, n, generator=gen)
-                                             - CONTEXT_SPREAD**2 / 2)).clamp(max=0.9)
+        odds = torch.exp(CONTEXT_SPREAD * torch.randn(CONTEXTS, n, generator=gen))
+        self.context_p = (self.p * odds / odds.mean(0)).clamp(max=0.9)  # factors of mean 1 over the contexts
         self.context_p[:, self.children.flatten()] = 0  # children fire only through their parents
 
     def _scaled_to_l0(self, weights: Tensor, l0: float) -> Tensor:
@@ -63,6 +63,9 @@ class SyntheticFeatures:
             p = (weights * mid).clamp(max=0.5)
             expected = p[~is_child].sum() + (p[self.parents] * p[self.children].sum(1).clamp(max=1)).sum()
             lo, hi = (mid, hi) if expected < l0 else (lo, mid)
+        if expected < 0.999 * l0:
+            raise ConfigError(f"config synthetic_l0={l0} is invalid: {len(weights)} features with firing "
+                              f"probabilities of at most 0.5 reach only {float(expected):.1f}; add features or lower")
         return (weights * lo).clamp(max=0.5).float()
 
     def _bernoulli_positions(self, p: Tensor, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:

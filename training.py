@@ -306,9 +306,9 @@ def _open_stream(cfgs: list[dict[str, Any]], model, store) -> tuple[list[dict[st
         check_checkpoints_fit(cfgs, resume_step)
     if world_size() > 1:
         check_data_parallel(cfgs)
-        if isinstance(store, TensorStore):
-            raise ConfigError("TensorStore serves every torchrun rank the same rows (it does not shard yet); "
-                              "train on it in one process")
+        if isinstance(store, (TensorStore, SyntheticStore)):
+            raise ConfigError(f"{type(store).__name__} serves every torchrun rank the same rows (it does not shard "
+                              "yet); train on it in one process")
     if store is None:
         store = ActivationsStore(model, cfgs[0], hook_points_of(cfgs), shard=(rank(), world_size()))
     if world_size() > 1:

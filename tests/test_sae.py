@@ -505,7 +505,7 @@ def test_matryoshka_groups_must_be_non_empty_and_add_up():
     from config import ConfigError, post_init_cfg
 
     dims = {"d_model": D, "n_layers": 4, "n_ctx": 512}
-    for bad in ("32,16", "32,0,32", "a,b"):
+    for bad in ("32,16", "32,0,32", "a,b", "\u00b2,62"):  # a superscript two is a digit to str.isdigit
         with pytest.raises(ConfigError, match="matryoshka_groups"):
             post_init_cfg(make_cfg("matryoshka", matryoshka_groups=bad), dims)
     post_init_cfg(make_cfg("matryoshka", matryoshka_groups="16, 48"), dims)
@@ -537,3 +537,6 @@ def test_target_l0_is_refused_where_k_sets_the_l0():
         post_init_cfg(make_cfg("topk", target_l0=8.0), dims)
     with pytest.raises(ConfigError, match=r"target_l0=100.0 is invalid: must be <= dict_size \(64\)"):
         post_init_cfg(make_cfg("vanilla", target_l0=100.0), dims)
+    with pytest.raises(ConfigError, match="target_l0=8.0 is invalid: scales l1_coeff, which is 0"):
+        post_init_cfg(make_cfg("vanilla", target_l0=8.0, l1_coeff=0.0), dims)
+    assert "_target8_" in post_init_cfg(make_cfg("vanilla", target_l0=8.0), dims)["run_name"]

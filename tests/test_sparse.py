@@ -287,6 +287,19 @@ def test_greater_than_equals_torch_gt(shape):
         torch.testing.assert_close(pre, kept, rtol=0, atol=0, equal_nan=True)  # pre is left as it was
 
 
+def test_matryoshka_sparse_path_with_more_groups_than_a_byte_holds():
+    sae = build_sae(make_cfg("matryoshka", dict_size=300, matryoshka_groups=",".join(["1"] * 300))).train()
+    with torch.no_grad():
+        sae.scale.fill_(1.7)
+        sae.W_enc.add_(0.3 * torch.randn(sae.W_enc.shape, generator=torch.Generator().manual_seed(3)))
+    x = rand_x()
+    dense, dense_grads = loss_and_grads(sae, x, sparse=False)
+    sparse, sparse_grads = loss_and_grads(sae, x, sparse=True)
+    torch.testing.assert_close(sparse.loss, dense.loss)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-4, atol=1e-5)
+
+
 def test_matryoshka_sparse_path_with_a_group_that_never_fires():
     sae = trained_like("matryoshka")
     with torch.no_grad():

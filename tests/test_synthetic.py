@@ -34,6 +34,15 @@ def test_samples_hold_the_requested_l0_and_respect_the_hierarchy():
     assert one[0].shape == (1, D) and torch.allclose(one[0][0], truth.bias) == (one[1].shape[1] == 0)
 
 
+def test_an_l0_the_features_cannot_reach_is_one_line():
+    import pytest
+
+    from config import ConfigError
+
+    with pytest.raises(ConfigError, match="config synthetic_l0=400 is invalid: 512 features"):
+        SyntheticFeatures(N, D, 400, seed=0)
+
+
 def test_the_stream_is_seeded_and_resumes_exactly():
     store = SyntheticStore(synthetic_cfg())
     again = SyntheticStore(synthetic_cfg())
