@@ -82,10 +82,13 @@ def recovered(zero: float, spliced: float, clean: float) -> float:
 def reconstruction_metrics(sae: BaseSAE, eval_acts: Tensor, device: torch.device, chunk: int = 4096) -> dict[str, Any]:
     sums = ReconstructionSums()
     decoder_norms = sae.W_dec.norm(dim=-1)
+    partial: dict[str, float] = {}  # squared error of each partial reconstruction the variant names
     for x in eval_acts.split(chunk):
         x = x.to(device)
         f = sae.encode(x)
         sums.add(x, sae.decode(f, x), f, decoder_norms)
+        for name, x_hat in sae.partial_reconstructions(f, x).items():
+            partial[name] = partial.get(name, 0.0) + (x - x_hat).pow(2).sum().item()
     m = sae.cfg["dict_size"]
     density = sums.fire_counts / sums.n
     nmse = sums.sq_err / total_variance(eval_acts)
@@ -102,7 +105,7 @@ def reconstruction_metrics(sae: BaseSAE, eval_acts: Tensor, device: torch.device
         "dense": int((density > DENSE_FRACTION).sum().item()),
         "never_fired_eval_frac": (density == 0).double().mean().item(),
         "density": density.float().cpu(),
-    }
+    } | {f"nmse_{name}": sq_err / total_variance(eval_acts) for name, sq_err in partial.items()}
 
 
 def _splice_hook(sae: BaseSAE, keep: Tensor, zero: bool):

@@ -175,6 +175,10 @@ class BaseSAE(nn.Module):
         """Where the variant's groups of latents end, if it has groups (plots and dashboards show them)."""
         return None
 
+    def partial_reconstructions(self, f: Tensor, x: Tensor) -> dict[str, Tensor]:
+        """Raw-space reconstructions from parts of the code worth evaluating on their own (logged as nmse_<name>)."""
+        return {}
+
     # --- shared math (docs/math.md §1, §2) -----------------------------------------------
 
     def pre_activations(self, x_scaled: Tensor) -> Tensor:
@@ -578,6 +582,11 @@ class MatryoshkaSAE(BatchTopKSAE):
         if ends[-1] != cfg["dict_size"] or min(b - a for a, b in zip([0, *ends], ends, strict=False)) <= 0:
             return {"matryoshka_groups": f"non-empty groups adding up to dict_size ({cfg['dict_size']})"}
         return super().check_cfg(cfg)
+
+    def partial_reconstructions(self, f: Tensor, x: Tensor) -> dict[str, Tensor]:
+        """Each prefix but the whole dictionary on its own: the latents past its end set to 0."""
+        return {f"prefix_{end}": self.decode(f * (torch.arange(f.shape[-1], device=f.device) < end), x)
+                for end in self.group_ends(self.cfg)[:-1]}
 
     def loss(self, x_scaled: Tensor, pre: Tensor, f: Tensor, error: Tensor, aux_enabled: bool) -> LossTerms:
         ends = self.group_ends(self.cfg)

@@ -117,3 +117,22 @@ def test_downstream_metrics_do_not_depend_on_how_the_rows_are_chunked(tiny_gpt2_
 def test_recovered_endpoints():
     assert recovered(zero=5.0, spliced=3.0, clean=3.0) == 1.0
     assert recovered(zero=5.0, spliced=5.0, clean=3.0) == 0.0
+
+
+def test_matryoshka_prefixes_are_evaluated_on_their_own():
+    from config import get_default_cfg
+    from metrics import reconstruction_metrics, total_variance
+    from sae import build_sae
+
+    cfg = get_default_cfg() | {"sae_type": "matryoshka", "act_size": 8, "dict_size": 32, "top_k": 4,
+                               "matryoshka_groups": "8,24"}
+    sae = build_sae(cfg).eval()
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    sae.init_from_batch(x, 1.3)
+    metrics = reconstruction_metrics(sae, x, torch.device("cpu"), chunk=128)
+    with torch.no_grad():
+        f = sae.encode(x)
+        f[:, 8:] = 0
+        expected = (x - sae.decode(f)).pow(2).sum().item() / total_variance(x)
+    assert metrics["nmse_prefix_8"] == pytest.approx(expected, rel=1e-5)
+    assert "nmse_prefix_32" not in metrics  # the whole dictionary is nmse itself
