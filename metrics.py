@@ -168,9 +168,13 @@ def ground_truth_metrics(sae: BaseSAE, true_features: Tensor, eval_acts: Tensor,
     fires = torch.cat([sae.encode(x.to(device)) > 0 for x in eval_acts.split(chunk)]).cpu()  # (N, m)
     alive = fires.any(0).nonzero().squeeze(1)
     best = cos.argmax(1).cpu()[alive]  # each alive latent's best-matching feature
-    truth = torch.zeros(len(fires), true_features.shape[0], dtype=torch.bool)
-    truth[eval_fired[0], eval_fired[1]] = True
-    wanted = truth[:, best]  # (N, alive): whether each alive latent's feature fired
+    column = torch.full((true_features.shape[0],), -1)  # only the features some latent matches get a column
+    needed = best.unique()
+    column[needed] = torch.arange(len(needed))
+    keep = column[eval_fired[1]] >= 0
+    truth = torch.zeros(len(fires), len(needed), dtype=torch.bool)
+    truth[eval_fired[0][keep], column[eval_fired[1][keep]]] = True
+    wanted = truth[:, column[best]]  # (N, alive): whether each alive latent's feature fired
     detected = fires[:, alive]
     hits = (detected & wanted).sum(0).double()
     precision = hits / detected.sum(0).double()  # alive: it fired at least once
