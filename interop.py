@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from checkpoint import FINAL_DIR
-from config import SITES, ConfigError, get_default_cfg
+from config import SITES, ConfigError, get_default_cfg, site_hook
 from results import Run, _as_run, _cell, last_evaluation
 from sae import SAE_CLASSES, BaseSAE, build_sae
 
@@ -47,7 +47,7 @@ CARD_TRAINING_KEYS = ("num_tokens", "batch_size", "lr", "seq_len", "seed")  # th
 
 def hook_name(cfg: dict[str, Any]) -> str:
     """The hook point an SAE reads (`blocks.{layer}.hook_{site}`); also the SAE's folder name on the Hub."""
-    return cfg.get("hook_point") or f"blocks.{cfg['layer']}.hook_{cfg['site']}"
+    return cfg.get("hook_point") or site_hook(cfg["layer"], cfg["site"])
 
 
 @torch.no_grad()

@@ -140,7 +140,8 @@ class _SparseEncode(torch.autograd.Function):
         # as W_dec.T), so autograd keeps this gradient as it is; a contiguous one would be
         # transposed into W_enc's layout by a copy
         grad_W_enc = (pattern.csr_transposed(grad) @ x_in).T
-        grad_b_dec = -(W_enc @ grad_b_enc)  # pre depends on b_dec through x_in = x - b_dec
+        # an SAE's pre depends on b_dec through x_in = x - b_dec (a transcoder passes no b_dec)
+        grad_b_dec = -(W_enc @ grad_b_enc) if ctx.needs_input_grad[4] else None
         return None, None, grad_W_enc, grad_b_enc, grad_b_dec, None
 
 
@@ -184,7 +185,8 @@ class _SparseReconstruction(torch.autograd.Function):
             grad_b_dec = grad.sum(0)
         if zero_pattern is not None and ctx.needs_input_grad[5]:
             grad_zero_vals = sampled_grad(zero_pattern, grad, W_dec)
-        return grad_vals, grad_W_dec, grad_b_dec, None, None, grad_zero_vals, None
+        grad_x_in = -grad if ctx.needs_input_grad[3] else None  # a skip transcoder's goal depends on W_skip
+        return grad_vals, grad_W_dec, grad_b_dec, grad_x_in, None, grad_zero_vals, None
 
 
 class _NestedSparseReconstruction(torch.autograd.Function):
@@ -234,7 +236,8 @@ class _NestedSparseReconstruction(torch.autograd.Function):
             rows = slice(ctx.starts[h], ctx.ends[h])
             grad_vals.index_copy_(0, piece, sampled_grad(local, reach, W_dec[rows]))
             torch.mm(local.csr_transposed(g_vals), reach, out=grad_W_dec[rows])
-        return grad_vals, grad_W_dec, reach.sum(0), None, None, None
+        grad_x_in = -reach if ctx.needs_input_grad[3] else None  # reach = R_0, every prefix's error
+        return grad_vals, grad_W_dec, reach.sum(0), grad_x_in, None, None
 
 
 def nested_sparse_reconstruction(vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tensor, pattern: SparsePattern,
@@ -426,22 +429,30 @@ def sparse_reconstruction(vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tens
     return _SparseReconstruction.apply(vals, W_dec, b_dec, x_in, pattern, zero_vals, zero_pattern)
 
 
-def sparse_forward(sae, x: Tensor, aux_enabled: bool = True) -> SparseStep | None:
-    """The training forward of `sae` with sparse kernels, or None where the variant's `select`
-    finds too many entries for them to pay (the caller then takes the dense step). Under
-    autocast the encoder matmul runs in the autocast dtype, as on the dense path, and the rest
-    in float32."""
+def sparse_forward(sae, x: Tensor, aux_enabled: bool = True, target: Tensor | None = None) -> SparseStep | None:
+    """The training forward of `sae` (of a transcoder: from x to `target`) with sparse kernels, or None where the
+    variant's `select` finds too many entries for them to pay (the caller then takes the dense step). Under
+    autocast the encoder matmul runs in the autocast dtype, as on the dense path, and the rest in float32.
+    The reconstruction is error = f @ W_dec - goal, goal = x_scaled - b_dec for an SAE (the encoder's input too)
+    and y_scaled - b_dec - x_scaled @ W_skip for a transcoder."""
     device = x.device.type
     low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     with torch.autocast(device, enabled=False):
-        with torch.no_grad():  # the sparse Functions differentiate x_in's dependence on b_dec
+        with torch.no_grad():  # the sparse Functions differentiate x_in's and goal's dependence on b_dec
             shift, unit = sae.input_transform(x)
-            x_in = torch.addcmul(-sae.b_dec, x.float() if shift is None else x.float() - shift, unit)
+            if sae.transcoder:
+                x_in, unit = x.float() * unit, sae.target_scale
+                goal = torch.addcmul(-sae.b_dec, target.float(), unit)
+            else:
+                x_in = goal = torch.addcmul(-sae.b_dec, x.float() if shift is None else x.float() - shift, unit)
             active, window = sae.select(encoder_matmul(x_in, sae.W_enc, low))
         if active is None:
             return None
+        if sae.W_skip is not None:  # W_skip's gradient flows back through the goal
+            goal = goal - x_in @ sae.W_skip
         pattern = active.pattern
-        pre_vals = _SparseEncode.apply(active.pre, x_in, sae.W_enc, sae.b_enc, sae.b_dec, pattern)
+        b_dec_in_encoder = None if sae.transcoder else sae.b_dec
+        pre_vals = _SparseEncode.apply(active.pre, x_in, sae.W_enc, sae.b_enc, b_dec_in_encoder, pattern)
         f_vals = sae.sparse_activation(pre_vals, pattern)
         penalty = sae.sparse_penalty(pre_vals, f_vals, pattern)
         window_f = window_pattern = None
@@ -449,7 +460,7 @@ def sparse_forward(sae, x: Tensor, aux_enabled: bool = True) -> SparseStep | Non
             window_pattern = window.pattern
             window_f = sae.sparse_activation(window.pre, window_pattern)
             penalty = penalty + sae.sparse_penalty(window.pre, window_f, window_pattern)
-        recon, error, details = sae.sparse_reconstruction(f_vals, x_in, pattern, window_f, window_pattern)
+        recon, error, details = sae.sparse_reconstruction(f_vals, goal, pattern, window_f, window_pattern)
         sparsity = sae.sparsity_coeff * penalty
         aux = sparse_aux_loss(sae, error, x) if sae.uses_aux_loss and aux_enabled else recon.new_zeros(())
     return SparseStep(SparseLatents(pattern, f_vals.detach()), recon, sparsity, aux, error, unit, details)
@@ -474,7 +485,7 @@ def sparse_aux_loss(sae, error: Tensor, x: Tensor) -> Tensor:
     dead_cols = sae.dead_mask().nonzero().squeeze(1)
     if dead_cols.numel() == 0:
         return x.new_zeros(())
-    x_in = sae.scaled_input(x.float())[0] - sae.b_dec
+    x_in = sae.encoder_input(sae.scaled_input(x.float())[0])
     pre = x_in @ sae.W_enc.index_select(1, dead_cols) + sae.b_enc.index_select(0, dead_cols)
     f_aux = F.relu(pre)
     if sae.cfg["top_k_aux"] < dead_cols.numel():

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from config import PRESETS, STREAM_KEYS, ConfigError, get_default_cfg, parse_value
+from config import PRESETS, STREAM_KEYS, ConfigError, get_default_cfg, hook_tag, parse_value
 
 
 def sweep_variants(base: dict[str, Any]) -> list[dict[str, Any]]:
@@ -108,8 +108,8 @@ def print_summary(trainees: list) -> None:
 
     present = [m for m in HEADLINE_METRICS if any(m in (t.final_metrics or {}) for t in trainees)]
     widths = [max(len(m), 8) + 2 for m in present]
-    several_hooks = len({t.cfg["hook_point"] for t in trainees}) > 1
-    labels = [t.cfg["sae_type"] + (f" L{t.cfg['layer']} {t.cfg['site']}" if several_hooks else "") for t in trainees]
+    several_hooks = len({(t.cfg["hook_point"], t.cfg["target_hook_point"]) for t in trainees}) > 1
+    labels = [t.cfg["sae_type"] + (f" {hook_tag(t.cfg)}" if several_hooks else "") for t in trainees]
     width = max(len(label) for label in [*labels, "variant"]) + 2
     print("\n" + "variant".ljust(width) + "".join(m.rjust(w) for m, w in zip(present, widths, strict=True)))
     for t, label in zip(trainees, labels, strict=True):

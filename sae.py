@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from config import ConfigError, Key
+from config import ConfigError, Key, is_transcoder
 from kernels import (
     SelectedPre,
     SparseLatents,
@@ -76,8 +76,8 @@ class SAEOutput:
     sparsity_loss: Tensor
     aux_loss: Tensor
     error: Tensor  # x_hat_scaled - x_scaled, shape (B, d)
-    x: Tensor  # the raw input
-    unit: Tensor  # scaled-space units per raw unit: s, or (B, 1) under standardize_tokens
+    x: Tensor  # the raw activations reconstructed: the input, or a transcoder's target
+    unit: Tensor  # scaled-space units per raw unit of x: s, (B, 1) under standardize_tokens, a transcoder's s_out
     details: Mapping[str, Tensor] = field(default_factory=dict)  # logged as train/<name>
 
     @property
@@ -120,6 +120,10 @@ class BaseSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(m))
         self.b_dec = nn.Parameter(torch.zeros(d))
         self.register_buffer("scale", torch.ones(()))
+        self.transcoder = is_transcoder(cfg)  # reads one hook point, reconstructs another (docs/math.md §11)
+        if self.transcoder:
+            self.register_buffer("target_scale", torch.ones(()))
+        self.register_parameter("W_skip", nn.Parameter(torch.zeros(d, d)) if cfg.get("skip_connection") else None)
         self.register_buffer("tokens_since_fired", torch.zeros(m, dtype=torch.long))
         self.sparsity_coeff = 0.0  # set every step by the trainer (`coefficient_at`)
         if cfg.get("target_l0", 0) > 0:  # the coefficient's factor, adapted every step (`adapt_coefficient`)
@@ -134,8 +138,9 @@ class BaseSAE(nn.Module):
         """The penalty before its coefficient, averaged over the batch."""
         return pre.new_zeros(())
 
-    def loss(self, x_scaled: Tensor, pre: Tensor, f: Tensor, error: Tensor, aux_enabled: bool) -> LossTerms:
-        """The loss terms of a dense forward; override for a loss of another shape."""
+    def loss(self, goal: Tensor, pre: Tensor, f: Tensor, error: Tensor, aux_enabled: bool) -> LossTerms:
+        """The loss terms of a dense forward (error = f @ W_dec + b_dec - goal); override for a loss of another
+        shape."""
         recon = error.pow(2).sum(-1).mean()
         sparsity = self.sparsity_coeff * self.sparsity_penalty(pre, f)
         use_aux = self.uses_aux_loss and aux_enabled and self.training
@@ -181,8 +186,23 @@ class BaseSAE(nn.Module):
 
     # --- shared math (docs/math.md §1, §2) -----------------------------------------------
 
+    def encoder_input(self, x_scaled: Tensor) -> Tensor:
+        """What W_enc reads: x_scaled - b_dec for an SAE; a transcoder's scaled input as it is (its b_dec lives in
+        the target's space)."""
+        return x_scaled if self.transcoder else x_scaled - self.b_dec
+
     def pre_activations(self, x_scaled: Tensor) -> Tensor:
-        return (x_scaled - self.b_dec) @ self.W_enc + self.b_enc
+        return self.encoder_input(x_scaled) @ self.W_enc + self.b_enc
+
+    def scaled_goal(self, x_scaled: Tensor, unit: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(goal, unit): what f @ W_dec + b_dec must equal, in the scaled space, and its scaled units per raw unit.
+        An SAE: its own scaled input. A transcoder: the target times s_out, less the skip path x_scaled @ W_skip."""
+        if not self.transcoder:
+            return x_scaled, unit
+        if target is None:
+            raise ValueError("a transcoder reconstructs its target: call sae(x, target=y)")
+        goal = target * self.target_scale
+        return (goal if self.W_skip is None else goal - x_scaled @ self.W_skip), self.target_scale
 
     def input_transform(self, x: Tensor) -> tuple[Tensor | None, Tensor]:
         """(shift, unit) for raw x (B, d): the SAE works on x_scaled = (x - shift) * unit and maps
@@ -203,8 +223,15 @@ class BaseSAE(nn.Module):
         return self.activation(self.pre_activations(self.scaled_input(x)[0]))
 
     def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
-        """Latents -> raw-space reconstruction; with standardize_tokens pass the raw input `x`
-        the latents came from, whose tokens' mean and std are put back."""
+        """Latents -> raw-space reconstruction (a transcoder's prediction of its target); with standardize_tokens
+        or a skip connection pass the raw input `x` the latents came from."""
+        if self.transcoder:
+            y = f @ self.W_dec + self.b_dec
+            if self.W_skip is not None:
+                if x is None:
+                    raise ValueError("this transcoder has a skip connection: decode(f, x) needs the raw input x")
+                y = y + self.scaled_input(x)[0] @ self.W_skip
+            return y / self.target_scale
         if x is None and self.cfg.get("standardize_tokens", False):
             raise ValueError("this SAE standardises each token (standardize_tokens): decode(f, x) needs the raw "
                              "input x to put its tokens' mean and std back (or read sae(x).x_hat)")
@@ -212,21 +239,26 @@ class BaseSAE(nn.Module):
         x_hat = (f @ self.W_dec + self.b_dec) / unit
         return x_hat if shift is None else x_hat + shift
 
-    def forward(self, x: Tensor, aux_enabled: bool = True, sparse: bool = False) -> SAEOutput:
-        """Raw activations -> SAEOutput; `sparse`: the same values and gradients from kernels.py."""
+    def forward(self, x: Tensor, aux_enabled: bool = True, sparse: bool = False,
+                target: Tensor | None = None) -> SAEOutput:
+        """Raw activations (and a transcoder's raw `target`) -> SAEOutput; `sparse`: the same values and
+        gradients from kernels.py."""
+        assert target is None or self.transcoder, "an SAE reconstructs its input: target is for transcoders"
+        reconstructed = x if target is None else target
         if sparse and self.has_sparse_path and self.training:
-            step = sparse_forward(self, x, aux_enabled)
+            step = sparse_forward(self, x, aux_enabled, target)
             if step is not None:
                 return SAEOutput(step.latents, step.recon_loss + step.sparsity_loss + step.aux_loss,
-                                 step.recon_loss, step.sparsity_loss, step.aux_loss, step.error, x, step.unit,
-                                 step.details)
+                                 step.recon_loss, step.sparsity_loss, step.aux_loss, step.error, reconstructed,
+                                 step.unit, step.details)
         x_scaled, unit = self.scaled_input(x)
         pre = self.pre_activations(x_scaled)
         f = self.activation(pre)
-        error = f @ self.W_dec + self.b_dec - x_scaled
-        terms = self.loss(x_scaled, pre, f, error, aux_enabled)
+        goal, unit = self.scaled_goal(x_scaled, unit, target)
+        error = f @ self.W_dec + self.b_dec - goal
+        terms = self.loss(goal, pre, f, error, aux_enabled)
         return SAEOutput(f, terms.recon + terms.sparsity + terms.aux, terms.recon, terms.sparsity, terms.aux, error,
-                         x, unit, terms.details)
+                         reconstructed, unit, terms.details)
 
     # --- the sparse path (kernels.py): a variant states `select`, and its math on the selected entries
 
@@ -242,10 +274,11 @@ class BaseSAE(nn.Module):
     def sparse_penalty(self, pre_vals: Tensor, f_vals: Tensor, pattern: SparsePattern) -> Tensor:
         return pre_vals.new_zeros(())
 
-    def sparse_reconstruction(self, f_vals: Tensor, x_in: Tensor, pattern: SparsePattern, zero_vals: Tensor | None,
+    def sparse_reconstruction(self, f_vals: Tensor, goal: Tensor, pattern: SparsePattern, zero_vals: Tensor | None,
                               zero_pattern: SparsePattern | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(recon, error, details) of `loss` from the selected entries (`zero_*`: JumpReLU's gradient window)."""
-        return *sparse_reconstruction(f_vals, self.W_dec, self.b_dec, x_in, pattern, zero_vals, zero_pattern), {}
+        """(recon, error, details) of `loss` from the selected entries, error = f @ W_dec - goal (`zero_*`:
+        JumpReLU's gradient window)."""
+        return *sparse_reconstruction(f_vals, self.W_dec, self.b_dec, goal, pattern, zero_vals, zero_pattern), {}
 
     # --- dead latents and AuxK (docs/math.md §4) -----------------------------------------
 
@@ -299,8 +332,15 @@ class BaseSAE(nn.Module):
     # --- state from data --------------------------------------------------------------------
 
     @torch.no_grad()
-    def init_from_batch(self, x: Tensor, scale: float) -> None:
-        """s (from this batch under standardize_tokens) and b_dec = the batch's scaled mean (§1, §2)."""
+    def init_from_batch(self, x: Tensor, scale: float, target: Tensor | None = None,
+                        target_scale: float | None = None) -> None:
+        """s (from this batch under standardize_tokens) and b_dec = the batch's scaled mean (§1, §2); a
+        transcoder's s_in, s_out and b_dec = the scaled target's mean (§11)."""
+        if self.transcoder:
+            self.scale.fill_(scale)
+            self.target_scale.fill_(target_scale)
+            self.b_dec.copy_((target * target_scale).mean(dim=0))
+            return
         if self.cfg.get("standardize_tokens", False):
             self.scale.fill_(1.0)
             scale = math.sqrt(x.shape[-1] / self.scaled_input(x)[0].pow(2).sum(-1).mean().item())
@@ -414,7 +454,7 @@ class BatchTopKSAE(BaseSAE):
 
     name, title = "batchtopk", "BatchTopK"
     keys = {"top_k": TOP_K,
-            "threshold_ema_decay": Key(0.95, "inference threshold: EMA decay per step", "[0, 1)")}
+            "threshold_ema_decay": Key(0.8, "inference threshold: EMA decay per step", "[0, 1)")}
     uses_aux_loss = True
     saelens_architecture, saelens_tensors = "jumprelu", ("threshold",)
     averaged_buffers = ("threshold",)  # the EMA is linear: averaging after each update averages the batch minima
@@ -588,16 +628,16 @@ class MatryoshkaSAE(BatchTopKSAE):
         return {f"prefix_{end}": self.decode(f * (torch.arange(f.shape[-1], device=f.device) < end), x)
                 for end in self.group_ends(self.cfg)[:-1]}
 
-    def loss(self, x_scaled: Tensor, pre: Tensor, f: Tensor, error: Tensor, aux_enabled: bool) -> LossTerms:
+    def loss(self, goal: Tensor, pre: Tensor, f: Tensor, error: Tensor, aux_enabled: bool) -> LossTerms:
         ends = self.group_ends(self.cfg)
-        prefix = [(f[:, :end] @ self.W_dec[:end] + self.b_dec - x_scaled).pow(2).sum(-1).mean() for end in ends[:-1]]
-        terms = super().loss(x_scaled, pre, f, error, aux_enabled)  # the full dictionary's error, and AuxK on it
+        prefix = [(f[:, :end] @ self.W_dec[:end] + self.b_dec - goal).pow(2).sum(-1).mean() for end in ends[:-1]]
+        terms = super().loss(goal, pre, f, error, aux_enabled)  # the full dictionary's error, and AuxK on it
         return self._averaged(terms, [*prefix, terms.recon], ends)
 
-    def sparse_reconstruction(self, f_vals: Tensor, x_in: Tensor, pattern: SparsePattern, zero_vals: Tensor | None,
+    def sparse_reconstruction(self, f_vals: Tensor, goal: Tensor, pattern: SparsePattern, zero_vals: Tensor | None,
                               zero_pattern: SparsePattern | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         ends = self.group_ends(self.cfg)
-        recon, error, prefix = nested_sparse_reconstruction(f_vals, self.W_dec, self.b_dec, x_in, pattern, ends)
+        recon, error, prefix = nested_sparse_reconstruction(f_vals, self.W_dec, self.b_dec, goal, pattern, ends)
         return recon, error, {f"recon_loss_prefix_{end}": r for end, r in zip(ends, prefix, strict=True)}
 
     @staticmethod
