@@ -20,7 +20,8 @@ BAD = [
     ({"layer": 6}, "layer=6 is invalid: the model has 6 layers (0..5)"),
     ({"seq_len": 1024}, "seq_len=1024 is invalid: must be <= the model's context (512)"),
     ({"sae_type": "relu"}, "sae_type='relu' is invalid: allowed: vanilla, topk, batchtopk, jumprelu"),  # and more
-    ({"site": "resid"}, "site='resid' is invalid: allowed: resid_pre, resid_mid, resid_post, attn_out, mlp_in, mlp_out"),
+    ({"site": "resid"}, "site='resid' is invalid: allowed: resid_pre, resid_mid, resid_post, attn_out, mlp_in, "
+     "mlp_out"),
     ({"lr": -1.0}, "lr=-1.0 is invalid: must be > 0"),
     ({"batch_size": 0}, "batch_size=0 is invalid: must be > 0"),
     ({"lr_warmup_frac": 1.5}, "lr_warmup_frac=1.5 is invalid: must be in [0, 1)"),
