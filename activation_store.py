@@ -9,6 +9,7 @@ Position 0 (BOS/CLS) never reaches the SAE.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import functools
 import hashlib
@@ -31,7 +32,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from config import CACHE_KEYS, EMBEDDED_DATASET, EMBEDDED_MODEL, SITES, ConfigError, post_init_cfg
+from config import (
+    CACHE_KEYS,
+    EMBEDDED_DATASET,
+    EMBEDDED_MODEL,
+    SITES,
+    ConfigError,
+    is_transcoder,
+    post_init_cfg,
+    site_hook,
+)
 
 LOCAL_FORMATS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -99,10 +109,26 @@ def model_dims(model) -> dict[str, int]:
 
 
 def check_hook_point(model, hook_point: str) -> None:
+    """One line naming the valid sites and the closest hook names if the model has no `hook_point`."""
     if hook_point not in model.hook_dict:
-        available = [s for s in SITES if f"blocks.0.hook_{s}" in model.hook_dict]
+        available = [s for s in SITES if site_hook(0, s) in model.hook_dict]
+        close = difflib.get_close_matches(hook_point, list(model.hook_dict), n=3, cutoff=0.6)
+        closest = f"; closest hook names: {', '.join(close)}" if close else ""
         raise ConfigError(f"hook point {hook_point!r} does not exist in this model: "
-                          f"valid sites are {', '.join(available)}")
+                          f"valid sites are {', '.join(available)}{closest}")
+
+
+def check_target_after_input(model, hook_point: str, target: str) -> None:
+    """One line if a transcoder's target is computed before its input in the model's forward (found by
+    running one short row with both hooks recording the order they fire in)."""
+    fired: list[str] = []
+    hooks = [(h, functools.partial(lambda act, hook, name: fired.append(name), name=h)) for h in (hook_point, target)]
+    row = torch.full((1, 2), int(model.tokenizer.bos_token_id or model.tokenizer.cls_token_id or 0))
+    run_to_hooks(model, row.to(next(model.parameters()).device), [hook_point, target], hooks)
+    if fired and fired[0] == target and hook_point != target:
+        raise ConfigError(f"config target hook point {target!r} comes before the input {hook_point!r} in the "
+                          "model's forward: a transcoder predicts a later activation from an earlier one (swap them, "
+                          "or pick a later target)")
 
 
 def is_causal_lm(model) -> bool:
@@ -304,8 +330,14 @@ def kept_activations(model, tokens: Tensor, hook_points: Sequence[str], excluded
     """Float32 activations (n_hooks, n_kept, d) at the kept positions of `tokens`, row-major
     order, from one forward per batch that stops after the deepest hook."""
     out = []
+    width = int(model.cfg.d_model)
     for chunk in tokens.split(batch_size):
         acts = run_to_hooks(model, chunk.to(device), hook_points)
+        for hook_point, act in zip(hook_points, acts, strict=True):
+            if act.dim() != 3 or act.shape[-1] != width:
+                raise ConfigError(f"hook point {hook_point!r} gives activations of shape {tuple(act.shape)}: this "
+                                  f"project trains on (batch, position, d_model={width}) hook points, e.g. the sites "
+                                  f"{', '.join(SITES)}")
         keep = kept_position_mask(chunk, excluded_ids).to(acts[0].device)
         out.append(torch.stack([a[keep] for a in acts]).float().to(out_device))
     return torch.cat(out, dim=1)
@@ -674,6 +706,9 @@ class TensorStore:
     def __init__(self, acts, cfg: dict[str, Any], eval_acts=None):
         if len(acts.shape) != 2:
             raise ConfigError(f"TensorStore takes (tokens, d) activations, got shape {tuple(acts.shape)}")
+        if is_transcoder(cfg):
+            raise ConfigError("TensorStore serves one hook point: a transcoder (target_site / target_hook_point) "
+                              "trains on a model's activations through ActivationsStore")
         n_eval = 0 if eval_acts is not None else cfg["eval_tokens"]
         if acts.shape[0] - n_eval < cfg["batch_size"]:
             raise ConfigError(f"TensorStore: {acts.shape[0]} rows leave fewer than batch_size={cfg['batch_size']} "

@@ -37,6 +37,14 @@ from sae import SAE_CLASSES, BaseSAE, build_sae
 # apply_b_dec_to_input) and x_hat = f @ W_dec + b_dec, with f = relu(pre) (standard), relu of each row's k largest
 # pre (topk), or relu(pre) * 1[pre > relu(threshold)] (jumprelu; SAELens saves its own BatchTopK SAEs this way too).
 
+# Transcoders (saes/transcoder.py): pre = x @ W_enc + b_enc (apply_b_dec_to_input must be False), y_hat = f @ W_dec
+# + b_dec (+ x @ W_skip.T, W_skip (d_out, d_in), for the skip architectures); cfg.json adds d_out and
+# metadata.hook_name_out. SAELens 6 has them for ReLU and JumpReLU codes only: the architecture of each (SAE
+# architecture, skip connection) pair is below.
+TRANSCODER_ARCHITECTURES = {("standard", False): "transcoder", ("standard", True): "skip_transcoder",
+                            ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder"}
+TRANSCODER_BASE = {arch: base for (base, _), arch in TRANSCODER_ARCHITECTURES.items()}
+
 SAELENS_CFG_FILE = "cfg.json"
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"  # metadata.sae_lens_version written: the cfg.json layout above, not an install
@@ -50,16 +58,29 @@ def hook_name(cfg: dict[str, Any]) -> str:
     return cfg.get("hook_point") or site_hook(cfg["layer"], cfg["site"])
 
 
+def saelens_architecture(sae: BaseSAE) -> str | None:
+    """The SAELens architecture of the SAE's inference form (of a transcoder, its transcoder counterpart)."""
+    if not sae.transcoder:
+        return sae.saelens_architecture
+    return TRANSCODER_ARCHITECTURES.get((sae.saelens_architecture, sae.W_skip is not None))
+
+
 @torch.no_grad()
 def saelens_tensors(sae: BaseSAE) -> dict[str, Tensor]:
     """The SAE's weights under SAELens's names, the input scale s folded in so that SAELens's formulas on raw x give
     exactly our encode/decode: (x - b_dec/s) @ (s W_enc) + b_enc = (s x - b_dec) @ W_enc + b_enc, and
     f @ (W_dec/s) + b_dec/s = (f @ W_dec + b_dec)/s. Latents (and so thresholds) are unchanged; the exported
     decoder rows have norm 1/s. The variant adds what its architecture needs (`saelens_extras`): e.g. BatchTopK's
-    inference rule f = pre * 1[pre > theta] is a JumpReLU with theta given to every latent."""
+    inference rule f = pre * 1[pre > theta] is a JumpReLU with theta given to every latent. A transcoder folds
+    s_in into W_enc and s_out into the decoder: x @ (s_in W_enc) + b_enc, and f @ (W_dec/s_out) + b_dec/s_out
+    + x @ (s_in/s_out W_skip) = (f @ W_dec + b_dec + s_in x @ W_skip)/s_out."""
     s = sae.scale.detach().float()
+    s_out = sae.target_scale.detach().float() if sae.transcoder else s
     w_enc, w_dec, b_enc, b_dec = (t.detach().float() for t in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec))
-    tensors = {"W_enc": w_enc * s, "W_dec": w_dec / s, "b_enc": b_enc, "b_dec": b_dec / s} | sae.saelens_extras()[0]
+    tensors = {"W_enc": w_enc * s, "W_dec": w_dec / s_out, "b_enc": b_enc, "b_dec": b_dec / s_out}
+    if sae.W_skip is not None:
+        tensors["W_skip"] = (sae.W_skip.detach().float() * (s / s_out)).T
+    tensors |= sae.saelens_extras()[0]
     return {name: t.float().cpu().contiguous() for name, t in tensors.items()}
 
 
@@ -68,15 +89,20 @@ def saelens_config(sae: BaseSAE) -> dict[str, Any]:
     trained with standardize_tokens is SAELens's normalize_activations="layer_norm" (the same standardisation on
     the way in; SAELens puts back std rather than std + 1e-5 on the way out: relative difference 1e-5 / std)."""
     cfg = sae.cfg
-    out: dict[str, Any] = {"architecture": sae.saelens_architecture, "d_in": cfg["act_size"],
-                           "d_sae": cfg["dict_size"], "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+    out: dict[str, Any] = {"architecture": saelens_architecture(sae), "d_in": cfg["act_size"],
+                           "d_sae": cfg["dict_size"], "dtype": "float32", "device": "cpu",
+                           "apply_b_dec_to_input": not sae.transcoder,
                            "normalize_activations": "layer_norm" if cfg.get("standardize_tokens") else "none",
                            "reshape_activations": "none"} | sae.saelens_extras()[1]
-    out["metadata"] = {
+    transcoder = {"hook_name_out": cfg["target_hook_point"], "hook_head_index_out": None} if sae.transcoder else {}
+    if sae.transcoder:
+        out["d_out"] = cfg["act_size"]
+    out["metadata"] = transcoder | {
         "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
         "model_name": cfg.get("model_name"), "hook_name": hook_name(cfg), "hook_head_index": None,
         "context_size": cfg.get("seq_len"), "dataset_path": cfg.get("dataset_path"), "prepend_bos": True,
         EXPORT_MARKER: {"sae_type": cfg["sae_type"], "input_scale": float(sae.scale), "run_name": cfg.get("run_name"),
+                        **({"target_scale": float(sae.target_scale)} if sae.transcoder else {}),
                         **{k: cfg.get(k) for k in sae.keys}},
     }
     return out
@@ -89,6 +115,10 @@ def export_saelens(sae: BaseSAE, folder: str | Path) -> Path:
         raise ConfigError(f"sae_type={sae.cfg['sae_type']!r} states no saelens_architecture (its activation is its "
                           "own, which SAELens may not compute): set it on the class if one fits, or share the "
                           "SAE as saved (sae.save / load_sae)")
+    if saelens_architecture(sae) is None:
+        raise ConfigError(f"SAELens has transcoder layouts for ReLU and JumpReLU codes only ("
+                          f"{', '.join(TRANSCODER_ARCHITECTURES.values())}), none for a {sae.cfg['sae_type']} "
+                          f"transcoder: share it as saved (sae.save / load_sae)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(saelens_tensors(sae), folder / SAELENS_WEIGHTS_FILE)
@@ -109,8 +139,9 @@ def _saelens_fields(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def saelens_architectures() -> list[str]:
-    """The SAELens architectures some registered variant reads, in registration order."""
-    return list(dict.fromkeys(c.saelens_architecture for c in SAE_CLASSES.values() if c.saelens_architecture))
+    """The SAELens architectures some registered variant reads, in registration order (then the transcoders')."""
+    bases = list(dict.fromkeys(c.saelens_architecture for c in SAE_CLASSES.values() if c.saelens_architecture))
+    return bases + [arch for (base, _), arch in TRANSCODER_ARCHITECTURES.items() if base in bases]
 
 
 def saelens_extra_tensors(architecture: str) -> list[str]:
@@ -129,19 +160,23 @@ def _check_saelens_fields(fields: dict[str, Any], where: Path) -> None:
     for key in ("d_in", "d_sae") + (("k",) if fields["architecture"] == "topk" else ()):
         if not isinstance(fields.get(key), int):
             raise ConfigError(f"{where}: {key}={fields.get(key)!r} is invalid: a whole number is needed")
+    if fields["architecture"] in TRANSCODER_BASE and fields.get("d_out") != fields["d_in"]:
+        raise ConfigError(f"{where}: a transcoder from width d_in={fields['d_in']} to d_out={fields.get('d_out')!r}; "
+                          "this project's transcoders map between hook points of one width (d_model)")
 
 
 @torch.no_grad()
-def _fold_saelens_options(t: dict[str, Tensor], fields: dict[str, Any]) -> dict[str, Tensor]:
+def _fold_saelens_options(t: dict[str, Tensor], fields: dict[str, Any], transcoder: bool) -> dict[str, Tensor]:
     """Fold SAELens options this project has no switch for into the weights, each exactly:
-    apply_b_dec_to_input=False: b_enc += b_dec @ W_enc (we always subtract b_dec first);
+    apply_b_dec_to_input=False: b_enc += b_dec @ W_enc (an SAE here always subtracts b_dec first; a transcoder
+    never does);
     rescale_acts_by_decoder_norm (topk): decoder rows to unit norm, their norms into W_enc and b_enc;
     the `scaling_factor` of SAELens < 6 (f multiplied by it before decoding): into the decoder rows."""
     t = {name: v.float() for name, v in t.items()}
     for old in ("scaling_factor", "finetuning_scaling_factor"):
         if old in t:
             t["W_dec"] = t["W_dec"] * t.pop(old)[:, None]
-    if not fields.get("apply_b_dec_to_input", True):
+    if not fields.get("apply_b_dec_to_input", True) and not transcoder:
         t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
     if fields.get("rescale_acts_by_decoder_norm"):
         norms = t["W_dec"].norm(dim=-1).clamp_min(1e-8)
@@ -151,7 +186,8 @@ def _fold_saelens_options(t: dict[str, Tensor], fields: dict[str, Any]) -> dict[
 
 def _check_saelens_tensors(t: dict[str, Tensor], d: int, m: int, architecture: str, where: Path) -> None:
     shapes = {"W_enc": (d, m), "W_dec": (m, d), "b_enc": (m,), "b_dec": (d,)}
-    shapes |= {name: (m,) for name in saelens_extra_tensors(architecture)}
+    shapes |= {"W_skip": (d, d)} if "skip" in architecture else {}
+    shapes |= {name: (m,) for name in saelens_extra_tensors(TRANSCODER_BASE.get(architecture, architecture))}
     for name, shape in shapes.items():
         if name not in t or tuple(t[name].shape) != shape:
             found = tuple(t[name].shape) if name in t else "missing"
@@ -169,6 +205,8 @@ def _imported_cfg(fields: dict[str, Any], cls: type[BaseSAE], folder: Path) -> d
                                "run_name": marker.get("run_name") or folder.resolve().name,
                                "standardize_tokens": fields.get("normalize_activations") == "layer_norm"}
     cfg |= {k: marker[k] for k in cls.keys if marker.get(k) is not None}
+    if fields.get("hook_name_out"):
+        cfg |= {"target_hook_point": fields["hook_name_out"], "skip_connection": "skip" in fields["architecture"]}
     hook = fields.get("hook_name")
     if hook:
         cfg["hook_point"] = hook
@@ -190,7 +228,8 @@ def _saelens_variant(fields: dict[str, Any], extras: dict[str, Tensor], folder: 
         raise ConfigError(f"{folder}: exported from sae_type={marker['sae_type']!r}, which is not registered here "
                           f"(registered: {', '.join(SAE_CLASSES)}): import the module that registers it first")
     named = [SAE_CLASSES[marker["sae_type"]]] if marker.get("sae_type") else []
-    same = [c for c in SAE_CLASSES.values() if c.saelens_architecture == fields["architecture"]]
+    base = TRANSCODER_BASE.get(fields["architecture"], fields["architecture"])
+    same = [c for c in SAE_CLASSES.values() if c.saelens_architecture == base]
     for cls in [c for c in named if c in same] + same:
         try:
             found = cls.from_saelens(extras, fields | marker)
@@ -213,12 +252,18 @@ def load_saelens(folder: str | Path, device: str = "cpu") -> BaseSAE:
     fields = _saelens_fields(json.loads((folder / SAELENS_CFG_FILE).read_text()))
     _check_saelens_fields(fields, folder)
     d, m, architecture = fields["d_in"], fields["d_sae"], fields["architecture"]
-    t = _fold_saelens_options(load_file(folder / SAELENS_WEIGHTS_FILE), fields)
+    transcoder = architecture in TRANSCODER_BASE
+    if transcoder and not fields.get("hook_name_out"):
+        fields["hook_name_out"] = "unknown"  # a transcoder all the same: the folder does not say where it writes
+    t = _fold_saelens_options(load_file(folder / SAELENS_WEIGHTS_FILE), fields, transcoder)
     _check_saelens_tensors(t, d, m, architecture, folder)
-    extras = {name: t.pop(name) for name in saelens_extra_tensors(architecture)}
+    extras = {name: t.pop(name) for name in saelens_extra_tensors(TRANSCODER_BASE.get(architecture, architecture))}
     cls, found = _saelens_variant(fields, extras, folder)
     sae = build_sae(_imported_cfg(fields, cls, folder) | found["cfg"])
-    sae.load_state_dict(sae.state_dict() | t | {"scale": torch.ones(())} | found["state"])
+    scales = {"scale": torch.ones(())} | ({"target_scale": torch.ones(())} if transcoder else {})
+    if "W_skip" in t:
+        t["W_skip"] = t["W_skip"].T.contiguous()  # SAELens's (d_out, d_in) to our (d_in, d_out)
+    sae.load_state_dict(sae.state_dict() | t | scales | found["state"])
     return sae.to(device).eval()
 
 

@@ -79,19 +79,22 @@ def recovered(zero: float, spliced: float, clean: float) -> float:
 # --- evaluation ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def reconstruction_metrics(sae: BaseSAE, eval_acts: Tensor, device: torch.device, chunk: int = 4096) -> dict[str, Any]:
+def reconstruction_metrics(sae: BaseSAE, eval_acts: Tensor, device: torch.device, chunk: int = 4096,
+                           eval_targets: Tensor | None = None) -> dict[str, Any]:
+    """Against the input, or a transcoder's `eval_targets` (the same tokens at its target hook point)."""
     sums = ReconstructionSums()
     decoder_norms = sae.W_dec.norm(dim=-1)
     partial: dict[str, float] = {}  # squared error of each partial reconstruction the variant names
-    for x in eval_acts.split(chunk):
-        x = x.to(device)
+    targets = eval_acts if eval_targets is None else eval_targets
+    for x, y in zip(eval_acts.split(chunk), targets.split(chunk), strict=True):
+        x, y = x.to(device), y.to(device)
         f = sae.encode(x)
-        sums.add(x, sae.decode(f, x), f, decoder_norms)
-        for name, x_hat in sae.partial_reconstructions(f, x).items():
-            partial[name] = partial.get(name, 0.0) + (x - x_hat).pow(2).sum().item()
+        sums.add(y, sae.decode(f, x), f, decoder_norms)
+        for name, y_hat in sae.partial_reconstructions(f, x).items():
+            partial[name] = partial.get(name, 0.0) + (y - y_hat).pow(2).sum().item()
     m = sae.cfg["dict_size"]
     density = sums.fire_counts / sums.n
-    nmse = sums.sq_err / total_variance(eval_acts)
+    nmse = sums.sq_err / total_variance(targets)
     dead = int(sae.dead_mask().sum().item())
     return {
         "l0": sums.l0 / sums.n,
@@ -105,16 +108,24 @@ def reconstruction_metrics(sae: BaseSAE, eval_acts: Tensor, device: torch.device
         "dense": int((density > DENSE_FRACTION).sum().item()),
         "never_fired_eval_frac": (density == 0).double().mean().item(),
         "density": density.float().cpu(),
-    } | {f"nmse_{name}": sq_err / total_variance(eval_acts) for name, sq_err in partial.items()}
+    } | {f"nmse_{name}": sq_err / total_variance(targets) for name, sq_err in partial.items()}
 
 
-def _splice_hook(sae: BaseSAE, keep: Tensor, zero: bool):
-    def hook(act: Tensor, hook) -> Tensor:
+def splice_hooks(sae: BaseSAE, keep: Tensor, zero: bool, hook_point: str, target: str | None = None) -> list:
+    """Forward hooks that replace the activation at `target` (an SAE: at `hook_point`) at the kept positions by
+    the SAE's output for the input read at `hook_point` in the same forward, or by zeros."""
+    seen: dict[str, Tensor] = {}
+
+    def read(act: Tensor, hook) -> None:
+        seen["x"] = act[keep].float()
+
+    def write(act: Tensor, hook) -> Tensor:
         act = act.clone()
-        x = act[keep].float()
-        act[keep] = (torch.zeros_like(x) if zero else sae.decode(sae.encode(x), x)).to(act.dtype)
+        x = seen.pop("x") if target else act[keep].float()
+        act[keep] = (torch.zeros_like(act[keep]) if zero
+                     else sae.decode(sae.encode(x), x)).to(act.dtype)
         return act
-    return hook
+    return [(hook_point, read), (target, write)] if target else [(hook_point, write)]
 
 
 def _final_hidden(model, tokens: Tensor, hooks: list) -> Tensor:
@@ -124,15 +135,16 @@ def _final_hidden(model, tokens: Tensor, hooks: list) -> Tensor:
 
 @torch.no_grad()
 def downstream_metrics(sae: BaseSAE, model, tokens: Tensor, keep: Tensor, hook_point: str,
-                       batch: int) -> dict[str, float]:
-    """Splice the reconstruction (and zeros) into the model at the kept positions (docs/math.md §5)."""
+                       batch: int, target: str | None = None) -> dict[str, float]:
+    """Splice the reconstruction (and zeros) into the model at the kept positions (docs/math.md §5); a
+    transcoder's output replaces its `target` activation."""
     device = next(sae.parameters()).device
     causal = is_causal_lm(model)
     totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}  # each a per-chunk mean times its rows
     for rows, mask in zip(tokens.split(batch), keep.split(batch), strict=True):
         rows, mask = rows.to(device), mask.to(device)
-        spliced = [(hook_point, _splice_hook(sae, mask, zero=False))]
-        zeroed = [(hook_point, _splice_hook(sae, mask, zero=True))]
+        spliced = splice_hooks(sae, mask, False, hook_point, target)
+        zeroed = splice_hooks(sae, mask, True, hook_point, target)
         if causal:
             clean_logits = model(rows)
             spliced_logits = model.run_with_hooks(rows, fwd_hooks=spliced)
@@ -192,14 +204,16 @@ def evaluate(sae: BaseSAE, store) -> dict[str, Any]:
     was_training = sae.training
     sae.eval()
     try:
-        hook_point = sae.cfg["hook_point"]
-        metrics = reconstruction_metrics(sae, store.eval_acts[store.hook_index(hook_point)], store.device)
+        hook_point, target = sae.cfg["hook_point"], sae.cfg.get("target_hook_point") or None
+        targets = store.eval_acts[store.hook_index(target)] if target else None
+        metrics = reconstruction_metrics(sae, store.eval_acts[store.hook_index(hook_point)], store.device,
+                                         eval_targets=targets)
         if getattr(store, "true_features", None) is not None:  # a synthetic source: the features are known
             metrics.update(ground_truth_metrics(sae, store.true_features, store.eval_acts[0], store.eval_fired))
         if store.model is not None:  # None: activations at hand or synthetic, no model to splice into
             rows = store.eval_tokens[: store.cfg["downstream_eval_rows"]]
             metrics.update(downstream_metrics(sae, store.model, rows, store.kept_positions(rows),
-                                              hook_point, store.cfg["model_batch_size"]))
+                                              hook_point, store.cfg["model_batch_size"], target))
     finally:
         sae.train(was_training)
     return metrics

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from activation_store import ActivationsStore, TensorStore, load_model, model_dims
+from activation_store import (
+    ActivationsStore,
+    TensorStore,
+    check_hook_point,
+    check_target_after_input,
+    load_model,
+    model_dims,
+)
 from checkpoint import (
     check_checkpoints_fit,
     checkpoint_due,
@@ -27,7 +34,15 @@ from checkpoint import (
     step_to_resume,
     write_group_file,
 )
-from config import STREAM_KEYS, SYNTHETIC_DATASET, ConfigError, post_init_cfg, resolve_device, validate_cfg
+from config import (
+    STREAM_KEYS,
+    SYNTHETIC_DATASET,
+    ConfigError,
+    is_transcoder,
+    post_init_cfg,
+    resolve_device,
+    validate_cfg,
+)
 from data_parallel import all_ranks_any, average_buffers, average_gradients, average_scale, rank, world_size
 from kernels import fired_latents, mean_l0
 from logs import Progress, RunLogger
@@ -151,7 +166,8 @@ def check_finite(t: Trainee) -> None:
             raise NonFiniteError(f"non-finite parameter {name} in {where}; earlier checkpoints are intact")
 
 
-def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enabled: bool) -> Any:
+def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enabled: bool,
+                  target: Tensor | None = None) -> Any:
     """Forward, backward, decoder-constrained Adam step. No host synchronisation, except
     with skip_nonfinite_batches: skipping must be decided before the optimiser step, so
     the loss is read on the host every step (free on CPU; on CUDA it waits for the queue
@@ -159,7 +175,7 @@ def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enable
     sae, cfg = t.sae, t.cfg
     sae.sparsity_coeff = sae.coefficient_at(step, total_steps)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg["dtype"] == "bfloat16"):
-        out = sae(x, aux_enabled=aux_enabled, sparse=t.sparse_kernels)
+        out = sae(x, aux_enabled=aux_enabled, sparse=t.sparse_kernels, target=target)
     if cfg.get("skip_nonfinite_batches") and not torch.isfinite(out.loss.detach()).item():
         # no optimiser step, no dead-counter or threshold update; the lr schedule still
         # advances, so lr stays a function of the step index
@@ -267,7 +283,7 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[
     trainees = [make_trainee(c, total_steps, resume_step, main) for c in cfgs]
     if resume_step is None and len(trainees) > 1 and main:
         write_group_file([t.run_dir for t in trainees])
-    hook_of = [store.hook_index(c["hook_point"]) for c in cfgs]
+    hook_of = [hook_indices(store, c) for c in cfgs]
     if resume_step:
         restore_group(trainees, store, resume_step)
         first_batch = None
@@ -278,8 +294,14 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[
 
 
 def hook_points_of(cfgs: list[dict[str, Any]]) -> list[str]:
-    """The group's hook points, each once, in the order of the configs."""
-    return list(dict.fromkeys(c["hook_point"] for c in cfgs))
+    """The group's hook points (inputs and transcoders' targets), each once, in the order of the configs."""
+    return list(dict.fromkeys(h for c in cfgs for h in (c["hook_point"], c.get("target_hook_point")) if h))
+
+
+def hook_indices(store, cfg: dict[str, Any]) -> tuple[int, int | None]:
+    """Where the run's input and (a transcoder's) target are in the store's batches."""
+    return store.hook_index(cfg["hook_point"]), store.hook_index(cfg["target_hook_point"]) if is_transcoder(
+        cfg) else None
 
 
 def _open_stream(cfgs: list[dict[str, Any]], model, store) -> tuple[list[dict[str, Any]], Any, int | None]:
@@ -310,18 +332,23 @@ def _open_stream(cfgs: list[dict[str, Any]], model, store) -> tuple[list[dict[st
             raise ConfigError(f"{type(store).__name__} serves every torchrun rank the same rows (it does not shard "
                               "yet); train on it in one process")
     if store is None:
+        for cfg in filter(is_transcoder, cfgs):  # before the buffer fills
+            check_hook_point(model, cfg["hook_point"])
+            check_hook_point(model, cfg["target_hook_point"])
+            check_target_after_input(model, cfg["hook_point"], cfg["target_hook_point"])
         store = ActivationsStore(model, cfgs[0], hook_points_of(cfgs), shard=(rank(), world_size()))
     if world_size() > 1:
         store.scales = [average_scale(s, cfgs[0]["act_size"]) for s in store.scales]
     return cfgs, store, resume_step
 
 
-def _init_from_first_batch(trainees: list[Trainee], store, hook_of: list[int]) -> Tensor:
-    """A fresh start: each SAE's input scale and b_dec from the stream's first batch, then the
-    step-0 evaluation. Returns that batch: the first step trains on it."""
+def _init_from_first_batch(trainees: list[Trainee], store, hook_of: list[tuple[int, int | None]]) -> Tensor:
+    """A fresh start: each SAE's input scale (a transcoder's target scale too) and b_dec from the stream's first
+    batch, then the step-0 evaluation. Returns that batch: the first step trains on it."""
     first_batch = store.next_batch()
-    for t, h in zip(trainees, hook_of, strict=True):
-        t.sae.init_from_batch(first_batch[h], store.scales[h])
+    for t, (h, g) in zip(trainees, hook_of, strict=True):
+        target = () if g is None else (first_batch[g], store.scales[g])
+        t.sae.init_from_batch(first_batch[h], store.scales[h], *target)
         if world_size() > 1:  # b_dec = mean of the union of the ranks' first batches (and standardize_tokens'
             average_buffers(t.sae, ("scale", "b_dec"))  # scale, which each rank takes from its own batch)
         if rank() == 0:
@@ -329,7 +356,7 @@ def _init_from_first_batch(trainees: list[Trainee], store, hook_of: list[int]) -
     return first_batch
 
 
-def _run_steps(trainees: list[Trainee], store, hook_of: list[int], start: int, total_steps: int,
+def _run_steps(trainees: list[Trainee], store, hook_of: list[tuple[int, int | None]], start: int, total_steps: int,
                first_batch: Tensor | None) -> None:
     """The training loop from step `start`: every SAE steps on its hook's slice of each batch,
     logs, and the group checkpoints together. `first_batch` is the batch of step `start`, or
@@ -345,8 +372,8 @@ def _run_steps(trainees: list[Trainee], store, hook_of: list[int], start: int, t
         for step in range(start, total_steps):
             tokens = (step + 1) * tokens_per_step
             aux_enabled = step * tokens_per_step > min(c["dead_after_tokens"] for c in cfgs)
-            for t, h in zip(trainees, hook_of, strict=True):
-                out = training_step(t, x[h], step, total_steps, aux_enabled)
+            for t, (h, g) in zip(trainees, hook_of, strict=True):
+                out = training_step(t, x[h], step, total_steps, aux_enabled, None if g is None else x[g])
                 record_non_finite(t, out, step + 1)
                 _log_step(t, out, step + 1, total_steps, tokens, store, progress)
             checkpoint_group(trainees, step + 1, total_steps, tokens, store)

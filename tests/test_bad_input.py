@@ -108,6 +108,17 @@ CASES = [
      r"config model_name='nobody-here/no-such-model' could not be loaded \(a Hub name needs internet"),
     ("hook point", lambda r, d: [*cli(output_dir=r), "site=resid_mid"], "no resid_mid", 2,
      r"hook point 'blocks\.3\.hook_resid_mid' does not exist in this model: valid sites are resid_pre, resid_post"),
+    ("unknown hook name", lambda r, d: [*cli(output_dir=r), "hook_point=blocks.3.mlp.hook_inn"], None, 2,
+     r"hook point 'blocks\.3\.mlp\.hook_inn' does not exist in this model: .*closest hook names: "
+     r"blocks\.3\.mlp\.hook_in"),
+    ("transcoder target before input",
+     lambda r, d: [*cli(output_dir=r), "site=mlp_out", "target_site=mlp_in"], None, 2,
+     r"config target hook point 'blocks\.3\.mlp\.hook_in' comes before the input 'blocks\.3\.hook_mlp_out'"),
+    ("skip connection without target", lambda r, d: [*cli(output_dir=r), "skip_connection=true"], None, 2,
+     r"config skip_connection=True is invalid: needs a target \(target_site or target_hook_point\)"),
+    ("hook point of another width", lambda r, d: [*cli(output_dir=r), "hook_point=blocks.3.mlp.hook_pre"], None, 2,
+     r"hook point 'blocks\.3\.mlp\.hook_pre' gives activations of shape \(8, 32, 1536\): this project trains on "
+     r"\(batch, position, d_model=384\) hook points"),
     ("dataset path", lambda r, d: [*cli(output_dir=r), f"dataset_path={d}/missing.txt"], None, 2,
      r"config dataset_path='.*missing\.txt' does not exist"),
     ("empty corpus", lambda r, d: [*cli(output_dir=r), f"dataset_path={d}/empty.jsonl"], None, 2,

@@ -112,3 +112,154 @@ def test_dict_size_shapes():
     sae = build_sae(make_cfg("batchtopk", **TRANSCODER, skip_connection=True))
     assert tuple(sae.W_skip.shape) == (D, D) and tuple(sae.W_dec.shape) == (M, D)
     assert not sae.W_skip.any()  # zero-initialised: a skip transcoder starts as a plain one
+
+
+# --- SAELens transcoder layouts -----------------------------------------------------------------
+
+def saelens_transcoder_forward(folder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAELens 6's transcoder formulas (saes/transcoder.py), re-implemented on the exported files: pre = x @ W_enc
+    + b_enc; f = relu(pre), masked by pre > threshold for the jumprelu architectures; y = f @ W_dec + b_dec,
+    plus x @ W_skip.T for the skip ones."""
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "cfg.json").read_text())
+    t = load_file(folder / "sae_weights.safetensors")
+    assert cfg["apply_b_dec_to_input"] is False and cfg["d_out"] == cfg["d_in"]
+    assert "hook_name_out" in cfg["metadata"]
+    pre = x @ t["W_enc"] + t["b_enc"]
+    f = torch.relu(pre)
+    if cfg["architecture"].startswith("jumprelu"):
+        f = f * (pre > t["threshold"])
+    y = f @ t["W_dec"] + t["b_dec"]
+    if "skip" in cfg["architecture"]:
+        y = y + x @ t["W_skip"].T
+    return f, y
+
+
+EXPORTABLE = tuple(name for name, cls in SAE_CLASSES.items() if cls.saelens_architecture in ("standard", "jumprelu"))
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("sae_type", EXPORTABLE)
+def test_saelens_transcoder_export_reproduces_latents_and_outputs(sae_type, skip, tmp_path):
+    from interop import export_saelens, load_saelens
+
+    sae = trained_transcoder(sae_type, skip=skip).eval()
+    if hasattr(sae, "threshold_initialised"):
+        sae.threshold.fill_(0.5)
+        sae.threshold_initialised.fill_(True)
+    x = 2.0 * rand_x(seed=9)
+    folder = export_saelens(sae, tmp_path / "tc")
+    f, y = saelens_transcoder_forward(folder, x)
+    torch.testing.assert_close(f, sae.encode(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, sae.decode(sae.encode(x), x), rtol=1e-5, atol=1e-5)
+    back = load_saelens(folder)
+    assert back.transcoder and (back.W_skip is not None) == skip
+    assert back.cfg["target_hook_point"] == TRANSCODER["target_hook_point"]
+    torch.testing.assert_close(back.decode(back.encode(x), x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_a_topk_transcoder_export_is_refused_in_one_line(tmp_path):
+    from interop import export_saelens
+
+    with pytest.raises(ConfigError, match="transcoder layouts for ReLU and JumpReLU") as err:
+        export_saelens(trained_transcoder("topk"), tmp_path / "tc")
+    assert "\n" not in str(err.value)
+
+
+def test_a_transcoder_between_widths_is_refused_on_import(tmp_path):
+    import json
+
+    from interop import export_saelens, load_saelens
+
+    folder = export_saelens(trained_transcoder("vanilla").eval(), tmp_path / "tc")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps(cfg | {"d_out": 2 * D}))
+    with pytest.raises(ConfigError, match="d_out=32") as err:
+        load_saelens(folder)
+    assert "\n" not in str(err.value)
+
+
+# --- the pipeline: one stream, SAEs and transcoders side by side -------------------------------------
+
+def gpt2_cfg(tiny_gpt2_dir, **overrides) -> dict:
+    from conftest import small_cfg
+
+    return small_cfg(**{"model_name": str(tiny_gpt2_dir), "layer": 1, "batch_size": 64, "num_batches_in_buffer": 4,
+                        "eval_tokens": 256, "downstream_eval_rows": 8, "num_tokens": 64 * 48, "eval_freq": 48,
+                        "checkpoint_freq": 4, "dict_size": 128, "top_k": 8} | overrides)
+
+
+def test_an_sae_and_transcoders_train_from_one_forward_and_splice_into_the_model(tiny_gpt2_dir, tmp_path,
+                                                                                  monkeypatch):
+    import activation_store
+    from activation_store import load_model
+    from interop import export_saelens
+    from training import train_sae_group
+
+    model = load_model(str(tiny_gpt2_dir), "cpu")
+    forwards: list[list[str]] = []
+    real = activation_store.run_to_hooks
+    monkeypatch.setattr(activation_store, "run_to_hooks",
+                        lambda m, tokens, hooks, *a: forwards.append(list(hooks)) or real(m, tokens, hooks, *a))
+    out = str(tmp_path / "runs")
+    cfgs = [gpt2_cfg(tiny_gpt2_dir, site="mlp_out", sae_type="topk", run_name="sae", output_dir=out),
+            gpt2_cfg(tiny_gpt2_dir, site="mlp_in", target_site="mlp_out", sae_type="topk", run_name="tc",
+                     output_dir=out),
+            gpt2_cfg(tiny_gpt2_dir, site="mlp_in", target_site="mlp_out", skip_connection=True, sae_type="batchtopk",
+                     run_name="skip", output_dir=out)]
+    sae, tc, skip = train_sae_group(cfgs, model=model)
+    store_hooks = ["blocks.1.hook_mlp_out", "blocks.1.mlp.hook_in"]
+    assert forwards.count(store_hooks) >= 3  # held-out set, buffer fills: every forward reads both hook points
+    assert not [hooks for hooks in forwards if len(hooks) == 1 and hooks[0] in store_hooks]
+    assert tc.cfg["target_hook_point"] == "blocks.1.hook_mlp_out" and skip.sae.W_skip.abs().sum() > 0
+    for t in (sae, tc, skip):
+        m = t.final_metrics
+        # the random tiny model's CE barely depends on its MLP (~1e-3): spliced is nearer clean than zero-ablated
+        assert abs(m["ce_spliced"] - m["ce_clean"]) < abs(m["ce_zero"] - m["ce_clean"]), (t.cfg["run_name"], m)
+        assert 0 < m["explained_variance"] < 1 and m["l0"] > 0
+    # the exported skip transcoder, given the model's raw activations at its input, predicts its target
+    x, y = (a.reshape(-1, a.shape[-1]) for a in real(model, model.to_tokens("To be, or not to be"),
+                                                      ["blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"]))
+    folder = export_saelens(skip.sae.eval(), tmp_path / "export")
+    f, y_hat = saelens_transcoder_forward(folder, x)
+    torch.testing.assert_close(f, skip.sae.encode(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_hat, skip.sae.decode(skip.sae.encode(x), x), rtol=1e-4, atol=1e-5)
+    assert (y_hat - y).pow(2).sum() < (y - y.mean(0)).pow(2).sum()  # and it does predict
+    assert skip.final_metrics["explained_variance"] >= tc.final_metrics["explained_variance"]
+
+
+def test_a_transcoder_group_stopped_after_a_checkpoint_resumes_bitwise(tiny_gpt2_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import training
+    from activation_store import load_model
+
+    model = load_model(str(tiny_gpt2_dir), "cpu")
+
+    def cfgs(out):
+        return [gpt2_cfg(tiny_gpt2_dir, site="mlp_in", target_site="mlp_out", skip_connection=True, sae_type=v,
+                         run_name=v, output_dir=str(tmp_path / out), cache_dir=str(tmp_path / "cache"))
+                for v in ("jumprelu", "matryoshka")]
+    reference = training.train_sae_group(cfgs("ref"), model=model)
+
+    class Stop(Exception):
+        pass
+    real = training.checkpoint_group
+
+    def stop_after_four(trainees, step, *args):
+        real(trainees, step, *args)
+        if step == 4:
+            raise Stop
+    monkeypatch.setattr(training, "checkpoint_group", stop_after_four)
+    with pytest.raises(Stop):
+        training.train_sae_group(cfgs("stopped"), model=model)
+    monkeypatch.undo()
+    resumed = training.train_sae_group([c | {"resume": str(tmp_path / "stopped" / c["run_name"])}
+                                        for c in cfgs("stopped")], model=model)
+    for a, b in zip(reference, resumed, strict=True):
+        wa, wb = (load_file(t.run_dir / "final" / "sae.safetensors") for t in (a, b))
+        assert "W_skip" in wa and "target_scale" in wa
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), a.cfg["run_name"]
