@@ -10,6 +10,7 @@
     python bench.py acts=acts.npy generation=false end_to_end=false  # SAE steps on your (tokens, d) activations
     python bench.py peers=true generation=false end_to_end=false  # + sparsify's step (pip install eai-sparsify==1.3.3)
     python bench.py compare=matryoshka,batchtopk sae_steps=false generation=false end_to_end=false  # a step ratio
+    python bench.py transcoder=batchtopk sae_steps=false generation=false end_to_end=false  # transcoder vs SAE step
     python bench.py quality=true acts=train.npy eval_acts=eval.npy sae_steps=false generation=false end_to_end=false
 
 Every figure is timed here: the fp32 (and bf16) matmul roofline at the configured shape, SAE-step
@@ -22,7 +23,8 @@ disk cache's read rate, and peak memory (GPU memory allocated on CUDA, resident 
 CPU). With peers=true, also sparsify's TopK step (the fastest peer) on the same batch, timed
 round by round alongside this project's: the ratio holds where the machine's speed drifts. With
 quality=true, every registered variant of this project and sparsify's TopK trained on the same
-rows of acts= and evaluated on eval_acts= (held-out EV, L0, latents never firing).
+rows of acts= and evaluated on eval_acts= (held-out EV, L0, latents never firing). `transcoder=`
+(topk by default; "" skips it): that variant's transcoder step, plain and skip, against its SAE step.
 Speed is never asserted in tests.
 """
 
@@ -63,7 +65,7 @@ SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": 
             "model": get_default_cfg()["model_name"],
             "model_batch_size": get_default_cfg()["model_batch_size"], "dtype": "float32",
             "variants": "", "kernels": "sparse,dense", "acts": "", "peers": False,
-            "quality": False, "eval_acts": "", "quality_tokens": 1_048_576, "compare": ""}
+            "quality": False, "eval_acts": "", "quality_tokens": 1_048_576, "compare": "", "transcoder": "topk"}
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2, rounds: int = 3) -> float:
@@ -122,15 +124,18 @@ def activation_batch(path: str, batch: int) -> torch.Tensor:
 
 
 def sae_step_fn(variant: str, s: dict[str, Any], device: torch.device, dtype: str, kernels: str,
-                x: torch.Tensor | None = None) -> Callable[[], Any]:
+                x: torch.Tensor | None = None, transcoder: str = "") -> Callable[[], Any]:
     """One training step (forward, backward, Adam, constraint) on random activations, or on `x`,
     with `kernels` sparse, dense or auto (as training picks). JumpReLU's thresholds (Vanilla's
     b_enc) are set so each latent fires on k/m of the batch (L0 = k), the sparsity of a
     trained one; at initialisation far more latents fire. The learning rate is 0 (every step
     still does all its work), so that sparsity holds over the timed steps instead of
-    drifting on random data."""
+    drifting on random data. `transcoder` "plain" or "skip": a transcoder of the same shape, predicting a
+    target of its own from x."""
     cfg = get_default_cfg() | {"sae_type": variant, "act_size": s["d"], "dict_size": s["m"], "top_k": s["k"],
                                "batch_size": s["batch"], "dtype": dtype, "device": str(device), "kernels": kernels}
+    if transcoder:
+        cfg |= {"target_hook_point": "target", "skip_connection": transcoder == "skip"}
     trainee = make_trainee(cfg, total_steps=1000, main=False, schedule=lambda i: 0.0)  # no run folder
     sae = trainee.sae
     if x is None:
@@ -139,10 +144,11 @@ def sae_step_fn(variant: str, s: dict[str, Any], device: torch.device, dtype: st
     else:
         x = x.to(device)
         scale = ActivationsStore.estimate_scale(x)
-    sae.init_from_batch(x, scale)
+    y = torch.tanh(x @ torch.randn(s["d"], s["d"], device=device)) if transcoder else None
+    sae.init_from_batch(x, scale, *((y, ActivationsStore.estimate_scale(y)) if transcoder else ()))
     with torch.no_grad():  # at a trained SAE's sparsity: each latent fires on k/m of tokens
         sae.start_at_density(sae.pre_activations(x * sae.scale).quantile(1 - s["k"] / s["m"], dim=0))
-    return functools.partial(training_step, trainee, x, 10, 1000, aux_enabled=False)
+    return functools.partial(training_step, trainee, x, 10, 1000, aux_enabled=False, target=y)
 
 
 def sae_step_rate(variant: str, s: dict[str, Any], device: torch.device, dtype: str, kernels: str,
@@ -161,6 +167,18 @@ def variant_ratio(a: str, b: str, s: dict[str, Any], device: torch.device, x: to
     ratios = [ra / rb for ra, rb in zip(rates[a], rates[b], strict=True)]
     return {"tokens_per_s": {v: s["batch"] * statistics.median(r) for v, r in rates.items()},
             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios)}
+
+
+def transcoder_ratios(variant: str, s: dict[str, Any], device: torch.device, x: torch.Tensor | None
+                      ) -> dict[str, Any]:
+    """A transcoder's step (plain and skip) against the SAE step of the same variant and shape, on the same x,
+    interleaved round by round: tokens/s (median of rounds) and the per-round ratio to the SAE (median)."""
+    x = torch.randn(s["batch"], s["d"]) if x is None else x
+    fns = {kind or "sae": sae_step_fn(variant, s, device, "float32", "auto", x, kind) for kind in ("", "plain", "skip")}
+    rates = interleaved_rates(fns, device, rounds=2 * s["steps"])
+    return {"tokens_per_s": {k: s["batch"] * statistics.median(r) for k, r in rates.items()}} | {
+        f"{kind}_vs_sae_median": statistics.median(a / b for a, b in zip(rates[kind], rates["sae"], strict=True))
+        for kind in ("plain", "skip")}
 
 
 PEER = "eai-sparsify==1.3.3"  # the fastest peer measured: EleutherAI's sparsify, TopK
@@ -459,6 +477,8 @@ def parse(argv: list[str]) -> dict[str, Any]:
     if s["dtype"] not in ("float32", "bfloat16"):
         sys.exit(f"error: bench setting dtype={s['dtype']!r}: use float32 or bfloat16")
     s["variants"] = s["variants"] or ",".join(SAE_CLASSES)  # "": every registered variant
+    if s["transcoder"] and s["transcoder"] not in SAE_CLASSES:
+        sys.exit(f"error: bench setting transcoder={s['transcoder']!r}: a variant ({', '.join(SAE_CLASSES)}) or \"\"")
     if s["compare"] and (len(s["compare"].split(",")) != 2 or not set(s["compare"].split(",")) <= set(SAE_CLASSES)):
         sys.exit(f"error: bench setting compare={s['compare']!r}: give two variants, e.g. compare=matryoshka,batchtopk")
     for key, allowed in (("variants", SAE_CLASSES), ("kernels", ("sparse", "dense"))):
@@ -516,6 +536,13 @@ def main(argv: list[str]) -> None:
         print(f"{a} against {b}, steps as training takes them (kernels=auto, fp32; {2 * s['steps']} interleaved "
               f"rounds): {row['tokens_per_s'][a]:,.0f} vs {row['tokens_per_s'][b]:,.0f} tokens/s, ratio per round "
               f"median {row['ratio_median']:.3f}, smallest {row['ratio_min']:.3f}", flush=True)
+    if s["transcoder"]:
+        row = results["transcoder"] = transcoder_ratios(s["transcoder"], s, device, x)
+        rates = row["tokens_per_s"]
+        print(f"{s['transcoder']} transcoder step against the SAE step (kernels=auto, fp32; {2 * s['steps']} "
+              f"interleaved rounds): SAE {rates['sae']:,.0f}, transcoder {rates['plain']:,.0f} "
+              f"({row['plain_vs_sae_median']:.3f}x), skip transcoder {rates['skip']:,.0f} "
+              f"({row['skip_vs_sae_median']:.3f}x) tokens/s", flush=True)
     if s["peers"]:
         peers = results["peers"] = peer_comparison(s, device, x)
         print(f"same sitting as {PEER}'s TopK step ({peer_dtype(device)}, kernels=auto; {2 * s['steps']} rounds, "

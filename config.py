@@ -333,7 +333,8 @@ def is_transcoder(cfg: dict[str, Any]) -> bool:
 
 
 def hook_tag(cfg: dict[str, Any]) -> str:
-    """What run names say about the hook points: L3_resid_pre, or the hook names; `_to_` the target's."""
+    """What run names say about the hook points: L3_resid_pre, or the hook names; `_to_` the target's (and
+    `_skip` for a skip connection)."""
     def tag(hook: str, layer: int, site: str) -> str:
         return re.sub(r"[^A-Za-z0-9]+", "_", hook) if hook else f"L{layer}_{site}"
     text = tag(cfg["hook_point"] if cfg["hook_point"] != site_hook(cfg["layer"], cfg["site"]) else "",
@@ -343,7 +344,7 @@ def hook_tag(cfg: dict[str, Any]) -> str:
         explicit = cfg["target_hook_point"] if not cfg["target_site"] else ""
         text += "_to_" + (tag(explicit, layer, cfg["target_site"]) if explicit or layer != cfg["layer"]
                           else cfg["target_site"])
-    return text
+    return text + ("_skip" if cfg.get("skip_connection") else "")
 
 
 def resolve_device(device: str) -> str:
@@ -362,8 +363,7 @@ def make_run_name(cfg: dict[str, Any]) -> str:
 
     blob = json.dumps(cfg, sort_keys=True, default=str) + str(time.time_ns())
     digest = hashlib.sha1(blob.encode()).hexdigest()[:6]
-    skip = "_skip" if cfg["skip_connection"] else ""
-    return (f"{cfg['sae_type']}_{short_model_name(cfg['model_name'])}_{hook_tag(cfg)}{skip}"
+    return (f"{cfg['sae_type']}_{short_model_name(cfg['model_name'])}_{hook_tag(cfg)}"
             f"_m{cfg['dict_size']}_{SAE_CLASSES[cfg['sae_type']].run_tag(cfg)}_{digest}")
 
 

@@ -7,12 +7,14 @@
     python main.py --sweep l0               # every variant at L0 16, 32 and 64 (top_k or target_l0), one stream
     python main.py --resume runs/<run>      # continue a killed run (and its group) from its newest checkpoint
     python main.py --sweep layers           # one SAE per layer, every layer from one forward per batch
+    python main.py --sweep transcoders      # per MLP: an SAE on its output, a transcoder and a skip transcoder
     torchrun --nproc_per_node=4 main.py     # data parallel: one rank per GPU (gloo on CPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from collections import defaultdict
@@ -58,7 +60,16 @@ def sweep_layers(base: dict[str, Any]) -> list[dict[str, Any]]:
     return [base | {"layer": layer} for layer in range(n_layers)]
 
 
-SWEEPS = {"variants": sweep_variants, "l0": sweep_l0, "paper": sweep_paper, "layers": sweep_layers}
+def sweep_transcoders(base: dict[str, Any]) -> list[dict[str, Any]]:
+    """At every layer's MLP: an SAE on its output, and a transcoder from its input to its output, plain and with a
+    skip connection; all read from one forward pass per batch."""
+    runs = ({"site": "mlp_out"}, {"site": "mlp_in", "target_site": "mlp_out"},
+            {"site": "mlp_in", "target_site": "mlp_out", "skip_connection": True})
+    return [layer | run for layer in sweep_layers(base) for run in runs]
+
+
+SWEEPS = {"variants": sweep_variants, "l0": sweep_l0, "paper": sweep_paper, "layers": sweep_layers,
+          "transcoders": sweep_transcoders}
 
 
 def parse_args(argv: list[str]) -> tuple[list[dict[str, Any]], argparse.Namespace]:
@@ -84,7 +95,9 @@ def parse_args(argv: list[str]) -> tuple[list[dict[str, Any]], argparse.Namespac
         return resume_cfgs(resume, overrides), args
     base = get_default_cfg() | PRESETS[args.preset]
     cfgs = SWEEPS[args.sweep](base) if args.sweep else [base]
-    return [c | overrides for c in cfgs], args
+    # an override of what the sweep varies collapses it: --sweep transcoders layer=3 trains layer 3's three runs
+    unique = {json.dumps(c | overrides, sort_keys=True, default=str): c | overrides for c in cfgs}
+    return list(unique.values()), args
 
 
 def resume_cfgs(run_dir: str, overrides: dict[str, Any]) -> list[dict[str, Any]]:

@@ -263,3 +263,25 @@ def test_a_transcoder_group_stopped_after_a_checkpoint_resumes_bitwise(tiny_gpt2
         wa, wb = (load_file(t.run_dir / "final" / "sae.safetensors") for t in (a, b))
         assert "W_skip" in wa and "target_scale" in wa
         assert all(torch.equal(wa[k], wb[k]) for k in wa), a.cfg["run_name"]
+
+
+def test_the_transcoder_sweep_puts_three_runs_on_every_mlp_of_one_stream():
+    import main
+    from config import get_default_cfg, post_init_cfg
+    from training import hook_points_of
+
+    cfgs = main.sweep_transcoders(get_default_cfg())
+    assert len(cfgs) == 3 * 6 and len(main.group_by_stream(cfgs)) == 1  # MiniLM-L6: one forward per batch
+    cfgs = [post_init_cfg(c, {"d_model": 384, "n_layers": 6, "n_ctx": 512}) for c in cfgs]
+    assert hook_points_of(cfgs)[:3] == ["blocks.0.hook_mlp_out", "blocks.0.mlp.hook_in", "blocks.1.hook_mlp_out"]
+    names = [c["run_name"].split(f"_m{c['dict_size']}_")[0] for c in cfgs[:3]]
+    assert names == ["batchtopk_all-MiniLM-L6-v2_L0_mlp_out", "batchtopk_all-MiniLM-L6-v2_L0_mlp_in_to_mlp_out",
+                     "batchtopk_all-MiniLM-L6-v2_L0_mlp_in_to_mlp_out_skip"]
+
+
+def test_an_override_of_the_swept_key_collapses_the_sweep():
+    import main
+
+    cfgs, _ = main.parse_args(["--sweep", "transcoders", "layer=3", "sae_type=topk"])
+    assert [(c["layer"], c["site"], c.get("target_site", ""), c.get("skip_connection", False)) for c in cfgs] == [
+        (3, "mlp_out", "", False), (3, "mlp_in", "mlp_out", False), (3, "mlp_in", "mlp_out", True)]
