@@ -42,6 +42,7 @@ from config import (
     post_init_cfg,
     site_hook,
 )
+from data_parallel import Stopped, stop_signal
 
 LOCAL_FORMATS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -616,6 +617,8 @@ class ActivationsStore:
         parts, have = [self._leftover], self._leftover.shape[1]
         bar = tqdm(total=n, desc=desc, unit="tok", leave=False, disable=desc is None)
         while have < n:
+            if desc is not None and stop_signal():  # the first fill: nothing has trained yet
+                raise Stopped(0, 0)
             acts = self._next_chunk()
             parts.append(acts)
             have += acts.shape[1]

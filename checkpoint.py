@@ -254,6 +254,9 @@ def save_checkpoint(run_dir: Path, sae: BaseSAE, training_state: dict[str, Any],
         raise CheckpointError(f"{what} while writing checkpoint {target}; earlier "
                               f"checkpoints are intact: free space, then continue with "
                               f"python main.py --resume {run_dir}") from None
+    except BaseException:  # aborted (a second Ctrl-C): no half-written folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return target
 
 
@@ -307,12 +310,13 @@ def gathered_stream_state(store: ActivationsStore) -> dict[str, Any] | None:
 
 
 def checkpoint_group(trainees: list[Trainee], step: int, total_steps: int, tokens: int,
-                     store: ActivationsStore) -> None:
-    """Checkpoint the runs due at `step` (all at the end), after every run logged this step.
+                     store: ActivationsStore, now: bool = False) -> None:
+    """Checkpoint the runs due at `step` (all at the end; all of `trainees` with `now`), after every run
+    logged this step.
     The stream tensors are written once and hard-linked into the other runs' checkpoints;
     old checkpoints are pruned only once every run's new one is complete."""
     last = step == total_steps
-    due = [t for t in trainees if last or checkpoint_due(t.cfg, step)]
+    due = [t for t in trainees if now or last or checkpoint_due(t.cfg, step)]
     if not due:
         return
     stream = gathered_stream_state(store)

@@ -8,12 +8,17 @@ any rank, and averaged_buffers (BatchTopK's threshold) are averaged, so every ra
 identical state. BatchTopK selects the top k*B of each rank's own batch, not of the union:
 mean L0 is still k, but which tokens get more or fewer latents is decided per rank.
 Rank 0 alone evaluates, logs and checkpoints.
+
+A stop request (main.py's signal handlers: Ctrl-C, SIGTERM, SIGUSR1) is a flag here; the training
+loop reads it once per step through `stop_requested`, which under torchrun ORs it over the ranks on
+a gloo group (a CPU all-reduce: no device sync), so one rank's signal stops every rank at the same step.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -43,6 +48,43 @@ def init_distributed(device: str) -> str:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return device
+
+
+class Stopped(Exception):
+    """Training stopped on request after `step` of `total_steps` (0: before the first step, nothing trained),
+    every run of the group checkpointed at that step; `run_dir` resumes the group."""
+
+    def __init__(self, step: int, total_steps: int, run_dir: Path | str = ""):
+        super().__init__(f"stopped at step {step} of {total_steps}")
+        self.step, self.total_steps, self.run_dir = step, total_steps, run_dir
+
+
+_STOP = {"signal": ""}  # the name of the first stop signal received ("" none)
+_FLAG_GROUP: list = []  # the gloo group stop_requested reduces over (created on first use)
+
+
+def request_stop(signal_name: str) -> None:
+    _STOP["signal"] = _STOP["signal"] or signal_name
+
+
+def stop_signal() -> str:
+    """The first stop signal this process received ("" none)."""
+    return _STOP["signal"]
+
+
+def clear_stop() -> None:
+    _STOP["signal"] = ""
+
+
+def stop_requested() -> bool:
+    """Whether any rank received a stop signal (every rank gets the same answer: call it on all of them)."""
+    if world_size() == 1:
+        return bool(_STOP["signal"])
+    if not _FLAG_GROUP:
+        _FLAG_GROUP.append(dist.new_group(backend="gloo"))
+    flag = torch.tensor([1 if _STOP["signal"] else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_FLAG_GROUP[0])
+    return bool(flag.item())
 
 
 def average_gradients(sae: BaseSAE) -> None:

@@ -3,6 +3,7 @@ progress bar (`Progress`). Metrics are computed in metrics.py, checkpoints writt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import netrc
@@ -16,8 +17,13 @@ from typing import Any
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from activation_store import WRITE_ERRORS, write_failure
 from checkpoint import reopen_run_dir, write_atomic
 from config import ConfigError
+
+
+class LogWriteError(RuntimeError):
+    """config.json or metrics.jsonl could not be written (disk full...); what they held before is intact."""
 
 
 def resolve_wandb_mode(setting: str) -> str:
@@ -32,6 +38,15 @@ def resolve_wandb_mode(setting: str) -> str:
         return "online" if netrc.netrc().authenticators("api.wandb.ai") else "offline"
     except (FileNotFoundError, netrc.NetrcParseError):
         return "offline"
+
+
+def _reopened_at(file, path: Path, size: int):
+    """`path` cut back to `size` bytes and opened for appending again (the failed `file` dropped unflushed)."""
+    with contextlib.suppress(OSError, ValueError):
+        file.close()
+    with contextlib.suppress(OSError):
+        os.truncate(path, size)
+    return path.open("a")
 
 
 def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -50,7 +65,10 @@ class RunLogger:
             self._create_run_dir()
         else:
             reopen_run_dir(self.run_dir, resume_step)
-        write_atomic(self.run_dir / "config.json", json.dumps(cfg, indent=2, default=str))
+        try:
+            write_atomic(self.run_dir / "config.json", json.dumps(cfg, indent=2, default=str))
+        except WRITE_ERRORS as err:
+            raise self._failed(err, "config.json") from None
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
         self.wandb_run = self._init_wandb()
 
@@ -88,10 +106,20 @@ class RunLogger:
             warnings.warn(f"wandb disabled for {self.cfg['run_name']}: {type(err).__name__}: {err}", stacklevel=2)
             return None
 
+    def _failed(self, err: BaseException, name: str) -> LogWriteError:
+        return LogWriteError(f"{write_failure(err, self.run_dir)} while writing {self.run_dir / name}; what it held "
+                             f"is intact: free space, then continue with python main.py --resume {self.run_dir}")
+
     def log(self, metrics: dict[str, Any], step: int, tokens: int) -> None:
         record = {"step": step, "tokens": tokens, **_jsonable(metrics)}
-        self.metrics_file.write(json.dumps(record) + "\n")
-        self.metrics_file.flush()
+        before = self.metrics_file.tell()
+        try:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+        except WRITE_ERRORS as err:  # drop the partial line: the file keeps only whole records
+            path = self.run_dir / "metrics.jsonl"
+            self.metrics_file = _reopened_at(self.metrics_file, path, before)
+            raise self._failed(err, "metrics.jsonl") from None
         if self.wandb_run is not None:
             payload = {k: v for k, v in record.items() if k != "step"}
             if "density" in metrics:

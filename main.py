@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import warnings
 from collections import defaultdict
@@ -145,15 +146,42 @@ def _one_line_warnings(default):
     return show
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+EXIT_STOPPED, EXIT_ABORTED = 5, 130
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C, SIGTERM and SIGUSR1 (a scheduler's preemption or time-limit warning) ask training to finish
+    the step in flight, checkpoint every run and exit (data_parallel.request_stop). A second Ctrl-C aborts
+    at once; a second SIGTERM or SIGUSR1 lets the checkpoint finish."""
+    from data_parallel import request_stop, stop_signal
+
+    def handle(signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if stop_signal():
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        request_stop(name)
+        print(f"\n{name}: finishing the step in flight, then writing a checkpoint (Ctrl-C again aborts at once)",
+              file=sys.stderr, flush=True)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handle)
+
+
 def main(argv: list[str]) -> int:
-    """Exit codes: 0 done, 2 bad config or data, 3 NaN/inf in training, 4 a checkpoint or the
-    activation cache could not be written."""
+    """Exit codes: 0 done, 2 bad config or data, 3 NaN/inf in training, 4 a checkpoint, the activation cache or
+    a log could not be written, 5 stopped by a signal after checkpointing every run, 130 aborted by a second
+    Ctrl-C (complete checkpoints stay intact)."""
     from activation_store import CacheWriteError
     from checkpoint import CheckpointError
-    from data_parallel import init_distributed, rank
+    from data_parallel import Stopped, clear_stop, init_distributed, rank
+    from logs import LogWriteError
     from training import NonFiniteError, train_sae_group
 
     torch.set_float32_matmul_precision("high")
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    stop_on_signals()
     try:
         with warnings.catch_warnings():  # restores the warnings machinery on the way out
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
@@ -169,9 +197,23 @@ def main(argv: list[str]) -> int:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except (CheckpointError, CacheWriteError) as err:
+    except (CheckpointError, CacheWriteError, LogWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 4
+    except Stopped as stop:
+        if rank() == 0:
+            done = (f"stopped at step {stop.step} of {stop.total_steps}: checkpoint written" if stop.step else
+                    f"stopped before step 1 of {stop.total_steps} (filling the buffer): nothing trained, nothing lost")
+            print(f"{done}; continue with: python main.py --resume {stop.run_dir}", file=sys.stderr)
+        return EXIT_STOPPED
+    except KeyboardInterrupt:
+        print("error: aborted by a second Ctrl-C; every complete checkpoint is intact (python main.py --resume "
+              "RUN_DIR continues from the newest)", file=sys.stderr)
+        return EXIT_ABORTED
+    finally:
+        clear_stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if rank() == 0:
         print_summary(trainees)
     return 0

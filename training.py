@@ -7,6 +7,7 @@ is in checkpoint.py, the torchrun collectives in data_parallel.py."""
 from __future__ import annotations
 
 import random
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +44,16 @@ from config import (
     resolve_device,
     validate_cfg,
 )
-from data_parallel import all_ranks_any, average_buffers, average_gradients, average_scale, rank, world_size
+from data_parallel import (
+    Stopped,
+    all_ranks_any,
+    average_buffers,
+    average_gradients,
+    average_scale,
+    rank,
+    stop_requested,
+    world_size,
+)
 from kernels import fired_latents, mean_l0
 from logs import Progress, RunLogger
 from metrics import evaluate
@@ -277,12 +287,14 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[
     post-initialised `cfg`, `next_batch()`, `scales`, `hook_index()`, `eval_acts`, `device`,
     `state_dict()` / `load_state_dict()`, `flush_cache()`, and `model` (None skips the
     downstream metrics)."""
-    cfgs, store, resume_step = _open_stream(cfgs, model, store)
+    cfgs, model, store, resume_step = _open_group(cfgs, model, store)
     total_steps = cfgs[0]["num_tokens"] // cfgs[0]["batch_size"]
     main = rank() == 0
     trainees = [make_trainee(c, total_steps, resume_step, main) for c in cfgs]
     if resume_step is None and len(trainees) > 1 and main:
         write_group_file([t.run_dir for t in trainees])
+    if store is None:  # the run folders exist first, so that a stop during the fill leaves a run to resume
+        store = _open_stream(trainees, model, resume_step, total_steps)
     hook_of = [hook_indices(store, c) for c in cfgs]
     if resume_step:
         restore_group(trainees, store, resume_step)
@@ -304,10 +316,10 @@ def hook_indices(store, cfg: dict[str, Any]) -> tuple[int, int | None]:
         cfg) else None
 
 
-def _open_stream(cfgs: list[dict[str, Any]], model, store) -> tuple[list[dict[str, Any]], Any, int | None]:
-    """The group's configs checked and post-initialised (a resumed run's saved ones), the
-    activation stream (`store`, or one built on `model`, booted if None), and the step to
-    resume from (None: a fresh start)."""
+def _open_group(cfgs: list[dict[str, Any]], model, store) -> tuple[list[dict[str, Any]], Any, Any, int | None]:
+    """The group's configs checked and post-initialised (a resumed run's saved ones), the model (booted if
+    None and needed), the activation stream if given (or synthetic), and the step to resume from (None: a
+    fresh start). Checks the hook points, so that the stream built later on the model can be."""
     cfgs = [resumed_cfg(c) for c in cfgs]
     for cfg in cfgs:
         validate_cfg(cfg)
@@ -332,14 +344,32 @@ def _open_stream(cfgs: list[dict[str, Any]], model, store) -> tuple[list[dict[st
             raise ConfigError(f"{type(store).__name__} serves every torchrun rank the same rows (it does not shard "
                               "yet); train on it in one process")
     if store is None:
-        for cfg in filter(is_transcoder, cfgs):  # before the buffer fills
-            check_hook_point(model, cfg["hook_point"])
-            check_hook_point(model, cfg["target_hook_point"])
+        for hook_point in hook_points_of(cfgs):
+            check_hook_point(model, hook_point)
+        for cfg in filter(is_transcoder, cfgs):
             check_target_after_input(model, cfg["hook_point"], cfg["target_hook_point"])
+    return cfgs, model, store, resume_step
+
+
+def _open_stream(trainees: list[Trainee], model, resume_step: int | None, total_steps: int) -> ActivationsStore:
+    """The group's stream on `model`: held-out set, scales, the first fill of the mixing buffer. A stop
+    request during the fill raises Stopped at step 0 (nothing trained, nothing to save); a bad hook point
+    found only now (its width) removes the run folders this start created, so the command can be rerun."""
+    cfgs = [t.cfg for t in trainees]
+    try:
         store = ActivationsStore(model, cfgs[0], hook_points_of(cfgs), shard=(rank(), world_size()))
+    except BaseException as err:
+        for t in trainees:
+            t.logger.finish()
+        if isinstance(err, Stopped):
+            raise Stopped(0, total_steps, trainees[0].run_dir) from None
+        if isinstance(err, ConfigError) and resume_step is None and rank() == 0:
+            for t in trainees:
+                shutil.rmtree(t.run_dir, ignore_errors=True)
+        raise
     if world_size() > 1:
         store.scales = [average_scale(s, cfgs[0]["act_size"]) for s in store.scales]
-    return cfgs, store, resume_step
+    return store
 
 
 def _init_from_first_batch(trainees: list[Trainee], store, hook_of: list[tuple[int, int | None]]) -> Tensor:
@@ -378,6 +408,10 @@ def _run_steps(trainees: list[Trainee], store, hook_of: list[tuple[int, int | No
                 _log_step(t, out, step + 1, total_steps, tokens, store, progress)
             checkpoint_group(trainees, step + 1, total_steps, tokens, store)
             progress.advance(tokens_per_step)
+            if step + 1 < total_steps and stop_requested():  # a signal: checkpoint the step just finished, stop
+                undone = [t for t in trainees if not checkpoint_due(t.cfg, step + 1)]
+                checkpoint_group(undone, step + 1, total_steps, tokens, store, now=True)
+                raise Stopped(step + 1, total_steps, trainees[0].run_dir)
             if step + 1 < total_steps:
                 x = store.next_batch()
     finally:

@@ -1,0 +1,128 @@
+"""A stop is a checkpoint: Ctrl-C, SIGTERM and SIGUSR1 finish the step in flight, checkpoint every run of the
+group and exit 5; resumed, the runs end with bitwise the weights of runs never stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_resume import logged_steps, tiny_cfg
+
+import checkpoint
+import main
+import training
+from checkpoint import verify_checkpoint
+
+
+def cli(cfg: dict) -> list[str]:
+    from config import get_default_cfg
+
+    defaults = get_default_cfg()
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in cfg.items() if v != defaults.get(k)]
+
+
+def stop_cfg(out: Path, **overrides) -> dict:
+    return tiny_cfg(num_tokens=64 * 20, checkpoint_freq=8, eval_freq=10, output_dir=str(out), **overrides)
+
+
+def signal_self_at(monkeypatch, module, name: str, when, sig: int) -> None:
+    """Send `sig` to this process when `module.name` is called for the `when`-th time (1-based)."""
+    real, calls = getattr(module, name), []
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == when:
+            os.kill(os.getpid(), sig)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, patched)
+
+
+def run_main(argv, minilm, monkeypatch, capsys) -> tuple[int, str]:
+    monkeypatch.setattr(training, "load_model", lambda *args: minilm)
+    capsys.readouterr()
+    code = main.main(argv)
+    return code, capsys.readouterr().err
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "sae.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(minilm, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("reference")
+    cfgs = [stop_cfg(out, sae_type=t, run_name=t) for t in ("batchtopk", "jumprelu")]
+    return {t.cfg["run_name"]: t.run_dir for t in training.train_sae_group(cfgs, model=minilm)}
+
+
+@pytest.mark.parametrize("sig,at_step", [  # mid-run; where a checkpoint is due anyway; at an evaluation
+    (signal.SIGTERM, 3), (signal.SIGINT, 8), (signal.SIGUSR1, 10)])
+def test_a_signal_checkpoints_the_group_and_the_resumed_runs_match_the_uninterrupted_ones(
+        sig, at_step, reference, minilm, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "runs"
+    argv = ["--sweep", "variants", *cli(stop_cfg(out))]  # the sweep below names the runs and variants
+    monkeypatch.setattr(main, "SWEEPS", {"variants": lambda base: [base | {"sae_type": t, "run_name": t}
+                                                                   for t in ("batchtopk", "jumprelu")]})
+    signal_self_at(monkeypatch, training, "training_step", 2 * at_step - 1, sig)  # the group's at_step-th step
+    code, err = run_main(argv, minilm, monkeypatch, capsys)
+    assert code == 5, err[-2000:]
+    line = [x for x in err.splitlines() if x.startswith("stopped")]
+    assert line == [f"stopped at step {at_step} of 20: checkpoint written; continue with: python main.py --resume "
+                    f"{out / 'batchtopk'}"], err[-2000:]
+    for name in ("batchtopk", "jumprelu"):
+        ckpt = checkpoint.checkpoint_folder(out / name, at_step)
+        assert verify_checkpoint(ckpt) is None and not (out / name / "final").exists()
+    monkeypatch.undo()
+    code, err = run_main(["--resume", str(out / "jumprelu")], minilm, monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    for name, ref in reference.items():
+        a, b = final_weights(ref), final_weights(out / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert logged_steps(out / name) == logged_steps(ref)
+
+
+def test_a_signal_while_the_buffer_fills_loses_nothing_and_resumes_from_the_start(reference, minilm, tmp_path,
+                                                                                    monkeypatch, capsys):
+    import activation_store
+
+    out = tmp_path / "runs"
+    signal_self_at(monkeypatch, activation_store.ActivationsStore, "_next_chunk", 3, signal.SIGTERM)
+    code, err = run_main(cli(stop_cfg(out, sae_type="batchtopk", run_name="batchtopk")), minilm, monkeypatch,
+                         capsys)
+    assert code == 5 and "stopped before step 1 of 20 (filling the buffer): nothing trained, nothing lost; " \
+                         f"continue with: python main.py --resume {out / 'batchtopk'}" in err, err[-2000:]
+    assert not (out / "batchtopk" / "checkpoints").exists() or not any((out / "batchtopk" / "checkpoints").iterdir())
+    monkeypatch.undo()
+    code, err = run_main(["--resume", str(out / "batchtopk")], minilm, monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    a, b = final_weights(reference["batchtopk"]), final_weights(out / "batchtopk")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_ctrl_c_while_checkpointing_aborts_and_leaves_no_half_checkpoint(minilm, tmp_path, monkeypatch,
+                                                                                 capsys):
+    out = tmp_path / "runs"
+    cfg = stop_cfg(out, sae_type="topk", run_name="topk")
+    signal_self_at(monkeypatch, training, "training_step", 11, signal.SIGINT)  # step 11: not a checkpoint step
+    real = checkpoint.save_checkpoint
+
+    def save(run_dir, sae, state, step, **kwargs):
+        if step == 11:  # the stop's own checkpoint: a second Ctrl-C arrives while it is written
+            real_torch_save = torch.save
+
+            def torch_save(obj, path, *a, **k):
+                os.kill(os.getpid(), signal.SIGINT)
+                return real_torch_save(obj, path, *a, **k)
+            monkeypatch.setattr(torch, "save", torch_save)
+        return real(run_dir, sae, state, step, **kwargs)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    code, err = run_main(cli(cfg), minilm, monkeypatch, capsys)
+    assert code == 130 and "aborted by a second Ctrl-C" in err, err[-2000:]
+    folders = sorted(p.name for p in (out / "topk" / "checkpoints").iterdir())
+    assert folders == ["step_0000008"]  # the step-8 checkpoint intact, nothing of step 11
+    assert verify_checkpoint(out / "topk" / "checkpoints" / "step_0000008") is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main.main put the handlers back
