@@ -357,7 +357,8 @@ def _open_stream(trainees: list[Trainee], model, resume_step: int | None, total_
     found only now (its width) removes the run folders this start created, so the command can be rerun."""
     cfgs = [t.cfg for t in trainees]
     try:
-        store = ActivationsStore(model, cfgs[0], hook_points_of(cfgs), shard=(rank(), world_size()))
+        store = ActivationsStore(model, cfgs[0], hook_points_of(cfgs), shard=(rank(), world_size()),
+                                 fill=resume_step is None)  # a resumed run regenerates its checkpoint's block
     except BaseException as err:
         for t in trainees:
             t.logger.finish()

@@ -172,3 +172,36 @@ def test_torchrun_refuses_a_tensor_store(tmp_path):
     done = torchrun(str(script), [])
     assert done.returncode != 0
     assert "TensorStore serves every torchrun rank the same rows" in done.stderr
+
+
+SIGTERM_TO_RANK_1 = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import main, training
+from data_parallel import rank
+step = training.training_step
+calls = []
+def signalled_step(*args, **kwargs):
+    calls.append(1)
+    if rank() == 1 and len(calls) == {step}:
+        os.kill(os.getpid(), signal.SIGTERM)  # one rank only: every rank stops after the same step
+    return step(*args, **kwargs)
+training.training_step = signalled_step
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_sigterm_to_one_rank_stops_both_at_one_step_and_resumes_bitwise(tmp_path):
+    assert torchrun("main.py", ddp_args(tmp_path / "full", "run")).returncode == 0
+    script = tmp_path / "sigterm_rank_1.py"
+    script.write_text(SIGTERM_TO_RANK_1.format(repo=str(REPO), step=3))
+    stopped = torchrun(str(script), ddp_args(tmp_path / "stopped", "run"))
+    assert stopped.returncode != 0 and "stopped at step 3 of 8: checkpoint written" in stopped.stderr, \
+        stopped.stderr[-3000:]
+    assert (tmp_path / "stopped" / "run" / "checkpoints" / "step_0000003").is_dir()
+    resumed = torchrun("main.py", ["--resume", str(tmp_path / "stopped" / "run")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    full = load_file(tmp_path / "full" / "run" / "final" / "sae.safetensors")
+    again = load_file(tmp_path / "stopped" / "run" / "final" / "sae.safetensors")
+    for name, value in full.items():
+        assert torch.equal(again[name], value), name

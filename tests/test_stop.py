@@ -126,3 +126,76 @@ def test_a_second_ctrl_c_while_checkpointing_aborts_and_leaves_no_half_checkpoin
     assert folders == ["step_0000008"]  # the step-8 checkpoint intact, nothing of step 11
     assert verify_checkpoint(out / "topk" / "checkpoints" / "step_0000008") is None
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main.main put the handlers back
+
+
+def test_a_run_with_a_cache_stopped_mid_way_resumes_bitwise(minilm, tmp_path, monkeypatch, capsys):
+    """The stop flushes the cache's partial shard; the resumed run reads its block back from the cache
+    and generates the rest, ending with the weights of a run never stopped (with a cache of its own)."""
+    ref = training.train_sae(stop_cfg(tmp_path / "ref", sae_type="topk", run_name="topk",
+                                      cache_dir=str(tmp_path / "ref_cache")), model=minilm)
+    out = tmp_path / "runs"
+    cfg = stop_cfg(out, sae_type="topk", run_name="topk", cache_dir=str(tmp_path / "cache"))
+    signal_self_at(monkeypatch, training, "training_step", 14, signal.SIGTERM)
+    code, err = run_main(cli(cfg), minilm, monkeypatch, capsys)
+    assert code == 5, err[-2000:]
+    cache = next((tmp_path / "cache").iterdir())
+    assert any(p.name.startswith("shard_") for p in cache.iterdir())  # the shard written on the way out
+    monkeypatch.undo()
+    code, err = run_main(["--resume", str(out / "topk")], minilm, monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    a, b = final_weights(ref.run_dir), final_weights(out / "topk")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class FullDisk:
+    """A text file whose flush writes half of what is pending, then fails as a full disk does."""
+
+    def __init__(self, path: Path):
+        self.real, self.pending = path.open("a"), ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        return len(text)
+
+    def flush(self) -> None:
+        self.real.write(self.pending[: len(self.pending) // 2])
+        self.real.flush()
+        raise OSError(28, "No space left on device")
+
+    def tell(self) -> int:
+        return self.real.tell()
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def test_a_full_disk_while_logging_is_one_line_exit_4_and_keeps_whole_records(minilm, tmp_path, monkeypatch,
+                                                                              capsys):
+    import logs
+
+    out = tmp_path / "runs"
+    real_log = logs.RunLogger.log
+
+    def log(self, metrics, step, tokens):
+        if step == 10:
+            self.metrics_file = FullDisk(self.run_dir / "metrics.jsonl")
+        return real_log(self, metrics, step, tokens)
+    monkeypatch.setattr(logs.RunLogger, "log", log)
+    code, err = run_main(cli(stop_cfg(out, sae_type="topk", run_name="topk")), minilm, monkeypatch, capsys)
+    errors = [x for x in err.splitlines() if x.startswith("error:")]
+    assert code == 4 and len(errors) == 1 and "disk full (No space left on device) while writing " in errors[0] \
+        and "metrics.jsonl; what it held is intact" in errors[0], err[-2000:]
+    lines = (out / "topk" / "metrics.jsonl").read_text().splitlines()
+    assert lines and all(line.endswith("}") for line in lines)  # whole records only
+    assert max(__import__("json").loads(line)["step"] for line in lines) < 10
+
+
+def test_a_full_disk_while_writing_config_json_is_one_line(minilm, tmp_path, monkeypatch, capsys):
+    import logs
+
+    def full(path, text):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(logs, "write_atomic", full)
+    code, err = run_main(cli(stop_cfg(tmp_path / "runs", sae_type="topk", run_name="topk")), minilm, monkeypatch,
+                         capsys)
+    assert code == 4 and "disk full (No space left on device) while writing " in err and "config.json" in err
