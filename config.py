@@ -77,8 +77,8 @@ KEYS: dict[str, Key] = {
                        DATA),
     "seq_len": Key(128, "tokens per packed row, BOS/CLS included (never trained on)", "> 0", DATA),
     "model_batch_size": Key(32, "rows per model forward", "> 0", DATA),
-    "num_batches_in_buffer": Key(64, "model batches of activations in the mixing buffer (half served between "
-                                 "refills)", "> 0", ("stream",)),
+    "num_batches_in_buffer": Key(64, "model batches of activations in the mixing buffer (one block of the stream, "
+                                 "served once in random order)", "> 0", ("stream",)),
     "buffer_device": Key("", "where the mixing buffer lives; \"\" means `device`", "", ("stream",)),
     "exclude_special_tokens": Key(False, "also drop SEP/EOS positions, not only BOS/CLS ones (GPT-2's EOS is its "
                                   "BOS)", "", DATA),

@@ -358,7 +358,7 @@ def _open_stream(trainees: list[Trainee], model, resume_step: int | None, total_
     cfgs = [t.cfg for t in trainees]
     try:
         store = ActivationsStore(model, cfgs[0], hook_points_of(cfgs), shard=(rank(), world_size()),
-                                 fill=resume_step is None)  # a resumed run regenerates its checkpoint's block
+                                 fill=not resume_step)  # a resumed run regenerates its checkpoint's block
     except BaseException as err:
         for t in trainees:
             t.logger.finish()
