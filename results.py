@@ -179,18 +179,32 @@ def _finish(plt, fig):
     return fig
 
 
+KIND_STYLES = {"SAE": ("-", "o"), "transcoder": ("--", "s"), "skip transcoder": (":", "^")}  # line, marker
+
+
+def _kind(row) -> str:
+    """SAE, transcoder or skip transcoder, from a load_runs row."""
+    if not isinstance(row.get("target_hook_point"), str) or not row.get("target_hook_point"):
+        return "SAE"
+    return "skip transcoder" if row.get("skip_connection") is True else "transcoder"
+
+
 def plot_frontier(df: pd.DataFrame, x: str = "l0", y: str = "nmse"):
-    """Sparsity against a quality metric: one series per variant (`sae_type`), points joined in order of x."""
+    """Sparsity against a quality metric: one series per variant (`sae_type`) and kind (SAE, transcoder, skip
+    transcoder: solid with circles, dashed with squares, dotted with triangles), points joined in order of x."""
     for column in (x, y):
         if column not in df:
             raise KeyError(f"plot_frontier: no column {column!r}; columns are {', '.join(map(str, df.columns))}")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups = df.groupby("sae_type") if "sae_type" in df else [("runs", df)]
-    for variant, points in groups:
+    kinds = df.apply(_kind, axis=1) if len(df) else []
+    groups = df.groupby(["sae_type", kinds], sort=False) if "sae_type" in df else [(("runs", "SAE"), df)]
+    for (variant, kind), points in groups:
         points = points.dropna(subset=[x, y]).sort_values(x)
-        ax.plot(points[x], points[y], marker="o", color=_variant_color(str(variant)),
-                label=f"{variant} ({len(points)} run{'s' * (len(points) != 1)})")
+        name = variant if kind == "SAE" else f"{variant} {kind}"
+        line, marker = KIND_STYLES[kind]
+        ax.plot(points[x], points[y], marker=marker, color=_variant_color(str(variant)), linestyle=line,
+                label=f"{name} ({len(points)} run{'s' * (len(points) != 1)})")
     xs = df[x].dropna()
     if len(xs) and xs.min() > 0 and xs.max() / xs.min() >= 10:
         ax.set_xscale("log")

@@ -285,3 +285,16 @@ def test_an_override_of_the_swept_key_collapses_the_sweep():
     cfgs, _ = main.parse_args(["--sweep", "transcoders", "layer=3", "sae_type=topk"])
     assert [(c["layer"], c["site"], c.get("target_site", ""), c.get("skip_connection", False)) for c in cfgs] == [
         (3, "mlp_out", "", False), (3, "mlp_in", "mlp_out", False), (3, "mlp_in", "mlp_out", True)]
+
+
+def test_the_frontier_draws_saes_and_transcoders_as_separate_series():
+    import pandas as pd
+
+    import results
+
+    df = pd.DataFrame({"sae_type": ["topk"] * 3, "l0": [32.0, 32.0, 31.9], "nmse": [0.15, 0.2, 0.14],
+                       "target_hook_point": ["", "blocks.3.hook_mlp_out", "blocks.3.hook_mlp_out"],
+                       "skip_connection": [False, False, True]})
+    ax = results.plot_frontier(df).axes[0]
+    styles = {line.get_label().split(" (")[0]: (line.get_linestyle(), line.get_marker()) for line in ax.lines}
+    assert styles == {"topk": ("-", "o"), "topk transcoder": ("--", "s"), "topk skip transcoder": (":", "^")}
