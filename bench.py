@@ -348,6 +348,18 @@ def model_flops_per_token(plain, seq_len: int) -> float:
     return 2 * weights + 4 * seq_len * plain.config.hidden_size * plain.config.num_hidden_layers
 
 
+def python_calls(fn: Callable[[], Any]) -> int:
+    """Python function calls one call of `fn` makes (cProfile, after a warm-up call): a cost that does not drift
+    with the machine's load, and the one that bounds a small model's forward on a GPU."""
+    import cProfile
+    import pstats
+
+    fn()
+    profile = cProfile.Profile()
+    profile.runcall(fn)
+    return pstats.Stats(profile).total_calls
+
+
 def generation_rates(model_name: str, model_batch_size: int, device: torch.device, dtype: str,
                      roofline: Callable[[], float]) -> dict[str, float]:
     """Tokens/s to the default hook: TransformerBridge stopped at the hook vs plain HF
@@ -370,7 +382,13 @@ def generation_rates(model_name: str, model_batch_size: int, device: torch.devic
         plain_s = timed(lambda: plain(input_ids=tokens), device, repeats=5)
     roofline_gflops = max(before, roofline())
     flops = model_flops_per_token(plain, cfg["seq_len"])
-    return {"bridge_tokens_per_s": n / bridge_s, "plain_hf_tokens_per_s": n / plain_s,
+    row = tokens[:1, :16]  # one row of 16 tokens: the per-forward overhead, nothing else
+    with torch.inference_mode():
+        capture_calls, plain_calls = python_calls(lambda: run_to_hook(model, row, hook)), python_calls(
+            lambda: plain(input_ids=row))
+    return {"capture_calls": capture_calls, "plain_hf_calls": plain_calls,
+            "capture_calls_ratio": capture_calls / plain_calls,
+            "bridge_tokens_per_s": n / bridge_s, "plain_hf_tokens_per_s": n / plain_s,
             "bridge_vs_plain": plain_s / bridge_s, "model_flops_per_token": flops, "roofline_gflops": roofline_gflops,
             "bridge_mfu": n / bridge_s * flops / (roofline_gflops * 1e9),
             "plain_hf_mfu": n / plain_s * flops / (roofline_gflops * 1e9)}
@@ -567,7 +585,9 @@ def main(argv: list[str]) -> None:
               f"plain HF {gen['plain_hf_tokens_per_s']:,.0f} tokens/s ({gen['bridge_vs_plain']:.2f}x); model FLOP "
               f"utilisation (of the {s['dtype']} matmul roofline, {gen['roofline_gflops']:.0f} GFLOP/s around the "
               f"timings) {gen['bridge_mfu']:.0%} vs "
-              f"{gen['plain_hf_mfu']:.0%}", flush=True)
+              f"{gen['plain_hf_mfu']:.0%}; Python calls per forward of 1 x 16 tokens: capture "
+              f"{gen['capture_calls']:,}, plain HF {gen['plain_hf_calls']:,} (capture_calls_ratio "
+              f"{gen['capture_calls_ratio']:.2f})", flush=True)
     if s["end_to_end"]:
         model = load_model(s["model"], str(device), s["dtype"])
         e2e = end_to_end_rates(s, device, model) | {"cache_read_tokens_per_s": cache_read_rate(s, device, model)}
