@@ -199,3 +199,20 @@ def test_a_full_disk_while_writing_config_json_is_one_line(minilm, tmp_path, mon
     code, err = run_main(cli(stop_cfg(tmp_path / "runs", sae_type="topk", run_name="topk")), minilm, monkeypatch,
                          capsys)
     assert code == 4 and "disk full (No space left on device) while writing " in err and "config.json" in err
+
+
+def test_a_signal_inside_a_checkpoint_write_lets_it_finish_and_stops_there(reference, minilm, tmp_path,
+                                                                           monkeypatch, capsys):
+    out = tmp_path / "runs"
+    monkeypatch.setattr(main, "SWEEPS", {"variants": lambda base: [base | {"sae_type": t, "run_name": t}
+                                                                   for t in ("batchtopk", "jumprelu")]})
+    signal_self_at(monkeypatch, checkpoint, "save_checkpoint", 2, signal.SIGTERM)  # jumprelu's step-8 write
+    code, err = run_main(["--sweep", "variants", *cli(stop_cfg(out))], minilm, monkeypatch, capsys)
+    assert code == 5 and "stopped at step 8 of 20: checkpoint written" in err, err[-2000:]
+    for name in ("batchtopk", "jumprelu"):
+        assert sorted(p.name for p in (out / name / "checkpoints").iterdir()) == ["step_0000008"]
+    monkeypatch.undo()
+    assert run_main(["--resume", str(out / "batchtopk")], minilm, monkeypatch, capsys)[0] == 0
+    for name, ref in reference.items():
+        a, b = final_weights(ref), final_weights(out / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
