@@ -3,7 +3,8 @@
 A run folder holds `checkpoints/step_NNNNNNN/` folders and, once finished, `final/`. Each holds
 the SAE (`sae.safetensors` with its buffers: dead counters, threshold; `config.json`),
 `training_state.pt` (optimiser, lr schedule, step, tokens, skipped batches, RNG states, the
-store's scalars), `stream.safetensors` (the activation store's tensors: mixing buffer...),
+store's state: where the buffer's block starts in the stream), `stream.safetensors` (the store's
+tensors: its shuffle generator's state),
 `density.safetensors` in `final/` only, and `manifest.json` (size and sha256 of every other
 file), written last, so a folder without a valid manifest is never resumed from. A group of
 runs trained on one stream checkpoints and resumes together (`group.json` lists its runs).
@@ -50,7 +51,7 @@ FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoints"
 TRAINING_STATE_FILE = "training_state.pt"
 DENSITY_FILE = "density.safetensors"
-STREAM_FILE = "stream.safetensors"  # the activation store's tensors (mixing buffer...), for exact resume
+STREAM_FILE = "stream.safetensors"  # the activation store's tensors (its shuffle generator's state), for exact resume
 MANIFEST_FILE = "manifest.json"  # size and sha256 of every other file, written last
 GROUP_FILE = "group.json"  # the runs that trained on one stream, so resuming one resumes all
 STEP_DIR = re.compile(r"step_(\d+)")

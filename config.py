@@ -299,6 +299,11 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
         _fail("device", device, "CUDA is not available here; use device=cpu or device=auto")
     if cfg.get("target_layer", -1) < -1:
         _fail("target_layer", cfg["target_layer"], "must be >= 0, or -1 for the input's layer")
+    if cfg.get("target_site") and cfg.get("target_hook_point"):  # a post-initialised config holds both, agreeing
+        layer = cfg["layer"] if cfg.get("target_layer", -1) < 0 else cfg["target_layer"]
+        if cfg["target_hook_point"] != site_hook(layer, cfg["target_site"]):
+            _fail("target_hook_point", cfg["target_hook_point"], f"and target_site={cfg['target_site']!r} name "
+                  "different targets: set one of them")
     if cfg.get("skip_connection") and not is_transcoder(cfg):
         _fail("skip_connection", True, "needs a target (target_site or target_hook_point): a skip connection maps "
               "the input to another hook point")
@@ -386,6 +391,9 @@ def post_init_cfg(cfg: dict[str, Any], model_dims: dict[str, int]) -> dict[str, 
         if target_layer >= model_dims["n_layers"]:
             _fail("target_layer", target_layer, f"the model has {model_dims['n_layers']} layers")
         cfg["target_hook_point"] = site_hook(target_layer, cfg["target_site"])
+    if cfg["target_hook_point"] and cfg["target_hook_point"] == cfg["hook_point"]:
+        _fail("target_hook_point", cfg["target_hook_point"], "is the input hook point: a transcoder reconstructs "
+              "another hook point (leave the target unset for an SAE)")
     cfg["act_size"] = model_dims["d_model"]
     cfg["n_layers"] = model_dims["n_layers"]
     cfg["n_ctx"] = model_dims["n_ctx"]

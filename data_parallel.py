@@ -113,6 +113,7 @@ def all_ranks_any(mask: Tensor) -> Tensor:
 
 def average_scale(scale: float, d: int) -> float:
     """The scale of the union of the ranks' estimate sets: average E||x||^2, not s."""
-    mean_sq = torch.tensor(d / scale**2, dtype=torch.float64)
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"  # NCCL: no CPU tensors
+    mean_sq = torch.tensor(d / scale**2, dtype=torch.float64, device=device)
     dist.all_reduce(mean_sq)
     return math.sqrt(d / (mean_sq.item() / world_size()))

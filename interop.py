@@ -160,6 +160,9 @@ def _check_saelens_fields(fields: dict[str, Any], where: Path) -> None:
     for key in ("d_in", "d_sae") + (("k",) if fields["architecture"] == "topk" else ()):
         if not isinstance(fields.get(key), int):
             raise ConfigError(f"{where}: {key}={fields.get(key)!r} is invalid: a whole number is needed")
+    if fields["architecture"] in TRANSCODER_BASE and fields.get("normalize_activations") == "layer_norm":
+        raise ConfigError(f"{where}: a transcoder with normalize_activations='layer_norm' is not supported "
+                          "(this project's transcoders take raw activations)")
     if fields["architecture"] in TRANSCODER_BASE and fields.get("d_out") != fields["d_in"]:
         raise ConfigError(f"{where}: a transcoder from width d_in={fields['d_in']} to d_out={fields.get('d_out')!r}; "
                           "this project's transcoders map between hook points of one width (d_model)")

@@ -441,6 +441,8 @@ def sparse_forward(sae, x: Tensor, aux_enabled: bool = True, target: Tensor | No
         with torch.no_grad():  # the sparse Functions differentiate x_in's and goal's dependence on b_dec
             shift, unit = sae.input_transform(x)
             if sae.transcoder:
+                if target is None:
+                    raise ValueError("a transcoder reconstructs its target: call sae(x, target=y)")
                 x_in, unit = x.float() * unit, sae.target_scale
                 goal = torch.addcmul(-sae.b_dec, target.float(), unit)
             else:

@@ -130,6 +130,9 @@ class RunLogger:
             self.wandb_run.log(payload, step=step)
 
     def finish(self) -> None:
+        """Close metrics.jsonl and finish the wandb run (again: nothing)."""
+        if self.metrics_file.closed:
+            return
         self.metrics_file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import warnings
@@ -162,9 +163,9 @@ def stop_on_signals() -> None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             return
-        request_stop(name)
-        print(f"\n{name}: finishing the step in flight, then writing a checkpoint (Ctrl-C again aborts at once)",
-              file=sys.stderr, flush=True)
+        request_stop(name)  # os.write: a print here could re-enter a stderr write in progress
+        os.write(2, f"\n{name}: finishing the step in flight, then writing a checkpoint (Ctrl-C again aborts at "
+                    f"once)\n".encode())
     for sig in STOP_SIGNALS:
         signal.signal(sig, handle)
 
@@ -211,9 +212,9 @@ def main(argv: list[str]) -> int:
               "RUN_DIR continues from the newest)", file=sys.stderr)
         return EXIT_ABORTED
     finally:
-        clear_stop()
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        clear_stop()
     if rank() == 0:
         print_summary(trainees)
     return 0

@@ -293,15 +293,19 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[
     trainees = [make_trainee(c, total_steps, resume_step, main) for c in cfgs]
     if resume_step is None and len(trainees) > 1 and main:
         write_group_file([t.run_dir for t in trainees])
-    if store is None:  # the run folders exist first, so that a stop during the fill leaves a run to resume
-        store = _open_stream(trainees, model, resume_step, total_steps)
-    hook_of = [hook_indices(store, c) for c in cfgs]
-    if resume_step:
-        restore_group(trainees, store, resume_step)
-        first_batch = None
-    else:
-        first_batch = _init_from_first_batch(trainees, store, hook_of)
-    _run_steps(trainees, store, hook_of, resume_step or 0, total_steps, first_batch)
+    try:
+        if store is None:  # the run folders exist first, so that a stop during the fill leaves a run to resume
+            store = _open_stream(trainees, model, resume_step, total_steps)
+        hook_of = [hook_indices(store, c) for c in cfgs]
+        if resume_step:
+            restore_group(trainees, store, resume_step)
+            first_batch = None
+        else:
+            first_batch = _init_from_first_batch(trainees, store, hook_of)
+        _run_steps(trainees, store, hook_of, resume_step or 0, total_steps, first_batch)
+    finally:  # whatever stopped it, metrics.jsonl and wandb are closed (the loop's own finally did it already)
+        for t in trainees:
+            t.logger.finish()
     return trainees
 
 
@@ -369,6 +373,10 @@ def _open_stream(trainees: list[Trainee], model, resume_step: int | None, total_
                 shutil.rmtree(t.run_dir, ignore_errors=True)
         raise
     if world_size() > 1:
+        if stop_requested():  # ranks check the fill's stop together, so that all of them stop
+            for t in trainees:
+                t.logger.finish()
+            raise Stopped(0, total_steps, trainees[0].run_dir)
         store.scales = [average_scale(s, cfgs[0]["act_size"]) for s in store.scales]
     return store
 
@@ -410,6 +418,8 @@ def _run_steps(trainees: list[Trainee], store, hook_of: list[tuple[int, int | No
             checkpoint_group(trainees, step + 1, total_steps, tokens, store)
             progress.advance(tokens_per_step)
             if step + 1 < total_steps and stop_requested():  # a signal: checkpoint the step just finished, stop
+                for t in trainees:
+                    check_finite(t)  # as before every checkpoint: none is written from bad weights
                 undone = [t for t in trainees if not checkpoint_due(t.cfg, step + 1)]
                 checkpoint_group(undone, step + 1, total_steps, tokens, store, now=True)
                 raise Stopped(step + 1, total_steps, trainees[0].run_dir)

@@ -216,3 +216,34 @@ def test_a_signal_inside_a_checkpoint_write_lets_it_finish_and_stops_there(refer
     for name, ref in reference.items():
         a, b = final_weights(ref), final_weights(out / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_block_read_from_the_cache_is_marked_so_and_needs_the_cache_on_resume(minilm, tmp_path):
+    """A store reading its blocks from the cache records rows -1; a state taken at the end of a block describes
+    the next one (resume fills once); without the cache, resume refuses in one line."""
+    import shutil
+
+    from activation_store import ActivationsStore, model_dims
+    from config import ConfigError, post_init_cfg
+
+    cfg = post_init_cfg(tiny_cfg(cache_dir=str(tmp_path / "cache")), model_dims(minilm))
+    writer = ActivationsStore(minilm, cfg)
+    for _ in range(40):
+        writer.next_batch()
+    writer.flush_cache()
+    reader = ActivationsStore(minilm, cfg)
+    for _ in range(reader.serve_count // cfg["batch_size"] + 2):  # into the second block
+        reader.next_batch()
+    state = reader.state_dict()
+    assert state["block"]["rows"] == -1
+    again = ActivationsStore(minilm, cfg, fill=False)
+    again.load_state_dict(state)
+    for _ in range(12):
+        assert torch.equal(again.next_batch(), reader.next_batch())
+    while reader._served < reader.serve_count:  # to the end of a block
+        reader.next_batch()
+    end = reader.state_dict()
+    assert end["served"] == 0 and end["block"]["start"] > state["block"]["start"]
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(ConfigError, match="read from the activation cache, which no longer holds it"):
+        ActivationsStore(minilm, cfg | {"cache_dir": str(tmp_path / "cache")}, fill=False).load_state_dict(state)

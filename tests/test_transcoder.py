@@ -298,3 +298,15 @@ def test_the_frontier_draws_saes_and_transcoders_as_separate_series():
     ax = results.plot_frontier(df).axes[0]
     styles = {line.get_label().split(" (")[0]: (line.get_linestyle(), line.get_marker()) for line in ax.lines}
     assert styles == {"topk": ("-", "o"), "topk transcoder": ("--", "s"), "topk skip transcoder": (":", "^")}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"site": "mlp_out", "target_site": "mlp_out"}, "is the input hook point"),
+    ({"target_site": "mlp_out", "target_hook_point": "blocks.2.hook_mlp_out"}, "name different targets"),
+])
+def test_a_target_that_is_the_input_or_named_twice_differently_is_refused(overrides, message):
+    from config import get_default_cfg, post_init_cfg
+
+    with pytest.raises(ConfigError, match=message) as err:
+        post_init_cfg(get_default_cfg() | overrides, {"d_model": 384, "n_layers": 6, "n_ctx": 512})
+    assert "\n" not in str(err.value)
