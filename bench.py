@@ -24,7 +24,8 @@ CPU). With peers=true, also sparsify's TopK step (the fastest peer) on the same 
 round by round alongside this project's: the ratio holds where the machine's speed drifts. With
 quality=true, every registered variant of this project and sparsify's TopK trained on the same
 rows of acts= and evaluated on eval_acts= (held-out EV, L0, latents never firing). `transcoder=`
-(topk by default; "" skips it): that variant's transcoder step, plain and skip, against its SAE step.
+(the default sae_type unless set; "" skips it): that variant's transcoder step, plain and skip, against its SAE
+step.
 Speed is never asserted in tests.
 """
 
@@ -65,7 +66,8 @@ SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": 
             "model": get_default_cfg()["model_name"],
             "model_batch_size": get_default_cfg()["model_batch_size"], "dtype": "float32",
             "variants": "", "kernels": "sparse,dense", "acts": "", "peers": False,
-            "quality": False, "eval_acts": "", "quality_tokens": 1_048_576, "compare": "", "transcoder": "topk"}
+            "quality": False, "eval_acts": "", "quality_tokens": 1_048_576, "compare": "",
+            "transcoder": get_default_cfg()["sae_type"]}
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2, rounds: int = 3) -> float:

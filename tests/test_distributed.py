@@ -130,6 +130,16 @@ def test_torchrun_two_ranks_train_and_only_rank_0_writes(tmp_path):
     assert done.stdout.count("run folder:") == 1  # the summary is printed once, by rank 0
 
 
+def resume_and_compare(run_dir: Path, reference: Path) -> None:
+    """Resume `run_dir` under torchrun and check its final weights are bitwise `reference`'s."""
+    resumed = torchrun("main.py", ["--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    full = load_file(reference / "final" / "sae.safetensors")
+    again = load_file(run_dir / "final" / "sae.safetensors")
+    for name, value in full.items():
+        assert torch.equal(again[name], value), name
+
+
 def test_torchrun_run_killed_after_a_checkpoint_resumes_bitwise(tmp_path):
     """Each rank's stream state is in the checkpoint: the resumed 2-rank run ends with the
     uninterrupted one's weights (BatchTopK: counters and threshold synced across ranks)."""
@@ -138,12 +148,7 @@ def test_torchrun_run_killed_after_a_checkpoint_resumes_bitwise(tmp_path):
     script.write_text(KILL_AFTER_CHECKPOINT.format(repo=str(REPO), step=4))
     assert torchrun(str(script), ddp_args(tmp_path / "killed", "run")).returncode != 0
     assert not (tmp_path / "killed" / "run" / "final").exists()
-    resumed = torchrun("main.py", ["--resume", str(tmp_path / "killed" / "run")])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    full = load_file(tmp_path / "full" / "run" / "final" / "sae.safetensors")
-    again = load_file(tmp_path / "killed" / "run" / "final" / "sae.safetensors")
-    for name, value in full.items():
-        assert torch.equal(again[name], value), name
+    resume_and_compare(tmp_path / "killed" / "run", tmp_path / "full" / "run")
 
 
 TENSOR_STORE_UNDER_TORCHRUN = """
@@ -199,9 +204,4 @@ def test_torchrun_sigterm_to_one_rank_stops_both_at_one_step_and_resumes_bitwise
     assert stopped.returncode != 0 and "stopped at step 3 of 8: checkpoint written" in stopped.stderr, \
         stopped.stderr[-3000:]
     assert (tmp_path / "stopped" / "run" / "checkpoints" / "step_0000003").is_dir()
-    resumed = torchrun("main.py", ["--resume", str(tmp_path / "stopped" / "run")])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    full = load_file(tmp_path / "full" / "run" / "final" / "sae.safetensors")
-    again = load_file(tmp_path / "stopped" / "run" / "final" / "sae.safetensors")
-    for name, value in full.items():
-        assert torch.equal(again[name], value), name
+    resume_and_compare(tmp_path / "stopped" / "run", tmp_path / "full" / "run")
