@@ -303,7 +303,7 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[
         else:
             first_batch = _init_from_first_batch(trainees, store, hook_of)
         _run_steps(trainees, store, hook_of, resume_step or 0, total_steps, first_batch)
-    finally:  # whatever stopped it, metrics.jsonl and wandb are closed (the loop's own finally did it already)
+    finally:  # however it ends, metrics.jsonl and wandb are closed (finish is idempotent)
         for t in trainees:
             t.logger.finish()
     return trainees
@@ -316,8 +316,8 @@ def hook_points_of(cfgs: list[dict[str, Any]]) -> list[str]:
 
 def hook_indices(store, cfg: dict[str, Any]) -> tuple[int, int | None]:
     """Where the run's input and (a transcoder's) target are in the store's batches."""
-    return store.hook_index(cfg["hook_point"]), store.hook_index(cfg["target_hook_point"]) if is_transcoder(
-        cfg) else None
+    target = store.hook_index(cfg["target_hook_point"]) if is_transcoder(cfg) else None
+    return store.hook_index(cfg["hook_point"]), target
 
 
 def _open_group(cfgs: list[dict[str, Any]], model, store) -> tuple[list[dict[str, Any]], Any, Any, int | None]:
