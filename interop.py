@@ -289,12 +289,16 @@ def model_card(run_or_sae: str | Path | Run | BaseSAE, metrics: dict[str, Any] |
     cfg, repo, sae_id = sae.cfg, repo_id or "<user>/<repo>", hook_name(sae.cfg)
     keys = [k for k in (*CARD_KEYS, *type(sae).keys, *CARD_TRAINING_KEYS) if k in cfg]
     metric_rows = [f"| {k} | {_cell(v)} |" for k, v in metrics.items()] or ["| (none given) | |"]
+    skip = "skip " if sae.W_skip is not None else ""
+    kind, what = ("SAE", "sparse autoencoder") if not sae.transcoder else (f"{skip}transcoder", f"{skip}transcoder")
+    target = f" predicting those at `{cfg['target_hook_point']}`" if sae.transcoder else ""
+    keys += [k for k in ("target_hook_point", "skip_connection") if sae.transcoder]
     return "\n".join([
         "---", "library_name: saelens", "tags:", "- sparse-autoencoder", "- interpretability",
         f"- {cfg['sae_type']}", "---", "",
-        f"# {type(sae).title} SAE on `{cfg.get('model_name')}`, `{sae_id}`", "",
-        f"A sparse autoencoder with {cfg['dict_size']} latents on the {cfg['act_size']}-dimensional activations at "
-        f"`{sae_id}`, trained with the flat SAE training scripts (run `{cfg.get('run_name')}`).", "",
+        f"# {type(sae).title} {kind} on `{cfg.get('model_name')}`, `{sae_id}`", "",
+        f"A {what} with {cfg['dict_size']} latents on the {cfg['act_size']}-dimensional activations at "
+        f"`{sae_id}`{target}, trained with the flat SAE training scripts (run `{cfg.get('run_name')}`).", "",
         "## Final metrics", "",
         "The last evaluation on held-out activations never trained on, in raw activation space:", "",
         "| metric | value |", "|---|---|", *metric_rows, "",

@@ -310,3 +310,11 @@ def test_a_target_that_is_the_input_or_named_twice_differently_is_refused(overri
     with pytest.raises(ConfigError, match=message) as err:
         post_init_cfg(get_default_cfg() | overrides, {"d_model": 384, "n_layers": 6, "n_ctx": 512})
     assert "\n" not in str(err.value)
+
+
+def test_the_model_card_names_a_transcoder_and_its_target():
+    from interop import model_card
+
+    card = model_card(trained_transcoder("jumprelu", skip=True).eval(), {"explained_variance": 0.9})
+    assert "# JumpReLU skip transcoder on " in card
+    assert "predicting those at `blocks.3.hook_mlp_out`" in card and "| skip_connection | True |" in card
