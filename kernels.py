@@ -155,8 +155,9 @@ class _SparseReconstruction(torch.autograd.Function):
     space (x_hat_scaled - x_scaled, as x_in = x * s - b_dec), for f given as values on a
     SparsePattern: one sparse product that starts from -x_in (no separate subtraction), and
     a backward whose gradient of e is one scaled copy of e. The error is returned without
-    gradient (AuxK reads it detached). x_in comes without gradient: its dependence on b_dec
-    is differentiated here (e's gradient summed over the batch). Backward samples the dense
+    gradient (AuxK reads it detached). x_in's dependence on b_dec is differentiated here (e's
+    gradient summed over the batch); a transcoder's x_in is its goal y_s - b_dec - x_s @ W_skip
+    (sparse_forward), which carries autograd for W_skip, reached through -grad. Backward samples the dense
     gradient only at the pattern and scatters W_dec's gradient into the used rows. Optional
     `zero_vals` on a second pattern are entries of f known to be 0 (they add nothing to the
     product or to W_dec's gradient) whose gradient is still wanted: JumpReLU's threshold
