@@ -687,13 +687,12 @@ class ActivationsStore:
     def state_dict(self) -> dict[str, Any]:
         """Everything that decides the batches still to come, in a few KB: where the block in the buffer starts
         in the stream (and the model batch to regenerate it from), the shuffling generator's state before its
-        order was drawn, how much of it was served, the stream position and the scales. A block served to
-        the end is described by the next one (so resume fills once)."""
+        order was drawn, how much of it was served, and the scales; the rest of the stream position follows
+        from the block. A block served to the end is described by the next one (so resume fills once)."""
         block, generator, served = dict(self._block), self._order_state, self._served
         if served >= self.serve_count:
             block, generator, served = self._block_from_here(), self.generator.get_state(), 0
-        return {"block": block, "order_generator": generator, "served": served, "rows_read": self.rows_read,
-                "epoch": self.epoch, "stream_tokens": self.stream_tokens, "scales": list(self.scales)}
+        return {"block": block, "order_generator": generator, "served": served, "scales": list(self.scales)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where `state_dict` was taken: regenerate the block from its model batch (the row
