@@ -8,7 +8,9 @@ Position 0 (BOS/CLS) never reaches the SAE.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import difflib
 import errno
 import functools
@@ -18,9 +20,12 @@ import itertools
 import json
 import math
 import os
+import queue
 import random
 import re
 import shutil
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +51,7 @@ from data_parallel import Stopped, stop_signal, world_size
 
 LOCAL_FORMATS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PREFETCH_BATCHES = 2  # model batches of token rows the prefetching thread may hold ready
 
 
 # --- model ------------------------------------------------------------------------------
@@ -145,10 +151,24 @@ HOOK_LEVEL = -8191  # TransformerLens context level of the hooks run_to_hooks ad
 
 def run_to_hooks(model, tokens: Tensor, hook_points: Sequence[str], fwd_hooks: list | None = None) -> list[Tensor]:
     """Forward only as far as the deepest of `hook_points` (with any extra `fwd_hooks`
-    before them) and return their activations (B, S, d), in the order given. The hooks go
-    straight onto the HookPoints (`add_hook` / `remove_hooks` at HOOK_LEVEL) rather than
-    through the bridge's `run_with_hooks`, which rebuilds its alias maps on every call (Python
-    overhead of the kind that bounds a small model's forward on a GPU; docs/benchmarks.md)."""
+    before them) and return their activations (B, S, d), in the order given. Without
+    `fwd_hooks` the forward runs the model's own modules (`LeanForward`) once they have given
+    the bridge's values for this hook set on a first batch (so every batch of a hook set comes
+    from the same path, whichever batch was first)."""
+    if fwd_hooks is not None:
+        return run_bridge_to_hooks(model, tokens, hook_points, fwd_hooks)
+    lean = lean_forward(model)
+    agrees = lean.agrees.get(frozenset(hook_points))
+    if agrees is None:
+        agrees = lean.check(tokens, hook_points, run_bridge_to_hooks(model, tokens, hook_points))
+    return lean.run(tokens, hook_points) if agrees else run_bridge_to_hooks(model, tokens, hook_points)
+
+
+def run_bridge_to_hooks(model, tokens: Tensor, hook_points: Sequence[str], fwd_hooks: list | None = None,
+                        ) -> list[Tensor]:
+    """`run_to_hooks` through the bridge itself. The hooks go straight onto the HookPoints (`add_hook` /
+    `remove_hooks` at HOOK_LEVEL) rather than through the bridge's `run_with_hooks`, which rebuilds its alias
+    maps on every call."""
     captured: dict[str, Tensor] = {}
     wanted = set(hook_points)
 
@@ -168,6 +188,124 @@ def run_to_hooks(model, tokens: Tensor, hook_points: Sequence[str], fwd_hooks: l
         for name, _ in hooks:
             points[name].remove_hooks("fwd", level=HOOK_LEVEL)
     return [captured[h] for h in hook_points]
+
+
+class LeanForward:
+    """The model's own Hugging Face modules without the bridge around them, for reading hook points.
+
+    The bridge wraps every module it names (a block, its attention, a linear layer) in a
+    component that runs the module between its `hook_in` and `hook_out`; with its alias maps,
+    signature filtering and offload checks that is about 3.5x the Python calls of the
+    module's own forward, and a small model's forward on a GPU is bound by them. Here each
+    wrapped module is replaced by a shallow copy of the module it wraps (the same parameters
+    and buffers, no hooks of the bridge's), so `hook_in`/`hook_out` of a component become a
+    torch forward pre-hook / hook on that copy: its first tensor argument / output. Hook points
+    inside a component (attention patterns, per-head views, norm statistics) have no such
+    module and stay on the bridge, as does any hook set whose values differ from the bridge's
+    by more than rounding (`check`, on a real batch)."""
+
+    def __init__(self, model):
+        from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+        def wrapped(module: torch.nn.Module) -> torch.nn.Module:
+            while isinstance(module, GeneralizedComponent) and module._modules.get("_original_component") is not None:
+                module = module._modules["_original_component"]
+            return module
+
+        copies: dict[int, torch.nn.Module] = {}  # id of a module the bridge holds -> the module the lean tree runs
+
+        def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+            inner = wrapped(module)
+            if id(inner) not in copies:
+                children = {name: None if c is None else unwrap(c) for name, c in inner._modules.items()}
+                same = all(children[name] is c for name, c in inner._modules.items())
+                if same and inner is module:  # nothing of the bridge's inside: run it as it is
+                    copies[id(inner)] = inner
+                else:  # a private copy, so that hooks put on it never fire in the bridge's forward
+                    copy = object.__new__(type(inner))
+                    copy.__dict__.update(inner.__dict__)
+                    copy.__dict__["_modules"] = children
+                    for hooks in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                                  "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
+                        copy.__dict__[hooks] = type(inner.__dict__[hooks])()
+                    copies[id(inner)] = copy
+            return copies[id(inner)]
+
+        self.agrees: dict[frozenset[str], bool] = {}  # hook sets checked against the bridge
+        self.sites: dict[str, tuple[torch.nn.Module, bool]] = {}  # hook name -> (lean module, reads its input)
+        original = getattr(model, "original_model", None)
+        if not isinstance(original, torch.nn.Module):  # a bridge over another backend: no modules to run
+            return
+        self.root = unwrap(original).eval()
+        owners: dict[int, tuple[torch.nn.Module, bool]] = {}  # HookPoint id -> (lean module, is its input)
+        for component in model.modules():
+            inner = wrapped(component)
+            if inner is not component and copies.get(id(inner)) is not None:
+                for side in ("hook_in", "hook_out"):
+                    point = component._modules.get(side)
+                    if point is not None:
+                        owners.setdefault(id(point), (copies[id(inner)], side == "hook_in"))
+        self.sites = {name: owners[id(point)] for name, point in model.hook_dict.items() if id(point) in owners}
+
+    def run(self, tokens: Tensor, hook_points: Sequence[str]) -> list[Tensor]:
+        """The activations at `hook_points`, from a forward of the lean tree stopped after the deepest."""
+        captured: dict[str, Tensor] = {}
+        wanted = set(hook_points)
+
+        def grab(name: str, act: Tensor | None) -> None:
+            if act is None:
+                raise LookupError(f"{name} has no tensor here")
+            captured[name] = act
+            if len(captured) == len(wanted):
+                raise StopForward
+
+        def pre_hook(name: str, module, args: tuple, kwargs: dict) -> None:
+            grab(name, next((a for a in (*args, kwargs.get("hidden_states"), *kwargs.values())
+                             if isinstance(a, Tensor)), None))
+
+        def hook(name: str, module, args: tuple, output) -> None:
+            grab(name, output if isinstance(output, Tensor) else
+                 output[0] if isinstance(output, tuple) and output and isinstance(output[0], Tensor) else None)
+
+        handles = []
+        try:
+            for name in wanted:
+                module, is_input = self.sites[name]
+                handles.append(module.register_forward_pre_hook(functools.partial(pre_hook, name), with_kwargs=True)
+                               if is_input else module.register_forward_hook(functools.partial(hook, name)))
+            with torch.inference_mode(), contextlib.suppress(StopForward):
+                self.root(input_ids=tokens)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [captured[h] for h in hook_points]
+
+    def check(self, tokens: Tensor, hook_points: Sequence[str], expected: list[Tensor]) -> bool:
+        """Whether the lean tree gives `expected` (the bridge's activations of `tokens`) at `hook_points` to within
+        rounding (1e-4 of the largest activation in float32, 4 units in the last place in half precision: the bridge
+        may compute attention another way); remembered for the hook set."""
+        agrees = all(h in self.sites for h in hook_points)
+        if agrees:
+            try:
+                got = self.run(tokens, hook_points)
+            except Exception:  # a module that cannot run without the bridge: stay on the bridge
+                got = []
+            agrees = len(got) == len(expected) and all(
+                g.shape == e.shape and g.dtype == e.dtype and torch.isfinite(g).all()
+                and (g - e).abs().max() <= max(1e-4, 4 * torch.finfo(e.dtype).eps) * e.abs().max()
+                for g, e in zip(got, expected, strict=False))
+        self.agrees[frozenset(hook_points)] = bool(agrees)
+        return bool(agrees)
+
+
+_LEAN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def lean_forward(model) -> LeanForward:
+    """The model's `LeanForward`, built on first use."""
+    if model not in _LEAN:
+        _LEAN[model] = LeanForward(model)
+    return _LEAN[model]
 
 
 def run_to_hook(model, tokens: Tensor, hook_point: str, fwd_hooks: list | None = None) -> Tensor:
@@ -312,6 +450,79 @@ def take_eval_rows(rows: Iterator[list[int]], cfg: dict[str, Any]) -> Tensor:
 def eval_token_rows(tokenizer, cfg: dict[str, Any]) -> Tensor:
     """The evaluation rows of a run with this config, rebuilt without an ActivationsStore."""
     return take_eval_rows(token_rows(tokenizer, cfg), cfg)
+
+
+def training_rows(tokenizer, cfg: dict[str, Any], shard: tuple[int, int]) -> Iterator[tuple[int, list[int]]]:
+    """(epoch, row) forever: the held-out rows (epoch 0 only, first), then this data-parallel rank's rows (every
+    `shard[1]`-th from `shard[0]`), epoch after epoch over the configured text."""
+    held_out, epoch = eval_rows_count(cfg), 0
+    while True:
+        produced = 0
+        for i, row in enumerate(token_rows(tokenizer, cfg)):
+            produced += 1
+            if epoch > 0 and i < held_out:
+                continue  # held-out rows are never served for training
+            if i >= held_out and (i - held_out) % shard[1] != shard[0]:
+                continue  # another data-parallel rank's row
+            yield epoch, row
+        if produced <= held_out:
+            raise _too_few_rows(cfg, produced)
+        epoch += 1
+
+
+class Prefetched:
+    """`items` read ahead by a background thread, in order, at most `depth` chunks of `chunk` items waiting, so
+    that tokenising and packing overlap with the model and the SAE steps. An exception of `items` is raised by
+    the `next` that reaches it. `close` (or losing the last reference) stops the thread."""
+
+    def __init__(self, items: Iterator, chunk: int, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._pending: collections.deque = collections.deque()
+        self._thread = threading.Thread(target=Prefetched._produce, args=(items, chunk, self._queue, self._stop),
+                                        daemon=True, name="row-prefetch")
+        self._thread.start()
+
+    @staticmethod
+    def _produce(items: Iterator, chunk: int, out: queue.Queue, stop: threading.Event) -> None:
+        """Runs in the thread; holds no reference to the consumer, so a dropped store stops it."""
+        while not stop.is_set():
+            part: list = []
+            last: tuple | None = None  # the end of the stream, or the exception that ended it
+            try:
+                part.extend(itertools.islice(items, chunk))
+                if len(part) < chunk:
+                    last = ("end", None)
+            except BaseException as err:  # handed to the consumer after the items before it
+                last = ("error", err)
+            for message in ([("items", part)] if part else []) + ([last] if last else []):
+                while not stop.is_set():
+                    with contextlib.suppress(queue.Full):
+                        out.put(message, timeout=0.05)
+                        break
+            if last:
+                return
+
+    def __iter__(self) -> Prefetched:
+        return self
+
+    def __next__(self):
+        if not self._pending:
+            kind, payload = self._queue.get()
+            if kind != "items":
+                self._queue.put((kind, payload))  # every later next ends the same way
+                if kind == "error":
+                    raise payload
+                raise StopIteration
+            self._pending.extend(payload)
+        return self._pending.popleft()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __del__(self) -> None:
+        self._stop.set()
 
 
 def excluded_token_ids(tokenizer, exclude_special_tokens: bool) -> Tensor:
@@ -511,8 +722,9 @@ class ActivationsStore:
         self.eval_rows_count = eval_rows_count(cfg)
         self.caches = [ActivationCache(cfg["cache_dir"], cfg, h, shard) for h in self.hook_points
                        ] if cfg["cache_dir"] else []
-        self._rows = self._rows_forever()
-        self.eval_tokens = take_eval_rows(self._rows, cfg)
+        self._rows: Prefetched | None = None
+        self._open_rows()
+        self.eval_tokens = take_eval_rows((row for _, row in self._rows), cfg)
         self.eval_acts = self._eval_activations()
         self._leftover = torch.empty(len(self.hook_points), 0, cfg["act_size"], device=self.buffer_device)
 
@@ -546,35 +758,32 @@ class ActivationsStore:
 
     # rows ---------------------------------------------------------------------------------
 
-    def _rows_forever(self) -> Iterator[list[int]]:
-        while True:
-            produced = 0
-            for i, row in enumerate(token_rows(self.model.tokenizer, self.cfg)):
-                produced += 1
-                if self.epoch > 0 and i < self.eval_rows_count:
-                    continue  # held-out rows are never served for training
-                if i >= self.eval_rows_count and (i - self.eval_rows_count) % self.shard[1] != self.shard[0]:
-                    continue  # another data-parallel rank's row
-                yield row
-            if produced <= self.eval_rows_count:
-                raise _too_few_rows(self.cfg, produced)
-            self.epoch += 1
-            tqdm.write(f"dataset exhausted: starting epoch {self.epoch}")
+    def _open_rows(self) -> None:
+        """A fresh row stream at its start, tokenised and packed ahead by a thread (with its own tokenizer: a
+        fast tokenizer must not be called from two threads at once)."""
+        if self._rows is not None:
+            self._rows.close()
+        tokenizer = copy.deepcopy(self.model.tokenizer)
+        self._rows = Prefetched(training_rows(tokenizer, self.cfg, self.shard), self.cfg["model_batch_size"],
+                                PREFETCH_BATCHES)
+        self.epoch = 0
 
     def seek_rows(self, rows_read: int) -> None:
         """Position the row stream after `rows_read` training rows (epochs and held-out rows
         accounted for exactly as when they were read)."""
-        self.epoch = 0
-        self._rows = self._rows_forever()
-        take_eval_rows(self._rows, self.cfg)
+        self._open_rows()
+        take_eval_rows((row for _, row in self._rows), self.cfg)
         for _ in range(rows_read):
-            next(self._rows)
+            self.epoch = next(self._rows)[0]
         self.rows_read = rows_read
 
     def next_token_rows(self, n: int) -> Tensor:
-        rows = [next(self._rows) for _ in range(n)]
+        taken = [next(self._rows) for _ in range(n)]
+        if taken[-1][0] != self.epoch:
+            tqdm.write(f"dataset exhausted: starting epoch {taken[-1][0]}")
+        self.epoch = taken[-1][0]
         self.rows_read += n
-        return torch.tensor(rows, dtype=torch.long)
+        return torch.tensor([row for _, row in taken], dtype=torch.long)
 
     # activations --------------------------------------------------------------------------
 
@@ -778,7 +987,7 @@ class TensorStore:
         """Rows `idx` of the training part, read in ascending order (sequential on a memmap)."""
         idx = idx.sort().values + self.first_row
         if isinstance(self.acts, Tensor):
-            return self.acts.index_select(0, idx.to(self.acts.device)).float()
+            return self.acts.index_select(0, idx.to(self.acts.device, non_blocking=True)).float()
         return as_float32(self.acts[idx.numpy()])
 
     def _reshuffle(self) -> None:
@@ -793,7 +1002,7 @@ class TensorStore:
             self._reshuffle()
         idx = self._order[self._served: self._served + batch]
         self._served += batch
-        return self._rows(idx).to(self.device).unsqueeze(0)
+        return self._rows(idx).to(self.device, non_blocking=True).unsqueeze(0)  # no host wait on CUDA
 
     def state_dict(self) -> dict[str, Any]:
         return {"order": self._order, "served": self._served, "epoch": self.epoch,

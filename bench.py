@@ -16,8 +16,9 @@
 Every figure is timed here: the fp32 (and bf16) matmul roofline at the configured shape, SAE-step
 tokens/s per variant (fp32, and bf16 autocast where the device supports it) with the
 achieved GFLOP/s of the dense-equivalent step and its fraction of the roofline, and
-activation generation through TransformerBridge against a plain Hugging Face forward
-truncated at the same layer (with each one's model FLOP utilisation), the end-to-end
+activation generation as the store captures it and through TransformerBridge, against a plain
+Hugging Face forward truncated at the same layer (with each one's model FLOP utilisation, and at
+1 x 16 tokens the time and Python calls per forward), the end-to-end
 training loop (store + steps) for one SAE and for a group of 8 sharing the stream, the
 disk cache's read rate, and peak memory (GPU memory allocated on CUDA, resident memory on
 CPU). With peers=true, also sparsify's TopK step (the fastest peer) on the same batch, timed
@@ -54,9 +55,10 @@ from activation_store import (
     load_model,
     model_dims,
     resolve_model_path,
+    run_bridge_to_hooks,
     run_to_hook,
 )
-from config import get_default_cfg, post_init_cfg, resolve_device
+from config import get_default_cfg, post_init_cfg, resolve_device, site_hook
 from metrics import total_variance
 from sae import SAE_CLASSES
 from training import Trainee, make_trainee, train_sae_group, training_step
@@ -364,36 +366,52 @@ def python_calls(fn: Callable[[], Any]) -> int:
 
 def generation_rates(model_name: str, model_batch_size: int, device: torch.device, dtype: str,
                      roofline: Callable[[], float]) -> dict[str, float]:
-    """Tokens/s to the default hook: TransformerBridge stopped at the hook vs plain HF
-    truncated, both in `dtype`, and each one's model FLOP utilisation: of the faster of two
-    matmul rooflines in that dtype measured just before and just after the timings (a
-    roofline from another minute of a drifting machine gave utilisations over 100%)."""
+    """Tokens/s to the default hook, all in `dtype`: the store's capture (`run_to_hook`: the lean modules),
+    the TransformerBridge itself, and plain HF truncated at the hook's depth, each with its model FLOP
+    utilisation (of the faster of two matmul rooflines measured just before and just after the timings: a
+    roofline from another minute of a drifting machine gave utilisations over 100%). At 1 x 16 tokens,
+    where a forward is all overhead: the capture's time per forward over plain HF's (median of interleaved
+    rounds) and the Python calls of each (cProfile; a count that does not drift with the machine's load)."""
     from transformers import AutoModel
 
     cfg = get_default_cfg()
     model = load_model(model_name, str(device), dtype)
-    hook = f"blocks.{cfg['layer']}.hook_{cfg['site']}"
+    hook = site_hook(cfg["layer"], cfg["site"])
     tokens = torch.randint(1000, 20000, (model_batch_size, cfg["seq_len"]), device=device)
     plain = AutoModel.from_pretrained(resolve_model_path(model_name), num_hidden_layers=cfg["layer"],
                                       dtype=DTYPES[dtype])
     plain = plain.to(device).eval()
+
+    def plain_forward(t: torch.Tensor) -> Any:
+        with torch.inference_mode():
+            return plain(input_ids=t)
+
     n = tokens.numel()
     before = roofline()
-    bridge_s = timed(lambda: run_to_hook(model, tokens, hook), device, repeats=5)
-    with torch.inference_mode():
-        plain_s = timed(lambda: plain(input_ids=tokens), device, repeats=5)
+    rates = interleaved_rates({"capture": lambda: run_to_hook(model, tokens, hook),
+                               "bridge": lambda: run_bridge_to_hooks(model, tokens, [hook]),
+                               "plain_hf": lambda: plain_forward(tokens)}, device, rounds=6, steps=2)
     roofline_gflops = max(before, roofline())
     flops = model_flops_per_token(plain, cfg["seq_len"])
     row = tokens[:1, :16]  # one row of 16 tokens: the per-forward overhead, nothing else
-    with torch.inference_mode():
-        capture_calls, plain_calls = python_calls(lambda: run_to_hook(model, row, hook)), python_calls(
-            lambda: plain(input_ids=row))
-    return {"capture_calls": capture_calls, "plain_hf_calls": plain_calls,
-            "capture_calls_ratio": capture_calls / plain_calls,
-            "bridge_tokens_per_s": n / bridge_s, "plain_hf_tokens_per_s": n / plain_s,
-            "bridge_vs_plain": plain_s / bridge_s, "model_flops_per_token": flops, "roofline_gflops": roofline_gflops,
-            "bridge_mfu": n / bridge_s * flops / (roofline_gflops * 1e9),
-            "plain_hf_mfu": n / plain_s * flops / (roofline_gflops * 1e9)}
+    small = interleaved_rates({"capture": lambda: run_to_hook(model, row, hook),
+                               "plain_hf": lambda: plain_forward(row)}, device, rounds=10, steps=20)
+    calls = {"capture": python_calls(lambda: run_to_hook(model, row, hook)),
+             "bridge": python_calls(lambda: run_bridge_to_hooks(model, row, [hook])),
+             "plain_hf": python_calls(lambda: plain_forward(row))}
+    out = {f"{name}_calls": count for name, count in calls.items()}
+    out |= {"capture_calls_ratio": calls["capture"] / calls["plain_hf"],
+            "bridge_calls_ratio": calls["bridge"] / calls["plain_hf"],
+            "capture_1x16_time_vs_plain": statistics.median(
+                p / c for c, p in zip(small["capture"], small["plain_hf"], strict=True)),
+            "model_flops_per_token": flops, "roofline_gflops": roofline_gflops}
+    for name, per_round in rates.items():
+        out[f"{name}_tokens_per_s"] = n * statistics.median(per_round)
+        out[f"{name}_mfu"] = out[f"{name}_tokens_per_s"] * flops / (roofline_gflops * 1e9)
+    for name in ("capture", "bridge"):
+        out[f"{name}_vs_plain"] = statistics.median(
+            a / b for a, b in zip(rates[name], rates["plain_hf"], strict=True))
+    return out
 
 
 def stream_cfg(s: dict[str, Any], device: torch.device, model) -> dict[str, Any]:
@@ -583,18 +601,20 @@ def main(argv: list[str]) -> None:
         gen = generation_rates(s["model"], s["model_batch_size"], device, s["dtype"],
                                functools.partial(matmul_roofline, s["d"], s["m"], s["batch"], device, s["dtype"]))
         results["generation"] = gen
-        print(f"generation to the default hook ({s['dtype']}): bridge {gen['bridge_tokens_per_s']:,.0f} tokens/s, "
-              f"plain HF {gen['plain_hf_tokens_per_s']:,.0f} tokens/s ({gen['bridge_vs_plain']:.2f}x); model FLOP "
-              f"utilisation (of the {s['dtype']} matmul roofline, {gen['roofline_gflops']:.0f} GFLOP/s around the "
-              f"timings) {gen['bridge_mfu']:.0%} vs "
-              f"{gen['plain_hf_mfu']:.0%}; Python calls per forward of 1 x 16 tokens: capture "
-              f"{gen['capture_calls']:,}, plain HF {gen['plain_hf_calls']:,} (capture_calls_ratio "
-              f"{gen['capture_calls_ratio']:.2f})", flush=True)
+        print(f"generation to the default hook ({s['dtype']}; median of interleaved rounds): capture "
+              f"{gen['capture_tokens_per_s']:,.0f} tokens/s ({gen['capture_vs_plain']:.2f}x plain HF), bridge "
+              f"{gen['bridge_tokens_per_s']:,.0f} ({gen['bridge_vs_plain']:.2f}x), plain HF "
+              f"{gen['plain_hf_tokens_per_s']:,.0f}; model FLOP utilisation (of the {s['dtype']} matmul roofline, "
+              f"{gen['roofline_gflops']:.0f} GFLOP/s around the timings) {gen['capture_mfu']:.0%} vs "
+              f"{gen['plain_hf_mfu']:.0%}", flush=True)
+        print(f"one forward of 1 x 16 tokens: capture {gen['capture_1x16_time_vs_plain']:.2f}x plain HF's time; "
+              f"Python calls: capture {gen['capture_calls']:,}, bridge {gen['bridge_calls']:,}, plain HF "
+              f"{gen['plain_hf_calls']:,} (capture_calls_ratio {gen['capture_calls_ratio']:.2f})", flush=True)
     if s["end_to_end"]:
         model = load_model(s["model"], str(device), s["dtype"])
         e2e = end_to_end_rates(s, device, model) | {"cache_read_tokens_per_s": cache_read_rate(s, device, model)}
         results["end_to_end"] = e2e
-        base = results.get("generation", {}).get("bridge_tokens_per_s")
+        base = results.get("generation", {}).get("capture_tokens_per_s")
         for name in ("one_sae", "group_of_8"):
             rate, refill = e2e[f"{name}_tokens_per_s"], e2e[f"{name}_refill_tokens_per_s"]
             print(f"end to end, {name.replace('_', ' ')}: {rate:,.0f} tokens/s ({rate / refill:.2f}x the loop's own "

@@ -83,9 +83,11 @@ def test_generation_rates_take_the_faster_roofline_around_the_timings():
     rooflines = iter([100.0, 400.0])
     gen = bench.generation_rates(bench.SETTINGS["model"], 2, torch.device("cpu"), "float32", lambda: next(rooflines))
     assert gen["roofline_gflops"] == 400.0
-    assert gen["bridge_tokens_per_s"] > 0 and gen["plain_hf_tokens_per_s"] > 0
-    expected = gen["bridge_tokens_per_s"] * gen["model_flops_per_token"] / 400e9
-    assert abs(gen["bridge_mfu"] - expected) < 1e-12
+    for name in ("capture", "bridge", "plain_hf"):
+        assert gen[f"{name}_tokens_per_s"] > 0 and gen[f"{name}_calls"] > 0
+        expected = gen[f"{name}_tokens_per_s"] * gen["model_flops_per_token"] / 400e9
+        assert abs(gen[f"{name}_mfu"] - expected) < 1e-12
+    assert gen["capture_calls_ratio"] == gen["capture_calls"] / gen["plain_hf_calls"]
 
 
 def test_time_refills_counts_the_tokens_and_seconds_of_each_refill():

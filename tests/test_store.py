@@ -57,6 +57,64 @@ def _write_corpus(folder, n_docs: int = 12) -> None:
     (folder / "part.jsonl").write_text("\n".join(lines))
 
 
+def test_rows_are_read_ahead_in_order_and_epochs_counted_as_served(minilm, tmp_path):
+    """The store's rows come from a prefetching thread: they are the stream's training rows in order (held-out
+    rows first and never again, every epoch), and `epoch` is the epoch of the last row served, not of the
+    thread's."""
+    from activation_store import eval_rows_count, token_rows
+
+    _write_corpus(tmp_path / "corpus")
+    store = make_store(minilm, dataset_path=str(tmp_path / "corpus"), text_column="body", eval_tokens=256,
+                       num_batches_in_buffer=2, batch_size=64)
+    one_pass = [torch.tensor(r) for r in token_rows(minilm.tokenizer, store.cfg)]
+    held_out = eval_rows_count(store.cfg)
+    per_epoch = len(one_pass) - held_out
+    assert torch.equal(store.eval_tokens, torch.stack(one_pass[:held_out]))
+    store.seek_rows(0)
+    served = store.next_token_rows(3 * per_epoch + 2)
+    expected = torch.stack(one_pass[held_out:] * 4)[: len(served)]
+    assert torch.equal(served, expected) and store.epoch == 3
+    store.seek_rows(per_epoch)  # the last row of epoch 0 is then the last one served
+    assert store.epoch == 0 and torch.equal(store.next_token_rows(1)[0], one_pass[held_out])
+    assert store.epoch == 1
+
+
+def test_prefetched_reads_ahead_a_bounded_amount_and_hands_errors_over_in_place():
+    import gc
+    import time
+
+    from activation_store import Prefetched
+
+    produced = []
+
+    def numbers(fail_at: int | None = None):
+        for i in range(10**9):
+            if i == fail_at:
+                raise ValueError("the source failed")
+            produced.append(i)
+            yield i
+
+    ahead = Prefetched(numbers(), chunk=4, depth=2)
+    deadline = time.monotonic() + 5
+    while ahead._queue.qsize() < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert len(produced) <= 4 * 3  # two chunks waiting and one in hand
+    assert [next(ahead) for _ in range(50)] == list(range(50))
+    thread = ahead._thread
+    del ahead
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()  # a dropped stream stops its thread
+
+    failing = Prefetched(numbers(fail_at=6), chunk=4, depth=2)
+    assert [next(failing) for _ in range(6)] == list(range(6))  # every item before the error is served
+    for _ in range(2):
+        with pytest.raises(ValueError, match="the source failed"):
+            next(failing)
+    failing.close()
+
+
 def test_held_out_rows_never_served_across_epochs(minilm, tmp_path):
     _write_corpus(tmp_path / "corpus")
     store = make_store(minilm, dataset_path=str(tmp_path / "corpus"), text_column="body", eval_tokens=256,
