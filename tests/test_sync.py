@@ -1,0 +1,94 @@
+"""On CUDA the training loop never waits for the device between logging steps: every variant trains under
+`torch.cuda.set_sync_debug_mode("error")` except while it logs, evaluates or checkpoints. The same plumbing runs
+on CPU with a recorder in place of the debug mode, so that the CUDA test's structure is checked everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import small_cfg
+
+import training
+from activation_store import TensorStore
+from checkpoint import checkpoint_due
+from sae import SAE_CLASSES
+
+STEPS = 30
+
+
+def train_with_sync_checks(variant: str, device: str, set_mode: Callable[[str], None], tmp_path, monkeypatch,
+                           **overrides) -> None:
+    """Train `variant` for STEPS steps on `device` with the sync debug mode "error" from the first step on, "default"
+    while the loop logs, evaluates or checkpoints (those read values on the host by design)."""
+    cfg = small_cfg(sae_type=variant, device=device, dict_size=512, top_k=8, num_tokens=256 * STEPS,
+                    perf_log_freq=10, eval_freq=20, checkpoint_freq=25, dead_after_tokens=256 * 5,
+                    output_dir=str(tmp_path), run_name=f"{variant}_sync", eval_tokens=1024) | overrides
+    acts = torch.randn(20_000, 64).relu() + 0.1
+
+    run_steps, log_step, checkpoint_group = training._run_steps, training._log_step, training.checkpoint_group
+
+    def on_host(fn: Callable, due: bool) -> Callable:
+        def call(*args, **kwargs):
+            if due:
+                set_mode("default")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if due:
+                    set_mode("error")
+        return call
+
+    def steps(*args, **kwargs):
+        set_mode("error")
+        try:
+            return run_steps(*args, **kwargs)
+        finally:
+            set_mode("default")
+
+    def logged(t, out, step, total_steps, *rest):
+        c = t.cfg
+        due = step % c["perf_log_freq"] == 0 or step % c["eval_freq"] == 0 or step == total_steps \
+            or checkpoint_due(c, step)
+        return on_host(log_step, due)(t, out, step, total_steps, *rest)
+
+    def checkpointed(trainees, step, total_steps, *rest, now=False):
+        due = now or step == total_steps or any(checkpoint_due(t.cfg, step) for t in trainees)
+        return on_host(checkpoint_group, due)(trainees, step, total_steps, *rest, now=now)
+
+    monkeypatch.setattr(training, "_run_steps", steps)
+    monkeypatch.setattr(training, "_log_step", logged)
+    monkeypatch.setattr(training, "checkpoint_group", checkpointed)
+    trainee = training.train_sae(cfg, store=TensorStore(acts, cfg))
+    assert trainee.final_metrics["l0"] > 0
+
+
+def test_the_sync_checks_cover_every_step_but_the_logging_ones(tmp_path, monkeypatch):
+    """CPU: the mode is "error" for each training step but those that log, evaluate or checkpoint."""
+    modes: list[str] = []
+    steps_under: list[str] = []
+    training_step = training.training_step
+
+    def recording_step(*args, **kwargs):
+        steps_under.append(modes[-1])
+        return training_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "training_step", recording_step)
+    train_with_sync_checks("topk", "cpu", modes.append, tmp_path, monkeypatch)
+    assert steps_under == ["error"] * STEPS  # the loop's own work runs checked from the first step
+    visits = modes.count("default") - 1  # the last one ends the loop
+    # logging at steps 10, 20, 25 (the checkpoint's finiteness check) and 30; checkpoints at 25 and 30 (the end)
+    assert visits == 6 and modes[0] == "error" and modes[-1] == "default"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", list(SAE_CLASSES))
+@pytest.mark.parametrize("target_l0", [0, 8])
+def test_no_host_sync_between_logging_steps_on_cuda(variant, target_l0, tmp_path, monkeypatch):
+    cls = SAE_CLASSES[variant]
+    if target_l0 and not cls.coeff_key:
+        pytest.skip(f"{variant}'s L0 is fixed by k")
+    # kernels=dense: the sparse CUDA path syncs by design (it is picked only for large dictionaries)
+    train_with_sync_checks(variant, "cuda", torch.cuda.set_sync_debug_mode, tmp_path, monkeypatch,
+                           kernels="dense", target_l0=target_l0)
