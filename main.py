@@ -96,10 +96,20 @@ def parse_args(argv: list[str]) -> tuple[list[dict[str, Any]], argparse.Namespac
                               "drop --preset and --sweep")
         return resume_cfgs(resume, overrides), args
     base = get_default_cfg() | PRESETS[args.preset]
-    cfgs = SWEEPS[args.sweep](base) if args.sweep else [base]
-    # an override of what the sweep varies collapses it: --sweep transcoders layer=3 trains layer 3's three runs
-    unique = {json.dumps(c | overrides, sort_keys=True, default=str): c | overrides for c in cfgs}
-    return list(unique.values()), args
+    return select_runs(SWEEPS[args.sweep](base) if args.sweep else [base], overrides), args
+
+
+def select_runs(cfgs: list[dict[str, Any]], overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """Overrides on a sweep. One of a key the sweep varies keeps the runs with that value (`--sweep transcoders
+    layer=3`: layer 3's three runs; `--sweep l0 sae_type=jumprelu`: JumpReLU's three targets), or sets it in every
+    run if none has it; any other applies to every run. Runs made equal are trained once."""
+    def value(c: dict[str, Any], key: str) -> str:
+        return json.dumps(c.get(key), default=str)
+
+    varied = [k for k in overrides if len({value(c, k) for c in cfgs}) > 1]
+    kept = [c for c in cfgs if all(c.get(k) == overrides[k] for k in varied)] or cfgs
+    unique = {json.dumps(c | overrides, sort_keys=True, default=str): c | overrides for c in kept}
+    return list(unique.values())
 
 
 def resume_cfgs(run_dir: str, overrides: dict[str, Any]) -> list[dict[str, Any]]:

@@ -285,6 +285,10 @@ def test_an_override_of_the_swept_key_collapses_the_sweep():
     cfgs, _ = main.parse_args(["--sweep", "transcoders", "layer=3", "sae_type=topk"])
     assert [(c["layer"], c["site"], c.get("target_site", ""), c.get("skip_connection", False)) for c in cfgs] == [
         (3, "mlp_out", "", False), (3, "mlp_in", "mlp_out", False), (3, "mlp_in", "mlp_out", True)]
+    cfgs, _ = main.parse_args(["--sweep", "l0", "sae_type=jumprelu", "lr=1e-3"])  # not also JumpReLU at k 16/32/64
+    assert [(c["sae_type"], c["target_l0"], c["lr"]) for c in cfgs] == [("jumprelu", t, 1e-3) for t in (16, 32, 64)]
+    cfgs, _ = main.parse_args(["--sweep", "layers", "layer=9", "site=mlp_out"])  # no run has it: set in each, once
+    assert [(c["layer"], c["site"]) for c in cfgs] == [(9, "mlp_out")]
 
 
 def test_the_frontier_draws_saes_and_transcoders_as_separate_series():
