@@ -98,6 +98,7 @@ class BaseSAE(nn.Module):
     saelens_architecture: ClassVar[str | None] = None  # SAELens's name for its inference rule (None: none fits)
     saelens_tensors: ClassVar[tuple[str, ...]] = ()  # per-latent tensors its SAELens form adds (m,)
     averaged_buffers: ClassVar[tuple[str, ...]] = ()  # training state data-parallel ranks average after each step
+    coeff_damping: ClassVar[float] = 0.0  # target_l0: weight of the latest L0 error in the coefficient (math.md §8)
     has_sparse_path: ClassVar[bool] = False  # set by __init_subclass__: the class states its own `select`
 
     def __init_subclass__(cls, **kwargs):
@@ -129,6 +130,9 @@ class BaseSAE(nn.Module):
         if cfg.get("target_l0", 0) > 0:  # the coefficient's factor, adapted every step (`adapt_coefficient`)
             self.register_buffer("coeff_scale", torch.ones(()))
             self.averaged_buffers = (*self.averaged_buffers, "coeff_scale")
+            if self.coeff_damping:  # and the latest clipped log(L0 / target)
+                self.register_buffer("l0_error", torch.zeros(()))
+                self.averaged_buffers = (*self.averaged_buffers, "l0_error")
 
     def activation(self, pre: Tensor) -> Tensor:
         """f(pre); training and inference may differ (self.training)."""
@@ -148,19 +152,25 @@ class BaseSAE(nn.Module):
 
     def coefficient_at(self, step: int, total_steps: int) -> float | Tensor:
         """The sparsity coefficient at `step`: cfg[coeff_key], warmed up linearly from 0 (times the
-        factor `target_l0` adapts)."""
+        factor `target_l0` adapts, plus `coeff_damping` times the latest L0 error)."""
         base = self.cfg[self.coeff_key] if self.coeff_key else 0.0
         warmup = self.cfg["sparsity_warmup_frac"] * total_steps
         coeff = base * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
-        return coeff * self.coeff_scale if hasattr(self, "coeff_scale") else coeff
+        if not hasattr(self, "coeff_scale"):
+            return coeff
+        if hasattr(self, "l0_error"):  # may turn negative for a while: a penalty becomes a reward to fire
+            return coeff * (self.coeff_scale + self.coeff_damping * self.l0_error)
+        return coeff * self.coeff_scale
 
     @torch.no_grad()
     def adapt_coefficient(self, f: Tensor | SparseLatents, step: int, total_steps: int) -> None:
         """target_l0: once the coefficient's warm-up is over, scale it by (batch L0 / target)^rate, the
-        log ratio clipped to [-1, 1], on the device (docs/math.md §8)."""
+        log ratio clipped to [-1, 1], and keep that ratio for the damping term; on the device (docs/math.md §8)."""
         if hasattr(self, "coeff_scale") and step + 1 >= self.cfg["sparsity_warmup_frac"] * total_steps:
             ratio = (mean_l0(f).clamp_min(1e-3) / self.cfg["target_l0"]).log().clamp(-1.0, 1.0)
             self.coeff_scale.mul_(torch.exp(self.cfg["target_l0_rate"] * ratio)).clamp_(1e-6, 1e6)
+            if hasattr(self, "l0_error"):
+                self.l0_error.copy_(ratio)
 
     @classmethod
     def run_tag(cls, cfg: dict[str, Any]) -> str:
@@ -542,6 +552,9 @@ class JumpReLUSAE(BaseSAE):
             "bandwidth": Key(0.5, "straight-through kernel width epsilon", "> 0"),
             "jumprelu_init_threshold": Key(1.0, "initial per-latent threshold", "> 0")}
     coeff_key = "l0_coeff"
+    # its thresholds move at Adam's rate whatever the coefficient, so L0 lags it: the integral alone overshoots
+    # (target 16 ended at 13.4) and, kept positive, cannot raise L0 faster than the thresholds drift (64: 54.7)
+    coeff_damping = 2.0
     saelens_architecture, saelens_tensors = "jumprelu", ("threshold",)
 
     def __init__(self, cfg: dict[str, Any]):

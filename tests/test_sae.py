@@ -524,9 +524,17 @@ def test_target_l0_moves_the_coefficient_towards_the_target_by_a_bounded_factor(
     sparse[:, :4] = 1.0  # L0 4: half the target
     sae.adapt_coefficient(sparse, 1, 100)
     assert sae.coeff_scale.item() == pytest.approx(math.exp(0.1) * 0.5 ** 0.1)
-    assert float(sae.coefficient_at(50, 100)) == pytest.approx(sae.cfg["l0_coeff"] * sae.coeff_scale.item())
-    assert "coeff_scale" in sae.state_dict() and "coeff_scale" in sae.averaged_buffers  # saved, and ranks agree
+    # JumpReLU's coefficient also answers the latest error: here L0 is half the target, log 0.5 = -0.69
+    damped = sae.coeff_scale.item() + sae.coeff_damping * math.log(0.5)
+    assert sae.coeff_damping > 0 and damped < 0  # a reward to fire, until L0 comes up
+    assert float(sae.coefficient_at(50, 100)) == pytest.approx(sae.cfg["l0_coeff"] * damped)
+    for buffer in ("coeff_scale", "l0_error"):  # saved, and ranks agree
+        assert buffer in sae.state_dict() and buffer in sae.averaged_buffers
     assert "coeff_scale" not in make_sae("jumprelu").state_dict()  # off by default: nothing added
+    vanilla = make_sae("vanilla", target_l0=8.0, target_l0_rate=0.1, sparsity_warmup_frac=0.0)
+    vanilla.adapt_coefficient(sparse, 1, 100)  # no damping: the running factor alone
+    assert "l0_error" not in vanilla.state_dict()
+    assert float(vanilla.coefficient_at(50, 100)) == pytest.approx(vanilla.cfg["l1_coeff"] * 0.5 ** 0.1)
 
 
 def test_target_l0_is_refused_where_k_sets_the_l0():

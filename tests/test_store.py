@@ -344,7 +344,9 @@ def test_train_sae_on_a_tensor_store(tmp_path):
     assert (tmp_path / "from_tensor" / "final" / "sae.safetensors").exists()
 
 
-def test_a_tensor_store_run_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("variant", [{"sae_type": "batchtopk"}, {"sae_type": "jumprelu", "target_l0": 8.0}])
+def test_a_tensor_store_run_resumes_bitwise(tmp_path, variant):
+    """Also JumpReLU steered to an L0: its coefficient's running factor and latest error are in the checkpoint."""
     import shutil
 
     from safetensors.torch import load_file
@@ -353,15 +355,17 @@ def test_a_tensor_store_run_resumes_bitwise(tmp_path):
     from training import train_sae
 
     acts = sparse_mixture(12_000)
-    cfg = small_cfg(sae_type="batchtopk", dict_size=256, top_k=8, num_tokens=256 * 30, eval_tokens=1024,
-                    checkpoint_freq=20, output_dir=str(tmp_path), run_name="run")
+    cfg = small_cfg(dict_size=256, top_k=8, num_tokens=256 * 30, eval_tokens=1024, checkpoint_freq=20,
+                    output_dir=str(tmp_path), run_name="run", sparsity_warmup_frac=0.1) | variant
     train_sae(cfg, store=TensorStore(acts, cfg))
     run = tmp_path / "run"
     whole = load_file(run / "final" / "sae.safetensors")
     shutil.rmtree(run / "final")  # as if killed after the step-20 checkpoint
     train_sae(cfg | {"resume": str(run)}, store=TensorStore(acts, cfg))
     resumed = load_file(run / "final" / "sae.safetensors")
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert set(whole) == set(resumed) and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    if "target_l0" in variant:
+        assert {"coeff_scale", "l0_error"} <= set(whole) and whole["l0_error"].item() != 0
 
 
 def test_a_failed_write_is_called_disk_full_only_when_it_is(tmp_path, monkeypatch):
