@@ -1,6 +1,7 @@
 """On CUDA the training loop never waits for the device between logging steps: every variant trains under
-`torch.cuda.set_sync_debug_mode("error")` except while it logs, evaluates or checkpoints. The same plumbing runs
-on CPU with a recorder in place of the debug mode, so that the CUDA test's structure is checked everywhere."""
+`torch.cuda.set_sync_debug_mode("error")` except while it logs, evaluates or checkpoints. On CPU the same loop runs
+with every Python-level read of a tensor's value (`.item()`, `bool()`, `.tolist()`, ...: what waits for the device
+on CUDA) made to raise instead; the CUDA test also catches the reads inside ATen ops."""
 
 from __future__ import annotations
 
@@ -82,13 +83,56 @@ def test_the_sync_checks_cover_every_step_but_the_logging_ones(tmp_path, monkeyp
     assert visits == 6 and modes[0] == "error" and modes[-1] == "default"
 
 
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+class HostRead(AssertionError):
+    """A tensor's value was read on the host between logging steps."""
+
+
+def host_reads_forbidden(monkeypatch) -> Callable[[str], None]:
+    """A `set_mode` for CPU: while the mode is "error", reading a tensor's value on the host raises HostRead."""
+    forbidden = [False]
+
+    def guarded(name: str) -> Callable:
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if forbidden[0]:
+                raise HostRead(f"Tensor.{name} between logging steps")
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, guarded(name))
+
+    def set_mode(mode: str) -> None:
+        forbidden[0] = mode == "error"
+    return set_mode
+
+
+def variant_settings() -> list:
+    return [pytest.param(v, t, id=f"{v}-target{t}") for v, cls in SAE_CLASSES.items()
+            for t in ([0, 8] if cls.coeff_key else [0])]
+
+
+@pytest.mark.parametrize(("variant", "target_l0"), variant_settings())
+def test_no_host_read_between_logging_steps(variant, target_l0, tmp_path, monkeypatch):
+    """The dense step (the one CUDA runs at this size) and the loop around it read no tensor on the host."""
+    train_with_sync_checks(variant, "cpu", host_reads_forbidden(monkeypatch), tmp_path, monkeypatch,
+                           kernels="dense", target_l0=target_l0)
+
+
+def test_a_host_read_between_logging_steps_is_caught(tmp_path, monkeypatch):
+    """skip_nonfinite_batches reads the loss every step by design: the check must see it."""
+    with pytest.raises(HostRead, match="Tensor.item"):
+        train_with_sync_checks("topk", "cpu", host_reads_forbidden(monkeypatch), tmp_path, monkeypatch,
+                               kernels="dense", skip_nonfinite_batches=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("variant", list(SAE_CLASSES))
-@pytest.mark.parametrize("target_l0", [0, 8])
+@pytest.mark.parametrize(("variant", "target_l0"), variant_settings())
 def test_no_host_sync_between_logging_steps_on_cuda(variant, target_l0, tmp_path, monkeypatch):
-    cls = SAE_CLASSES[variant]
-    if target_l0 and not cls.coeff_key:
-        pytest.skip(f"{variant}'s L0 is fixed by k")
     # kernels=dense: the sparse CUDA path syncs by design (it is picked only for large dictionaries)
     train_with_sync_checks(variant, "cuda", torch.cuda.set_sync_debug_mode, tmp_path, monkeypatch,
                            kernels="dense", target_l0=target_l0)
