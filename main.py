@@ -100,14 +100,12 @@ def parse_args(argv: list[str]) -> tuple[list[dict[str, Any]], argparse.Namespac
 
 
 def select_runs(cfgs: list[dict[str, Any]], overrides: dict[str, Any]) -> list[dict[str, Any]]:
-    """Overrides on a sweep. One of a key the sweep varies keeps the runs with that value (`--sweep transcoders
-    layer=3`: layer 3's three runs; `--sweep l0 sae_type=jumprelu`: JumpReLU's three targets), or sets it in every
-    run if none has it; any other applies to every run. Runs made equal are trained once."""
-    def value(c: dict[str, Any], key: str) -> str:
-        return json.dumps(c.get(key), default=str)
-
-    varied = [k for k in overrides if len({value(c, k) for c in cfgs}) > 1]
-    kept = [c for c in cfgs if all(c.get(k) == overrides[k] for k in varied)] or cfgs
+    """Overrides on a sweep, key by key: an override keeps the runs that have its value if any do (`--sweep
+    transcoders layer=3`: layer 3's three runs; `--sweep l0 sae_type=jumprelu`: JumpReLU's three targets), then
+    every override is set in every run kept. Runs made equal are trained once."""
+    kept = cfgs
+    for key, value in overrides.items():
+        kept = [c for c in kept if c.get(key) == value] or kept
     unique = {json.dumps(c | overrides, sort_keys=True, default=str): c | overrides for c in kept}
     return list(unique.values())
 

@@ -134,6 +134,11 @@ class BaseSAE(nn.Module):
                 self.register_buffer("l0_error", torch.zeros(()))
                 self.averaged_buffers = (*self.averaged_buffers, "l0_error")
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        if hasattr(self, "l0_error") and prefix + "l0_error" not in state_dict:  # saved before the damping term
+            state_dict[prefix + "l0_error"] = torch.zeros(())  # existed: it starts again from no error
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def activation(self, pre: Tensor) -> Tensor:
         """f(pre); training and inference may differ (self.training)."""
         raise NotImplementedError

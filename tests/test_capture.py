@@ -65,15 +65,23 @@ def test_lean_hooks_stay_off_the_bridge_and_are_removed(minilm):
     none of the lean tree's, and no hook is left behind, also when the forward fails."""
     lean, tokens = lean_forward(minilm), rows(minilm)
     hook = "blocks.3.hook_resid_pre"
+    run_to_hooks(minilm, tokens, [hook])  # the hook set's first batch runs the bridge too, to check the lean tree
+    assert lean.agrees[frozenset([hook])]
     fired = []
-    minilm.hook_dict[hook].add_hook(lambda act, hook: fired.append(1))
+    minilm.hook_dict[hook].add_hook(lambda act, hook: fired.append("bridge"))
     try:
         run_to_hooks(minilm, tokens, [hook])
         assert not fired
     finally:
         minilm.hook_dict[hook].remove_hooks("fwd")
-    bridge_modules = {id(m) for m in minilm.modules()}
-    assert id(lean.sites[hook][0]) not in bridge_modules
+    module = lean.sites[hook][0]
+    assert id(module) not in {id(m) for m in minilm.modules()}
+    handle = module.register_forward_pre_hook(lambda *args: fired.append("lean"))
+    try:
+        run_bridge_to_hooks(minilm, tokens, [hook])
+        assert not fired
+    finally:
+        handle.remove()
 
     def hooks(modules) -> int:  # HF installs hooks of its own on a model's first forward: count, not zero
         return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)

@@ -531,6 +531,11 @@ def test_target_l0_moves_the_coefficient_towards_the_target_by_a_bounded_factor(
     for buffer in ("coeff_scale", "l0_error"):  # saved, and ranks agree
         assert buffer in sae.state_dict() and buffer in sae.averaged_buffers
     assert "coeff_scale" not in make_sae("jumprelu").state_dict()  # off by default: nothing added
+    older = {k: v for k, v in sae.state_dict().items() if k != "l0_error"}  # saved before the damping term
+    reloaded = make_sae("jumprelu", target_l0=8.0)
+    reloaded.l0_error.fill_(0.5)
+    reloaded.load_state_dict(older)
+    assert reloaded.l0_error.item() == 0 and reloaded.coeff_scale.item() == sae.coeff_scale.item()
     vanilla = make_sae("vanilla", target_l0=8.0, target_l0_rate=0.1, sparsity_warmup_frac=0.0)
     vanilla.adapt_coefficient(sparse, 1, 100)  # no damping: the running factor alone
     assert "l0_error" not in vanilla.state_dict()

@@ -113,6 +113,11 @@ def test_prefetched_reads_ahead_a_bounded_amount_and_hands_errors_over_in_place(
         with pytest.raises(ValueError, match="the source failed"):
             next(failing)
     failing.close()
+    closed = Prefetched(numbers(), chunk=4, depth=2)
+    closed.close()
+    with pytest.raises(RuntimeError, match="closed"):  # what was read ahead, then an error rather than a hang
+        for _ in range(4 * 3 + 1):
+            next(closed)
 
 
 def test_held_out_rows_never_served_across_epochs(minilm, tmp_path):

@@ -287,6 +287,8 @@ def test_an_override_of_the_swept_key_collapses_the_sweep():
         (3, "mlp_out", "", False), (3, "mlp_in", "mlp_out", False), (3, "mlp_in", "mlp_out", True)]
     cfgs, _ = main.parse_args(["--sweep", "l0", "sae_type=jumprelu", "lr=1e-3"])  # not also JumpReLU at k 16/32/64
     assert [(c["sae_type"], c["target_l0"], c["lr"]) for c in cfgs] == [("jumprelu", t, 1e-3) for t in (16, 32, 64)]
+    cfgs, _ = main.parse_args(["--sweep", "l0", "sae_type=jumprelu", "top_k=16"])  # each key on its own
+    assert [(c["sae_type"], c["target_l0"], c["top_k"]) for c in cfgs] == [("jumprelu", t, 16) for t in (16, 32, 64)]
     cfgs, _ = main.parse_args(["--sweep", "layers", "layer=9", "site=mlp_out"])  # no run has it: set in each, once
     assert [(c["layer"], c["site"]) for c in cfgs] == [(9, "mlp_out")]
 
