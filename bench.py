@@ -11,6 +11,7 @@
     python bench.py peers=true generation=false end_to_end=false  # + sparsify's step (pip install eai-sparsify==1.3.3)
     python bench.py compare=matryoshka,batchtopk sae_steps=false generation=false end_to_end=false  # a step ratio
     python bench.py transcoder=batchtopk sae_steps=false generation=false end_to_end=false  # transcoder vs SAE step
+    python bench.py model=random-gpt2-small device=cuda  # gpt2-small's shape, random weights: no internet needed
     python bench.py quality=true acts=train.npy eval_acts=eval.npy sae_steps=false generation=false end_to_end=false
 
 Every figure is timed here: the fp32 (and bf16) matmul roofline at the configured shape, SAE-step
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,6 +59,7 @@ from activation_store import (
     resolve_model_path,
     run_bridge_to_hooks,
     run_to_hook,
+    shakespeare_documents,
 )
 from config import get_default_cfg, post_init_cfg, resolve_device, site_hook
 from metrics import total_variance
@@ -346,9 +349,11 @@ def quality_comparison(s: dict[str, Any], device: torch.device) -> dict[str, Any
 
 def model_flops_per_token(plain, seq_len: int) -> float:
     """Forward FLOPs per token of the truncated model: 2 per matrix weight outside the
-    embeddings and pooler, plus attention's two (seq x seq x d) products per layer."""
+    embedding tables (a lookup, not a product; GPT-2 names its own `wte`/`wpe`) and pooler,
+    plus attention's two (seq x seq x d) products per layer."""
+    tables = {id(p) for m in plain.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     weights = sum(p.numel() for name, p in plain.named_parameters()
-                  if p.dim() > 1 and "embed" not in name and "pooler" not in name)
+                  if p.dim() > 1 and id(p) not in tables and "pooler" not in name)
     return 2 * weights + 4 * seq_len * plain.config.hidden_size * plain.config.num_hidden_layers
 
 
@@ -505,6 +510,30 @@ def report_peak_memory(results: dict[str, Any], when: str, device: torch.device)
     print(f"peak {kind} {when.replace('_', ' ')}: {gib:.2f} GiB")
 
 
+RANDOM_GPT2 = "random-gpt2-small"  # model= for gpt2-small's shape with random weights, built offline
+
+
+def random_gpt2(folder: Path, bpe_vocab: int = 512, **config: Any) -> Path:
+    """A GPT-2 with random weights (`GPT2Config(**config)`: gpt2-small's shape unless told otherwise; the
+    vocabulary the tokenizer's unless `vocab_size` is given) and a `bpe_vocab`-token BPE trained on a few scenes of
+    the embedded plays, saved in `folder`. Its forward costs what the real model's does, so it times one on a
+    machine without internet; the tests' tiny GPT-2 is one too."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(shakespeare_documents(0)[:40], vocab_size=bpe_vocab, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    end = "<|endoftext|>"
+    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=end, eos_token=end, unk_token=end)
+    tokenizer.save_pretrained(folder)
+    config = {"vocab_size": len(tokenizer)} | config
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               **config)).save_pretrained(folder)
+    return folder
+
+
 def parse(argv: list[str]) -> dict[str, Any]:
     s = dict(SETTINGS)
     for item in argv:
@@ -529,6 +558,9 @@ def parse(argv: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     s = parse(argv)
+    if s["model"] == RANDOM_GPT2:
+        s["model"] = str(random_gpt2(Path(tempfile.mkdtemp(prefix="gpt2-small-")), vocab_size=50257))
+        print(f"model: gpt2-small's shape with random weights, in {s['model']}", flush=True)
     device = torch.device(resolve_device(s["device"]))
     x = activation_batch(s["acts"], s["batch"]) if s["acts"] and s["sae_steps"] else None
     if x is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from activation_store import load_model, shakespeare_documents
+from activation_store import load_model
 from config import get_default_cfg
 
 torch.set_num_threads(2)
@@ -31,20 +31,9 @@ def minilm():
 
 def make_tiny_gpt2(folder: Path) -> Path:
     """A 2-layer GPT-2 with random weights and a 512-token BPE trained on a few scenes."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    from bench import random_gpt2
 
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(shakespeare_documents(0)[:40], vocab_size=512,
-                            special_tokens=["<|endoftext|>"], show_progress=False)
-    end = "<|endoftext|>"
-    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=end, eos_token=end, unk_token=end)
-    tokenizer.save_pretrained(folder)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
+    return random_gpt2(folder, n_positions=64, n_embd=32, n_layer=2, n_head=2)
 
 
 @pytest.fixture(scope="session")
