@@ -16,6 +16,7 @@ import errno
 import functools
 import hashlib
 import importlib.util
+import inspect
 import itertools
 import json
 import math
@@ -240,6 +241,10 @@ class LeanForward:
         if not isinstance(original, torch.nn.Module):  # a bridge over another backend: no modules to run
             return
         self.root = unwrap(original).eval()
+        # no KV cache: a forward stopped early has no use for one, and building it costs Python work per layer of
+        # the whole model (12 objects for gpt2, where the forward runs 3 layers)
+        self.forward_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(self.root.forward).parameters \
+            else {}
         owners: dict[int, tuple[torch.nn.Module, bool]] = {}  # HookPoint id -> (lean module, is its input)
         for component in model.modules():
             inner = wrapped(component)
@@ -277,7 +282,7 @@ class LeanForward:
                 handles.append(module.register_forward_pre_hook(functools.partial(pre_hook, name), with_kwargs=True)
                                if is_input else module.register_forward_hook(functools.partial(hook, name)))
             with torch.inference_mode(), contextlib.suppress(StopForward):
-                self.root(input_ids=tokens)
+                self.root(input_ids=tokens, **self.forward_kwargs)
         finally:
             for handle in handles:
                 handle.remove()
