@@ -226,13 +226,13 @@ class LeanForward:
                 if same and inner is module:  # nothing of the bridge's inside: run it as it is
                     copies[id(inner)] = inner
                 else:  # a private copy, so that hooks put on it never fire in the bridge's forward
-                    copy = object.__new__(type(inner))
-                    copy.__dict__.update(inner.__dict__)
-                    copy.__dict__["_modules"] = children
+                    twin = object.__new__(type(inner))
+                    twin.__dict__.update(inner.__dict__)
+                    twin.__dict__["_modules"] = children
                     for hooks in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                                   "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
-                        copy.__dict__[hooks] = type(inner.__dict__[hooks])()
-                    copies[id(inner)] = copy
+                        twin.__dict__[hooks] = type(inner.__dict__[hooks])()
+                    copies[id(inner)] = twin
             return copies[id(inner)]
 
         self.agrees: dict[frozenset[str], bool] = {}  # hook sets checked against the bridge
