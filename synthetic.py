@@ -4,10 +4,14 @@
 
 from `synthetic_features` unit directions d_i in `synthetic_d` dimensions (many more features
 than dimensions: superposition). Feature i fires (a_i = 1) with a Zipf-distributed probability
-scaled so that a sample holds `synthetic_l0` features on average. Firing is correlated: each
-sample is of one of a few kinds (contexts) that scale every feature's odds. A quarter of the
-features are children: a child fires only with its parent, and siblings exclude each other.
-Magnitudes c_i are 1 + 0.25·N(0, 1), at least 0.1; b is a fixed random bias. Every stream
+(exponent 0.5: a heavy tail) scaled so that a sample holds `synthetic_l0` features on average.
+Firing is correlated: each sample is of one of a few kinds (contexts) that scale every
+feature's odds. A quarter of the features are children, in groups of siblings under a
+parent: a fired parent fires one of its children half of the time (siblings exclude each
+other), and a child never fires without it. Parents are the most frequent features (general
+features, with specific ones under them): the structure in which an SAE's latent for a parent
+tends to absorb its children.
+Magnitudes c_i are 1 + MAGNITUDE_STD·N(0, 1), at least 0.1; b is a fixed random bias. Every stream
 (directions, structure, samples, the held-out set) has its own generator, seeded from `seed`
 but never the SAE's, so the SAE cannot start out holding the answer. `SyntheticStore` serves
 fresh samples with the interface of a TensorStore.
@@ -26,8 +30,10 @@ from config import ConfigError, post_init_cfg
 STREAMS = {"directions": 1_000_003, "structure": 2_000_003, "eval": 3_000_017, "train": 4_000_037}
 CHILD_FRACTION = 0.25  # of the features, in sibling groups under parents
 SIBLINGS = 4  # children per parent
+CHILD_GIVEN_PARENT = 0.5  # a fired parent fires one of its children this often
 CONTEXTS, CONTEXT_SPREAD = 8, 0.5  # kinds of sample, and how much each scales a feature's odds (log-normal)
-ZIPF_EXPONENT = 1.0
+ZIPF_EXPONENT = 0.5  # as SynthSAEBench-16k's: a heavy tail of features no SAE of this width can all learn
+MAGNITUDE_STD = 0.25  # c_i = 1 + MAGNITUDE_STD * N(0, 1), at least 0.1
 
 
 class SyntheticFeatures:
@@ -42,26 +48,29 @@ class SyntheticFeatures:
         n_groups = int(CHILD_FRACTION * n) // SIBLINGS
         self.children = order[: n_groups * SIBLINGS].view(n_groups, SIBLINGS)
         self.parents = order[n_groups * SIBLINGS: n_groups * (SIBLINGS + 1)]
-        rank = torch.empty(n, dtype=torch.long)
-        rank[order.flip(0)] = torch.arange(n)  # Zipf ranks: free features and parents most frequent
-        self.p = self._scaled_to_l0((rank + 1).double().pow(-ZIPF_EXPONENT), l0)
-        self.child_cdf = (self.p[self.children] / self.p[self.children].sum(1, keepdim=True)).cumsum(1)
-        self.child_rate = self.p[self.children].sum(1).clamp(max=1)  # a fired parent fires one child this often
+        independent = order[n_groups * SIBLINGS:]  # parents first: the general features are the frequent ones
+        weights = torch.zeros(n)  # Zipf over parents and free features; children fire through their parents
+        weights[independent] = torch.arange(1, len(independent) + 1).float().pow(-ZIPF_EXPONENT)
+        self.p = self._scaled_to_l0(weights, l0)
+        # which sibling a fired parent fires: Zipf weights 1, 1/2, ... within the group
+        sibling_weights = torch.arange(1, SIBLINGS + 1).float().pow(-ZIPF_EXPONENT)
+        self.child_cdf = (sibling_weights / sibling_weights.sum()).cumsum(0).expand(n_groups, SIBLINGS)
+        self.p[self.children] = self.p[self.parents].unsqueeze(1) * CHILD_GIVEN_PARENT * (
+            sibling_weights / sibling_weights.sum())  # each child's marginal rate, for reference
         # correlated firing: CONTEXTS kinds of sample, each scaling every independent feature's odds
         odds = torch.exp(CONTEXT_SPREAD * torch.randn(CONTEXTS, n, generator=gen))
         self.context_p = (self.p * odds / odds.mean(0)).clamp(max=0.9)  # factors of mean 1 over the contexts
         self.context_p[:, self.children.flatten()] = 0  # children fire only through their parents
 
     def _scaled_to_l0(self, weights: Tensor, l0: float) -> Tensor:
-        """Probabilities proportional to `weights` (each at most 0.5) whose expected L0 is `l0`: a free feature
-        or parent counts p; a sibling group adds one child with probability min(1, sum of its p) per parent fire."""
-        is_child = torch.zeros(len(weights), dtype=torch.bool)
-        is_child[self.children.flatten()] = True
+        """Probabilities proportional to `weights` (0 for children; each at most 0.5) whose expected L0 is `l0`:
+        every free feature or parent counts p, and a parent's fire adds a child CHILD_GIVEN_PARENT of the time."""
+        counts = torch.ones(len(weights), dtype=torch.float64)
+        counts[self.parents] += CHILD_GIVEN_PARENT
         lo, hi = 0.0, 1e6
         for _ in range(100):  # bisection on the scale
             mid = (lo + hi) / 2
-            p = (weights * mid).clamp(max=0.5)
-            expected = p[~is_child].sum() + (p[self.parents] * p[self.children].sum(1).clamp(max=1)).sum()
+            expected = ((weights.double() * mid).clamp(max=0.5) * counts).sum()
             lo, hi = (mid, hi) if expected < l0 else (lo, mid)
         if expected < 0.999 * l0:
             raise ConfigError(f"config synthetic_l0={l0} is invalid: {len(weights)} features with firing "
@@ -105,12 +114,13 @@ class SyntheticFeatures:
         group = is_parent[cols] - 1  # the sibling group of a fired parent (-1: not a parent)
         fired_parent = (group >= 0).nonzero().squeeze(1)
         g = group[fired_parent]
-        fires = torch.rand(len(g), generator=gen) < self.child_rate[g]
+        fires = torch.rand(len(g), generator=gen) < CHILD_GIVEN_PARENT
         pick = (torch.rand(len(g), 1, generator=gen) > self.child_cdf[g]).sum(1).clamp(max=SIBLINGS - 1)
         rows = torch.cat([rows, rows[fired_parent][fires]])
         cols = torch.cat([cols, self.children[g, pick][fires]])
-        magnitude = (1 + 0.25 * torch.randn(len(rows), generator=gen)).clamp_min(0.1)
-        x = self.bias.repeat(n, 1).index_add_(0, rows, magnitude.unsqueeze(1) * self.directions[cols])
+        magnitude = (1 + MAGNITUDE_STD * torch.randn(len(rows), generator=gen)).clamp_min(0.1)
+        codes = torch.sparse_coo_tensor(torch.stack([rows, cols]), magnitude, (n, self.n), check_invariants=False)
+        x = torch.sparse.mm(codes, self.directions) + self.bias  # no (fires, d) copy of the directions
         return x, torch.stack([rows, cols])
 
 
