@@ -10,6 +10,7 @@
     python bench.py acts=acts.npy generation=false end_to_end=false  # SAE steps on your (tokens, d) activations
     python bench.py peers=true generation=false end_to_end=false  # + sparsify's step (pip install eai-sparsify==1.3.3)
     python bench.py compare=matryoshka,batchtopk sae_steps=false generation=false end_to_end=false  # a step ratio
+    python bench.py synthetic=true transcoder= sae_steps=false generation=false end_to_end=false  # synthetic samples/s
     python bench.py transcoder=batchtopk sae_steps=false generation=false end_to_end=false  # transcoder vs SAE step
     python bench.py model=random-gpt2-small device=cuda  # gpt2-small's shape, random weights: no internet needed
     python bench.py quality=true acts=train.npy eval_acts=eval.npy sae_steps=false generation=false end_to_end=false
@@ -61,7 +62,7 @@ from activation_store import (
     run_to_hook,
     shakespeare_documents,
 )
-from config import get_default_cfg, post_init_cfg, resolve_device, site_hook
+from config import PRESETS, get_default_cfg, post_init_cfg, resolve_device, site_hook
 from metrics import total_variance
 from sae import SAE_CLASSES
 from training import Trainee, make_trainee, train_sae_group, training_step
@@ -72,7 +73,7 @@ SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": 
             "model_batch_size": get_default_cfg()["model_batch_size"], "dtype": "float32",
             "variants": "", "kernels": "sparse,dense", "acts": "", "peers": False,
             "quality": False, "eval_acts": "", "quality_tokens": 1_048_576, "compare": "",
-            "transcoder": get_default_cfg()["sae_type"]}
+            "transcoder": get_default_cfg()["sae_type"], "synthetic": False}
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2, rounds: int = 3) -> float:
@@ -345,6 +346,21 @@ def quality_comparison(s: dict[str, Any], device: torch.device) -> dict[str, Any
         name = f"sparsify_topk_{optimizer}" + (f"_lr{lr:g}_warmup{warmup}" if lr is not None else "")
         results[name] = sparsify_held_out(peer, eval_acts.to(device), s["batch"]) | {"tokens_per_s": tokens / seconds}
     return {"tokens": tokens, "runs": results}
+
+
+def synthetic_rates(repeats: int = 10) -> dict[str, float]:
+    """Samples/s of the synthetic source (synthetic.py) at the preset's shape and batch, and at SynthSAEBench-16k's
+    shape (16,384 features in d 768, L0 25) in batches of 4,096; the fastest of 3 rounds."""
+    from synthetic import SyntheticFeatures
+
+    preset = get_default_cfg() | PRESETS["synthetic"]
+    shapes = {"preset": (preset["synthetic_features"], preset["synthetic_d"], preset["synthetic_l0"],
+                         preset["batch_size"]), "synthsaebench_shape": (16384, 768, 25.0, 4096)}
+    rates = {}
+    for name, (n, d, l0, batch) in shapes.items():
+        sample = functools.partial(SyntheticFeatures(n, d, l0, seed=0).sample, batch, torch.Generator().manual_seed(0))
+        rates[f"{name}_samples_per_s"] = batch / timed(sample, torch.device("cpu"), repeats, warmup=1, rounds=3)
+    return rates
 
 
 def model_flops_per_token(plain, seq_len: int) -> float:
@@ -629,6 +645,11 @@ def main(argv: list[str]) -> None:
         for name, row in quality["runs"].items():
             print(f"  {name:<40}  EV {row['explained_variance']:.4f}  L0 {row['l0']:6.2f}  never fired "
                   f"{row['never_fired_eval_frac']:6.2%}  {row['tokens_per_s']:>8,.0f} tokens/s", flush=True)
+    if s["synthetic"]:
+        syn = results["synthetic"] = synthetic_rates()
+        print(f"synthetic source: {syn['preset_samples_per_s']:,.0f} samples/s at the preset's shape and batch, "
+              f"{syn['synthsaebench_shape_samples_per_s']:,.0f} at 16,384 features in d 768 with L0 25 "
+              "(batches of 4,096)", flush=True)
     if s["generation"]:
         gen = generation_rates(s["model"], s["model_batch_size"], device, s["dtype"],
                                functools.partial(matmul_roofline, s["d"], s["m"], s["batch"], device, s["dtype"]))

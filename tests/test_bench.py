@@ -164,3 +164,10 @@ def test_quality_comparison_where_sparsify_is_installed(tmp_path):
         assert row["tokens_per_s"] > 0 and 0 <= row["never_fired_eval_frac"] <= 1
     assert runs["topk"]["l0"] == 8 and runs["sparsify_topk_signum"]["l0"] <= 8
     assert runs["topk"]["explained_variance"] > 0.5 and runs["sparsify_topk_signum"]["explained_variance"] > 0.5
+
+
+def test_synthetic_rates_time_the_preset_and_the_synthsaebench_shape():
+    rates = bench.synthetic_rates(repeats=1)
+    assert set(rates) == {"preset_samples_per_s", "synthsaebench_shape_samples_per_s"}
+    assert all(rate > 0 for rate in rates.values())
+    assert bench.parse(["synthetic=true"])["synthetic"] is True
