@@ -105,7 +105,8 @@ KEYS: dict[str, Key] = {
                              "> 0"),
     "target_l0": Key(0.0, "L0 to end at, for a variant whose sparsity is set by a coefficient: the run scales the "
                      "coefficient each step towards it (0: off; docs/math.md §8)", ">= 0"),
-    "target_l0_rate": Key(0.02, "target_l0: the coefficient's running factor moves by at most e^rate per step", "> 0"),
+    "target_l0_rate": Key(0.0, "target_l0: the coefficient's running factor moves by at most e^rate per step "
+                          "(0: the variant's own rate, sae.py)", ">= 0"),
     # optimisation
     "lr": Key(5e-3, "Adam learning rate", "> 0"),
     "beta1": Key(0.7, "Adam beta1 (0.9 lets momentum push latents that stopped firing until they die)", "[0, 1)"),

@@ -99,6 +99,8 @@ class BaseSAE(nn.Module):
     saelens_tensors: ClassVar[tuple[str, ...]] = ()  # per-latent tensors its SAELens form adds (m,)
     averaged_buffers: ClassVar[tuple[str, ...]] = ()  # training state data-parallel ranks average after each step
     coeff_damping: ClassVar[float] = 0.0  # target_l0: weight of the latest L0 error in the coefficient (math.md §8)
+    coeff_rate: ClassVar[float] = 0.02  # target_l0: the running factor's rate, unless target_l0_rate sets one
+    coeff_rise_clip: ClassVar[float] = 1.0  # target_l0: the largest log(L0 / target) the running factor rises by
     has_sparse_path: ClassVar[bool] = False  # set by __init_subclass__: the class states its own `select`
 
     def __init_subclass__(cls, **kwargs):
@@ -170,10 +172,12 @@ class BaseSAE(nn.Module):
     @torch.no_grad()
     def adapt_coefficient(self, f: Tensor | SparseLatents, step: int, total_steps: int) -> None:
         """target_l0: once the coefficient's warm-up is over, scale it by (batch L0 / target)^rate, the
-        log ratio clipped to [-1, 1], and keep that ratio for the damping term; on the device (docs/math.md §8)."""
+        log ratio clipped to [-1, coeff_rise_clip], and keep the ratio clipped to [-1, 1] for the damping term;
+        on the device (docs/math.md §8)."""
         if hasattr(self, "coeff_scale") and step + 1 >= self.cfg["sparsity_warmup_frac"] * total_steps:
             ratio = (mean_l0(f).clamp_min(1e-3) / self.cfg["target_l0"]).log().clamp(-1.0, 1.0)
-            self.coeff_scale.mul_(torch.exp(self.cfg["target_l0_rate"] * ratio)).clamp_(1e-6, 1e6)
+            rate = self.cfg["target_l0_rate"] or self.coeff_rate
+            self.coeff_scale.mul_(torch.exp(rate * ratio.clamp(max=self.coeff_rise_clip))).clamp_(1e-6, 1e6)
             if hasattr(self, "l0_error"):
                 self.l0_error.copy_(ratio)
 
@@ -406,6 +410,9 @@ class VanillaSAE(BaseSAE):
     name, title = "vanilla", "Vanilla (ReLU + L1)"
     keys = {"l1_coeff": Key(1.5, "L1 coefficient (scaled space)", ">= 0")}
     coeff_key = "l1_coeff"
+    # its L0 falls from dense by itself at first: a running factor that rose all the while overshot the target
+    # and unwound too slowly to get back (16 ended at 15.15); rising by at most e^(0.05 * 0.1) per step, it does
+    coeff_rate, coeff_rise_clip = 0.05, 0.1
     saelens_architecture = "standard"
     max_sparse_density = 0.08
 

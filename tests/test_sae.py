@@ -540,6 +540,13 @@ def test_target_l0_moves_the_coefficient_towards_the_target_by_a_bounded_factor(
     vanilla.adapt_coefficient(sparse, 1, 100)  # no damping: the running factor alone
     assert "l0_error" not in vanilla.state_dict()
     assert float(vanilla.coefficient_at(50, 100)) == pytest.approx(vanilla.cfg["l1_coeff"] * 0.5 ** 0.1)
+    own = make_sae("vanilla", target_l0=8.0, sparsity_warmup_frac=0.0)  # target_l0_rate 0: Vanilla's own rate
+    rate, rise = type(own).coeff_rate, type(own).coeff_rise_clip
+    assert rise < 1  # L0 far above the target (log 8 / 1 clipped to 1): the factor rises by e^(rate * rise) only
+    own.adapt_coefficient(dense, 0, 100)
+    assert own.coeff_scale.item() == pytest.approx(math.exp(rate * rise))
+    own.adapt_coefficient(sparse, 1, 100)  # and falls unclipped
+    assert own.coeff_scale.item() == pytest.approx(math.exp(rate * rise) * 0.5 ** rate)
 
 
 def test_target_l0_is_refused_where_k_sets_the_l0():
