@@ -211,7 +211,7 @@ def plot_frontier(df: pd.DataFrame, x: str = "l0", y: str = "nmse"):
     ax.set_xlabel(LABELS.get(x, x))
     ax.set_ylabel(LABELS.get(y, y))
     short = {c: LABELS.get(c, c).split(" (")[0] for c in (x, y)}
-    ax.set_title(f"Sparsity frontier on held-out data: {short[y]} vs {short[x]}")
+    ax.set_title(f"Sparsity frontier on held-out data:\n{short[y]} vs {short[x]}")  # long labels: two lines
     ax.grid(alpha=0.3)
     ax.legend(title="variant")
     return _finish(plt, fig)
