@@ -200,12 +200,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dict_size": 1024,
         "top_k": 16,
         "num_tokens": 4_096_000,
-        # 4,000 smaller steps learn more from the same samples than 1,000 of 4,096; a latent silent for two
-        # batches is dead, so the rarely firing ones BatchTopK leaves behind are retrained (docs/benchmarks.md)
+        # 4,000 smaller steps learn more from the same samples than 1,000 of 4,096; a latent silent for more than
+        # two batches is dead, so the rarely firing ones BatchTopK leaves behind are retrained (docs/benchmarks.md)
         "batch_size": 1024,
         "dead_after_tokens": 2048,
         "aux_penalty": 1.0,
-        "eval_freq": 244,  # evaluations at 0.5M, 1M, 2M and 4M samples
+        "eval_freq": 244,  # every ~0.25M samples, so 0.5M, 1M, 2M and 4M among them (steps 488, 976, 1952, 3904)
     },
     "paper": {
         "model_name": "gpt2",

@@ -34,6 +34,7 @@ CHILD_GIVEN_PARENT = 0.5  # a fired parent fires one of its children this often
 CONTEXTS, CONTEXT_SPREAD = 8, 0.5  # kinds of sample, and how much each scales a feature's odds (log-normal)
 ZIPF_EXPONENT = 0.5  # as SynthSAEBench-16k's: a heavy tail of features no SAE of this width can all learn
 MAGNITUDE_STD = 0.25  # c_i = 1 + MAGNITUDE_STD * N(0, 1), at least 0.1
+GENERATOR_VERSION = 2  # saved with a run's stream: a run saved by another generator must not resume on this one
 
 
 class SyntheticFeatures:
@@ -52,7 +53,7 @@ class SyntheticFeatures:
         weights = torch.zeros(n)  # Zipf over parents and free features; children fire through their parents
         weights[independent] = torch.arange(1, len(independent) + 1).float().pow(-ZIPF_EXPONENT)
         self.p = self._scaled_to_l0(weights, l0)
-        # which sibling a fired parent fires: Zipf weights 1, 1/2, ... within the group
+        # which sibling a fired parent fires: Zipf weights j^-ZIPF_EXPONENT within the group
         sibling_weights = torch.arange(1, SIBLINGS + 1).float().pow(-ZIPF_EXPONENT)
         self.child_cdf = (sibling_weights / sibling_weights.sum()).cumsum(0).expand(n_groups, SIBLINGS)
         self.p[self.children] = self.p[self.parents].unsqueeze(1) * CHILD_GIVEN_PARENT * (
@@ -151,9 +152,13 @@ class SyntheticStore:
         return self.truth.sample(self.cfg["batch_size"], self.generator)[0].to(self.device).unsqueeze(0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "scales": list(self.scales)}
+        return {"generator": self.generator.get_state(), "scales": list(self.scales), "version": GENERATOR_VERSION}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version", 1) != GENERATOR_VERSION:
+            raise ConfigError(f"this run's synthetic stream was saved by generator version {state.get('version', 1)}, "
+                              f"this synthetic.py is version {GENERATOR_VERSION}: its data would change mid-run; "
+                              "train it again from the start")
         self.generator.set_state(state["generator"])
         self.scales = [float(s) for s in state["scales"]]
 

@@ -34,6 +34,26 @@ def test_samples_hold_the_requested_l0_and_respect_the_hierarchy():
     assert one[0].shape == (1, D) and torch.allclose(one[0][0], truth.bias) == (one[1].shape[1] == 0)
 
 
+def test_parents_are_the_frequent_features_and_fire_a_child_half_of_the_time(monkeypatch):
+    import synthetic
+
+    truth = SyntheticFeatures(N, D, L0, seed=0)
+    free = torch.ones(N, dtype=torch.bool)
+    free[truth.parents] = free[truth.children.flatten()] = False
+    assert truth.p[truth.parents].min() >= truth.p[free].max()  # the parents take the first Zipf ranks
+    monkeypatch.setattr(synthetic, "MAGNITUDE_STD", 0.0)  # every magnitude 1: x is the bias plus the directions
+    x, fired = truth.sample(20000, torch.Generator().manual_seed(3))
+    on = torch.zeros(20000, N, dtype=torch.bool)
+    on[fired[0], fired[1]] = True
+    parent_on, child_on = on[:, truth.parents], on[:, truth.children].any(-1)
+    assert abs(child_on.sum() / parent_on.sum() - synthetic.CHILD_GIVEN_PARENT) < 0.03
+    per_sibling = on[:, truth.children].sum((0, 1)).float()  # siblings j = 1..4 fire in proportion to j^-0.5
+    weights = torch.arange(1, synthetic.SIBLINGS + 1).float().pow(-synthetic.ZIPF_EXPONENT)
+    torch.testing.assert_close(per_sibling / per_sibling.sum(), weights / weights.sum(), atol=0.02, rtol=0)
+    reference = truth.bias.repeat(20000, 1).index_add_(0, fired[0], truth.directions[fired[1]])
+    torch.testing.assert_close(x, reference, atol=1e-5, rtol=0)
+
+
 def test_an_l0_the_features_cannot_reach_is_one_line():
     import pytest
 
@@ -53,6 +73,12 @@ def test_the_stream_is_seeded_and_resumes_exactly():
     assert all(torch.equal(a, again.next_batch()) for a in ahead)
     other = SyntheticStore(synthetic_cfg(seed=7))
     assert not torch.equal(store.true_features, other.true_features)
+    import pytest
+
+    from config import ConfigError
+
+    with pytest.raises(ConfigError, match="saved by generator version 1, this synthetic.py is version"):
+        again.load_state_dict({k: v for k, v in state.items() if k != "version"})  # saved before versions existed
 
 
 def test_an_untrained_sae_scores_chance_and_the_answer_scores_one():
