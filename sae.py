@@ -410,8 +410,8 @@ class VanillaSAE(BaseSAE):
     name, title = "vanilla", "Vanilla (ReLU + L1)"
     keys = {"l1_coeff": Key(1.5, "L1 coefficient (scaled space)", ">= 0")}
     coeff_key = "l1_coeff"
-    # its L0 falls from dense by itself at first: a running factor that rose all the while overshot the target
-    # and unwound too slowly to get back (16 ended at 15.15); rising by at most e^(0.05 * 0.1) per step, it does
+    # its L0 falls from dense by itself at first: a running factor free to rise all the while winds up, overshoots
+    # the target and unwinds too slowly to get back (docs/math.md §8)
     coeff_rate, coeff_rise_clip = 0.05, 0.1
     saelens_architecture = "standard"
     max_sparse_density = 0.08

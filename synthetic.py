@@ -55,7 +55,7 @@ class SyntheticFeatures:
         self.p = self._scaled_to_l0(weights, l0)
         # which sibling a fired parent fires: Zipf weights j^-ZIPF_EXPONENT within the group
         sibling_weights = torch.arange(1, SIBLINGS + 1).float().pow(-ZIPF_EXPONENT)
-        self.child_cdf = (sibling_weights / sibling_weights.sum()).cumsum(0).expand(n_groups, SIBLINGS)
+        self.child_cdf = (sibling_weights / sibling_weights.sum()).cumsum(0)  # the same in every group
         self.p[self.children] = self.p[self.parents].unsqueeze(1) * CHILD_GIVEN_PARENT * (
             sibling_weights / sibling_weights.sum())  # each child's marginal rate, for reference
         # correlated firing: CONTEXTS kinds of sample, each scaling every independent feature's odds
@@ -116,7 +116,7 @@ class SyntheticFeatures:
         fired_parent = (group >= 0).nonzero().squeeze(1)
         g = group[fired_parent]
         fires = torch.rand(len(g), generator=gen) < CHILD_GIVEN_PARENT
-        pick = (torch.rand(len(g), 1, generator=gen) > self.child_cdf[g]).sum(1).clamp(max=SIBLINGS - 1)
+        pick = (torch.rand(len(g), 1, generator=gen) > self.child_cdf).sum(1).clamp(max=SIBLINGS - 1)
         rows = torch.cat([rows, rows[fired_parent][fires]])
         cols = torch.cat([cols, self.children[g, pick][fires]])
         magnitude = (1 + MAGNITUDE_STD * torch.randn(len(rows), generator=gen)).clamp_min(0.1)
