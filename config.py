@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 import sys
 import time
@@ -92,8 +93,12 @@ KEYS: dict[str, Key] = {
     "synthetic_features": Key(4096, "dataset_path=synthetic: number of known feature directions", "> 0",
                               ("stream", "eval")),
     "synthetic_d": Key(256, "dataset_path=synthetic: dimension of the activations", "> 0", ("stream", "eval")),
-    "synthetic_l0": Key(16.0, "dataset_path=synthetic: features active per sample, on average", "> 0",
-                        ("stream", "eval")),
+    "synthetic_l0": Key(16.0, "dataset_path=synthetic, synthetic_generator=siblings: features active per sample, "
+                        "on average", "> 0", ("stream", "eval")),
+    "synthetic_generator": Key("siblings", "dataset_path=synthetic: siblings (parents with 4 children, 8 contexts; "
+                               "L0 synthetic_l0) or synthsaebench (SynthSAEBench-16k's description: trees of depth 3, "
+                               "a low-rank copula, L0 about 34 at 16,384 features; docs/math.md §10)",
+                               ("siblings", "synthsaebench"), ("stream", "eval")),
     # the SAE (each variant declares its own keys in sae.py)
     "sae_type": Key("batchtopk", "the variant: a name registered in sae.py", "variant", ("checkpoint",)),
     "dict_size": Key(3072, "number of latents m", "> 0", ("checkpoint",)),
@@ -108,7 +113,8 @@ KEYS: dict[str, Key] = {
     "target_l0_rate": Key(0.0, "target_l0: the coefficient's running factor moves by at most e^rate per step "
                           "(0: the variant's own rate, sae.py)", ">= 0"),
     # optimisation
-    "lr": Key(5e-3, "Adam learning rate", "> 0"),
+    "lr": Key(0.0, "Adam learning rate (0: auto, from dict_size, the input width and the number of steps; "
+              "docs/math.md §8)", ">= 0"),
     "beta1": Key(0.7, "Adam beta1 (0.9 lets momentum push latents that stopped firing until they die)", "[0, 1)"),
     "beta2": Key(0.999, "Adam beta2", "[0, 1)"),
     "lazy_adam": Key(True, "latents that got no gradient in a step take no Adam step (momentum zeroed)"),
@@ -145,6 +151,7 @@ KEYS: dict[str, Key] = {
     "act_size": Key(0, "activation width d, read from the model (or the data)", "", ("derived", "checkpoint")),
     "n_layers": Key(0, "the model's number of blocks", "", ("derived",)),
     "n_ctx": Key(0, "the model's context length", "", ("derived",)),
+    "auto": Key("", "what the recipe derived (as printed at the start of the run; \"\": nothing)", "", ("derived",)),
 }
 
 
@@ -206,9 +213,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dead_after_tokens": 2048,
         "aux_penalty": 1.0,
         "eval_freq": 244,  # every ~0.25M samples, so 0.5M, 1M, 2M and 4M among them (steps 488, 976, 1952, 3904)
-        # for this shape's F1 (2.5e-3 lowers Matryoshka's by 0.025); with 4x the latents in 3x the dimension
-        # (synthetic_features=16384 synthetic_d=768 dict_size=4096) lr=2.5e-3 learns far more (docs/benchmarks.md)
-        "lr": 5e-3,
+    },
+    "synthetic16k": {  # SynthSAEBench-16k's shape on this project's own generator of its description
+        "dataset_path": SYNTHETIC_DATASET,
+        "model_name": "synthetic",
+        "layer": 0,
+        "synthetic_generator": "synthsaebench",
+        "synthetic_features": 16384,
+        "synthetic_d": 768,
+        "dict_size": 4096,
+        "top_k": 25,
+        "num_tokens": 4_096_000,
+        "batch_size": 1024,  # the synthetic preset's schedule: smaller steps, dead after two silent batches
+        "dead_after_tokens": 2048,
+        "aux_penalty": 1.0,
+        "eval_freq": 244,
     },
     "paper": {
         "model_name": "gpt2",
@@ -381,6 +400,26 @@ def make_run_name(cfg: dict[str, Any]) -> str:
             f"_m{cfg['dict_size']}_{SAE_CLASSES[cfg['sae_type']].run_tag(cfg)}_{digest}")
 
 
+LR_MAX = 5e-3  # the largest lr the defaults train well at: runs too short to be limited by gradient noise take it
+LR_REFERENCE = 4000 * 384 * 3072  # steps x d x latents from which the lr falls as 1/sqrt of that product
+
+
+def auto_lr(steps: int, d: int, latents: int) -> float:
+    """The recipe's lr (docs/math.md §12): LR_MAX, capped by LR_MAX·sqrt(LR_REFERENCE / (steps·d·latents))."""
+    return min(LR_MAX, LR_MAX * math.sqrt(LR_REFERENCE / (steps * d * latents)))
+
+
+def apply_recipe(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Fill `lr` when it is 0 (unset) from the run's shape; a value set by hand is kept. `auto` says what was
+    derived from what, as printed at the start of the run."""
+    if cfg["lr"]:
+        return cfg | {"auto": cfg.get("auto", "")}
+    steps, d, m = cfg["num_tokens"] // cfg["batch_size"], cfg["act_size"], cfg["dict_size"]
+    lr = auto_lr(steps, d, m)
+    shown = f"{lr:.1e}".replace("e-0", "e-")  # 3.1e-3
+    return cfg | {"lr": lr, "auto": f"lr {shown} (auto: {m:,} latents, d {d}, {steps:,} steps)"}
+
+
 def post_init_cfg(cfg: dict[str, Any], model_dims: dict[str, int]) -> dict[str, Any]:
     """Validate `cfg` and derive hook point, act_size and run name.
 
@@ -406,6 +445,7 @@ def post_init_cfg(cfg: dict[str, Any], model_dims: dict[str, int]) -> dict[str, 
     cfg["act_size"] = model_dims["d_model"]
     cfg["n_layers"] = model_dims["n_layers"]
     cfg["n_ctx"] = model_dims["n_ctx"]
+    cfg = apply_recipe(cfg)
     cfg["device"] = resolve_device(cfg["device"])
     if not cfg["buffer_device"]:
         cfg["buffer_device"] = cfg["device"]

@@ -63,6 +63,8 @@ class RunLogger:
         self.run_dir = Path(cfg["output_dir"]) / cfg["run_name"]
         if resume_step is None:
             self._create_run_dir()
+            if cfg.get("auto"):
+                print(f"{cfg['run_name']}: {cfg['auto']}")
         else:
             reopen_run_dir(self.run_dir, resume_step)
         try:

@@ -5,6 +5,7 @@
     python main.py --preset paper           # start from a named preset (needs GPU + internet)
     python main.py --sweep variants         # a named list of runs; runs sharing a hook point share one stream
     python main.py --sweep l0               # every variant at L0 16, 32 and 64 (top_k or target_l0), one stream
+    python main.py --preset synthetic16k --sweep matched   # every variant at the preset's L0 (top_k), one stream
     python main.py --resume runs/<run>      # continue a killed run (and its group) from its newest checkpoint
     python main.py --sweep layers           # one SAE per layer, every layer from one forward per batch
     python main.py --sweep transcoders      # per MLP: an SAE on its output, a transcoder and a skip transcoder
@@ -43,6 +44,15 @@ def sweep_l0(base: dict[str, Any]) -> list[dict[str, Any]]:
             for name, cls in SAE_CLASSES.items() for l0 in (16, 32, 64)]
 
 
+def sweep_matched(base: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every registered variant at the preset's L0 (`top_k`) on one stream: through target_l0 for a variant whose
+    sparsity is a coefficient (the synthetic presets' quality table: docs/benchmarks.md)."""
+    from sae import SAE_CLASSES
+
+    return [base | {"sae_type": name} | ({"target_l0": float(base["top_k"])} if cls.coeff_key else {})
+            for name, cls in SAE_CLASSES.items()]
+
+
 def sweep_paper(base: dict[str, Any]) -> list[dict[str, Any]]:
     """The BatchTopK paper grid on gpt2 layer 8: TopK and BatchTopK over k at dict 12288,
     and over dict size at k 32. Needs a GPU and internet (gpt2, openwebtext)."""
@@ -70,8 +80,8 @@ def sweep_transcoders(base: dict[str, Any]) -> list[dict[str, Any]]:
     return [layer | run for layer in sweep_layers(base) for run in runs]
 
 
-SWEEPS = {"variants": sweep_variants, "l0": sweep_l0, "paper": sweep_paper, "layers": sweep_layers,
-          "transcoders": sweep_transcoders}
+SWEEPS = {"variants": sweep_variants, "l0": sweep_l0, "matched": sweep_matched, "paper": sweep_paper,
+          "layers": sweep_layers, "transcoders": sweep_transcoders}
 
 
 def parse_args(argv: list[str]) -> tuple[list[dict[str, Any]], argparse.Namespace]:

@@ -217,6 +217,29 @@ def plot_frontier(df: pd.DataFrame, x: str = "l0", y: str = "nmse"):
     return _finish(plt, fig)
 
 
+def plot_sample_efficiency(runs: list[str | Path | Run], metrics: tuple[str, ...] = ("mcc", "f1")):
+    """Each metric of the held-out evaluations against the samples trained on (log axis), a panel per metric and
+    a line per run: solid where the run's lr came from the recipe (config `auto`), dashed where it was set."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
+    for run in map(_as_run, runs):
+        history = load_history(run)
+        history = history[history["tokens"] > 0].dropna(subset=list(metrics))
+        auto = bool(run.cfg.get("auto"))
+        label = f"{run.cfg['sae_type']}, lr {run.cfg['lr']:.1e}" + (" (auto)" if auto else "")
+        for ax, metric in zip(axes[0], metrics, strict=True):
+            ax.plot(history["tokens"], history[metric], marker=".", linestyle="-" if auto else "--",
+                    color=_variant_color(run.cfg["sae_type"]), label=label)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("training samples")
+        ax.set_ylabel(LABELS.get(metric, metric))
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Ground truth against samples, on held-out data")
+    return _finish(plt, fig)
+
+
 def load_density(run: str | Path | Run) -> Tensor:
     """Per-latent firing density on the evaluation set, saved with the final checkpoint."""
     return load_file(_as_run(run).path / FINAL_DIR / DENSITY_FILE)["density"]

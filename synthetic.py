@@ -37,6 +37,32 @@ MAGNITUDE_STD = 0.25  # c_i = 1 + MAGNITUDE_STD * N(0, 1), at least 0.1
 GENERATOR_VERSION = 2  # saved with a run's stream: a run saved by another generator must not resume on this one
 
 
+def _bernoulli_positions(p: Tensor, n: int, gen: torch.Generator, spare: tuple[float, float] = (5, 3)
+                         ) -> tuple[Tensor, Tensor]:
+    """(sample, feature) of every success of independent Bernoulli(p[i]) trials over n samples, drawn as
+    geometric gaps between successes: work in proportion to the successes, not to n x features. Each round
+    draws the expected gaps plus `spare` (standard deviations, and a constant) and repeats for the features
+    not yet past n: fewer spare draws for many features of few successes each."""
+    rows, cols = [], []
+    pending, start = torch.nonzero(p > 0).squeeze(1), torch.zeros(len(p), dtype=torch.long)
+    while pending.numel():
+        q, expected = p[pending].double(), n * p[pending].double()
+        draws = (expected + spare[0] * expected.sqrt() + spare[1]).ceil().long()
+        feature = pending.repeat_interleave(draws)
+        gaps = (torch.log(torch.rand(feature.shape, generator=gen, dtype=torch.float64))
+                / torch.log1p(-q.repeat_interleave(draws))).floor().long() + 1
+        ends, total = draws.cumsum(0), gaps.cumsum(0)
+        before = (total - gaps)[ends - draws]  # the running sum before each feature's first gap
+        position = total - before.repeat_interleave(draws) + start[feature] - 1
+        keep = position < n
+        rows.append(position[keep])
+        cols.append(feature[keep])
+        last = position[ends - 1]
+        start[pending] = last + 1
+        pending = pending[last < n]  # features whose draws did not reach the end yet
+    return torch.cat(rows), torch.cat(cols)
+
+
 class SyntheticFeatures:
     """The ground truth: directions, firing structure, and a sampler of (activations, which features fired)."""
 
@@ -78,34 +104,12 @@ class SyntheticFeatures:
                               f"probabilities of at most 0.5 reach only {float(expected):.1f}; add features or lower")
         return (weights * lo).clamp(max=0.5).float()
 
-    def _bernoulli_positions(self, p: Tensor, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        """(sample, feature) of every success of independent Bernoulli(p[i]) trials over n samples, drawn as
-        geometric gaps between successes: work in proportion to the successes, not to n x features."""
-        rows, cols = [], []
-        pending, start = torch.nonzero(p > 0).squeeze(1), torch.zeros(len(p), dtype=torch.long)
-        while pending.numel():
-            q, expected = p[pending].double(), n * p[pending].double()
-            draws = (expected + 5 * expected.sqrt() + 3).ceil().long()  # enough to pass n almost always
-            feature = pending.repeat_interleave(draws)
-            gaps = (torch.log(torch.rand(feature.shape, generator=gen, dtype=torch.float64))
-                    / torch.log1p(-q.repeat_interleave(draws))).floor().long() + 1
-            ends, total = draws.cumsum(0), gaps.cumsum(0)
-            before = (total - gaps)[ends - draws]  # the running sum before each feature's first gap
-            position = total - before.repeat_interleave(draws) + start[feature] - 1
-            keep = position < n
-            rows.append(position[keep])
-            cols.append(feature[keep])
-            last = position[ends - 1]
-            start[pending] = last + 1
-            pending = pending[last < n]  # features whose draws did not reach the end yet
-        return torch.cat(rows), torch.cat(cols)
-
     def sample(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """(activations (n, d), the fired (sample, feature) pairs (2, fires))."""
         sizes = torch.bincount(torch.randint(CONTEXTS, (n,), generator=gen), minlength=CONTEXTS).tolist()
         rows, cols, offset = [], [], 0
         for k, size in enumerate(sizes):  # samples of one context form a block
-            r, c = self._bernoulli_positions(self.context_p[k], size, gen)
+            r, c = _bernoulli_positions(self.context_p[k], size, gen)
             rows.append(r + offset)
             cols.append(c)
             offset += size
@@ -125,6 +129,120 @@ class SyntheticFeatures:
         return x, torch.stack([rows, cols])
 
 
+# synthetic_generator=synthsaebench: SynthSAEBench-16k's published description, for n features in d dimensions
+TREE_SHARE = 10_880 / 16_384  # of the features, in trees (128 trees of 85 at 16,384 features); the rest fire freely
+BRANCHING, DEPTH = 4, 3  # children per node, levels below a root: a tree holds 1 + 4 + 16 + 64 = 85 features
+P_MAX, P_MIN = 0.4, 5e-4  # firing probability of the most and the least frequent feature, Zipf 0.5 between
+CORRELATION_RANK, CORRELATION_SCALE = 25, 0.1  # a low-rank Gaussian copula over which features fire
+MAGNITUDE_MEAN = (5.0, 4.0)  # mean magnitude of the most and the least frequent feature, linear in rank between
+MAGNITUDE_SPREAD = 0.5  # each feature's magnitude std is |N(0.5, 0.5^2)|
+BIAS_NORM = 0.5
+THINNING_BLOCK = 64  # samples sharing one bound of the free features' probabilities: fewer, wasted draws
+CHUNK = 4096  # samples drawn at once: the free features' copula shifts are a dense (chunk, features) matrix
+
+
+class TreeFeatures:
+    """SynthSAEBench-16k's structure (docs/math.md §10): feature i is the (i+1)-th most frequent; trees of
+    branching 4 and depth 3 at the front, breadth first (roots, then their children...), whose children fire only
+    with their parent, one at a time (a random winner among the siblings drawn), their probabilities divided by
+    the parent's so that each keeps its Zipf rate where it can; firing drawn through a rank-25 Gaussian copula;
+    magnitudes per feature, a child's scaled by its parent's; a bias of norm 0.5; no noise."""
+
+    def __init__(self, n: int, d: int, seed: int):
+        gen = torch.Generator().manual_seed(seed + STREAMS["directions"])
+        self.n, self.directions = n, torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=-1)
+        self.bias = BIAS_NORM * torch.nn.functional.normalize(torch.randn(d, generator=gen), dim=0)
+        gen = torch.Generator().manual_seed(seed + STREAMS["structure"])
+        trees = int(TREE_SHARE * n) // sum(BRANCHING ** k for k in range(DEPTH + 1))
+        self.roots = trees  # features 0..trees-1; then each level below them, contiguous, breadth first
+        self.levels: list[tuple[int, int, int]] = []  # (first feature, features, first feature of the level above)
+        above, start = 0, trees
+        for depth in range(1, DEPTH + 1):
+            self.levels.append((start, trees * BRANCHING ** depth, above))
+            above, start = start, start + trees * BRANCHING ** depth
+        self.free = start  # features from here on fire on their own
+        rank = torch.arange(1, n + 1, dtype=torch.float64).pow(-0.5)
+        self.p = (P_MIN + (P_MAX - P_MIN) * (rank - rank[-1]) / (1 - rank[-1])).float()  # each feature's target rate
+        self.q = self.p.clone()  # the probability it is drawn with: a child's given its parent, after exclusion
+        for first, size, above in self.levels:
+            given = self.p[first: first + size].view(-1, BRANCHING) / self.p[above: above + size // BRANCHING, None]
+            self.q[first: first + size] = self._exclusion_compensated(given)
+        factors = CORRELATION_SCALE * torch.randn(n, CORRELATION_RANK, generator=gen)
+        self.factors, self.own = factors, (1 - factors.pow(2).sum(1)).clamp_min(1e-3).sqrt()
+        self.threshold = torch.special.ndtri(1 - self.q.double()).float()  # z_i > threshold_i with probability q_i
+        self.magnitude_mean = torch.linspace(*MAGNITUDE_MEAN, n)
+        self.magnitude_std = (MAGNITUDE_SPREAD + MAGNITUDE_SPREAD * torch.randn(n, generator=gen)).abs()
+
+    @staticmethod
+    def _exclusion_compensated(target: Tensor, iterations: int = 50) -> Tensor:
+        """Per sibling group (rows), the draw probabilities q whose winners (a random one among those drawn) fire
+        at `target` given the parent, as near as probabilities capped at 1 allow (fixed-point iteration)."""
+        others = torch.tensor([[(c >> k) & 1 for k in range(BRANCHING - 1)] for c in range(2 ** (BRANCHING - 1))])
+        share = 1 / (1 + others.sum(1).double())  # a winner's chance when this many others were drawn
+        q = target.double().clamp(max=1)
+        for _ in range(iterations):
+            won = []
+            for j in range(BRANCHING):
+                rest = torch.cat([q[:, :j], q[:, j + 1:]], 1).unsqueeze(1)  # (groups, 1, siblings - 1)
+                odds = torch.where(others.bool(), rest, 1 - rest).prod(-1)  # each pattern of the others drawn
+                won.append(q[:, j] * (odds * share).sum(-1))
+            q = (q * target.double() / torch.stack(won, 1).clamp_min(1e-12)).clamp(max=1)
+        return q.flatten().float()
+
+    def _fires(self, shift: Tensor, features: Tensor | slice, gen: torch.Generator) -> Tensor:
+        """Whether z = shift + own·N(0, 1) passes each feature's threshold (`shift`: the copula's, one per draw)."""
+        return shift + self.own[features] * torch.randn(shift.shape, generator=gen) > self.threshold[features]
+
+    def _magnitudes(self, features: Tensor, gen: torch.Generator) -> Tensor:
+        return (self.magnitude_mean[features] + self.magnitude_std[features]
+                * torch.randn(features.shape, generator=gen)).relu_()
+
+    def sample(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(activations (n, d), the fired (sample, feature) pairs (2, fires)). Drawn sparsely but exactly: the roots
+        densely; the free features by thinning (Bernoulli draws at each feature's largest probability over the
+        samples, each kept with its own sample's probability over that); a level's children only under fired
+        parents. A feature whose magnitude came out 0 counts as not fired, and fires no child."""
+        if n > CHUNK:
+            parts = [self.sample(min(CHUNK, n - start), gen) for start in range(0, n, CHUNK)]
+            fired = torch.cat([f + torch.tensor([[i * CHUNK], [0]]) for i, (_, f) in enumerate(parts)], 1)
+            return torch.cat([x for x, _ in parts]), fired
+        eps = torch.randn(n, CORRELATION_RANK, generator=gen)
+        rows, cols = self._fires(eps @ self.factors[: self.roots].T, slice(0, self.roots), gen).nonzero().unbind(1)
+        values = self._magnitudes(cols, gen)
+        found = [(rows, cols, values)]
+        for first, _size, above in self.levels:  # top down: the level above's fired features draw their children
+            rows, cols, values = (t[values > 0] for t in (rows, cols, values))
+            kids = first + (cols - above).unsqueeze(1) * BRANCHING + torch.arange(BRANCHING)  # (parents, siblings)
+            drawn = self._fires((eps[rows].unsqueeze(1) * self.factors[kids]).sum(-1), kids, gen)
+            score = torch.rand(drawn.shape, generator=gen).masked_fill_(~drawn, -1)
+            won = drawn & (torch.arange(BRANCHING) == score.argmax(-1, keepdim=True))  # one random winner
+            follows = (values / self.magnitude_mean[cols]).unsqueeze(1).expand_as(kids)[won]  # the parent's scale
+            rows, cols = rows.unsqueeze(1).expand_as(kids)[won], kids[won]
+            values = self._magnitudes(cols, gen) * follows
+            found.append((rows, cols, values))
+        free = slice(self.free, self.n)
+        shift = eps @ self.factors[free].T  # dense (n, free features), only a matmul: the draws are sparse
+        scale, threshold = self.own[free].double(), self.threshold[free].double()
+        blocks = -(-n // THINNING_BLOCK)  # each block of samples draws at its own largest probability per feature
+        padded = torch.cat([shift, shift.new_full((blocks * THINNING_BLOCK - n, shift.shape[1]), -torch.inf)])
+        top = padded.view(blocks, THINNING_BLOCK, -1).amax(1).double()
+        bound = torch.special.ndtr((top - threshold) / scale).flatten()  # (blocks x features)
+        at, which = _bernoulli_positions(bound, THINNING_BLOCK, gen, spare=(1, 1))
+        rows, cols = which // shift.shape[1] * THINNING_BLOCK + at, which % shift.shape[1]
+        rows, cols, bound = rows[rows < n], cols[rows < n], bound[which[rows < n]]
+        p = torch.special.ndtr((shift[rows, cols].double() - threshold[cols]) / scale[cols])
+        keep = torch.rand(len(rows), generator=gen, dtype=torch.float64) * bound < p
+        rows, cols = rows[keep], cols[keep] + self.free
+        found.append((rows, cols, self._magnitudes(cols, gen)))
+        rows, cols, values = (torch.cat(parts) for parts in zip(*found, strict=True))
+        fired = values > 0
+        order = torch.argsort(rows[fired], stable=True)  # sample by sample: the sum is an embedding bag per sample
+        rows, cols, values = rows[fired][order], cols[fired][order], values[fired][order]
+        offsets = torch.cat([rows.new_zeros(1), torch.bincount(rows, minlength=n).cumsum(0)[:-1]])
+        x = torch.nn.functional.embedding_bag(cols, self.directions, offsets, mode="sum", per_sample_weights=values)
+        return x + self.bias, torch.stack([rows, cols])
+
+
 class SyntheticStore:
     """Fresh synthetic samples, `batch_size` at a time, with a held-out set of `eval_tokens` samples and
     the ground truth for its metrics (`true_features`, `eval_fired`: (sample, feature) pairs). No model:
@@ -133,8 +251,9 @@ class SyntheticStore:
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = post_init_cfg(cfg, {"d_model": cfg["synthetic_d"], "n_layers": cfg["layer"] + 1,
                                        "n_ctx": cfg["seq_len"]})
-        self.truth = SyntheticFeatures(cfg["synthetic_features"], cfg["synthetic_d"], cfg["synthetic_l0"],
-                                       cfg["seed"])
+        n, d = cfg["synthetic_features"], cfg["synthetic_d"]
+        self.truth = (TreeFeatures(n, d, cfg["seed"]) if cfg["synthetic_generator"] == "synthsaebench"
+                      else SyntheticFeatures(n, d, cfg["synthetic_l0"], cfg["seed"]))
         self.true_features = self.truth.directions
         eval_acts, self.eval_fired = self.truth.sample(cfg["eval_tokens"], self._generator("eval"))
         self.eval_acts = eval_acts.unsqueeze(0)

@@ -91,7 +91,7 @@ CASES = [
      r"config dict_size='big' is invalid: expected int"),
     ("impossible value", lambda r, d: [*cli(output_dir=r), "top_k=4000"], None, 2,
      r"config top_k=4000 is invalid: must be <= dict_size \(256\)"),
-    ("negative lr", lambda r, d: [*cli(output_dir=r), "lr=-0.1"], None, 2, r"config lr=-0.1 is invalid: must be > 0"),
+    ("negative lr", lambda r, d: [*cli(output_dir=r), "lr=-0.1"], None, 2, r"config lr=-0.1 is invalid: must be >= 0"),
     ("matryoshka groups short of dict_size",
      lambda r, d: [*cli(output_dir=r), "sae_type=matryoshka", "matryoshka_groups=64,64"], None, 2,
      r"config matryoshka_groups='64,64' is invalid: non-empty groups adding up to dict_size \(256\)"),

@@ -22,7 +22,7 @@ BAD = [
     ({"sae_type": "relu"}, "sae_type='relu' is invalid: allowed: vanilla, topk, batchtopk, jumprelu"),  # and more
     ({"site": "resid"}, "site='resid' is invalid: allowed: resid_pre, resid_mid, resid_post, attn_out, mlp_in, "
      "mlp_out"),
-    ({"lr": -1.0}, "lr=-1.0 is invalid: must be > 0"),
+    ({"lr": -1.0}, "lr=-1.0 is invalid: must be >= 0"),
     ({"batch_size": 0}, "batch_size=0 is invalid: must be > 0"),
     ({"lr_warmup_frac": 1.5}, "lr_warmup_frac=1.5 is invalid: must be in [0, 1)"),
     ({"use_bf16": True}, "unknown config key 'use_bf16'"),
@@ -85,3 +85,20 @@ def test_config_reference_is_the_declaration():
     assert all(spec.doc and set(spec.roles) <= set(ROLES) for spec in all_keys().values())
     written = (REPO / "docs" / "config.md").read_text()
     assert written == reference_table(), "docs/config.md is stale: python config.py > docs/config.md"
+
+
+def test_the_recipe_keeps_a_set_lr_and_derives_an_unset_one_from_the_shape():
+    from config import LR_MAX, auto_lr
+
+    default = post_init_cfg(get_default_cfg(), DIMS)  # MiniLM's 300 steps: short of the noise-limited regime
+    assert default["lr"] == LR_MAX and default["auto"] == "lr 5.0e-3 (auto: 3,072 latents, d 384, 300 steps)"
+    kept = post_init_cfg(get_default_cfg() | {"lr": 1e-3}, DIMS)
+    assert kept["lr"] == 1e-3 and kept["auto"] == ""
+    again = post_init_cfg(default, DIMS)  # a derived config (a resumed run's) keeps its values
+    assert again["lr"] == default["lr"] and again["auto"] == default["auto"]
+    long = get_default_cfg() | {"num_tokens": 4096 * 40_000, "dict_size": 16384}
+    lr = post_init_cfg(long, DIMS)["lr"]
+    assert lr < LR_MAX and lr == auto_lr(40_000, 384, 16384)
+    assert auto_lr(4 * 40_000, 384, 16384) == pytest.approx(lr / 2)  # 1/sqrt(steps x d x latents) below the cap
+    assert auto_lr(40_000, 4 * 384, 16384) == pytest.approx(lr / 2)
+    assert auto_lr(40_000, 384, 4 * 16384) == pytest.approx(lr / 2)

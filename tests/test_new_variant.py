@@ -131,3 +131,12 @@ def test_the_l0_sweep_reaches_each_l0_through_the_variants_own_setting():
         cls = SAE_CLASSES[cfg["sae_type"]]
         assert (cfg["target_l0"] > 0) == (cls.coeff_key is not None)
     assert sorted(c["top_k"] for c in cfgs if c["sae_type"] == "topk") == [16, 32, 64]
+
+
+def test_the_matched_sweep_holds_every_variant_at_the_presets_l0():
+    from config import PRESETS
+
+    cfgs = main.sweep_matched(get_default_cfg() | PRESETS["synthetic16k"])
+    assert [c["sae_type"] for c in cfgs] == list(SAE_CLASSES) and len(main.group_by_stream(cfgs)) == 1
+    for cfg in cfgs:
+        assert cfg["target_l0"] == (25.0 if SAE_CLASSES[cfg["sae_type"]].coeff_key else 0.0) and cfg["top_k"] == 25

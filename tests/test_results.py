@@ -122,6 +122,18 @@ def test_frontier_has_one_joined_series_per_variant(runs_dir):
         results.plot_frontier(df, y="ce_recovered")
 
 
+def test_sample_efficiency_draws_every_evaluation_of_every_run(runs_dir):
+    paths = results.find_runs(runs_dir)
+    fig = results.plot_sample_efficiency(paths, metrics=("explained_variance", "nmse"))
+    left, right = fig.axes
+    assert len(left.lines) == len(right.lines) == len(paths) and left.get_xscale() == "log"
+    for line, path in zip(left.lines, paths, strict=True):
+        evals = [r for r in results.read_records(path) if "nmse" in r and r["tokens"] > 0]
+        assert list(line.get_xdata()) == [r["tokens"] for r in evals]
+        assert list(line.get_ydata()) == [r["explained_variance"] for r in evals]
+        assert line.get_linestyle() == "--" and "lr 1.0e-02" in line.get_label()  # small_cfg sets lr by hand
+
+
 def test_density_plot_counts_every_latent_once(runs_dir):
     run = first_run(runs_dir)
     density = results.load_density(run)

@@ -107,3 +107,80 @@ def test_training_on_the_synthetic_source_reports_ground_truth_metrics(tmp_path)
     metrics = trainee.final_metrics
     assert {"mcc", "uniqueness", "precision", "recall", "f1"} <= set(metrics)
     assert 0 <= metrics["f1"] <= 1 and 0 < metrics["mcc"] <= 1
+
+
+def tree_truth(n: int = 512, d: int = 32):
+    from synthetic import TreeFeatures
+
+    return TreeFeatures(n, d, seed=0)
+
+
+def dense_tree_sample(truth, n: int, gen: torch.Generator) -> torch.Tensor:
+    """The plain reference of TreeFeatures.sample, straight from the description: every feature's copula z, the
+    hierarchy level by level (a child only with its parent, one random sibling), magnitudes; (n, features)."""
+    from synthetic import BRANCHING, CORRELATION_RANK
+
+    z = torch.randn(n, CORRELATION_RANK, generator=gen) @ truth.factors.T + truth.own * torch.randn(
+        n, truth.n, generator=gen)
+    values = (truth.magnitude_mean + truth.magnitude_std * torch.randn(n, truth.n, generator=gen)).relu()
+    values = values * (z > truth.threshold)
+    for first, size, above in truth.levels:
+        kids = slice(first, first + size)
+        drawn = ((values[:, kids] > 0) & (values[:, above: above + size // BRANCHING] > 0).repeat_interleave(
+            BRANCHING, 1)).view(n, -1, BRANCHING)
+        score = torch.rand(drawn.shape, generator=gen).masked_fill_(~drawn, -1)
+        won = (drawn & (torch.arange(BRANCHING) == score.argmax(-1, keepdim=True))).view(n, -1)
+        parent = values[:, above: above + size // BRANCHING].repeat_interleave(BRANCHING, 1)
+        values[:, kids] = values[:, kids] * won * parent / truth.magnitude_mean[above: above + size // BRANCHING
+                                                                                 ].repeat_interleave(BRANCHING)
+    return values
+
+
+def test_the_synthsaebench_generator_keeps_its_hierarchy_and_sums_its_fired_directions():
+    truth = tree_truth()
+    x, fired = truth.sample(5000, torch.Generator().manual_seed(1))  # more than a chunk: chunks join up
+    on = torch.zeros(5000, truth.n, dtype=torch.bool)
+    on[fired[0], fired[1]] = True
+    assert on.sum() == fired.shape[1] and truth.roots == 4 and truth.free == 340  # 4 trees of 85 features
+    for first, size, above in truth.levels:
+        kids = on[:, first: first + size].view(5000, -1, 4)
+        assert (kids.sum(-1) <= 1).all()  # siblings exclude each other
+        assert (kids.any(-1) <= on[:, above: above + size // 4]).all()  # a child fires only with its parent
+        assert kids.any()
+    magnitudes = torch.zeros(5000, truth.n)  # x is the bias plus each fired direction times its magnitude
+    rebuilt = x - truth.bias
+    solved = torch.linalg.lstsq(truth.directions[fired[1][fired[0] == 0]].T, rebuilt[0]).solution
+    magnitudes[0, fired[1][fired[0] == 0]] = solved
+    assert (solved > 0).all()
+    assert torch.allclose(magnitudes[0] @ truth.directions, rebuilt[0], atol=1e-4)
+
+
+def test_the_sparse_tree_sampler_matches_the_dense_reference():
+    truth, n = tree_truth(), 40_000
+    fast = torch.zeros(n, truth.n)
+    _, fired = truth.sample(n, torch.Generator().manual_seed(2))
+    fast[fired[0], fired[1]] = 1
+    dense = dense_tree_sample(truth, n, torch.Generator().manual_seed(3))
+    slow = (dense > 0).float()
+    rate_fast, rate_slow = fast.mean(0), slow.mean(0)
+    sigma = (rate_slow * (1 - rate_slow) / n).sqrt().clamp_min(1 / n)
+    assert ((rate_fast - rate_slow).abs() / (sigma * 2 ** 0.5)).max() < 5.5  # every feature's rate, 512 of them
+    l0_fast, l0_slow = fast.sum(1), slow.sum(1)
+    assert abs(l0_fast.mean() - l0_slow.mean()) < 0.05 * l0_slow.mean()
+    assert abs(l0_fast.var() / l0_slow.var() - 1) < 0.08  # the copula's correlation: L0 varies as much
+    independent = (rate_slow * (1 - rate_slow)).sum()  # what the variance would be without any correlation
+    assert l0_slow.var() > 1.2 * independent
+    on_fast = fast[:, : truth.roots]  # co-firing of the roots: the copula's pairwise correlations, alike
+    on_slow = slow[:, : truth.roots]
+    torch.testing.assert_close(torch.corrcoef(on_fast.T), torch.corrcoef(on_slow.T), atol=0.04, rtol=0)
+
+
+def test_the_synthsaebench_source_is_chosen_by_its_key_and_resumes_exactly():
+    from synthetic import TreeFeatures
+
+    store = SyntheticStore(synthetic_cfg(synthetic_generator="synthsaebench"))
+    assert isinstance(store.truth, TreeFeatures)
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in store.state_dict().items()}
+    ahead = [store.next_batch() for _ in range(2)]
+    store.load_state_dict(state)
+    assert all(torch.equal(a, store.next_batch()) for a in ahead)
