@@ -230,10 +230,15 @@ def plot_sample_efficiency(runs: list[str | Path | Run], metrics: tuple[str, ...
         for ax, metric in zip(axes[0], metrics, strict=True):
             ax.plot(history["tokens"], history[metric], marker=".", linestyle="-" if auto else "--",
                     color=_variant_color(run.cfg["sae_type"]), label=label)
+    from matplotlib.ticker import EngFormatter, LogLocator
+
     for ax, metric in zip(axes[0], metrics, strict=True):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(LogLocator(subs=(2, 4)))  # 250k, 500k, 1M, 2M, 4M... labelled as such
+        for formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            formatter(EngFormatter(sep=""))
         ax.set_xlabel("training samples")
-        ax.set_ylabel(LABELS.get(metric, metric))
+        ax.set_title(LABELS.get(metric, metric), fontsize=10)
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Ground truth against samples, on held-out data")
