@@ -349,16 +349,20 @@ def quality_comparison(s: dict[str, Any], device: torch.device) -> dict[str, Any
 
 
 def synthetic_rates(repeats: int = 10) -> dict[str, float]:
-    """Samples/s of the synthetic source (synthetic.py) at the preset's shape and batch, and at SynthSAEBench-16k's
-    shape (16,384 features in d 768, L0 25) in batches of 4,096; the fastest of 3 rounds."""
-    from synthetic import SyntheticFeatures
+    """Samples/s of the synthetic source (synthetic.py) in batches of the presets: the `siblings` generator at the
+    synthetic preset's shape and at SynthSAEBench-16k's (16,384 features in d 768, L0 25, batches of 4,096), and
+    the `synthsaebench` generator of the synthetic16k preset; the fastest of 3 rounds."""
+    from synthetic import SyntheticFeatures, TreeFeatures
 
-    preset = get_default_cfg() | PRESETS["synthetic"]
-    shapes = {"preset": (preset["synthetic_features"], preset["synthetic_d"], preset["synthetic_l0"],
-                         preset["batch_size"]), "synthsaebench_shape": (16384, 768, 25.0, 4096)}
+    preset, big = get_default_cfg() | PRESETS["synthetic"], get_default_cfg() | PRESETS["synthetic16k"]
+    sources = {"preset": (SyntheticFeatures(preset["synthetic_features"], preset["synthetic_d"],
+                                            preset["synthetic_l0"], seed=0), preset["batch_size"]),
+               "synthsaebench_shape": (SyntheticFeatures(16384, 768, 25.0, seed=0), 4096),
+               "synthetic16k": (TreeFeatures(big["synthetic_features"], big["synthetic_d"], seed=0),
+                                big["batch_size"])}
     rates = {}
-    for name, (n, d, l0, batch) in shapes.items():
-        sample = functools.partial(SyntheticFeatures(n, d, l0, seed=0).sample, batch, torch.Generator().manual_seed(0))
+    for name, (truth, batch) in sources.items():
+        sample = functools.partial(truth.sample, batch, torch.Generator().manual_seed(0))
         rates[f"{name}_samples_per_s"] = batch / timed(sample, torch.device("cpu"), repeats, warmup=1, rounds=3)
     return rates
 
@@ -649,7 +653,8 @@ def main(argv: list[str]) -> None:
         syn = results["synthetic"] = synthetic_rates()
         print(f"synthetic source: {syn['preset_samples_per_s']:,.0f} samples/s at the preset's shape and batch, "
               f"{syn['synthsaebench_shape_samples_per_s']:,.0f} at 16,384 features in d 768 with L0 25 "
-              "(batches of 4,096)", flush=True)
+              f"(batches of 4,096); the synthsaebench generator (synthetic16k, batches of 1,024): "
+              f"{syn['synthetic16k_samples_per_s']:,.0f}", flush=True)
     if s["generation"]:
         gen = generation_rates(s["model"], s["model_batch_size"], device, s["dtype"],
                                functools.partial(matmul_roofline, s["d"], s["m"], s["batch"], device, s["dtype"]))

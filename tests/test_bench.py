@@ -168,6 +168,6 @@ def test_quality_comparison_where_sparsify_is_installed(tmp_path):
 
 def test_synthetic_rates_time_the_preset_and_the_synthsaebench_shape():
     rates = bench.synthetic_rates(repeats=1)
-    assert set(rates) == {"preset_samples_per_s", "synthsaebench_shape_samples_per_s"}
+    assert set(rates) == {"preset_samples_per_s", "synthsaebench_shape_samples_per_s", "synthetic16k_samples_per_s"}
     assert all(rate > 0 for rate in rates.values())
     assert bench.parse(["synthetic=true"])["synthetic"] is True
