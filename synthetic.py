@@ -15,6 +15,9 @@ Magnitudes c_i are 1 + MAGNITUDE_STD·N(0, 1), at least 0.1; b is a fixed random
 (directions, structure, samples, the held-out set) has its own generator, seeded from `seed`
 but never the SAE's, so the SAE cannot start out holding the answer. `SyntheticStore` serves
 fresh samples with the interface of a TensorStore.
+
+`synthetic_generator=synthsaebench` draws from `TreeFeatures` instead: this project's own generator of
+SynthSAEBench-16k's published description (trees of depth 3, a rank-25 copula, magnitudes by rank).
 """
 
 from __future__ import annotations
