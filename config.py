@@ -405,7 +405,7 @@ LR_REFERENCE = 4000 * 384 * 3072  # steps x d x latents from which the lr falls 
 
 
 def auto_lr(steps: int, d: int, latents: int) -> float:
-    """The recipe's lr (docs/math.md §12): LR_MAX, capped by LR_MAX·sqrt(LR_REFERENCE / (steps·d·latents))."""
+    """The recipe's lr (docs/math.md §8): LR_MAX, capped by LR_MAX·sqrt(LR_REFERENCE / (steps·d·latents))."""
     return min(LR_MAX, LR_MAX * math.sqrt(LR_REFERENCE / (steps * d * latents)))
 
 

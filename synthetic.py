@@ -140,7 +140,7 @@ CORRELATION_RANK, CORRELATION_SCALE = 25, 0.1  # a low-rank Gaussian copula over
 MAGNITUDE_MEAN = (5.0, 4.0)  # mean magnitude of the most and the least frequent feature, linear in rank between
 MAGNITUDE_SPREAD = 0.5  # each feature's magnitude std is |N(0.5, 0.5^2)|
 BIAS_NORM = 0.5
-THINNING_BLOCK = 64  # samples sharing one bound of the free features' probabilities: fewer, wasted draws
+THINNING_BLOCK = 64  # samples sharing one bound of the free features' probabilities: a tighter bound wastes fewer draws
 CHUNK = 4096  # samples drawn at once: the free features' copula shifts are a dense (chunk, features) matrix
 
 

@@ -147,12 +147,9 @@ def test_the_synthsaebench_generator_keeps_its_hierarchy_and_sums_its_fired_dire
         assert (kids.sum(-1) <= 1).all()  # siblings exclude each other
         assert (kids.any(-1) <= on[:, above: above + size // 4]).all()  # a child fires only with its parent
         assert kids.any()
-    magnitudes = torch.zeros(5000, truth.n)  # x is the bias plus each fired direction times its magnitude
-    rebuilt = x - truth.bias
-    solved = torch.linalg.lstsq(truth.directions[fired[1][fired[0] == 0]].T, rebuilt[0]).solution
-    magnitudes[0, fired[1][fired[0] == 0]] = solved
-    assert (solved > 0).all()
-    assert torch.allclose(magnitudes[0] @ truth.directions, rebuilt[0], atol=1e-4)
+    directions = truth.directions[fired[1][fired[0] == 0]].T  # x is the bias plus positive multiples of the
+    solved = torch.linalg.lstsq(directions, x[0] - truth.bias).solution  # directions that fired, and nothing else
+    assert (solved > 0).all() and torch.allclose(directions @ solved, x[0] - truth.bias, atol=1e-4)
 
 
 def test_the_sparse_tree_sampler_matches_the_dense_reference():
