@@ -49,22 +49,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from activation_store import (
-    CACHE_SHARD_TOKENS,
-    DTYPES,
-    ActivationsStore,
-    TensorStore,
-    as_float32,
-    load_model,
-    model_dims,
-    resolve_model_path,
-    run_bridge_to_hooks,
-    run_to_hook,
-    shakespeare_documents,
-)
+from activation_store import ActivationsStore, TensorStore, as_float32
+from cache import CACHE_SHARD_TOKENS
+from capture import DTYPES, load_model, model_dims, resolve_model_path, run_bridge_to_hooks, run_to_hook
 from config import PRESETS, get_default_cfg, post_init_cfg, resolve_device, site_hook
 from metrics import total_variance
 from sae import SAE_CLASSES
+from text import shakespeare_documents
 from training import Trainee, make_trainee, train_sae_group, training_step
 
 SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": "auto", "sae_steps": True,

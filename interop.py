@@ -23,7 +23,7 @@ from torch import Tensor
 
 from checkpoint import FINAL_DIR
 from config import SITES, ConfigError, get_default_cfg, site_hook
-from results import Run, _as_run, _cell, last_evaluation
+from logs import Run, as_run, last_evaluation, markdown_cell
 from sae import SAE_CLASSES, BaseSAE, build_sae
 
 # The layout matched is SAELens 6's (read in decoderesearch/SAELens at sae_lens 6.49: saes/sae.py SAEConfig and
@@ -283,12 +283,12 @@ def model_card(run_or_sae: str | Path | Run | BaseSAE, metrics: dict[str, Any] |
     if isinstance(run_or_sae, BaseSAE):
         sae, metrics = run_or_sae, metrics or {}
     else:
-        run = _as_run(run_or_sae)
+        run = as_run(run_or_sae)
         sae = _final_sae(run)
         metrics = last_evaluation(run) if metrics is None else metrics
     cfg, repo, sae_id = sae.cfg, repo_id or "<user>/<repo>", hook_name(sae.cfg)
     keys = [k for k in (*CARD_KEYS, *type(sae).keys, *CARD_TRAINING_KEYS) if k in cfg]
-    metric_rows = [f"| {k} | {_cell(v)} |" for k, v in metrics.items()] or ["| (none given) | |"]
+    metric_rows = [f"| {k} | {markdown_cell(v)} |" for k, v in metrics.items()] or ["| (none given) | |"]
     skip = "skip " if sae.W_skip is not None else ""
     kind, what = ("SAE", "sparse autoencoder") if not sae.transcoder else (f"{skip}transcoder", f"{skip}transcoder")
     target = f" predicting those at `{cfg['target_hook_point']}`" if sae.transcoder else ""
@@ -302,7 +302,7 @@ def model_card(run_or_sae: str | Path | Run | BaseSAE, metrics: dict[str, Any] |
         "## Final metrics", "",
         "The last evaluation on held-out activations never trained on, in raw activation space:", "",
         "| metric | value |", "|---|---|", *metric_rows, "",
-        "## Configuration", "", "| key | value |", "|---|---|", *(f"| {k} | {_cell(cfg[k])} |" for k in keys), "",
+        "## Configuration", "", "| key | value |", "|---|---|", *(f"| {k} | {markdown_cell(cfg[k])} |" for k in keys), "",
         "<details><summary>full config.json</summary>", "", "```json", json.dumps(cfg, indent=2, default=str),
         "```", "", "</details>", "",
         "## Files", "",
@@ -325,7 +325,7 @@ def model_card(run_or_sae: str | Path | Run | BaseSAE, metrics: dict[str, Any] |
 def build_hub_folder(run: str | Path | Run, folder: str | Path, repo_id: str | None = None) -> Path:
     """Everything `upload` publishes, written locally: README.md (model card) and <hook_point>/ holding the final
     SAE in SAELens's layout (the SAELens sae_id is the hook point)."""
-    run, folder = _as_run(run), Path(folder)
+    run, folder = as_run(run), Path(folder)
     sae = _final_sae(run)
     export_saelens(sae, folder / hook_name(sae.cfg))
     (folder / "README.md").write_text(model_card(sae, last_evaluation(run), repo_id))
@@ -337,7 +337,7 @@ def upload(run: str | Path | Run, repo_id: str, token: str | None = None, privat
     to huggingface_hub's (HF_TOKEN or `hf auth login`)."""
     from huggingface_hub import HfApi
 
-    run = _as_run(run)
+    run = as_run(run)
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_hub_folder(run, tmp, repo_id)
         api = HfApi(token=token)

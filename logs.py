@@ -11,15 +11,19 @@ import os
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from activation_store import WRITE_ERRORS, write_failure
-from checkpoint import reopen_run_dir, write_atomic
+from checkpoint import DENSITY_FILE, FINAL_DIR, reopen_run_dir
 from config import ConfigError
+from files import WRITE_ERRORS, write_atomic, write_failure
+from sae import BaseSAE, load_sae
 
 
 class LogWriteError(RuntimeError):
@@ -160,3 +164,61 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+@dataclass
+class Run:
+    path: Path
+    cfg: dict[str, Any]
+    history: pd.DataFrame
+
+    def sae(self, device: str = "cpu") -> BaseSAE:
+        return load_sae(self.path / FINAL_DIR, device)
+
+    @property
+    def final_metrics(self) -> dict[str, Any]:
+        """The last evaluation's metrics (rows that carry `nmse` are evaluations)."""
+        evals = self.history.dropna(subset=["nmse"]) if "nmse" in self.history else self.history.iloc[0:0]
+        return {} if evals.empty else evals.iloc[-1].dropna().to_dict()
+
+
+def read_records(run: str | Path | Run) -> list[dict[str, Any]]:
+    """metrics.jsonl as written: one dict per logged step."""
+    path = run.path if isinstance(run, Run) else Path(run)
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def load_history(run: str | Path | Run) -> pd.DataFrame:
+    """The metric history (metrics.jsonl) as a DataFrame, one row per logged record."""
+    return pd.DataFrame(read_records(run))
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a run folder: it has no config.json")
+    return Run(path, json.loads((path / "config.json").read_text()), load_history(path))
+
+
+def as_run(run: str | Path | Run) -> Run:
+    return run if isinstance(run, Run) else load_run(run)
+
+
+def last_evaluation(run: str | Path | Run) -> dict[str, Any]:
+    """The last record of metrics.jsonl that holds evaluation metrics, exactly as written."""
+    evals = [r for r in read_records(run) if "nmse" in r]
+    return evals[-1] if evals else {}
+
+
+def load_density(run: str | Path | Run) -> Tensor:
+    """Per-latent firing density on the evaluation set, saved with the final checkpoint."""
+    return load_file(as_run(run).path / FINAL_DIR / DENSITY_FILE)["density"]
+
+
+def markdown_cell(value: Any) -> str:
+    """A value as written in metrics.jsonl (shortest exact float form, whole numbers as integers)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value).replace("|", "\\|")

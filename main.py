@@ -65,7 +65,7 @@ def sweep_layers(base: dict[str, Any]) -> list[dict[str, Any]]:
     """One SAE per layer at the configured site, all read from one forward pass per batch."""
     from transformers import AutoConfig
 
-    from activation_store import resolve_model_path
+    from capture import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(base["model_name"]))
     n_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
@@ -192,7 +192,7 @@ def main(argv: list[str]) -> int:
     """Exit codes: 0 done, 2 bad config or data, 3 NaN/inf in training, 4 a checkpoint, the activation cache or
     a log could not be written, 5 stopped by a signal after checkpointing every run, 130 aborted by a second
     Ctrl-C (complete checkpoints stay intact)."""
-    from activation_store import CacheWriteError
+    from cache import CacheWriteError
     from checkpoint import CheckpointError
     from data_parallel import Stopped, clear_stop, init_distributed, rank
     from logs import LogWriteError

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from activation_store import is_causal_lm, run_to_hook
+from capture import is_causal_lm, run_to_hook
 from sae import BaseSAE
 
 DENSE_FRACTION = 0.1  # a latent firing on more than this fraction of eval tokens is dense

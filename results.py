@@ -16,33 +16,36 @@ SAELens export/import and the Hugging Face Hub are in interop.py.
 from __future__ import annotations
 
 import argparse
-import html
-import json
 import math
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from safetensors.torch import load_file
-from torch import Tensor
 
-from activation_store import (
-    eval_token_rows,
-    excluded_token_ids,
-    is_causal_lm,
-    kept_activations,
-    kept_position_mask,
-    load_model,
-)
 from checkpoint import DENSITY_FILE, FINAL_DIR
-from config import EVAL_KEYS, SYNTHETIC_DATASET, resolve_device
+from config import SYNTHETIC_DATASET
+from dashboards import (  # noqa: F401  (the notebook's names: results is where they are imported from)
+    EvalSet,
+    LatentSummary,
+    TopActivations,
+    dashboard_latents,
+    eval_set,
+    get_model,
+    group_ends_of,
+    latent_activations,
+    latent_group,
+    latent_summary,
+    promoted_tokens,
+    top_activations,
+    write_dashboards,
+)
+from interop import build_hub_folder, export_saelens, load_saelens, model_card, upload  # noqa: F401  (cards print them)
+from logs import Run, as_run, last_evaluation, load_density, load_history, load_run, markdown_cell, read_records  # noqa: F401
 from metrics import DENSE_FRACTION, HEADLINE_METRICS, SUMMARY_METRICS
-from sae import SAE_CLASSES, BaseSAE, load_sae
+from sae import SAE_CLASSES
 
 FRONTIER_METRICS = ("nmse", "explained_variance", "ce_recovered", "downstream_recovered", "mcc", "f1")
 LABELS = {
@@ -56,47 +59,10 @@ LABELS = {
 }
 # wandb keeps the last value of every logged key; these come from the training lines, not evaluations
 TRAINING_LINE_KEYS = ("lr", "sparsity_coeff", "tokens_per_s")
-CONTEXT_CHARS = (80, 40)  # characters of text shown before and after a firing token
+
 
 
 # --- runs and tables ------------------------------------------------------------------------
-
-@dataclass
-class Run:
-    path: Path
-    cfg: dict[str, Any]
-    history: pd.DataFrame
-
-    def sae(self, device: str = "cpu") -> BaseSAE:
-        return load_sae(self.path / FINAL_DIR, device)
-
-    @property
-    def final_metrics(self) -> dict[str, Any]:
-        """The last evaluation's metrics (rows that carry `nmse` are evaluations)."""
-        evals = self.history.dropna(subset=["nmse"]) if "nmse" in self.history else self.history.iloc[0:0]
-        return {} if evals.empty else evals.iloc[-1].dropna().to_dict()
-
-
-def read_records(run: str | Path | Run) -> list[dict[str, Any]]:
-    """metrics.jsonl as written: one dict per logged step."""
-    path = run.path if isinstance(run, Run) else Path(run)
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def load_history(run: str | Path | Run) -> pd.DataFrame:
-    """The metric history (metrics.jsonl) as a DataFrame, one row per logged record."""
-    return pd.DataFrame(read_records(run))
-
-
-def load_run(path: str | Path) -> Run:
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} is not a run folder: it has no config.json")
-    return Run(path, json.loads((path / "config.json").read_text()), load_history(path))
-
-
-def _as_run(run: str | Path | Run) -> Run:
-    return run if isinstance(run, Run) else load_run(run)
 
 
 def find_runs(paths: str | Path | list[str | Path]) -> list[Path]:
@@ -145,12 +111,6 @@ def load_runs(paths: str | Path | list[str | Path] | None = None, wandb_project:
     if wandb_project:
         records += _wandb_records(wandb_project)
     return _runs_frame(records)
-
-
-def last_evaluation(run: str | Path | Run) -> dict[str, Any]:
-    """The last record of metrics.jsonl that holds evaluation metrics, exactly as written."""
-    evals = [r for r in read_records(run) if "nmse" in r]
-    return evals[-1] if evals else {}
 
 
 # --- plots ----------------------------------------------------------------------------------
@@ -222,7 +182,7 @@ def plot_sample_efficiency(runs: list[str | Path | Run], metrics: tuple[str, ...
     a line per run: solid where the run's lr came from the recipe (config `auto`), dashed where it was set."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
-    for run in map(_as_run, runs):
+    for run in map(as_run, runs):
         history = load_history(run)
         history = history[history["tokens"] > 0].dropna(subset=list(metrics))
         auto = bool(run.cfg.get("auto"))
@@ -245,30 +205,11 @@ def plot_sample_efficiency(runs: list[str | Path | Run], metrics: tuple[str, ...
     return _finish(plt, fig)
 
 
-def load_density(run: str | Path | Run) -> Tensor:
-    """Per-latent firing density on the evaluation set, saved with the final checkpoint."""
-    return load_file(_as_run(run).path / FINAL_DIR / DENSITY_FILE)["density"]
-
-
-def _group_ends(run: Run) -> list[int] | None:
-    cls = SAE_CLASSES.get(run.cfg["sae_type"])
-    return cls.group_ends(run.cfg) if cls else None
-
-
-def latent_group(run: str | Path | Run, latent: int) -> str | None:
-    """'group g of G (latents a-b)' for a variant with groups of latents (Matryoshka), else None."""
-    ends = _group_ends(_as_run(run))
-    if not ends:
-        return None
-    g = int(np.searchsorted(np.array(ends), latent, side="right"))
-    return f"group {g + 1} of {len(ends)} (latents {([0, *ends])[g]}-{ends[g] - 1})"
-
-
 def plot_density(run: str | Path | Run):
     """Histogram of log10 firing density; latents that never fired (density 0) get their own bar on the left,
     dense latents (> DENSE_FRACTION of tokens) are coloured (or, for a variant with groups of latents, each group)
     and the dense line drawn."""
-    run = _as_run(run)
+    run = as_run(run)
     density = load_density(run).double().numpy()
     alive = density[density > 0]
     log_alive = np.log10(alive)
@@ -280,7 +221,7 @@ def plot_density(run: str | Path | Run):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     never = int((density == 0).sum())
-    ends = _group_ends(run)
+    ends = group_ends_of(run)
     if ends:  # one colour per group of latents, in order
         group = np.searchsorted(np.array(ends), np.nonzero(density > 0)[0], side="right")
         spans = list(zip([0, *ends[:-1]], ends, strict=True))
@@ -309,197 +250,13 @@ def plot_density(run: str | Path | Run):
 
 # --- the evaluation text, rebuilt as training built it --------------------------------------
 
-@dataclass
-class EvalSet:
-    tokens: Tensor  # (rows, seq_len) the held-out rows
-    where: Tensor  # (n, 2) row and position of each activation below
-    acts: Tensor  # (n, d) raw hook activations at the positions the SAE was evaluated on
 
-
-_MODELS: dict[tuple[str, str, str], Any] = {}
-_EVAL_SETS: dict[tuple[str, ...], EvalSet] = {}
-
-
-def get_model(model_name: str, device: str = "cpu", dtype: str = "float32"):
-    """Boot a model once per process, so dashboards for many latents and runs share it."""
-    key = (model_name, device, dtype)
-    if key not in _MODELS:
-        _MODELS[key] = load_model(model_name, device, dtype)
-    return _MODELS[key]
-
-
-def _model_of(run: Run, device: str):
-    return get_model(run.cfg["model_name"], device, run.cfg.get("model_dtype", "float32"))
-
-
-def eval_set(run: str | Path | Run, device: str = "auto") -> EvalSet:
-    """The run's held-out rows and activations, as its ActivationsStore built them; cached per stream."""
-    run, device = _as_run(run), resolve_device(device)
-    key = (device, *(str(run.cfg.get(k)) for k in EVAL_KEYS))
-    if key not in _EVAL_SETS:
-        model, cfg = _model_of(run, device), run.cfg
-        tokens = eval_token_rows(model.tokenizer, cfg)
-        excluded = excluded_token_ids(model.tokenizer, cfg["exclude_special_tokens"])
-        acts = kept_activations(model, tokens, [cfg["hook_point"]], excluded, cfg["model_batch_size"],
-                                device, device)[0]
-        _EVAL_SETS[key] = EvalSet(tokens, kept_position_mask(tokens, excluded).nonzero(), acts)
-    return _EVAL_SETS[key]
-
-
-@torch.no_grad()
-def latent_activations(run: str | Path | Run, latents: list[int], device: str = "auto",
-                       chunk: int = 4096) -> Tensor:
-    """(held-out tokens, len(latents)) activations of the chosen latents, inference encoder, on the CPU."""
-    run, device = _as_run(run), resolve_device(device)
-    sae = run.sae(device)
-    bad = [i for i in latents if not 0 <= i < sae.cfg["dict_size"]]
-    if bad:
-        raise IndexError(f"latent {bad[0]} does not exist: this SAE has {sae.cfg['dict_size']} latents")
-    return torch.cat([sae.encode(x)[:, latents].cpu() for x in eval_set(run, device).acts.split(chunk)])
 
 
 # --- latent dashboards ----------------------------------------------------------------------
 
-def _one_line(text: str) -> str:
-    return text.replace("\n", " ↵ ")
-
-
-@dataclass
-class Context:
-    row: int  # held-out row
-    position: int  # the firing token's position in the row
-    activation: float
-    before: str
-    token: str
-    after: str
-
-    def marked(self, left: str = "[[", right: str = "]]") -> str:
-        return _one_line(self.before) + left + _one_line(self.token) + right + _one_line(self.after)
-
-
-@dataclass
-class TopActivations:
-    """The held-out contexts where a latent fires hardest; text in a terminal, HTML in a notebook."""
-
-    run_name: str
-    latent: int
-    contexts: list[Context]
-
-    def header(self) -> str:
-        return f"latent {self.latent} of {self.run_name}: top {len(self.contexts)} held-out activations"
-
-    def __str__(self) -> str:
-        return "\n".join([self.header(), *(f"{c.activation:9.3f}  {c.marked()}" for c in self.contexts)])
-
-    def _repr_html_(self) -> str:
-        rows = "".join(
-            f"<tr><td style='text-align:right'>{c.activation:.3f}</td><td style='text-align:left'><code>"
-            f"{html.escape(_one_line(c.before))}<mark><b>{html.escape(_one_line(c.token))}</b></mark>"
-            f"{html.escape(_one_line(c.after))}</code></td></tr>" for c in self.contexts)
-        return (f"<div><p><b>{html.escape(self.header())}</b></p><table><tr><th>activation</th>"
-                f"<th style='text-align:left'>context (firing token marked)</th></tr>{rows}</table></div>")
-
-
-def _split_context(tokenizer, ids: list[int], at: int) -> tuple[str, str, str]:
-    """Text before, of and after token `at`: the row decoded as a whole (so sub-words and spacing read as in
-    the text), then cut at word boundaries to about CONTEXT_CHARS either side."""
-    before, upto, full = (tokenizer.decode(ids[:i]) for i in (at, at + 1, len(ids)))
-    if not (upto.startswith(before) and full.startswith(upto)):  # decoding is not prefix-stable here
-        before, upto = before, before + tokenizer.decode(ids[at:at + 1])
-        full = upto + tokenizer.decode(ids[at + 1:])
-    token, after = upto[len(before):], full[len(upto):]
-    stripped = token.lstrip()
-    before += token[:len(token) - len(stripped)]
-    before_chars, after_chars = CONTEXT_CHARS
-    if len(before) > before_chars:
-        tail = before[-before_chars:]
-        before = tail[tail.find(" ") + 1:]
-    if len(after) > after_chars and " " in after[1:after_chars]:
-        after = after[:after.rfind(" ", 1, after_chars)]
-    return before, stripped, after
-
-
-def _top_contexts(run: Run, latent: int, values: Tensor, n: int, device: str) -> TopActivations:
-    ev, tokenizer = eval_set(run, device), _model_of(run, resolve_device(device)).tokenizer
-    top = values.topk(min(n, int((values != 0).sum())))
-    contexts = []
-    for value, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-        row, pos = ev.where[index].tolist()
-        text = _split_context(tokenizer, ev.tokens[row, 1:].tolist(), pos - 1)  # position 0 is BOS/CLS
-        contexts.append(Context(row, pos, value, *text))
-    return TopActivations(run.cfg["run_name"], latent, contexts)
-
-
-def top_activations(run: str | Path | Run, latent: int, n: int = 20, device: str = "auto") -> TopActivations:
-    """The n held-out contexts where `latent` fires hardest (fewer if it fires on fewer tokens)."""
-    run = _as_run(run)
-    return _top_contexts(run, latent, latent_activations(run, [latent], device)[:, 0], n, device)
-
-
-@dataclass
-class LatentSummary:
-    run_name: str
-    latent: int
-    density: float  # fraction of held-out tokens it fires on (saved with the final checkpoint)
-    mean_activation: float  # mean activation over the held-out tokens where it fires; nan if none
-    promoted_tokens: list[tuple[str, float]] | None  # (token, logit per unit activation); None: no unembedding
-    group: str | None = None  # its group of latents, for a variant that has groups (Matryoshka)
-
-    def __str__(self) -> str:
-        promoted = ("none (not a language model with an unembedding)" if self.promoted_tokens is None
-                    else ", ".join(f"{tok!r} {value:+.2f}" for tok, value in self.promoted_tokens))
-        group = f" ({self.group})" if self.group else ""
-        return (f"latent {self.latent}{group} of {self.run_name}: density {self.density:.4g}, "
-                f"mean activation when firing {self.mean_activation:.4g}; promoted tokens: {promoted}")
-
-
-@torch.no_grad()
-def promoted_tokens(run: str | Path | Run, latent: int, n: int = 10,
-                    device: str = "auto") -> list[tuple[str, float]] | None:
-    """The tokens whose logits the latent's raw-space decoder direction raises most through the unembedding
-    (direct path, final layer norm ignored); None for models without one (encoders)."""
-    run, device = _as_run(run), resolve_device(device)
-    model = _model_of(run, device)
-    if not is_causal_lm(model) or not hasattr(model, "W_U"):
-        return None
-    sae = run.sae(device)
-    direction = sae.W_dec[latent] / sae.scale  # decode() divides by the input scale
-    top = (direction.to(model.W_U.dtype) @ model.W_U).float().topk(n)
-    return [(model.tokenizer.decode([i]), v) for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
-
-
-def _summarise(run: Run, latent: int, values: Tensor, device: str) -> LatentSummary:
-    firing = values[values != 0]
-    mean = firing.mean().item() if firing.numel() else float("nan")
-    return LatentSummary(run.cfg["run_name"], latent, float(load_density(run)[latent]), mean,
-                         promoted_tokens(run, latent, device=device), latent_group(run, latent))
-
-
-def latent_summary(run: str | Path | Run, latent: int, device: str = "auto") -> LatentSummary:
-    """Density, mean activation when firing, and the tokens the decoder direction promotes."""
-    run = _as_run(run)
-    return _summarise(run, latent, latent_activations(run, [latent], device)[:, 0], device)
-
-
-def dashboard_latents(run: str | Path | Run, n: int = 3, seed: int = 0) -> dict[int, str]:
-    """The n most frequent alive latents and n others drawn at random from the alive ones: {latent: why}."""
-    density = load_density(run)
-    alive = (density > 0).nonzero().flatten()
-    frequent = alive[density[alive].argsort(descending=True)][:n].tolist()
-    others = np.array(sorted(set(alive.tolist()) - set(frequent)), dtype=int)
-    drawn = np.random.default_rng(seed).choice(others, size=min(n, len(others)), replace=False).tolist()
-    return {i: "most frequent" for i in frequent} | {int(i): "random alive" for i in sorted(drawn)}
-
 
 # --- report ---------------------------------------------------------------------------------
-
-def _cell(value: Any) -> str:
-    """A value as written in metrics.jsonl (shortest exact float form, whole numbers as integers)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else repr(value)
-    return str(value).replace("|", "\\|")
 
 
 def summary_table(runs: list[Run], config_columns: list[str]) -> str:
@@ -510,28 +267,8 @@ def summary_table(runs: list[Run], config_columns: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run, ev in zip(runs, evals, strict=True):
         cells = [run.cfg["run_name"], *(run.cfg.get(c) for c in config_columns), *(ev.get(m) for m in metrics)]
-        lines.append("| " + " | ".join(_cell(v) for v in cells) + " |")
+        lines.append("| " + " | ".join(markdown_cell(v) for v in cells) + " |")
     return "\n".join(lines)
-
-
-def write_dashboards(run: Run, folder: Path, n_latents: int, n_contexts: int = 10, device: str = "auto") -> Path:
-    """Markdown and HTML dashboards for a handful of alive latents of one run; returns the markdown file."""
-    chosen = dashboard_latents(run, n_latents)
-    values = latent_activations(run, list(chosen), device)
-    intro = (f"{n_latents} most frequent and {n_latents} random alive latents; top {n_contexts} held-out "
-             f"contexts each, the firing token marked.")
-    name = run.cfg["run_name"]
-    md = [f"# Latent dashboards: {name}", "", intro]
-    page = [f"<h1>{html.escape(name)}</h1>", f"<p>{html.escape(intro)}</p>"]
-    for column, (latent, why) in enumerate(chosen.items()):
-        summary = _summarise(run, latent, values[:, column], device)
-        top = _top_contexts(run, latent, values[:, column], n_contexts, device)
-        md += ["", f"## latent {latent} ({why})", "", str(summary), "", "```text", str(top), "```"]
-        page += [f"<h2>latent {latent} ({why})</h2>", f"<p>{html.escape(str(summary))}</p>", top._repr_html_()]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.html").write_text("<html><meta charset='utf-8'><body>" + "\n".join(page) + "</body></html>\n")
-    (folder / f"{name}.md").write_text("\n".join(md) + "\n")
-    return folder / f"{name}.md"
 
 
 def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latents: int = 3,
@@ -567,16 +304,6 @@ def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latent
             doc.append(f"- [{run.cfg['run_name']}](dashboards/{md.name}) (also dashboards/{md.stem}.html)")
     (out / "summary.md").write_text("\n".join(doc) + "\n")
     return out
-
-
-def __getattr__(name: str):
-    """`from results import load_saelens` (and the other SAELens/Hub functions, now in interop.py), as model
-    cards already published print it."""
-    if name in ("export_saelens", "load_saelens", "model_card", "build_hub_folder", "upload"):
-        import interop
-
-        return getattr(interop, name)
-    raise AttributeError(f"module 'results' has no attribute {name!r}")
 
 
 def main(argv: list[str]) -> int:

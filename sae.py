@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from config import ConfigError, Key, is_transcoder
 from kernels import (
     SelectedPre,
     SparseLatents,
@@ -44,6 +43,7 @@ from kernels import (
     sparse_forward,
     sparse_reconstruction,
 )
+from keys import ConfigError, Key, is_transcoder
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"

@@ -18,14 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from activation_store import (
-    ActivationsStore,
-    TensorStore,
-    check_hook_point,
-    check_target_after_input,
-    load_model,
-    model_dims,
-)
+from activation_store import ActivationsStore, TensorStore
+from capture import check_hook_point, check_target_after_input, load_model, model_dims
 from checkpoint import (
     check_checkpoints_fit,
     checkpoint_due,

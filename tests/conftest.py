@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from activation_store import load_model
+from capture import load_model
 from config import get_default_cfg
 
 torch.set_num_threads(2)

@@ -4,8 +4,8 @@ Python cost of a plain Hugging Face forward."""
 import pytest
 import torch
 
-from activation_store import lean_forward, load_model, resolve_model_path, run_bridge_to_hooks, run_to_hooks
 from bench import python_calls
+from capture import lean_forward, load_model, resolve_model_path, run_bridge_to_hooks, run_to_hooks
 from config import SITES, get_default_cfg, site_hook
 
 # hook names that are not site shorthands: a norm's output, an MLP's hidden layer, an attention output

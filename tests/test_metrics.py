@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import small_cfg
 
-from activation_store import ActivationsStore, model_dims
+from activation_store import ActivationsStore
+from capture import model_dims
 from config import post_init_cfg
 from metrics import evaluate, mean_kl, next_token_ce, reconstruction_metrics, recovered, total_variance
 from sae import build_sae
@@ -84,7 +85,7 @@ class _FixedSplice(torch.nn.Module):
 
 @pytest.mark.parametrize("zero,expected", [(False, 1.0), (True, 0.0)])
 def test_ce_recovered_is_one_for_identity_and_zero_for_ablation(tiny_gpt2_dir, zero, expected):
-    from activation_store import load_model
+    from capture import load_model
     from metrics import downstream_metrics
 
     model = load_model(str(tiny_gpt2_dir), "cpu")
@@ -99,7 +100,7 @@ def test_ce_recovered_is_one_for_identity_and_zero_for_ablation(tiny_gpt2_dir, z
 
 def test_downstream_metrics_do_not_depend_on_how_the_rows_are_chunked(tiny_gpt2_dir):
     """5 rows in chunks of 2 (2 + 2 + 1) give the means over all rows, as one chunk of 5 does."""
-    from activation_store import load_model
+    from capture import load_model
     from metrics import downstream_metrics
 
     model = load_model(str(tiny_gpt2_dir), "cpu")

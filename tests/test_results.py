@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import small_cfg
 
+import dashboards
 import results
-from activation_store import load_model, run_to_hook
+from capture import load_model, run_to_hook
 from config import get_default_cfg
 from training import train_sae, train_sae_group
 
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def shared_minilm(minilm, monkeypatch):
     """results boots models itself; hand it the session's MiniLM instead of a second copy."""
-    monkeypatch.setitem(results._MODELS, (get_default_cfg()["model_name"], "cpu", "float32"), minilm)
+    monkeypatch.setitem(dashboards._MODELS, (get_default_cfg()["model_name"], "cpu", "float32"), minilm)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +186,7 @@ def test_promoted_tokens_follow_the_unembedding(tiny_gpt2_dir, tmp_path, monkeyp
     from transformers import GPT2LMHeadModel
 
     model = load_model(str(tiny_gpt2_dir), "cpu")
-    monkeypatch.setitem(results._MODELS, (str(tiny_gpt2_dir), "cpu", "float32"), model)
+    monkeypatch.setitem(dashboards._MODELS, (str(tiny_gpt2_dir), "cpu", "float32"), model)
     cfg = small_cfg(model_name=str(tiny_gpt2_dir), layer=1, sae_type="topk", dict_size=64, top_k=4,
                     output_dir=str(tmp_path), num_tokens=256 * 5, eval_freq=5, checkpoint_freq=0)
     run = results.load_run(train_sae(cfg, model=model).run_dir)

@@ -226,7 +226,7 @@ def test_skipped_step_changes_no_weight_optimiser_state_or_counter(tmp_path):
 def test_store_state_round_trip_is_exact_across_epochs(minilm, tmp_path):
     """A store loaded from another's state serves the same batches, through epoch
     boundaries (where the held-out rows are skipped again)."""
-    from activation_store import model_dims
+    from capture import model_dims
     from config import post_init_cfg
 
     lines = [json.dumps({"body": f"Document {i}: " + " ".join(f"w{i}x{j}" for j in range(40))}) for i in range(12)]

@@ -223,7 +223,8 @@ def test_a_block_read_from_the_cache_is_marked_so_and_needs_the_cache_on_resume(
     the next one (resume fills once); without the cache, resume refuses in one line."""
     import shutil
 
-    from activation_store import ActivationsStore, model_dims
+    from activation_store import ActivationsStore
+    from capture import model_dims
     from config import ConfigError, post_init_cfg
 
     cfg = post_init_cfg(tiny_cfg(cache_dir=str(tmp_path / "cache")), model_dims(minilm))

@@ -8,8 +8,10 @@ import pytest
 import torch
 from conftest import small_cfg
 
-from activation_store import ActivationsStore, iter_token_rows, model_dims, run_to_hook, special_token_ids
+from activation_store import ActivationsStore
+from capture import model_dims, run_to_hook
 from config import ConfigError, post_init_cfg
+from text import iter_token_rows, special_token_ids
 
 
 def make_store(model, **overrides) -> ActivationsStore:
@@ -61,7 +63,7 @@ def test_rows_are_read_ahead_in_order_and_epochs_counted_as_served(minilm, tmp_p
     """The store's rows come from a prefetching thread: they are the stream's training rows in order (held-out
     rows first and never again, every epoch), and `epoch` is the epoch of the last row served, not of the
     thread's."""
-    from activation_store import eval_rows_count, token_rows
+    from text import eval_rows_count, token_rows
 
     _write_corpus(tmp_path / "corpus")
     store = make_store(minilm, dataset_path=str(tmp_path / "corpus"), text_column="body", eval_tokens=256,
@@ -83,7 +85,7 @@ def test_prefetched_reads_ahead_a_bounded_amount_and_hands_errors_over_in_place(
     import gc
     import time
 
-    from activation_store import Prefetched
+    from text import Prefetched
 
     produced = []
 
@@ -167,7 +169,7 @@ HOOKS = ["blocks.1.hook_resid_pre", "blocks.4.hook_resid_pre", "blocks.2.hook_ml
 
 
 def test_run_to_hooks_stops_after_the_deepest_hook(minilm):
-    from activation_store import run_to_hooks
+    from capture import run_to_hooks
 
     tokens = torch.randint(1000, 2000, (2, 16))
     fired = []
@@ -275,7 +277,7 @@ def test_streamlined_bridge_matches_plain_hugging_face(minilm):
     a hook on a norm's statistics still fires (the bridge then computes them)."""
     from transformers import AutoModel
 
-    from activation_store import resolve_model_path
+    from capture import resolve_model_path
 
     tokens = torch.randint(1000, 2000, (2, 16))
     plain = AutoModel.from_pretrained(resolve_model_path(minilm.cfg.model_name)).eval()
@@ -379,7 +381,7 @@ def test_a_failed_write_is_called_disk_full_only_when_it_is(tmp_path, monkeypatc
 
     from safetensors import SafetensorError
 
-    from activation_store import write_failure
+    from files import write_failure
 
     assert write_failure(OSError(errno.ENOSPC, "No space left on device"), tmp_path) == \
         "disk full (No space left on device)"

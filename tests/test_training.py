@@ -75,7 +75,7 @@ def test_run_names_unique_in_a_group(trained_group):
 
 
 def test_causal_lm_path_reports_ce_metrics(tiny_gpt2_dir, tmp_path):
-    from activation_store import load_model
+    from capture import load_model
 
     model = load_model(str(tiny_gpt2_dir), "cpu")
     cfg = small_cfg(model_name=str(tiny_gpt2_dir), layer=1, sae_type="topk", dict_size=64, top_k=4,

@@ -195,7 +195,7 @@ def gpt2_cfg(tiny_gpt2_dir, **overrides) -> dict:
 def test_an_sae_and_transcoders_train_from_one_forward_and_splice_into_the_model(tiny_gpt2_dir, tmp_path,
                                                                                   monkeypatch):
     import activation_store
-    from activation_store import load_model
+    from capture import load_model
     from interop import export_saelens
     from training import train_sae_group
 
@@ -235,7 +235,7 @@ def test_a_transcoder_group_stopped_after_a_checkpoint_resumes_bitwise(tiny_gpt2
     from safetensors.torch import load_file
 
     import training
-    from activation_store import load_model
+    from capture import load_model
 
     model = load_model(str(tiny_gpt2_dir), "cpu")
 
