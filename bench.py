@@ -52,7 +52,7 @@ import torch
 from activation_store import ActivationsStore, TensorStore, as_float32
 from cache import CACHE_SHARD_TOKENS
 from capture import DTYPES, load_model, model_dims, resolve_model_path, run_bridge_to_hooks, run_to_hook
-from config import PRESETS, get_default_cfg, post_init_cfg, resolve_device, site_hook
+from config import PRESETS, get_default_cfg, prepare_cfg, resolve_device, site_hook
 from metrics import total_variance
 from sae import SAE_CLASSES
 from text import shakespeare_documents
@@ -435,7 +435,7 @@ def stream_cfg(s: dict[str, Any], device: torch.device, model) -> dict[str, Any]
                                "model_batch_size": s["model_batch_size"], "dtype": s["dtype"],
                                "model_dtype": s["dtype"],
                                "dict_size": s["m"], "top_k": s["k"], "wandb_mode": "disabled"}
-    return post_init_cfg(cfg, model_dims(model))
+    return prepare_cfg(cfg, model_dims(model))
 
 
 def train_loop(store: ActivationsStore, trainees: list[Trainee], steps: range, total_steps: int) -> None:
@@ -498,7 +498,7 @@ def cache_read_rate(s: dict[str, Any], device: torch.device, model) -> float:
     cache, a second starts from it, then the second's stream is re-read from the start."""
     with tempfile.TemporaryDirectory() as folder:
         cfg = stream_cfg(s, device, model) | {"cache_dir": folder}
-        ActivationsStore(model, cfg).flush_cache()
+        ActivationsStore(model, cfg).finish()
         reader = ActivationsStore(model, cfg)
         cached = min(c.tokens for c in reader.caches)
         reader.stream_tokens, read = 0, 0

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from activation_store import ActivationsStore
+from activation_store import ActivationSource
 from config import (
     CHECKPOINT_KEYS,
     DERIVED_KEYS,
@@ -43,7 +43,8 @@ from config import (
 )
 from data_parallel import rank, world_size
 from files import WRITE_ERRORS, fsync_dir, remove_folder, write_atomic, write_failure
-from sae import CONFIG_FILE, WEIGHTS_FILE, BaseSAE
+from sae import CONFIG_FILE, WEIGHTS_FILE, BaseSAE, sae_tensors, save_sae
+from schedule import SparsityCoefficient
 
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoints"
@@ -205,6 +206,7 @@ class Trainee(Protocol):
     scheduler: torch.optim.lr_scheduler.LRScheduler
     skipped_batches: int
     final_metrics: dict[str, Any] | None
+    coefficient: SparsityCoefficient
 
     @property
     def run_dir(self) -> Path: ...
@@ -214,7 +216,7 @@ class Trainee(Protocol):
 
 def save_checkpoint(run_dir: Path, sae: BaseSAE, training_state: dict[str, Any], step: int,
                     density: Tensor | None = None, final: bool = False,
-                    stream: dict[str, Tensor] | Path | None = None) -> Path:
+                    stream: dict[str, Tensor] | Path | None = None, extra: dict[str, Tensor] | None = None) -> Path:
     """Write to a temporary folder, add the manifest (sizes and sha256 sums, written last,
     files fsynced), then rename it into place. `stream` is the activation store's tensors,
     or the stream file of another run's checkpoint of this step, which is hard-linked
@@ -224,7 +226,7 @@ def save_checkpoint(run_dir: Path, sae: BaseSAE, training_state: dict[str, Any],
     tmp = target.with_name(f".tmp-{target.name}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        sae.save(tmp)
+        save_sae(sae, tmp, extra)
         torch.save(training_state, tmp / TRAINING_STATE_FILE)
         if density is not None:
             save_file({"density": density.contiguous()}, tmp / DENSITY_FILE)
@@ -287,7 +289,7 @@ def training_state(t: Trainee, step: int, tokens: int, stream: dict[str, Any]) -
     }
 
 
-def gathered_stream_state(store: ActivationsStore) -> dict[str, Any] | None:
+def gathered_stream_state(store: ActivationSource) -> dict[str, Any] | None:
     """The store state to checkpoint: this process's, or under torchrun every rank's,
     gathered on rank 0 with keys `rank{r}.` (None on the other ranks)."""
     state = store.state_dict()
@@ -301,7 +303,7 @@ def gathered_stream_state(store: ActivationsStore) -> dict[str, Any] | None:
 
 
 def checkpoint_group(trainees: list[Trainee], step: int, total_steps: int, tokens: int,
-                     store: ActivationsStore, now: bool = False) -> None:
+                     store: ActivationSource, now: bool = False) -> None:
     """Checkpoint the runs due at `step` (all at the end; all of `trainees` with `now`), after every run
     logged this step.
     The stream tensors are written once and hard-linked into the other runs' checkpoints;
@@ -318,9 +320,11 @@ def checkpoint_group(trainees: list[Trainee], step: int, total_steps: int, token
     for t in due:
         state = training_state(t, step, tokens, scalars)
         if last:
-            save_checkpoint(t.run_dir, t.sae, state, step, density=t.final_metrics["density"], final=True)
+            save_checkpoint(t.run_dir, t.sae, state, step, density=t.final_metrics["density"], final=True,
+                            extra=t.coefficient.state)
         else:
-            tensors = save_checkpoint(t.run_dir, t.sae, state, step, stream=tensors) / STREAM_FILE
+            tensors = save_checkpoint(t.run_dir, t.sae, state, step, stream=tensors,
+                                      extra=t.coefficient.state) / STREAM_FILE
     if not last:
         for t in due:
             prune_checkpoints(t.run_dir, t.cfg.get("keep_checkpoints", 0))
@@ -427,13 +431,14 @@ def this_ranks_stream_state(stream: dict[str, Any], folder: Path) -> dict[str, A
     return {k.removeprefix(prefix): v for k, v in stream.items() if k.startswith(prefix)}
 
 
-def restore_group(trainees: list[Trainee], store: ActivationsStore, step: int) -> None:
+def restore_group(trainees: list[Trainee], store: ActivationSource, step: int) -> None:
     """Load every run's checkpoint of `step`, the stream state and the RNG states."""
     for i, t in enumerate(trainees):
         folder = checkpoint_folder(t.run_dir, step)
         weights, state = load_checkpoint(folder)
         try:
-            t.sae.load_state_dict(weights)
+            t.sae.load_state_dict(sae_tensors(weights))
+            t.coefficient.load(weights)
             t.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise ConfigError(f"checkpoint {folder} does not fit this run: {str(err).strip().splitlines()[0]}; "

@@ -37,7 +37,7 @@ ROLES = {
     "checkpoint": "a checkpoint must have been written with the same value to be resumed",
     "resume": "may change when a run is resumed",
     "run": "names the run rather than sets it up (a resumed run takes it from its folder)",
-    "derived": "set by post_init_cfg from the model, never by hand",
+    "derived": "set by prepare_cfg from the model, never by hand",
 }
 
 DATA = ("stream", "cache", "eval")  # keys that decide which activations a run reads
@@ -134,7 +134,7 @@ KEYS: dict[str, Key] = {
     "overwrite": Key(False, "replace an existing run folder of the same name instead of refusing", "", ("run",)),
     "skip_nonfinite_batches": Key(False, "skip (and count) a step whose loss is NaN/inf instead of stopping", "",
                                   ("resume",)),
-    # derived by post_init_cfg
+    # derived by prepare_cfg
     "act_size": Key(0, "activation width d, read from the model (or the data)", "", ("derived", "checkpoint")),
     "n_layers": Key(0, "the model's number of blocks", "", ("derived",)),
     "n_ctx": Key(0, "the model's context length", "", ("derived",)),
@@ -394,7 +394,7 @@ def apply_recipe(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg | {"lr": lr, "auto": f"lr {shown} (auto: {m:,} latents, d {d}, {steps:,} steps)"}
 
 
-def post_init_cfg(cfg: dict[str, Any], model_dims: dict[str, int]) -> dict[str, Any]:
+def prepare_cfg(cfg: dict[str, Any], model_dims: dict[str, int]) -> dict[str, Any]:
     """Validate `cfg` and derive hook point, act_size and run name.
 
     `model_dims` holds `d_model`, `n_layers` and `n_ctx` as read from the model

@@ -98,11 +98,11 @@ def average_gradients(sae: BaseSAE) -> None:
 
 
 @torch.no_grad()
-def average_buffers(module: torch.nn.Module, names: tuple[str, ...]) -> None:
-    for name in names:
-        buffer = getattr(module, name)
-        dist.all_reduce(buffer)
-        buffer /= world_size()
+def average_tensors(tensors: list[Tensor]) -> None:
+    """Each of `tensors` (state every rank holds) replaced, in place, by its mean over the ranks."""
+    for tensor in tensors:
+        dist.all_reduce(tensor)
+        tensor /= world_size()
 
 
 def all_ranks_any(mask: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from activation_store import ActivationSource
 from capture import is_causal_lm, run_to_hook
 from sae import BaseSAE
 
@@ -198,7 +199,7 @@ def ground_truth_metrics(sae: BaseSAE, true_features: Tensor, eval_acts: Tensor,
         name: float(values.mean()) if len(best) else 0.0 for name, values in per_latent.items()}
 
 
-def evaluate(sae: BaseSAE, store) -> dict[str, Any]:
+def evaluate(sae: BaseSAE, store: ActivationSource) -> dict[str, Any]:
     """All docs/math.md §5 metrics on the held-out set, in raw space, with the inference encoder.
     Touches no training state: counters, threshold and RNG are only read."""
     was_training = sae.training
@@ -208,12 +209,13 @@ def evaluate(sae: BaseSAE, store) -> dict[str, Any]:
         targets = store.eval_acts[store.hook_index(target)] if target else None
         metrics = reconstruction_metrics(sae, store.eval_acts[store.hook_index(hook_point)], store.device,
                                          eval_targets=targets)
-        if getattr(store, "true_features", None) is not None:  # a synthetic source: the features are known
-            metrics.update(ground_truth_metrics(sae, store.true_features, store.eval_acts[0], store.eval_fired))
-        if store.model is not None:  # None: activations at hand or synthetic, no model to splice into
-            rows = store.eval_tokens[: store.cfg["downstream_eval_rows"]]
-            metrics.update(downstream_metrics(sae, store.model, rows, store.kept_positions(rows),
-                                              hook_point, store.cfg["model_batch_size"], target))
+        truth = store.ground_truth
+        if truth is not None:
+            metrics.update(ground_truth_metrics(sae, truth.directions, store.eval_acts[0], truth.eval_fired))
+        splice = store.downstream
+        if splice is not None:
+            metrics.update(downstream_metrics(sae, splice.model, splice.tokens, splice.keep, hook_point,
+                                              splice.batch, target))
     finally:
         sae.train(was_training)
     return metrics

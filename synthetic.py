@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from config import ConfigError, post_init_cfg
+from activation_store import GroundTruth
+from config import ConfigError, resolve_device, validate_cfg
 
 STREAMS = {"directions": 1_000_003, "structure": 2_000_003, "eval": 3_000_017, "train": 4_000_037}
 CHILD_FRACTION = 0.25  # of the features, in sibling groups under parents
@@ -252,15 +253,17 @@ class SyntheticStore:
     downstream metrics are skipped."""
 
     def __init__(self, cfg: dict[str, Any]):
-        self.cfg = post_init_cfg(cfg, {"d_model": cfg["synthetic_d"], "n_layers": cfg["layer"] + 1,
-                                       "n_ctx": cfg["seq_len"]})
+        validate_cfg(cfg)
+        self.cfg = cfg
+        self.dims = {"d_model": cfg["synthetic_d"], "n_layers": cfg["layer"] + 1, "n_ctx": cfg["seq_len"]}
         n, d = cfg["synthetic_features"], cfg["synthetic_d"]
         self.truth = (TreeFeatures(n, d, cfg["seed"]) if cfg["synthetic_generator"] == "synthsaebench"
                       else SyntheticFeatures(n, d, cfg["synthetic_l0"], cfg["seed"]))
-        self.true_features = self.truth.directions
-        eval_acts, self.eval_fired = self.truth.sample(cfg["eval_tokens"], self._generator("eval"))
+        eval_acts, eval_fired = self.truth.sample(cfg["eval_tokens"], self._generator("eval"))
+        self.ground_truth = GroundTruth(self.truth.directions, eval_fired)
         self.eval_acts = eval_acts.unsqueeze(0)
-        self.model, self.device = None, torch.device(self.cfg["device"])
+        self.device = torch.device(resolve_device(cfg["device"]))
+        self.sharded, self.downstream = False, None
         self.generator = self._generator("train")
         self.scales = [math.sqrt(cfg["synthetic_d"] / eval_acts.pow(2).sum(-1).mean().item())]
 
@@ -284,5 +287,5 @@ class SyntheticStore:
         self.generator.set_state(state["generator"])
         self.scales = [float(s) for s in state["scales"]]
 
-    def flush_cache(self) -> None:
+    def finish(self) -> None:
         pass

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from activation_store import ActivationsStore, TensorStore
+from activation_store import ActivationSource, ActivationsStore
 from capture import check_hook_point, check_target_after_input, load_model, model_dims
 from checkpoint import (
     check_checkpoints_fit,
@@ -34,16 +34,16 @@ from config import (
     SYNTHETIC_DATASET,
     ConfigError,
     is_transcoder,
-    post_init_cfg,
+    prepare_cfg,
     resolve_device,
     validate_cfg,
 )
 from data_parallel import (
     Stopped,
     all_ranks_any,
-    average_buffers,
     average_gradients,
     average_scale,
+    average_tensors,
     rank,
     stop_requested,
     world_size,
@@ -52,6 +52,7 @@ from kernels import fired_latents, mean_l0
 from logs import Progress, RunLogger
 from metrics import evaluate
 from sae import BaseSAE, build_sae
+from schedule import SparsityCoefficient, lr_factor
 from synthetic import SyntheticStore
 
 LOSS_TERMS = ("recon_loss", "sparsity_loss", "aux_loss")
@@ -59,16 +60,6 @@ LOSS_TERMS = ("recon_loss", "sparsity_loss", "aux_loss")
 
 class NonFiniteError(RuntimeError):
     """A loss term or parameter became NaN/inf; the message names step, variant and term."""
-
-
-def lr_factor(step: int, total_steps: int, warmup_frac: float, decay_frac: float) -> float:
-    """Linear warmup from 0, constant, then linear decay to 0 over the final fraction."""
-    warmup = warmup_frac * total_steps
-    decay_start = (1 - decay_frac) * total_steps
-    factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-    if step >= decay_start and decay_frac > 0:
-        factor = min(factor, (total_steps - step) / (total_steps - decay_start))
-    return factor
 
 
 @dataclass
@@ -80,6 +71,7 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     logger: RunLogger
+    coefficient: SparsityCoefficient
     sparse_kernels: bool = False
     final_metrics: dict[str, Any] | None = None
     # first step whose loss terms were non-finite (-1: none) and which terms; kept on the
@@ -140,7 +132,7 @@ def make_trainee(cfg: dict[str, Any], total_steps: int, resume_step: int | None 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     device = torch.device(cfg["device"])
     logger = RunLogger(cfg, resume_step) if main else _SilentLogger(cfg)
-    trainee = Trainee(cfg, sae, optimizer, scheduler, logger, use_sparse_kernels(cfg))
+    trainee = Trainee(cfg, sae, optimizer, scheduler, logger, SparsityCoefficient(sae), use_sparse_kernels(cfg))
     trainee.first_bad_step, trainee.bad_terms = trainee.first_bad_step.to(device), trainee.bad_terms.to(device)
     return trainee
 
@@ -177,7 +169,7 @@ def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enable
     the loss is read on the host every step (free on CPU; on CUDA it waits for the queue
     to drain, which is why the option is off by default)."""
     sae, cfg = t.sae, t.cfg
-    sae.sparsity_coeff = sae.coefficient_at(step, total_steps)
+    sae.sparsity_coeff = t.coefficient.at(step, total_steps)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg["dtype"] == "bfloat16"):
         out = sae(x, aux_enabled=aux_enabled, sparse=t.sparse_kernels, target=target)
     if cfg.get("skip_nonfinite_batches") and not torch.isfinite(out.loss.detach()).item():
@@ -193,23 +185,45 @@ def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enable
         average_gradients(sae)
     if cfg["max_grad_norm"] > 0:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg["max_grad_norm"])
-    sae.remove_parallel_decoder_grad()
+    remove_parallel_decoder_grad(sae)
     if cfg["lazy_adam"]:
         zero_idle_momentum(t)
     t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.scheduler.step()
-    sae.normalize_decoder()
+    normalize_decoder(sae)
+    fired = fired_latents(out.latents)
+    mark_fired(sae, all_ranks_any(fired) if world_size() > 1 else fired, x.shape[0] * world_size())
+    sae.update_inference_state(out.latents)
+    t.coefficient.adapt(out.latents, step, total_steps)
     if world_size() > 1:  # every rank ends the step with identical state
-        sae.mark_fired(all_ranks_any(fired_latents(out.latents)), x.shape[0] * world_size())
-        sae.update_inference_state(out.latents)
-        sae.adapt_coefficient(out.latents, step, total_steps)
-        average_buffers(sae, sae.averaged_buffers)
-    else:
-        sae.update_dead_counters(out.latents)
-        sae.update_inference_state(out.latents)
-        sae.adapt_coefficient(out.latents, step, total_steps)
+        average_tensors([*(getattr(sae, name) for name in sae.averaged_buffers), *t.coefficient.state.values()])
     return out
+
+
+# --- the decoder constraint (docs/math.md §2) and the dead-latent counters (§4) -------------------
+
+@torch.no_grad()
+def remove_parallel_decoder_grad(sae: BaseSAE) -> None:
+    """Before the step: drop each decoder row's gradient component along the row."""
+    if sae.W_dec.grad is None:
+        return
+    # g -= (g.w / w.w) w for each row w: two reads and one in-place pass
+    coef = torch.linalg.vecdot(sae.W_dec.grad, sae.W_dec) / torch.linalg.vecdot(sae.W_dec, sae.W_dec)
+    sae.W_dec.grad.addcmul_(sae.W_dec, coef.unsqueeze(1), value=-1)
+
+
+@torch.no_grad()
+def normalize_decoder(sae: BaseSAE) -> None:
+    """After the step: put every decoder row back on the unit sphere."""
+    sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def mark_fired(sae: BaseSAE, fired: Tensor, n_tokens: int) -> None:
+    """Count `n_tokens` more training tokens for every latent, and reset those that fired."""
+    sae.tokens_since_fired += n_tokens
+    sae.tokens_since_fired.masked_fill_(fired, 0)
 
 
 @torch.no_grad()
@@ -226,7 +240,8 @@ def zero_idle_momentum(t: Trainee) -> None:
     # on CPU only the idle latents' slices are touched (the host reads which): a masked fill
     # would pass over every (m, d) moment
     idle_idx = None if idle.is_cuda else idle.nonzero().squeeze(1)
-    for param, dim in t.sae.latent_params():
+    for name, dim in t.sae.latent_params:
+        param = getattr(t.sae, name)
         state = t.optimizer.state.get(param, {})
         if param.grad is None or "exp_avg" not in state:
             continue
@@ -272,15 +287,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_sae_group(cfgs: list[dict[str, Any]], model=None, store=None) -> list[Trainee]:
+def train_sae_group(cfgs: list[dict[str, Any]], model=None, store: ActivationSource | None = None) -> list[Trainee]:
     """Train several SAEs on one activation stream, each with its own optimiser.
 
     With `resume` set (every config of the group), continue the runs in those folders from
     their newest common complete checkpoint (from step 0 in the same folders if none).
-    `store` replaces the activation stream (tests: synthetic activations); it needs a
-    post-initialised `cfg`, `next_batch()`, `scales`, `hook_index()`, `eval_acts`, `device`,
-    `state_dict()` / `load_state_dict()`, `flush_cache()`, and `model` (None skips the
-    downstream metrics)."""
+    `store` replaces the model's stream: any `activation_store.ActivationSource` (a `TensorStore`, the
+    synthetic source, your own); the configs are prepared from its dims."""
     cfgs, model, store, resume_step = _open_group(cfgs, model, store)
     total_steps = cfgs[0]["num_tokens"] // cfgs[0]["batch_size"]
     main = rank() == 0
@@ -308,13 +321,13 @@ def hook_points_of(cfgs: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(h for c in cfgs for h in (c["hook_point"], c.get("target_hook_point")) if h))
 
 
-def hook_indices(store, cfg: dict[str, Any]) -> tuple[int, int | None]:
+def hook_indices(store: ActivationSource, cfg: dict[str, Any]) -> tuple[int, int | None]:
     """Where the run's input and (a transcoder's) target are in the store's batches."""
     target = store.hook_index(cfg["target_hook_point"]) if is_transcoder(cfg) else None
     return store.hook_index(cfg["hook_point"]), target
 
 
-def _open_group(cfgs: list[dict[str, Any]], model, store) -> tuple[list[dict[str, Any]], Any, Any, int | None]:
+def _open_group(cfgs: list[dict[str, Any]], model, store: ActivationSource | None) -> tuple[list[dict[str, Any]], Any, Any, int | None]:
     """The group's configs checked and post-initialised (a resumed run's saved ones), the model (booted if
     None and needed), the activation stream if given (or synthetic), and the step to resume from (None: a
     fresh start). Checks the hook points, so that the stream built later on the model can be."""
@@ -328,17 +341,17 @@ def _open_group(cfgs: list[dict[str, Any]], model, store) -> tuple[list[dict[str
     if store is None and first["dataset_path"] == SYNTHETIC_DATASET:
         store = SyntheticStore(first)
     if store is not None:
-        dims = {"d_model": store.cfg["act_size"], "n_layers": store.cfg["n_layers"], "n_ctx": store.cfg["n_ctx"]}
+        dims = store.dims
     else:
         if model is None:
             model = load_model(first["model_name"], resolve_device(first["device"]), first["model_dtype"])
         dims = model_dims(model)
-    cfgs = [post_init_cfg(c, dims) for c in cfgs]
+    cfgs = [prepare_cfg(c, dims) for c in cfgs]
     if resume_step:
         check_checkpoints_fit(cfgs, resume_step)
     if world_size() > 1:
         check_data_parallel(cfgs)
-        if isinstance(store, (TensorStore, SyntheticStore)):
+        if store is not None and not store.sharded:
             raise ConfigError(f"{type(store).__name__} serves every torchrun rank the same rows (it does not shard "
                               "yet); train on it in one process")
     if store is None:
@@ -375,7 +388,7 @@ def _open_stream(trainees: list[Trainee], model, resume_step: int | None, total_
     return store
 
 
-def _init_from_first_batch(trainees: list[Trainee], store, hook_of: list[tuple[int, int | None]]) -> Tensor:
+def _init_from_first_batch(trainees: list[Trainee], store: ActivationSource, hook_of: list[tuple[int, int | None]]) -> Tensor:
     """A fresh start: each SAE's input scale (a transcoder's target scale too) and b_dec from the stream's first
     batch, then the step-0 evaluation. Returns that batch: the first step trains on it."""
     first_batch = store.next_batch()
@@ -383,13 +396,13 @@ def _init_from_first_batch(trainees: list[Trainee], store, hook_of: list[tuple[i
         target = () if g is None else (first_batch[g], store.scales[g])
         t.sae.init_from_batch(first_batch[h], store.scales[h], *target)
         if world_size() > 1:  # b_dec = mean of the union of the ranks' first batches (and standardize_tokens'
-            average_buffers(t.sae, ("scale", "b_dec"))  # scale, which each rank takes from its own batch)
+            average_tensors([t.sae.scale, t.sae.b_dec])  # scale, which each rank takes from its own batch)
         if rank() == 0:
             t.logger.log(evaluate(t.sae, store), step=0, tokens=0)
     return first_batch
 
 
-def _run_steps(trainees: list[Trainee], store, hook_of: list[tuple[int, int | None]], start: int, total_steps: int,
+def _run_steps(trainees: list[Trainee], store: ActivationSource, hook_of: list[tuple[int, int | None]], start: int, total_steps: int,
                first_batch: Tensor | None) -> None:
     """The training loop from step `start`: every SAE steps on its hook's slice of each batch,
     logs, and the group checkpoints together. `first_batch` is the batch of step `start`, or
@@ -422,14 +435,14 @@ def _run_steps(trainees: list[Trainee], store, hook_of: list[tuple[int, int | No
     finally:
         progress.close()
         try:
-            store.flush_cache()
+            store.finish()
         finally:  # the loggers finish (wandb included) even if the cache's last write fails
             for t in trainees:
                 t.logger.finish()
 
 
 def _log_step(t: Trainee, out: Any, step: int, total_steps: int, tokens: int,
-              store: ActivationsStore, progress: Progress) -> None:
+              store: ActivationSource, progress: Progress) -> None:
     cfg, last = t.cfg, step == total_steps
     if step % cfg["perf_log_freq"] == 0 or last or checkpoint_due(cfg, step):
         check_finite(t)
@@ -446,5 +459,5 @@ def _log_step(t: Trainee, out: Any, step: int, total_steps: int, tokens: int,
             t.final_metrics = metrics
 
 
-def train_sae(cfg: dict[str, Any], model=None, store=None) -> Trainee:
+def train_sae(cfg: dict[str, Any], model=None, store: ActivationSource | None = None) -> Trainee:
     return train_sae_group([cfg], model, store)[0]

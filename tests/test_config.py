@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from config import ConfigError, get_default_cfg, make_run_name, parse_value, post_init_cfg
+from config import ConfigError, get_default_cfg, make_run_name, parse_value, prepare_cfg
 
 DIMS = {"d_model": 384, "n_layers": 6, "n_ctx": 512}
 REPO = Path(__file__).resolve().parent.parent
@@ -34,13 +34,13 @@ BAD = [
 @pytest.mark.parametrize("override,message", BAD, ids=[next(iter(o)) for o, _ in BAD])
 def test_bad_setting_gives_one_line(override, message):
     with pytest.raises(ConfigError) as err:
-        post_init_cfg(get_default_cfg() | override, DIMS)
+        prepare_cfg(get_default_cfg() | override, DIMS)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
 
 def test_good_config_derives_hook_point_and_act_size():
-    cfg = post_init_cfg(get_default_cfg(), DIMS)
+    cfg = prepare_cfg(get_default_cfg(), DIMS)
     assert cfg["hook_point"] == "blocks.3.hook_resid_pre"
     assert cfg["act_size"] == 384 and cfg["device"] in ("cpu", "cuda")
     assert cfg["run_name"].startswith("batchtopk_all-MiniLM-L6-v2_L3_resid_pre_m3072_k32_")
@@ -90,14 +90,14 @@ def test_config_reference_is_the_declaration():
 def test_the_recipe_keeps_a_set_lr_and_derives_an_unset_one_from_the_shape():
     from config import LR_MAX, auto_lr
 
-    default = post_init_cfg(get_default_cfg(), DIMS)  # MiniLM's 300 steps: short of the noise-limited regime
+    default = prepare_cfg(get_default_cfg(), DIMS)  # MiniLM's 300 steps: short of the noise-limited regime
     assert default["lr"] == LR_MAX and default["auto"] == "lr 5.0e-3 (auto: 3,072 latents, d 384, 300 steps)"
-    kept = post_init_cfg(get_default_cfg() | {"lr": 1e-3}, DIMS)
+    kept = prepare_cfg(get_default_cfg() | {"lr": 1e-3}, DIMS)
     assert kept["lr"] == 1e-3 and kept["auto"] == ""
-    again = post_init_cfg(default, DIMS)  # a derived config (a resumed run's) keeps its values
+    again = prepare_cfg(default, DIMS)  # a derived config (a resumed run's) keeps its values
     assert again["lr"] == default["lr"] and again["auto"] == default["auto"]
     long = get_default_cfg() | {"num_tokens": 4096 * 40_000, "dict_size": 16384}
-    lr = post_init_cfg(long, DIMS)["lr"]
+    lr = prepare_cfg(long, DIMS)["lr"]
     assert lr < LR_MAX and lr == auto_lr(40_000, 384, 16384)
     assert auto_lr(4 * 40_000, 384, 16384) == pytest.approx(lr / 2)  # 1/sqrt(steps x d x latents) below the cap
     assert auto_lr(40_000, 4 * 384, 16384) == pytest.approx(lr / 2)

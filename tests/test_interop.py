@@ -27,7 +27,7 @@ from interop import (
     upload,
 )
 from results import load_run
-from sae import SAE_CLASSES, BaseSAE, BatchTopKSAE, JumpReLUSAE, build_sae
+from sae import SAE_CLASSES, BaseSAE, BatchTopKSAE, JumpReLUSAE, build_sae, save_sae
 
 torch.set_num_threads(2)
 
@@ -53,7 +53,7 @@ def trained_like(sae_type: str, seed: int = 0, standardize_tokens: bool = False)
         sae.scale.fill_(SCALE)
         sae.W_enc.add_(0.3 * torch.randn(D, M, generator=gen))
         sae.W_dec.add_(0.3 * torch.randn(M, D, generator=gen))
-        sae.normalize_decoder()
+        sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True)
         sae.b_enc.copy_(torch.randn(M, generator=gen))
         sae.b_dec.copy_(torch.randn(D, generator=gen))
         if isinstance(sae, JumpReLUSAE):
@@ -315,7 +315,7 @@ def fake_run(folder: Path, sae_type: str = "batchtopk") -> Path:
     records = [{"step": 0, "tokens": 0, "l0": 40.5, "nmse": 12.80761348737808},
                {"step": 20, "tokens": 5120, "train/loss": 3.5, "lr": 0.002}, FINAL_EVAL]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    sae.save(folder / FINAL_DIR)
+    save_sae(sae, folder / FINAL_DIR)
     return folder
 
 

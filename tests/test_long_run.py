@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from conftest import small_cfg
 
-from config import post_init_cfg
+from config import prepare_cfg
 from training import train_sae_group
 
 STEPS = 1500
@@ -34,7 +34,9 @@ class SyntheticStore:
     memory each time a batch is drawn."""
 
     def __init__(self, cfg: dict):
-        self.cfg, self.model, self.device = cfg, None, torch.device("cpu")
+        self.cfg, self.device = cfg, torch.device("cpu")
+        self.dims = {"d_model": cfg["act_size"], "n_layers": 6, "n_ctx": 512}
+        self.sharded, self.ground_truth, self.downstream = False, None, None
         self.generator = torch.Generator().manual_seed(cfg["seed"])
         d = cfg["act_size"]
         self.mixing = torch.randn(4 * d, d, generator=self.generator) / d**0.5
@@ -59,7 +61,7 @@ class SyntheticStore:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
 
-    def flush_cache(self) -> None:
+    def finish(self) -> None:
         pass
 
 
@@ -68,7 +70,7 @@ def run_synthetic(output_dir: str) -> dict:
     cfg = small_cfg(sae_type="batchtopk", dict_size=512, top_k=16, top_k_aux=64, batch_size=256,
                     num_tokens=256 * STEPS, perf_log_freq=20, eval_freq=250, checkpoint_freq=250,
                     keep_checkpoints=2, output_dir=output_dir)
-    store = SyntheticStore(post_init_cfg(cfg, {"d_model": 64, "n_layers": 6, "n_ctx": 512}))
+    store = SyntheticStore(prepare_cfg(cfg, {"d_model": 64, "n_layers": 6, "n_ctx": 512}))
     trainee = train_sae_group([cfg], store=store)[0]
     return {"rss": store.rss, "nmse": trainee.final_metrics["nmse"],
             "checkpoints": sorted(p.name for p in (trainee.run_dir / "checkpoints").iterdir())}

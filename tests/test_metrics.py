@@ -8,7 +8,7 @@ from conftest import small_cfg
 
 from activation_store import ActivationsStore
 from capture import model_dims
-from config import post_init_cfg
+from config import prepare_cfg
 from metrics import evaluate, mean_kl, next_token_ce, reconstruction_metrics, recovered, total_variance
 from sae import build_sae
 
@@ -51,7 +51,7 @@ def test_reconstruction_metrics_match_direct_computation():
 
 
 def test_evaluation_never_changes_training_state(minilm):
-    cfg = post_init_cfg(small_cfg(sae_type="batchtopk"), model_dims(minilm))
+    cfg = prepare_cfg(small_cfg(sae_type="batchtopk"), model_dims(minilm))
     store = ActivationsStore(minilm, cfg)
     sae = build_sae(cfg).train()
     sae.init_from_batch(store.next_batch()[0], store.scale)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 import bench
 import main
-from config import ConfigError, Key, get_default_cfg, post_init_cfg
+from config import ConfigError, Key, get_default_cfg, prepare_cfg
 from sae import SAE_CLASSES, TopKSAE, load_sae, register
 
 
@@ -42,12 +42,12 @@ def squared_topk():
 def test_a_registered_variant_is_known_everywhere(squared_topk):
     cfg = get_default_cfg()
     assert cfg["square_scale"] == 1.0  # its key, declared on its class
-    derived = post_init_cfg(cfg | {"sae_type": "squared_topk"}, {"d_model": 16, "n_layers": 4, "n_ctx": 512})
+    derived = prepare_cfg(cfg | {"sae_type": "squared_topk"}, {"d_model": 16, "n_layers": 4, "n_ctx": 512})
     assert "_sq32_" in derived["run_name"]
     assert [c["sae_type"] for c in main.sweep_variants(cfg)][-1] == "squared_topk"
     assert "squared_topk" in bench.parse(["variants=squared_topk"])["variants"]
     with pytest.raises(ConfigError, match="square_scale=0.0 is invalid: must be > 0"):
-        post_init_cfg(cfg | {"square_scale": 0.0}, {"d_model": 16, "n_layers": 4, "n_ctx": 512})
+        prepare_cfg(cfg | {"square_scale": 0.0}, {"d_model": 16, "n_layers": 4, "n_ctx": 512})
     # it changed only its math, so it trains on the dense reference, never on TopK's sparse kernels
     assert TopKSAE.has_sparse_path and not squared_topk.has_sparse_path
 
@@ -127,7 +127,7 @@ def test_the_l0_sweep_reaches_each_l0_through_the_variants_own_setting():
     assert len(cfgs) == 3 * len(SAE_CLASSES) and len(main.group_by_stream(cfgs)) == 1  # one stream
     dims = {"d_model": 16, "n_layers": 4, "n_ctx": 512}
     for cfg in cfgs:
-        post_init_cfg(cfg, dims)  # every one is a valid config
+        prepare_cfg(cfg, dims)  # every one is a valid config
         cls = SAE_CLASSES[cfg["sae_type"]]
         assert (cfg["target_l0"] > 0) == (cls.coeff_key is not None)
     assert sorted(c["top_k"] for c in cfgs if c["sae_type"] == "topk") == [16, 32, 64]

@@ -227,11 +227,11 @@ def test_store_state_round_trip_is_exact_across_epochs(minilm, tmp_path):
     """A store loaded from another's state serves the same batches, through epoch
     boundaries (where the held-out rows are skipped again)."""
     from capture import model_dims
-    from config import post_init_cfg
+    from config import prepare_cfg
 
     lines = [json.dumps({"body": f"Document {i}: " + " ".join(f"w{i}x{j}" for j in range(40))}) for i in range(12)]
     (tmp_path / "corpus.jsonl").write_text("\n".join(lines))
-    cfg = post_init_cfg(small_cfg(dataset_path=str(tmp_path / "corpus.jsonl"), text_column="body", eval_tokens=256,
+    cfg = prepare_cfg(small_cfg(dataset_path=str(tmp_path / "corpus.jsonl"), text_column="body", eval_tokens=256,
                                   num_batches_in_buffer=2, batch_size=64), model_dims(minilm))
     a, b = ActivationsStore(minilm, cfg), ActivationsStore(minilm, cfg)
     for _ in range(23):  # mid-buffer, within the second epoch

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from config import get_default_cfg
-from sae import SAE_CLASSES, BatchTopKSAE, JumpReLUSAE, build_sae, load_sae
+from kernels import fired_latents
+from sae import COEFFICIENT_STATE, SAE_CLASSES, BatchTopKSAE, JumpReLUSAE, build_sae, load_sae, save_sae
+from schedule import SparsityCoefficient
+from training import mark_fired, normalize_decoder, remove_parallel_decoder_grad
 
 torch.set_num_threads(2)
 
@@ -50,11 +53,11 @@ def train_steps(sae, n_steps: int = 3, lr: float = 1e-2, seed: int = 10) -> None
     for i in range(n_steps):
         out = sae(rand_x(seed=seed + i))
         out.loss.backward()
-        sae.remove_parallel_decoder_grad()
+        remove_parallel_decoder_grad(sae)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sae.normalize_decoder()
-        sae.update_dead_counters(out.latents)
+        normalize_decoder(sae)
+        mark_fired(sae, fired_latents(out.latents), out.x.shape[0])
         sae.update_inference_state(out.latents)
 
 
@@ -169,12 +172,12 @@ def test_decoder_grad_orthogonal_and_rows_unit_norm_after_step(sae_type):
     sae(rand_x()).loss.backward()
     parallel = (sae.W_dec.grad * sae.W_dec).sum(-1)
     assert parallel.abs().max() > 1e-4  # the test has something to remove
-    sae.remove_parallel_decoder_grad()
+    remove_parallel_decoder_grad(sae)
     parallel = (sae.W_dec.grad * sae.W_dec).sum(-1)
     assert parallel.abs().max() < 1e-5 * sae.W_dec.grad.norm(dim=-1).max().clamp_min(1)
     w_before = sae.W_dec.detach().clone()
     opt.step()
-    sae.normalize_decoder()
+    normalize_decoder(sae)
     assert not torch.equal(sae.W_dec, w_before)
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(M))
 
@@ -247,7 +250,7 @@ def test_update_dead_counters_counts_tokens_and_resets_fired():
     f[torch.tensor([0, 1, 4, 2]), fired] = torch.tensor([0.5, 1.0, 2.0, 0.1])
     f[3, 20] = -1.0  # a negative value is not firing
     before = sae.tokens_since_fired.clone()
-    sae.update_dead_counters(f)
+    mark_fired(sae, fired_latents(f), f.shape[0])
     expected = before + 5
     expected[fired] = 0
     assert torch.equal(sae.tokens_since_fired, expected)
@@ -431,7 +434,7 @@ def test_save_load_round_trip(sae_type, tmp_path):
     if isinstance(sae, JumpReLUSAE):
         assert not torch.allclose(sae.threshold, torch.full((M,), 0.3))
     sae.eval()
-    sae.save(tmp_path / "ckpt")
+    save_sae(sae, tmp_path / "ckpt")
     loaded = load_sae(tmp_path / "ckpt")
 
     assert not loaded.training
@@ -502,13 +505,13 @@ def test_matryoshka_loss_averages_every_prefix_reconstruction(groups, ends):
 
 
 def test_matryoshka_groups_must_be_non_empty_and_add_up():
-    from config import ConfigError, post_init_cfg
+    from config import ConfigError, prepare_cfg
 
     dims = {"d_model": D, "n_layers": 4, "n_ctx": 512}
     for bad in ("32,16", "32,0,32", "a,b", "\u00b2,62"):  # a superscript two is a digit to str.isdigit
         with pytest.raises(ConfigError, match="matryoshka_groups"):
-            post_init_cfg(make_cfg("matryoshka", matryoshka_groups=bad), dims)
-    post_init_cfg(make_cfg("matryoshka", matryoshka_groups="16, 48"), dims)
+            prepare_cfg(make_cfg("matryoshka", matryoshka_groups=bad), dims)
+    prepare_cfg(make_cfg("matryoshka", matryoshka_groups="16, 48"), dims)
 
 
 # --- target_l0 ------------------------------------------------------------------------------
@@ -516,47 +519,48 @@ def test_matryoshka_groups_must_be_non_empty_and_add_up():
 
 def test_target_l0_moves_the_coefficient_towards_the_target_by_a_bounded_factor():
     sae = make_sae("jumprelu", target_l0=8.0, target_l0_rate=0.1, sparsity_warmup_frac=0.0)
-    assert sae.coefficient_at(0, 100) == pytest.approx(sae.cfg["l0_coeff"])
+    coeff = SparsityCoefficient(sae)
+    assert coeff.at(0, 100) == pytest.approx(sae.cfg["l0_coeff"])
     dense = torch.ones(B, M)  # L0 64, far above 8: the ratio's log is clipped to 1
-    sae.adapt_coefficient(dense, 0, 100)
-    assert sae.coeff_scale.item() == pytest.approx(math.exp(0.1))
+    coeff.adapt(dense, 0, 100)
+    assert coeff.state["coeff_scale"].item() == pytest.approx(math.exp(0.1))
     sparse = torch.zeros(B, M)
     sparse[:, :4] = 1.0  # L0 4: half the target
-    sae.adapt_coefficient(sparse, 1, 100)
-    assert sae.coeff_scale.item() == pytest.approx(math.exp(0.1) * 0.5 ** 0.1)
+    coeff.adapt(sparse, 1, 100)
+    assert coeff.state["coeff_scale"].item() == pytest.approx(math.exp(0.1) * 0.5 ** 0.1)
     # JumpReLU's coefficient also answers the latest error: here L0 is half the target, log 0.5 = -0.69
-    damped = sae.coeff_scale.item() + sae.coeff_damping * math.log(0.5)
+    damped = coeff.state["coeff_scale"].item() + sae.coeff_damping * math.log(0.5)
     assert sae.coeff_damping > 0 and damped < 0  # a reward to fire, until L0 comes up
-    assert float(sae.coefficient_at(50, 100)) == pytest.approx(sae.cfg["l0_coeff"] * damped)
-    for buffer in ("coeff_scale", "l0_error"):  # saved, and ranks agree
-        assert buffer in sae.state_dict() and buffer in sae.averaged_buffers
-    assert "coeff_scale" not in make_sae("jumprelu").state_dict()  # off by default: nothing added
-    older = {k: v for k, v in sae.state_dict().items() if k != "l0_error"}  # saved before the damping term
-    reloaded = make_sae("jumprelu", target_l0=8.0)
-    reloaded.l0_error.fill_(0.5)
-    reloaded.load_state_dict(older)
-    assert reloaded.l0_error.item() == 0 and reloaded.coeff_scale.item() == sae.coeff_scale.item()
-    vanilla = make_sae("vanilla", target_l0=8.0, target_l0_rate=0.1, sparsity_warmup_frac=0.0)
-    vanilla.adapt_coefficient(sparse, 1, 100)  # no damping: the running factor alone
-    assert "l0_error" not in vanilla.state_dict()
-    assert float(vanilla.coefficient_at(50, 100)) == pytest.approx(vanilla.cfg["l1_coeff"] * 0.5 ** 0.1)
-    own = make_sae("vanilla", target_l0=8.0, sparsity_warmup_frac=0.0)  # target_l0_rate 0: Vanilla's own rate
-    rate, rise = type(own).coeff_rate, type(own).coeff_rise_clip
+    assert float(coeff.at(50, 100)) == pytest.approx(sae.cfg["l0_coeff"] * damped)
+    assert set(coeff.state) == set(COEFFICIENT_STATE)  # checkpoints save both
+    assert SparsityCoefficient(make_sae("jumprelu")).state == {}  # off by default: nothing added
+    reloaded = SparsityCoefficient(make_sae("jumprelu", target_l0=8.0))
+    reloaded.state["l0_error"].fill_(0.5)
+    reloaded.load({"coeff_scale": coeff.state["coeff_scale"]})  # saved before the damping term existed
+    assert reloaded.state["l0_error"].item() == 0
+    assert reloaded.state["coeff_scale"].item() == coeff.state["coeff_scale"].item()
+    vanilla = SparsityCoefficient(make_sae("vanilla", target_l0=8.0, target_l0_rate=0.1, sparsity_warmup_frac=0.0))
+    vanilla.adapt(sparse, 1, 100)  # no damping: the running factor alone
+    assert "l0_error" not in vanilla.state
+    assert float(vanilla.at(50, 100)) == pytest.approx(make_sae("vanilla").cfg["l1_coeff"] * 0.5 ** 0.1)
+    own_sae = make_sae("vanilla", target_l0=8.0, sparsity_warmup_frac=0.0)  # target_l0_rate 0: Vanilla's own rate
+    own = SparsityCoefficient(own_sae)
+    rate, rise = type(own_sae).coeff_rate, type(own_sae).coeff_rise_clip
     assert rise < 1  # L0 far above the target (log 8 / 1 clipped to 1): the factor rises by e^(rate * rise) only
-    own.adapt_coefficient(dense, 0, 100)
-    assert own.coeff_scale.item() == pytest.approx(math.exp(rate * rise))
-    own.adapt_coefficient(sparse, 1, 100)  # and falls unclipped
-    assert own.coeff_scale.item() == pytest.approx(math.exp(rate * rise) * 0.5 ** rate)
+    own.adapt(dense, 0, 100)
+    assert own.state["coeff_scale"].item() == pytest.approx(math.exp(rate * rise))
+    own.adapt(sparse, 1, 100)  # and falls unclipped
+    assert own.state["coeff_scale"].item() == pytest.approx(math.exp(rate * rise) * 0.5 ** rate)
 
 
 def test_target_l0_is_refused_where_k_sets_the_l0():
-    from config import ConfigError, post_init_cfg
+    from config import ConfigError, prepare_cfg
 
     dims = {"d_model": D, "n_layers": 4, "n_ctx": 512}
     with pytest.raises(ConfigError, match="target_l0=8.0 is invalid: sae_type=topk has no sparsity coefficient"):
-        post_init_cfg(make_cfg("topk", target_l0=8.0), dims)
+        prepare_cfg(make_cfg("topk", target_l0=8.0), dims)
     with pytest.raises(ConfigError, match=r"target_l0=100.0 is invalid: must be <= dict_size \(64\)"):
-        post_init_cfg(make_cfg("vanilla", target_l0=100.0), dims)
+        prepare_cfg(make_cfg("vanilla", target_l0=100.0), dims)
     with pytest.raises(ConfigError, match="target_l0=8.0 is invalid: scales l1_coeff, which is 0"):
-        post_init_cfg(make_cfg("vanilla", target_l0=8.0, l1_coeff=0.0), dims)
-    assert "_target8_" in post_init_cfg(make_cfg("vanilla", target_l0=8.0), dims)["run_name"]
+        prepare_cfg(make_cfg("vanilla", target_l0=8.0, l1_coeff=0.0), dims)
+    assert "_target8_" in prepare_cfg(make_cfg("vanilla", target_l0=8.0), dims)["run_name"]

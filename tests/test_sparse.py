@@ -9,8 +9,9 @@ import pytest
 import torch
 from test_sae import B, D, M, make_cfg, rand_x
 
-from kernels import SparseLatents, SparsePattern, batch_top_entries, encoder_matmul, fired_latents, mean_l0
-from sae import SAE_CLASSES, build_sae
+from kernels import SparseLatents, SparsePattern, encoder_matmul, fired_latents, mean_l0
+from selection import batch_top_entries
+from sae import SAE_CLASSES, build_sae, save_sae
 
 SPARSE_VARIANTS = tuple(name for name, cls in SAE_CLASSES.items() if cls.has_sparse_path)
 DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)  # CI has no GPU; a lent one checks CUDA
@@ -148,7 +149,7 @@ def test_row_top_entries_is_an_exact_row_topk(rows, cols, k):
     where it falls back to a plain topk: m not a multiple of 8, or k*8*4 > m). Rows with
     fewer than k positive entries may be filled up with other entries <= 0 than topk's (f
     is 0 there either way); their positive entries are all picked."""
-    from kernels import row_top_entries
+    from selection import row_top_entries
 
     gen = torch.Generator().manual_seed(rows)
     few_positive = torch.randn(rows, cols, generator=gen) - 3  # ~0.1% positive: fewer than k per row
@@ -168,7 +169,7 @@ def test_true_positions_equals_nonzero(shape):
     """The word-at-a-time search finds every set entry, in row-major order (also for
     masks whose size is not a multiple of 8, where it falls back to `nonzero`), and gives
     None exactly where more than `max_count` are set."""
-    from kernels import true_positions
+    from selection import true_positions
 
     gen = torch.Generator().manual_seed(shape[0])
     for density in (0.0, 0.02, 0.5, 1.0):
@@ -184,7 +185,7 @@ def test_true_positions_equals_nonzero(shape):
 def test_batch_top_entries_when_the_sample_overestimates():
     """Every sampled position holds a large value: the sample's bound admits fewer than n
     entries, and the looser bounds must still give the exact selection."""
-    from kernels import BATCH_TOP_SAMPLE_STRIDE
+    from selection import BATCH_TOP_SAMPLE_STRIDE
 
     gen = torch.Generator().manual_seed(0)
     pre = torch.rand(B, M, generator=gen)
@@ -246,7 +247,7 @@ def test_encoder_gradient_arrives_in_the_weights_layout(tmp_path):
     sae.W_enc.register_hook(lambda grad: incoming.append(grad.stride()))  # before autograd stores it
     sae(rand_x(), sparse=True).loss.backward()
     assert incoming == [sae.W_enc.stride()]
-    sae.save(tmp_path)
+    save_sae(sae, tmp_path)
     assert load_sae(tmp_path).W_enc.stride() == (1, D)
 
 
@@ -254,7 +255,7 @@ def test_entries_above_biased_never_drops_an_entry_to_rounding():
     """b_enc is folded into the bound (xw > bound - bias, loosened): every entry whose
     float32 pre = xw + bias exceeds the bound is found, also entries one ulp above a bound
     taken from the data itself, and the values read back are exactly xw + bias."""
-    from kernels import entries_above_biased
+    from selection import entries_above_biased
 
     gen = torch.Generator().manual_seed(0)
     xw = torch.randn(B, M, generator=gen) * 3
@@ -273,7 +274,8 @@ def test_entries_above_biased_never_drops_an_entry_to_rounding():
 def test_greater_than_equals_torch_gt(shape):
     """The chunked float32 compare gives torch.gt's mask (per-latent and scalar bounds, NaN,
     ties), also where the batch has as many rows as a chunk (its scratch is its own)."""
-    from kernels import greater_than, workspace
+    from kernels import workspace
+    from selection import greater_than
 
     gen = torch.Generator().manual_seed(shape[0])
     pre = workspace(shape, torch.empty(0))  # as the step passes it: the (B, m) workspace itself

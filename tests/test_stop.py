@@ -225,13 +225,13 @@ def test_a_block_read_from_the_cache_is_marked_so_and_needs_the_cache_on_resume(
 
     from activation_store import ActivationsStore
     from capture import model_dims
-    from config import ConfigError, post_init_cfg
+    from config import ConfigError, prepare_cfg
 
-    cfg = post_init_cfg(tiny_cfg(cache_dir=str(tmp_path / "cache")), model_dims(minilm))
+    cfg = prepare_cfg(tiny_cfg(cache_dir=str(tmp_path / "cache")), model_dims(minilm))
     writer = ActivationsStore(minilm, cfg)
     for _ in range(40):
         writer.next_batch()
-    writer.flush_cache()
+    writer.finish()
     reader = ActivationsStore(minilm, cfg)
     for _ in range(reader.serve_count // cfg["batch_size"] + 2):  # into the second block
         reader.next_batch()

@@ -10,12 +10,12 @@ from conftest import small_cfg
 
 from activation_store import ActivationsStore
 from capture import model_dims, run_to_hook
-from config import ConfigError, post_init_cfg
+from config import ConfigError, prepare_cfg
 from text import iter_token_rows, special_token_ids
 
 
 def make_store(model, **overrides) -> ActivationsStore:
-    cfg = post_init_cfg(small_cfg(**overrides), model_dims(model))
+    cfg = prepare_cfg(small_cfg(**overrides), model_dims(model))
     return ActivationsStore(model, cfg)
 
 
@@ -158,7 +158,7 @@ def test_text_and_parquet_files(minilm, tmp_path):
 
 
 def test_unknown_site_lists_valid_ones(minilm):
-    cfg = post_init_cfg(small_cfg(), model_dims(minilm)) | {"hook_point": "blocks.3.hook_nothing"}
+    cfg = prepare_cfg(small_cfg(), model_dims(minilm)) | {"hook_point": "blocks.3.hook_nothing"}
     with pytest.raises(ConfigError, match="valid sites are resid_pre"):
         ActivationsStore(minilm, cfg)
 
@@ -198,7 +198,7 @@ def test_run_to_hooks_stops_after_the_deepest_hook(minilm):
 
 
 def test_multi_hook_store_serves_each_hook_like_a_single_hook_store(minilm):
-    cfg = post_init_cfg(small_cfg(), model_dims(minilm))
+    cfg = prepare_cfg(small_cfg(), model_dims(minilm))
     multi = ActivationsStore(minilm, cfg, HOOKS)
     singles = [ActivationsStore(minilm, cfg | {"hook_point": h}, [h]) for h in HOOKS]
     assert [multi.hook_index(h) for h in HOOKS] == [0, 1, 2]
@@ -233,7 +233,7 @@ def test_cache_is_written_once_and_read_back_identically(minilm, tmp_path, monke
     overrides = {"cache_dir": str(tmp_path / "cache"), "num_batches_in_buffer": 2, "batch_size": 64}
     writer = make_store(minilm, **overrides)
     written = [writer.next_batch() for _ in range(12)]  # several refills
-    writer.flush_cache()
+    writer.finish()
     calls = _count_forwards(monkeypatch)
     reader = make_store(minilm, **overrides)
     assert calls["n"] == 0  # eval set and buffer came from disk
@@ -255,14 +255,14 @@ def test_half_precision_cache_serves_the_rounded_values_to_every_run(minilm, tmp
     writer = make_store(minilm, **overrides)
     first = writer.next_batch()
     assert torch.equal(first, first.half().float())
-    writer.flush_cache()
+    writer.finish()
     assert torch.equal(make_store(minilm, **overrides).next_batch(), first)
     shards = list((tmp_path / "cache").rglob("shard_*.safetensors"))
     assert shards and all(p.stat().st_size < 64 * 384 * 4 * 400 for p in shards)
 
 
 def test_data_parallel_shards_take_alternate_training_rows(minilm):
-    cfg = post_init_cfg(small_cfg(), model_dims(minilm))
+    cfg = prepare_cfg(small_cfg(), model_dims(minilm))
     single, *ranks = [ActivationsStore(minilm, cfg, shard=shard) for shard in ((0, 1), (0, 2), (1, 2))]
     for store in (single, *ranks):
         store.seek_rows(0)
@@ -311,7 +311,7 @@ def test_tensor_store_holds_out_the_first_rows_and_serves_each_row_once_per_epoc
     acts = torch.arange(1000 * 4, dtype=torch.float32).view(1000, 4)  # row i holds 4i..4i+3
     cfg = small_cfg(eval_tokens=100, batch_size=64)
     store = TensorStore(acts, cfg)
-    assert torch.equal(store.eval_acts[0], acts[:100]) and store.cfg["act_size"] == 4
+    assert torch.equal(store.eval_acts[0], acts[:100]) and store.dims["d_model"] == 4
     rows = [store.next_batch()[0][:, 0] / 4 for _ in range(14)]  # 900 training rows: 14 full batches
     epoch = torch.cat(rows).long()
     assert not torch.equal(epoch[:64], torch.arange(100, 164))  # shuffled

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from conftest import small_cfg
 
+from config import prepare_cfg
 from metrics import ground_truth_metrics
 from sae import build_sae
 from synthetic import SyntheticFeatures, SyntheticStore
@@ -66,13 +67,13 @@ def test_an_l0_the_features_cannot_reach_is_one_line():
 def test_the_stream_is_seeded_and_resumes_exactly():
     store = SyntheticStore(synthetic_cfg())
     again = SyntheticStore(synthetic_cfg())
-    assert torch.equal(store.true_features, again.true_features) and torch.equal(store.eval_acts, again.eval_acts)
+    assert torch.equal(store.ground_truth.directions, again.ground_truth.directions) and torch.equal(store.eval_acts, again.eval_acts)
     state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in store.state_dict().items()}
     ahead = [store.next_batch() for _ in range(3)]
     again.load_state_dict(state)
     assert all(torch.equal(a, again.next_batch()) for a in ahead)
     other = SyntheticStore(synthetic_cfg(seed=7))
-    assert not torch.equal(store.true_features, other.true_features)
+    assert not torch.equal(store.ground_truth.directions, other.ground_truth.directions)
     import pytest
 
     from config import ConfigError
@@ -83,19 +84,19 @@ def test_the_stream_is_seeded_and_resumes_exactly():
 
 def test_an_untrained_sae_scores_chance_and_the_answer_scores_one():
     store = SyntheticStore(synthetic_cfg())
-    cfg = store.cfg | {"sae_type": "topk", "dict_size": N, "top_k": 8}
+    cfg = prepare_cfg(store.cfg | {"sae_type": "topk", "dict_size": N, "top_k": 8}, store.dims)
     sae = build_sae(cfg).eval()
     sae.init_from_batch(store.next_batch()[0], store.scales[0])
-    untrained = ground_truth_metrics(sae, store.true_features, store.eval_acts[0], store.eval_fired)
+    untrained = ground_truth_metrics(sae, store.ground_truth.directions, store.eval_acts[0], store.ground_truth.eval_fired)
     random_rows = F.normalize(torch.randn(N, D, generator=torch.Generator().manual_seed(123)), dim=-1)
-    chance = (random_rows @ store.true_features.T).abs()
+    chance = (random_rows @ store.ground_truth.directions.T).abs()
     from scipy.optimize import linear_sum_assignment
 
     rows, cols = linear_sum_assignment(chance.numpy(), maximize=True)
     assert abs(untrained["mcc"] - chance[rows, cols].mean().item()) < 0.03  # the init does not hold the answer
     with torch.no_grad():
-        sae.W_dec.copy_(store.true_features)
-    planted = ground_truth_metrics(sae, store.true_features, store.eval_acts[0], store.eval_fired)
+        sae.W_dec.copy_(store.ground_truth.directions)
+    planted = ground_truth_metrics(sae, store.ground_truth.directions, store.eval_acts[0], store.ground_truth.eval_fired)
     assert planted["mcc"] > 0.999 and planted["uniqueness"] == 1.0
 
 

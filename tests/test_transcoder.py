@@ -267,12 +267,12 @@ def test_a_transcoder_group_stopped_after_a_checkpoint_resumes_bitwise(tiny_gpt2
 
 def test_the_transcoder_sweep_puts_three_runs_on_every_mlp_of_one_stream():
     import main
-    from config import get_default_cfg, post_init_cfg
+    from config import get_default_cfg, prepare_cfg
     from training import hook_points_of
 
     cfgs = main.sweep_transcoders(get_default_cfg())
     assert len(cfgs) == 3 * 6 and len(main.group_by_stream(cfgs)) == 1  # MiniLM-L6: one forward per batch
-    cfgs = [post_init_cfg(c, {"d_model": 384, "n_layers": 6, "n_ctx": 512}) for c in cfgs]
+    cfgs = [prepare_cfg(c, {"d_model": 384, "n_layers": 6, "n_ctx": 512}) for c in cfgs]
     assert hook_points_of(cfgs)[:3] == ["blocks.0.hook_mlp_out", "blocks.0.mlp.hook_in", "blocks.1.hook_mlp_out"]
     names = [c["run_name"].split(f"_m{c['dict_size']}_")[0] for c in cfgs[:3]]
     assert names == ["batchtopk_all-MiniLM-L6-v2_L0_mlp_out", "batchtopk_all-MiniLM-L6-v2_L0_mlp_in_to_mlp_out",
@@ -311,10 +311,10 @@ def test_the_frontier_draws_saes_and_transcoders_as_separate_series():
     ({"target_site": "mlp_out", "target_hook_point": "blocks.2.hook_mlp_out"}, "name different targets"),
 ])
 def test_a_target_that_is_the_input_or_named_twice_differently_is_refused(overrides, message):
-    from config import get_default_cfg, post_init_cfg
+    from config import get_default_cfg, prepare_cfg
 
     with pytest.raises(ConfigError, match=message) as err:
-        post_init_cfg(get_default_cfg() | overrides, {"d_model": 384, "n_layers": 6, "n_ctx": 512})
+        prepare_cfg(get_default_cfg() | overrides, {"d_model": 384, "n_layers": 6, "n_ctx": 512})
     assert "\n" not in str(err.value)
 
 
