@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import (
-    SelectedPre,
     SparseLatents,
     SparsePattern,
     sparse_forward,
@@ -70,7 +69,8 @@ class SAEOutput:
 
 
 class BaseSAE(nn.Module):
-    """Parameters, scale, encode/decode, loss, decoder constraint, dead-latent counters."""
+    """Parameters, the input scale, encode/decode, the dense forward and its loss, AuxK on dead latents, and the
+    hooks a variant states."""
 
     # --- what a variant states -------------------------------------------------------
     name: ClassVar[str]  # its sae_type
@@ -231,12 +231,10 @@ class BaseSAE(nn.Module):
         return SAEOutput(f, terms.recon + terms.sparsity + terms.aux, terms.recon, terms.sparsity, terms.aux, error,
                          reconstructed, unit, terms.details)
 
-    # --- the sparse path (kernels.py): a variant states `select`, and its math on the selected entries
-
-    def select(self, xw: Tensor) -> tuple[SelectedPre | None, SelectedPre | None]:
-        """From xw = x_in @ W_enc (B, m), b_enc not added (a scratch): the entries that may be non-zero
-        (None: too many for sparse kernels to pay) and those 0 with a straight-through gradient (or None)."""
-        raise NotImplementedError
+    # --- the sparse path (kernels.py), for a variant that states `select(xw) -> (kept, window)`: from
+    # xw = x_in @ W_enc (B, m), b_enc not added (a scratch), the entries that may be non-zero (`kept`, a
+    # SelectedPre; None: too many for the sparse kernels to pay) and those 0 with a straight-through gradient
+    # (`window`, or None); the methods below are the variant's math on the selected entries
 
     def sparse_activation(self, pre_vals: Tensor, pattern: SparsePattern) -> Tensor:
         """f on the selected entries (the dense `activation`, restricted)."""

@@ -15,8 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from capture import DTYPES
-from config import CACHE_KEYS
+from config import CACHE_KEYS, TORCH_DTYPES
 from files import WRITE_ERRORS, write_failure
 
 
@@ -40,7 +39,7 @@ class ActivationCache:
             identity["shard"] = list(shard)
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
         self.folder = Path(root) / f"{hook_point}-{digest}"
-        self.dtype = DTYPES[cfg["cache_dtype"]]
+        self.dtype = TORCH_DTYPES[cfg["cache_dtype"]]
         self.manifest_path = self.folder / "manifest.json"
         if self.manifest_path.exists():
             self.manifest = json.loads(self.manifest_path.read_text())

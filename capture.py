@@ -16,9 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from config import EMBEDDED_MODEL, SITES, ConfigError, site_hook
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from config import EMBEDDED_MODEL, SITES, TORCH_DTYPES, ConfigError, site_hook
 
 
 def resolve_model_path(model_name: str) -> str:
@@ -38,7 +36,7 @@ def load_model(model_name: str, device: str, dtype: str = "float32"):
 
     path = resolve_model_path(model_name)
     try:
-        model = TransformerBridge.boot_transformers(path, device=device, dtype=DTYPES[dtype])
+        model = TransformerBridge.boot_transformers(path, device=device, dtype=TORCH_DTYPES[dtype])
     except Exception as err:  # one line: what failed and what to try
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not Path(path).exists()
         hint = " (a Hub name needs internet, or a local folder with config.json and weights)" if offline else ""

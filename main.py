@@ -24,22 +24,27 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
+from cache import CacheWriteError
+from capture import resolve_model_path
+from checkpoint import CheckpointError, ResumeWarning, group_run_dirs, read_run_config
 from config import PRESETS, STREAM_KEYS, ConfigError, get_default_cfg, hook_tag, parse_value
+from data_parallel import Stopped, clear_stop, init_distributed, rank, request_stop, stop_signal
+from logs import LogWriteError
+from metrics import HEADLINE_METRICS
+from sae import SAE_CLASSES
+from training import NonFiniteError, train_sae_group
 
 
 def sweep_variants(base: dict[str, Any]) -> list[dict[str, Any]]:
     """Every registered variant on one stream, at its default sparsity (L0 near 32 for the built-in ones)."""
-    from sae import SAE_CLASSES
-
     return [base | {"sae_type": t} for t in SAE_CLASSES]
 
 
 def sweep_l0(base: dict[str, Any]) -> list[dict[str, Any]]:
     """Every registered variant at L0 16, 32 and 64 on one stream, for a frontier at matched L0: a variant
     whose sparsity is a coefficient reaches it through target_l0, the others through top_k."""
-    from sae import SAE_CLASSES
-
     return [base | {"sae_type": name} | ({"target_l0": float(l0)} if cls.coeff_key else {"top_k": l0})
             for name, cls in SAE_CLASSES.items() for l0 in (16, 32, 64)]
 
@@ -47,8 +52,6 @@ def sweep_l0(base: dict[str, Any]) -> list[dict[str, Any]]:
 def sweep_matched(base: dict[str, Any]) -> list[dict[str, Any]]:
     """Every registered variant at the preset's L0 (`top_k`) on one stream: through target_l0 for a variant whose
     sparsity is a coefficient (the synthetic presets' quality table: docs/benchmarks.md)."""
-    from sae import SAE_CLASSES
-
     return [base | {"sae_type": name} | ({"target_l0": float(base["top_k"])} if cls.coeff_key else {})
             for name, cls in SAE_CLASSES.items()]
 
@@ -63,10 +66,6 @@ def sweep_paper(base: dict[str, Any]) -> list[dict[str, Any]]:
 
 def sweep_layers(base: dict[str, Any]) -> list[dict[str, Any]]:
     """One SAE per layer at the configured site, all read from one forward pass per batch."""
-    from transformers import AutoConfig
-
-    from capture import resolve_model_path
-
     config = AutoConfig.from_pretrained(resolve_model_path(base["model_name"]))
     n_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     return [base | {"layer": layer} for layer in range(n_layers)]
@@ -123,8 +122,6 @@ def select_runs(cfgs: list[dict[str, Any]], overrides: dict[str, Any]) -> list[d
 def resume_cfgs(run_dir: str, overrides: dict[str, Any]) -> list[dict[str, Any]]:
     """The saved configs of `run_dir` and the runs of its group, with `overrides` (which
     train_sae_group refuses unless they are config.RESUME_KEYS or equal the saved values)."""
-    from checkpoint import group_run_dirs, read_run_config
-
     return [read_run_config(d) | overrides | {"resume": str(d)} for d in group_run_dirs(run_dir)]
 
 
@@ -137,8 +134,6 @@ def group_by_stream(cfgs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 def print_summary(trainees: list) -> None:
     """Final held-out metrics: one row per run, one column per headline metric it has."""
-    from metrics import HEADLINE_METRICS
-
     present = [m for m in HEADLINE_METRICS if any(m in (t.final_metrics or {}) for t in trainees)]
     widths = [max(len(m), 8) + 2 for m in present]
     several_hooks = len({(t.cfg["hook_point"], t.cfg["target_hook_point"]) for t in trainees}) > 1
@@ -155,8 +150,6 @@ def print_summary(trainees: list) -> None:
 def _one_line_warnings(default):
     """A warnings.showwarning that prints a ResumeWarning (a checkpoint passed over on
     resume) as one `warning: ...` line and hands every other warning to `default`."""
-    from checkpoint import ResumeWarning
-
     def show(message, category, *args, **kwargs) -> None:
         if issubclass(category, ResumeWarning):
             print(f"warning: {message}", file=sys.stderr)
@@ -173,8 +166,6 @@ def stop_on_signals() -> None:
     """Ctrl-C, SIGTERM and SIGUSR1 (a scheduler's preemption or time-limit warning) ask training to finish
     the step in flight, checkpoint every run and exit (data_parallel.request_stop). A second Ctrl-C aborts
     at once; a second SIGTERM or SIGUSR1 lets the checkpoint finish."""
-    from data_parallel import request_stop, stop_signal
-
     def handle(signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if stop_signal():
@@ -192,12 +183,6 @@ def main(argv: list[str]) -> int:
     """Exit codes: 0 done, 2 bad config or data, 3 NaN/inf in training, 4 a checkpoint, the activation cache or
     a log could not be written, 5 stopped by a signal after checkpointing every run, 130 aborted by a second
     Ctrl-C (complete checkpoints stay intact)."""
-    from cache import CacheWriteError
-    from checkpoint import CheckpointError
-    from data_parallel import Stopped, clear_stop, init_distributed, rank
-    from logs import LogWriteError
-    from training import NonFiniteError, train_sae_group
-
     torch.set_float32_matmul_precision("high")
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     stop_on_signals()

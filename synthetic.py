@@ -249,7 +249,7 @@ class TreeFeatures:
 
 class SyntheticStore:
     """Fresh synthetic samples, `batch_size` at a time, with a held-out set of `eval_tokens` samples and
-    the ground truth for its metrics (`true_features`, `eval_fired`: (sample, feature) pairs). No model:
+    the ground truth for its metrics (`ground_truth`: the directions, and the held-out (sample, feature) pairs). No model:
     downstream metrics are skipped."""
 
     def __init__(self, cfg: dict[str, Any]):

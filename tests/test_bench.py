@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+import bench_sae
 from sae import SAE_CLASSES
 
 
@@ -25,7 +26,7 @@ def test_settings_parse_types_and_reject_unknown_keys():
 
 def test_roofline_is_measured_in_each_dtype():
     for dtype in ("float32", "bfloat16"):
-        assert bench.matmul_roofline(8, 16, 8, torch.device("cpu"), dtype) > 0
+        assert bench_sae.matmul_roofline(8, 16, 8, torch.device("cpu"), dtype) > 0
 
 
 @pytest.mark.parametrize("kernels", ["sparse", "dense"])
@@ -33,7 +34,7 @@ def test_roofline_is_measured_in_each_dtype():
 def test_sae_step_rate_runs_every_variant_and_kernel_path(variant, kernels):
     s = bench.parse(["d=16", "m=64", "k=4", "batch=64", "steps=1"])
     for dtype in ("float32", "bfloat16"):
-        assert bench.sae_step_rate(variant, s, torch.device("cpu"), dtype, kernels) > 0
+        assert bench_sae.sae_step_rate(variant, s, torch.device("cpu"), dtype, kernels) > 0
 
 
 def test_model_flops_per_token_counts_weights_and_attention():
@@ -65,18 +66,18 @@ def test_step_rows_on_activations_from_a_file(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     np.save(tmp_path / "acts.npy", np.random.default_rng(0).standard_normal((100, 24), dtype=np.float32) + 1)
-    batch = bench.activation_batch(str(tmp_path / "acts.npy"), 64)
+    batch = bench_sae.activation_batch(str(tmp_path / "acts.npy"), 64)
     assert batch.shape == (64, 24) and batch.dtype == torch.float32
     torch.save(torch.from_numpy(np.load(tmp_path / "acts.npy")), tmp_path / "acts.pt")
-    assert torch.equal(bench.activation_batch(str(tmp_path / "acts.pt"), 64), batch)  # same rows either way
+    assert torch.equal(bench_sae.activation_batch(str(tmp_path / "acts.pt"), 64), batch)  # same rows either way
     bench.main(["m=64", "k=4", "batch=64", "steps=1", "generation=false", "end_to_end=false",
                 "variants=jumprelu", "kernels=sparse", "acts=acts.npy"])
     results = json.loads((tmp_path / "bench_results.json").read_text())
     assert results["settings"]["d"] == 24 and results["sae_step"]["jumprelu/sparse/float32"]["tokens_per_s"] > 0
     with pytest.raises(SystemExit, match=r"shape \(100, 24\), need \(tokens >= batch=128, d\)"):
-        bench.activation_batch(str(tmp_path / "acts.npy"), 128)
+        bench_sae.activation_batch(str(tmp_path / "acts.npy"), 128)
     with pytest.raises(SystemExit, match="give a \\(tokens, d\\) .npy or .pt file"):
-        bench.activation_batch("acts.csv", 64)
+        bench_sae.activation_batch("acts.csv", 64)
 
 
 def test_generation_rates_take_the_faster_roofline_around_the_timings():
@@ -107,14 +108,14 @@ def test_interleaved_rates_time_every_function_every_round():
     def counter(name: str):
         return lambda: calls.__setitem__(name, calls[name] + 1)
 
-    rates = bench.interleaved_rates({name: counter(name) for name in calls}, torch.device("cpu"), rounds=3, steps=2)
+    rates = bench_sae.interleaved_rates({name: counter(name) for name in calls}, torch.device("cpu"), rounds=3, steps=2)
     assert set(rates) == {"a", "b"} and all(len(r) == 3 and min(r) > 0 for r in rates.values())
     assert calls == {"a": 1 + 3 * 2, "b": 1 + 3 * 2}  # one warm-up call, then `steps` per round
 
 
 def test_compare_times_two_variants_in_the_same_rounds():
     s = bench.parse(["d=8", "m=64", "k=4", "batch=64", "steps=2", "compare=matryoshka,batchtopk"])
-    row = bench.variant_ratio("matryoshka", "batchtopk", s, torch.device("cpu"), None)
+    row = bench_sae.variant_ratio("matryoshka", "batchtopk", s, torch.device("cpu"), None)
     assert set(row["tokens_per_s"]) == {"matryoshka", "batchtopk"} and 0 < row["ratio_min"] <= row["ratio_median"]
     with pytest.raises(SystemExit, match="compare='topk': give two variants"):
         bench.parse(["compare=topk"])
@@ -124,13 +125,13 @@ def test_peers_without_sparsify_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "sparsify", None)
     s = bench.parse(["d=16", "m=64", "k=4", "batch=64", "peers=true"])
     with pytest.raises(SystemExit, match="peers=true needs sparsify: pip install eai-sparsify==1.3.3"):
-        bench.sparsify_step_fn(s, torch.device("cpu"), torch.randn(64, 16), "adam")
+        bench_sae.sparsify_step_fn(s, torch.device("cpu"), torch.randn(64, 16), "adam")
 
 
 def test_peer_comparison_where_sparsify_is_installed():
     pytest.importorskip("sparsify")
     s = bench.parse(["d=16", "m=64", "k=4", "batch=64", "steps=1"])
-    peers = bench.peer_comparison(s, torch.device("cpu"), None)
+    peers = bench_sae.peer_comparison(s, torch.device("cpu"), None)
     assert set(peers) == {"sparsify_topk_adam", "sparsify_topk_signum", *bench.SAE_CLASSES}
     assert peers["sparsify_topk_adam"]["vs_sparsify_adam_median"] == 1.0
     assert all(row["tokens_per_s"] > 0 for row in peers.values())
@@ -154,7 +155,7 @@ def test_quality_comparison_where_sparsify_is_installed(tmp_path):
     np.save(tmp_path / "eval.npy", acts[:2048])
     s = bench.parse(["d=32", "m=128", "k=8", "batch=256", "quality_tokens=12000", f"acts={tmp_path}/train.npy",
                      f"eval_acts={tmp_path}/eval.npy"])
-    quality = bench.quality_comparison(s, torch.device("cpu"))
+    quality = bench_sae.quality_comparison(s, torch.device("cpu"))
     assert quality["tokens"] == 11_776  # whole batches
     runs = quality["runs"]
     assert set(runs) == {*bench.SAE_CLASSES, "sparsify_topk_signum", "sparsify_topk_adam_lr0.0003_warmup1000",
@@ -167,7 +168,7 @@ def test_quality_comparison_where_sparsify_is_installed(tmp_path):
 
 
 def test_synthetic_rates_time_the_preset_and_the_synthsaebench_shape():
-    rates = bench.synthetic_rates(repeats=1)
+    rates = bench_sae.synthetic_rates(repeats=1)
     assert set(rates) == {"preset_samples_per_s", "synthsaebench_shape_samples_per_s", "synthetic16k_samples_per_s"}
     assert all(rate > 0 for rate in rates.values())
     assert bench.parse(["synthetic=true"])["synthetic"] is True
