@@ -55,7 +55,9 @@ def streamline(model) -> None:
     The native LayerNorm still computes the statistics for hook_scale/hook_normalized in
     float32 on every call (a sizeable share of a bf16 forward on CPU: docs/benchmarks.md);
     skip them while those hooks have nothing attached."""
-    from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
+    from transformer_lens.model_bridge.generalized_components.normalization import (
+        NormalizationBridge,
+    )
 
     with contextlib.suppress(Exception):  # best effort: some architectures need eager
         model.original_model.set_attn_implementation("sdpa")

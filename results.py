@@ -43,7 +43,16 @@ from dashboards import (  # noqa: F401  (the notebook's names: results is where 
     write_dashboards,
 )
 from interop import build_hub_folder, export_saelens, load_saelens, model_card, upload  # noqa: F401  (cards print them)
-from logs import Run, as_run, last_evaluation, load_density, load_history, load_run, markdown_cell, read_records  # noqa: F401
+from logs import (  # noqa: F401
+    Run,
+    as_run,
+    last_evaluation,
+    load_density,
+    load_history,
+    load_run,
+    markdown_cell,
+    read_records,
+)
 from metrics import DENSE_FRACTION, HEADLINE_METRICS, SUMMARY_METRICS
 from sae import SAE_CLASSES
 

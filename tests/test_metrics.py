@@ -9,7 +9,14 @@ from conftest import small_cfg
 from activation_store import ActivationsStore
 from capture import model_dims
 from config import prepare_cfg
-from metrics import evaluate, mean_kl, next_token_ce, reconstruction_metrics, recovered, total_variance
+from metrics import (
+    evaluate,
+    mean_kl,
+    next_token_ce,
+    reconstruction_metrics,
+    recovered,
+    total_variance,
+)
 from sae import build_sae
 
 

@@ -9,7 +9,15 @@ import torch
 
 from config import get_default_cfg
 from kernels import fired_latents
-from sae import COEFFICIENT_STATE, SAE_CLASSES, BatchTopKSAE, JumpReLUSAE, build_sae, load_sae, save_sae
+from sae import (
+    COEFFICIENT_STATE,
+    SAE_CLASSES,
+    BatchTopKSAE,
+    JumpReLUSAE,
+    build_sae,
+    load_sae,
+    save_sae,
+)
 from schedule import SparsityCoefficient
 from training import mark_fired, normalize_decoder, remove_parallel_decoder_grad
 

@@ -10,8 +10,8 @@ import torch
 from test_sae import B, D, M, make_cfg, rand_x
 
 from kernels import SparseLatents, SparsePattern, encoder_matmul, fired_latents, mean_l0
-from selection import batch_top_entries
 from sae import SAE_CLASSES, build_sae, save_sae
+from selection import batch_top_entries
 
 SPARSE_VARIANTS = tuple(name for name, cls in SAE_CLASSES.items() if cls.has_sparse_path)
 DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)  # CI has no GPU; a lent one checks CUDA
