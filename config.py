@@ -45,101 +45,126 @@ DATA = ("stream", "cache", "eval")  # keys that decide which activations a run r
 
 KEYS: dict[str, Key] = {
     # what to train on
-    "model_name": Key(EMBEDDED_MODEL, "any name TransformerBridge.boot_transformers takes, or a local folder", "",
-                      DATA),
+    "model_name": Key(EMBEDDED_MODEL, "any name TransformerBridge.boot_transformers takes, or a "
+                      "local folder", "", DATA),
     "layer": Key(3, "block index of the hook point", ">= 0"),
-    "site": Key("resid_pre", "hook point is blocks.{layer}.hook_{site} (mlp_in: blocks.{layer}.mlp.hook_in, the MLP's "
-                "input as the MLP sees it)", SITES),
-    "hook_point": Key("", "the hook point read, any hook name of the model (\"\": from layer and site)", "",
-                      ("checkpoint", "eval")),
-    "target_site": Key("", "transcoder: reconstruct blocks.{target_layer}.hook_{target_site} from the input "
-                       "(\"\": no target, an SAE)", ("", *SITES), ("checkpoint", "eval")),
-    "target_layer": Key(-1, "transcoder: block of the target site (-1: layer)", "", ("checkpoint", "eval")),
-    "target_hook_point": Key("", "transcoder: the hook point reconstructed, any hook name of the model (\"\": from "
-                             "target_site, or none: an SAE)", "", ("checkpoint", "eval")),
-    "skip_connection": Key(False, "transcoder: add a linear input-to-output map W_skip, zero-initialised and "
-                           "trained with the rest", "", ("checkpoint",)),
-    "dataset_path": Key(EMBEDDED_DATASET, "HF dataset (streamed), local file/folder (txt, md, jsonl, parquet), "
-                        "embedded:shakespeare, or synthetic (known features, no model)", "", DATA),
+    "site": Key("resid_pre", "hook point is blocks.{layer}.hook_{site} (mlp_in: "
+                "blocks.{layer}.mlp.hook_in, the MLP's input as the MLP sees it)", SITES),
+    "hook_point": Key("", "the hook point read, any hook name of the model (\"\": from layer and "
+                      "site)", "", ("checkpoint", "eval")),
+    "target_site": Key("", "transcoder: reconstruct blocks.{target_layer}.hook_{target_site} from "
+                       "the input (\"\": no target, an SAE)", ("", *SITES), ("checkpoint", "eval")),
+    "target_layer": Key(-1, "transcoder: block of the target site (-1: layer)", "",
+                        ("checkpoint", "eval")),
+    "target_hook_point": Key("", "transcoder: the hook point reconstructed, any hook name of the "
+                             "model (\"\": from target_site, or none: an SAE)", "",
+                             ("checkpoint", "eval")),
+    "skip_connection": Key(False, "transcoder: add a linear input-to-output map W_skip, "
+                           "zero-initialised and trained with the rest", "", ("checkpoint",)),
+    "dataset_path": Key(EMBEDDED_DATASET, "HF dataset (streamed), local file/folder (txt, md, "
+                        "jsonl, parquet), embedded:shakespeare, or synthetic (known features, no "
+                        "model)", "", DATA),
     "dataset_split": Key("train", "split of a Hugging Face dataset", "", DATA),
-    "text_column": Key("text", "column holding raw text (pre-tokenised `input_ids`/`tokens` used if present)", "",
-                       DATA),
+    "text_column": Key("text", "column holding raw text (pre-tokenised `input_ids`/`tokens` used "
+                       "if present)", "", DATA),
     "seq_len": Key(128, "tokens per packed row, BOS/CLS included (never trained on)", "> 0", DATA),
     "model_batch_size": Key(32, "rows per model forward", "> 0", DATA),
-    "num_batches_in_buffer": Key(64, "model batches of activations in the mixing buffer (one block of the stream, "
-                                 "served once in random order)", "> 0", ("stream",)),
+    "num_batches_in_buffer": Key(64, "model batches of activations in the mixing buffer (one "
+                                 "block of the stream, served once in random order)", "> 0",
+                                 ("stream",)),
     "buffer_device": Key("", "where the mixing buffer lives; \"\" means `device`", "", ("stream",)),
-    "exclude_special_tokens": Key(False, "also drop SEP/EOS positions, not only BOS/CLS ones (GPT-2's EOS is its "
-                                  "BOS)", "", DATA),
-    "cache_dir": Key("", "folder for a disk cache of the activation stream (\"\" off): the first run writes it, "
-                     "later runs with the same data settings read it", "", ("stream",)),
-    "cache_dtype": Key("float32", "dtype the cache stores; float16/bfloat16 halve it (every run sees the rounded "
-                       "values)", ("float32", "float16", "bfloat16"), ("stream", "cache")),
-    "eval_tokens": Key(32768, "held-out activations for evaluation, set aside before training", "> 0", DATA),
-    "downstream_eval_rows": Key(32, "held-out rows spliced through the model for downstream metrics", "> 0",
-                                ("stream",)),
-    "synthetic_features": Key(4096, "dataset_path=synthetic: number of known feature directions", "> 0",
-                              ("stream", "eval")),
-    "synthetic_d": Key(256, "dataset_path=synthetic: dimension of the activations", "> 0", ("stream", "eval")),
-    "synthetic_l0": Key(16.0, "dataset_path=synthetic, synthetic_generator=siblings: features active per sample, "
-                        "on average", "> 0", ("stream", "eval")),
-    "synthetic_generator": Key("siblings", "dataset_path=synthetic: siblings (parents with 4 children, 8 contexts; "
-                               "L0 synthetic_l0) or synthsaebench (SynthSAEBench-16k's description: trees of depth 3, "
-                               "a low-rank copula, L0 about 34 at 16,384 features; docs/math.md §10)",
+    "exclude_special_tokens": Key(False, "also drop SEP/EOS positions, not only BOS/CLS ones "
+                                  "(GPT-2's EOS is its BOS)", "", DATA),
+    "cache_dir": Key("", "folder for a disk cache of the activation stream (\"\" off): the first "
+                     "run writes it, later runs with the same data settings read it", "",
+                     ("stream",)),
+    "cache_dtype": Key("float32", "dtype the cache stores; float16/bfloat16 halve it (every run "
+                       "sees the rounded values)", ("float32", "float16", "bfloat16"),
+                       ("stream", "cache")),
+    "eval_tokens": Key(32768, "held-out activations for evaluation, set aside before training",
+                       "> 0", DATA),
+    "downstream_eval_rows": Key(32, "held-out rows spliced through the model for downstream "
+                                "metrics", "> 0", ("stream",)),
+    "synthetic_features": Key(4096, "dataset_path=synthetic: number of known feature directions",
+                              "> 0", ("stream", "eval")),
+    "synthetic_d": Key(256, "dataset_path=synthetic: dimension of the activations", "> 0",
+                       ("stream", "eval")),
+    "synthetic_l0": Key(16.0, "dataset_path=synthetic, synthetic_generator=siblings: features "
+                        "active per sample, on average", "> 0", ("stream", "eval")),
+    "synthetic_generator": Key("siblings", "dataset_path=synthetic: siblings (parents with 4 "
+                               "children, 8 contexts; L0 synthetic_l0) or synthsaebench "
+                               "(SynthSAEBench-16k's description: trees of depth 3, a low-rank "
+                               "copula, L0 about 34 at 16,384 features; docs/math.md §10)",
                                ("siblings", "synthsaebench"), ("stream", "eval")),
     # the SAE (each variant declares its own keys in sae.py)
-    "sae_type": Key("batchtopk", "the variant: a name registered in sae.py", "variant", ("checkpoint",)),
+    "sae_type": Key("batchtopk", "the variant: a name registered in sae.py", "variant",
+                    ("checkpoint",)),
     "dict_size": Key(3072, "number of latents m", "> 0", ("checkpoint",)),
-    "standardize_tokens": Key(False, "standardise each token (subtract its mean, divide by its std) before the SAE, "
-                              "undone on output; off: one input scale for all tokens"),
+    "standardize_tokens": Key(False, "standardise each token (subtract its mean, divide by its "
+                              "std) before the SAE, undone on output; off: one input scale for "
+                              "all tokens"),
     "top_k_aux": Key(512, "dead latents per token used by the AuxK loss", "> 0"),
-    "aux_penalty": Key(0.5, "coefficient of the AuxK loss (1/32 in Gao et al.'s billion-token runs)", ">= 0"),
-    "dead_after_tokens": Key(65_536, "a latent silent for this many training tokens is dead (AuxK trains it)",
-                             "> 0"),
-    "target_l0": Key(0.0, "L0 to end at, for a variant whose sparsity is set by a coefficient: the run scales the "
-                     "coefficient each step towards it (0: off; docs/math.md §8)", ">= 0"),
-    "target_l0_rate": Key(0.0, "target_l0: the coefficient's running factor moves by at most e^rate per step "
-                          "(0: the variant's own rate, sae.py)", ">= 0"),
+    "aux_penalty": Key(0.5, "coefficient of the AuxK loss (1/32 in Gao et al.'s billion-token "
+                       "runs)", ">= 0"),
+    "dead_after_tokens": Key(65_536, "a latent silent for this many training tokens is dead "
+                             "(AuxK trains it)", "> 0"),
+    "target_l0": Key(0.0, "L0 to end at, for a variant whose sparsity is set by a coefficient: "
+                     "the run scales the coefficient each step towards it (0: off; docs/math.md "
+                     "§8)", ">= 0"),
+    "target_l0_rate": Key(0.0, "target_l0: the coefficient's running factor moves by at most "
+                          "e^rate per step (0: the variant's own rate, sae.py)", ">= 0"),
     # optimisation
-    "lr": Key(0.0, "Adam learning rate (0: auto, from dict_size, the input width and the number of steps; "
-              "docs/math.md §8)", ">= 0"),
-    "beta1": Key(0.7, "Adam beta1 (0.9 lets momentum push latents that stopped firing until they die)", "[0, 1)"),
+    "lr": Key(0.0, "Adam learning rate (0: auto, from dict_size, the input width and the number of "
+              "steps; docs/math.md §8)", ">= 0"),
+    "beta1": Key(0.7, "Adam beta1 (0.9 lets momentum push latents that stopped firing until they "
+                 "die)", "[0, 1)"),
     "beta2": Key(0.999, "Adam beta2", "[0, 1)"),
-    "lazy_adam": Key(True, "latents that got no gradient in a step take no Adam step (momentum zeroed)"),
+    "lazy_adam": Key(True, "latents that got no gradient in a step take no Adam step (momentum "
+                     "zeroed)"),
     "batch_size": Key(4096, "activations per SAE step", "> 0", ("stream",)),
-    "num_tokens": Key(1_228_800, "training tokens (300 steps of 4096: one pass over the embedded corpus)", "> 0",
-                      ("stream",)),
+    "num_tokens": Key(1_228_800, "training tokens (300 steps of 4096: one pass over the embedded "
+                      "corpus)", "> 0", ("stream",)),
     "lr_warmup_frac": Key(0.02, "fraction of steps with linear lr warmup from 0", "[0, 1)"),
     "lr_decay_frac": Key(0.2, "final fraction of steps with linear lr decay to 0", "[0, 1)"),
-    "sparsity_warmup_frac": Key(0.05, "fraction of steps with linear sparsity-coefficient warmup from 0", "[0, 1)"),
+    "sparsity_warmup_frac": Key(0.05, "fraction of steps with linear sparsity-coefficient warmup "
+                                "from 0", "[0, 1)"),
     "max_grad_norm": Key(1.0, "gradient clipping (0 disables)", ">= 0"),
     "seed": Key(42, "seeds SAE init, data order and buffer shuffling", ">= 0", DATA),
-    "device": Key("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N", "", ("stream",)),
-    "kernels": Key("auto", "SAE step: sparse (backward touches only selected latents), dense, or auto (sparse on "
-                   "CPU; on CUDA for fp32 dictionaries of 6144+ latents)", ("auto", "sparse", "dense")),
-    "dtype": Key("float32", "SAE compute dtype: float32, or bfloat16 autocast on fp32 master weights", DTYPES),
+    "device": Key("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N", "",
+                  ("stream",)),
+    "kernels": Key("auto", "SAE step: sparse (backward touches only selected latents), dense, or "
+                   "auto (sparse on CPU; on CUDA for fp32 dictionaries of 6144+ latents)",
+                   ("auto", "sparse", "dense")),
+    "dtype": Key("float32", "SAE compute dtype: float32, or bfloat16 autocast on fp32 master "
+                 "weights", DTYPES),
     "model_dtype": Key("float32", "dtype of the transformer producing activations", DTYPES, DATA),
     # logging and checkpoints
     "output_dir": Key("runs", "each run writes <output_dir>/<run name>/", "", ("run",)),
-    "run_name": Key("", "\"\" means generated: variant, hook, swept values and a short unique hash", "", ("run",)),
-    "wandb_mode": Key("auto", "auto: online when logged in, else offline", ("auto", "online", "offline", "disabled"),
-                      ("resume",)),
+    "run_name": Key("", "\"\" means generated: variant, hook, swept values and a short unique "
+                    "hash", "", ("run",)),
+    "wandb_mode": Key("auto", "auto: online when logged in, else offline",
+                      ("auto", "online", "offline", "disabled"), ("resume",)),
     "wandb_project": Key("sae-training", "wandb project", "", ("resume",)),
-    "perf_log_freq": Key(20, "steps between training-loss lines (progress bar, metrics.jsonl)", "> 0"),
+    "perf_log_freq": Key(20, "steps between training-loss lines (progress bar, metrics.jsonl)",
+                         "> 0"),
     "eval_freq": Key(100, "steps between held-out evaluations (also run at the end)", "> 0"),
-    "keep_checkpoints": Key(2, "newest periodic checkpoints kept per run (0: all); final/ is always kept", ">= 0",
-                            ("resume",)),
-    "checkpoint_freq": Key(250, "steps between checkpoints (0: only the final one)", ">= 0", ("resume",)),
-    "resume": Key("", "a run folder to continue from its newest complete checkpoint (\"\" starts a new run)", "",
-                  ("resume",)),
-    "overwrite": Key(False, "replace an existing run folder of the same name instead of refusing", "", ("run",)),
-    "skip_nonfinite_batches": Key(False, "skip (and count) a step whose loss is NaN/inf instead of stopping", "",
-                                  ("resume",)),
+    "keep_checkpoints": Key(2, "newest periodic checkpoints kept per run (0: all); final/ is "
+                            "always kept", ">= 0", ("resume",)),
+    "checkpoint_freq": Key(250, "steps between checkpoints (0: only the final one)", ">= 0",
+                           ("resume",)),
+    "resume": Key("", "a run folder to continue from its newest complete checkpoint (\"\" starts "
+                  "a new run)", "", ("resume",)),
+    "overwrite": Key(False, "replace an existing run folder of the same name instead of "
+                     "refusing", "", ("run",)),
+    "skip_nonfinite_batches": Key(False, "skip (and count) a step whose loss is NaN/inf instead "
+                                  "of stopping", "", ("resume",)),
     # derived by prepare_cfg
-    "act_size": Key(0, "activation width d, read from the model (or the data)", "", ("derived", "checkpoint")),
+    "act_size": Key(0, "activation width d, read from the model (or the data)", "",
+                    ("derived", "checkpoint")),
     "n_layers": Key(0, "the model's number of blocks", "", ("derived",)),
     "n_ctx": Key(0, "the model's context length", "", ("derived",)),
-    "auto": Key("", "what the recipe derived (as printed at the start of the run; \"\": nothing)", "", ("derived",)),
+    "auto": Key("", "what the recipe derived (as printed at the start of the run; \"\": "
+                "nothing)", "", ("derived",)),
 }
 
 

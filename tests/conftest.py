@@ -17,7 +17,8 @@ def small_cfg(**overrides) -> dict:
     """A config small enough for a test: short rows, a tiny buffer, a few hundred tokens a step."""
     cfg = get_default_cfg() | {
         "seq_len": 32, "model_batch_size": 8, "num_batches_in_buffer": 8, "batch_size": 256,
-        "eval_tokens": 1024, "downstream_eval_rows": 8, "dict_size": 256, "top_k": 16, "top_k_aux": 32,
+        "eval_tokens": 1024, "downstream_eval_rows": 8, "dict_size": 256, "top_k": 16,
+        "top_k_aux": 32,
         "num_tokens": 256 * 60, "perf_log_freq": 10, "eval_freq": 30, "checkpoint_freq": 40,
         "dead_after_tokens": 2048, "wandb_mode": "disabled", "device": "cpu", "lr": 1e-2,
     }

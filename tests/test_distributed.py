@@ -17,8 +17,9 @@ from conftest import small_cfg
 from safetensors.torch import load_file
 
 from config import get_default_cfg
-from data_parallel import average_buffers, average_gradients
+from data_parallel import average_gradients, average_tensors
 from sae import build_sae
+from schedule import SparsityCoefficient
 from training import Trainee, training_step, use_sparse_kernels
 
 D, M, B, STEPS = 32, 128, 64, 8
@@ -41,10 +42,10 @@ def train(sae_type: str, rows: slice) -> dict[str, torch.Tensor]:
     sae = build_sae(cfg)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
-    trainee = Trainee(cfg, sae, optimizer, scheduler, None, use_sparse_kernels(cfg))
+    trainee = Trainee(cfg, sae, optimizer, scheduler, None, SparsityCoefficient(sae), use_sparse_kernels(cfg))
     sae.init_from_batch(union_batch(0)[rows], scale=0.8)
     if dist.is_initialized():
-        average_buffers(sae, ("b_dec",))
+        average_tensors([sae.b_dec])
     for step in range(STEPS):
         training_step(trainee, union_batch(step + 1)[rows], step, STEPS, aux_enabled=False)
     return {k: v.clone() for k, v in sae.state_dict().items()}

@@ -137,13 +137,14 @@ def _trainee_after_steps(sae_type: str, lazy: bool, n_steps: int):
     from test_sae import make_cfg, rand_x
 
     from sae import build_sae
+    from schedule import SparsityCoefficient
     from training import Trainee, training_step
 
     cfg = make_cfg(sae_type, lazy_adam=lazy, beta1=0.9, lr=1e-2, dead_after_tokens=10**9)
     sae = build_sae(cfg)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    t = Trainee(cfg, sae, optimizer, scheduler, logger=None)
+    t = Trainee(cfg, sae, optimizer, scheduler, logger=None, coefficient=SparsityCoefficient(sae))
     sae.init_from_batch(rand_x(seed=1), 1.0)
     for step in range(n_steps - 1):
         training_step(t, rand_x(seed=2 + step), step, 100, aux_enabled=False)
