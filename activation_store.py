@@ -35,16 +35,16 @@ PREFETCH_BATCHES = 2  # model batches of token rows the prefetching thread may h
 
 
 class GroundTruth(NamedTuple):
-    """A source whose features are known: their directions (n_features, d) and which fired in each held-out
-    sample, as (sample, feature) index pairs (2, n_fired)."""
+    """A source whose features are known: their directions (n_features, d) and which fired in each
+    held-out sample, as (sample, feature) index pairs (2, n_fired)."""
 
     directions: Tensor
     eval_fired: Tensor
 
 
 class Downstream(NamedTuple):
-    """A source with a model to splice reconstructions into: held-out token rows, the positions that train
-    (not BOS/CLS), and rows per forward."""
+    """A source with a model to splice reconstructions into: held-out token rows, the positions that
+    train (not BOS/CLS), and rows per forward."""
 
     model: Any
     tokens: Tensor
@@ -53,17 +53,17 @@ class Downstream(NamedTuple):
 
 
 class ActivationSource(Protocol):
-    """What training, checkpoints and evaluation read of a source of activations. `hook_points` are the
-    hook names it serves, in the order of the first axis of its batches; every hook's rows come from
-    the same tokens."""
+    """What training, checkpoints and evaluation read of a source of activations. `hook_points` are
+    the hook names it serves, in the order of the first axis of its batches; every hook's rows come
+    from the same tokens."""
 
-    dims: dict[str, int]  # d_model (the activation width), n_layers and n_ctx: what config.prepare_cfg checks
+    dims: dict[str, int]  # d_model (the width), n_layers and n_ctx: what config.prepare_cfg checks
     device: torch.device  # where next_batch's batches are
     scales: list[float]  # the input scale s per hook point (docs/math.md §1)
     eval_acts: Tensor  # (n_hooks, N, d), held out: never served by next_batch
     sharded: bool  # under torchrun, each rank reads its own rows (False: training refuses torchrun)
     ground_truth: GroundTruth | None  # known features, for the §10 metrics (None: unknown)
-    downstream: Downstream | None  # a model to splice into, for the §5 downstream metrics (None: none)
+    downstream: Downstream | None  # a model to splice into, for the §5 downstream metrics (or None)
 
     def hook_index(self, hook_point: str) -> int: ...
 
@@ -71,7 +71,7 @@ class ActivationSource(Protocol):
         """(n_hooks, batch_size, d) float32 on `device`."""
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything that decides the batches still to come (a checkpoint saves it; tensors and plain values)."""
+        """What decides the batches to come (a checkpoint saves it; tensors and plain values)."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where `state_dict` was taken."""
@@ -80,8 +80,9 @@ class ActivationSource(Protocol):
         """The run ended (or stopped): write whatever is pending."""
 
 
-def kept_activations(model, tokens: Tensor, hook_points: Sequence[str], excluded_ids: Tensor, batch_size: int,
-                     device: torch.device | str, out_device: torch.device | str) -> Tensor:
+def kept_activations(model, tokens: Tensor, hook_points: Sequence[str], excluded_ids: Tensor,
+                     batch_size: int, device: torch.device | str,
+                     out_device: torch.device | str) -> Tensor:
     """Float32 activations (n_hooks, n_kept, d) at the kept positions of `tokens`, row-major
     order, from one forward per batch that stops after the deepest hook."""
     out = []
@@ -90,8 +91,9 @@ def kept_activations(model, tokens: Tensor, hook_points: Sequence[str], excluded
         acts = run_to_hooks(model, chunk.to(device), hook_points)
         for hook_point, act in zip(hook_points, acts, strict=True):
             if act.dim() != 3 or act.shape[-1] != width:
-                raise ConfigError(f"hook point {hook_point!r} gives activations of shape {tuple(act.shape)}: this "
-                                  f"project trains on (batch, position, d_model={width}) hook points, e.g. the sites "
+                raise ConfigError(f"hook point {hook_point!r} gives activations of shape "
+                                  f"{tuple(act.shape)}: this project trains on (batch, position, "
+                                  f"d_model={width}) hook points, e.g. the sites "
                                   f"{', '.join(SITES)}")
         keep = kept_position_mask(chunk, excluded_ids).to(acts[0].device)
         out.append(torch.stack([a[keep] for a in acts]).float().to(out_device))
@@ -122,7 +124,7 @@ class ActivationsStore:
         self.cfg = cfg
         self.dims = model_dims(model)
         self.sharded, self.ground_truth = True, None
-        self.shard = shard  # (rank, world size): a data-parallel rank reads every world-th training row
+        self.shard = shard  # (rank, world size): a rank reads every world-th training row
         self.hook_points = list(hook_points or [cfg["hook_point"]])
         for hook_point in self.hook_points:
             check_hook_point(model, hook_point)
@@ -143,15 +145,17 @@ class ActivationsStore:
         self._open_rows()
         self.eval_tokens = take_eval_rows((row for _, row in self._rows), cfg)
         self.eval_acts = self._eval_activations()
-        self._leftover = torch.empty(len(self.hook_points), 0, cfg["act_size"], device=self.buffer_device)
+        self._leftover = torch.empty(len(self.hook_points), 0, cfg["act_size"],
+                                     device=self.buffer_device)
 
         buffer_tokens = cfg["num_batches_in_buffer"] * cfg["model_batch_size"] * (self.seq_len - 1)
-        self.serve_count = (buffer_tokens // self.batch_size) * self.batch_size  # one block, whole batches
+        self.serve_count = (buffer_tokens // self.batch_size) * self.batch_size  # one block
         if self.serve_count == 0:
-            raise ConfigError(f"config num_batches_in_buffer={cfg['num_batches_in_buffer']} is too small: the buffer "
-                              f"({buffer_tokens} tokens) must hold at least batch_size ({self.batch_size})")
-        # where the newest model batch began (first token, rows_read, epoch; rows -1: it was read from the cache),
-        # and the block in the buffer: its first token, and the model batch to regenerate it from
+            raise ConfigError(f"config num_batches_in_buffer={cfg['num_batches_in_buffer']} "
+                              f"is too small: the buffer ({buffer_tokens} tokens) must hold "
+                              f"at least batch_size ({self.batch_size})")
+        # where the newest model batch began (first token, rows_read, epoch; rows -1: read from the
+        # cache), and the buffer's block: its first token and the model batch to regenerate it from
         self._last_chunk = (0, 0, 0)
         self._block = {"start": 0, "origin": 0, "rows": 0, "epoch": 0}
         self._order = torch.empty(0, dtype=torch.long)
@@ -167,7 +171,8 @@ class ActivationsStore:
     @property
     def scale(self) -> float:
         """The input scale of a single-hook store."""
-        assert len(self.scales) == 1, "a multi-hook store has one scale per hook: use scales[hook_index(...)]"
+        assert len(self.scales) == 1, \
+            "a multi-hook store has one scale per hook: use scales[hook_index(...)]"
         return self.scales[0]
 
     def hook_index(self, hook_point: str) -> int:
@@ -176,13 +181,13 @@ class ActivationsStore:
     # rows ---------------------------------------------------------------------------------
 
     def _open_rows(self) -> None:
-        """A fresh row stream at its start, tokenised and packed ahead by a thread (with its own tokenizer: a
-        fast tokenizer must not be called from two threads at once)."""
+        """A fresh row stream at its start, tokenised and packed ahead by a thread (with its own
+        tokenizer: a fast tokenizer must not be called from two threads at once)."""
         if self._rows is not None:
             self._rows.close()
         tokenizer = copy.deepcopy(self.model.tokenizer)
-        self._rows = Prefetched(training_rows(tokenizer, self.cfg, self.shard), self.cfg["model_batch_size"],
-                                PREFETCH_BATCHES)
+        self._rows = Prefetched(training_rows(tokenizer, self.cfg, self.shard),
+                                self.cfg["model_batch_size"], PREFETCH_BATCHES)
         self.epoch = 0
 
     def seek_rows(self, rows_read: int) -> None:
@@ -209,7 +214,7 @@ class ActivationsStore:
 
     @property
     def downstream(self) -> Downstream:
-        """The first `downstream_eval_rows` held-out rows, to splice reconstructions into the model."""
+        """The first `downstream_eval_rows` eval rows, to splice reconstructions into the model."""
         rows = self.eval_tokens[: self.cfg["downstream_eval_rows"]]
         return Downstream(self.model, rows, self.kept_positions(rows), self.cfg["model_batch_size"])
 
@@ -225,7 +230,7 @@ class ActivationsStore:
         if self.caches and all(a is not None for a in cached):
             return torch.stack(cached).to(self.buffer_device)
         acts = self._activations_of(self.eval_tokens).to(self.buffer_device)
-        for cache, a, old in zip(self.caches, acts, cached, strict=False):  # no caches: nothing to write
+        for cache, a, old in zip(self.caches, acts, cached, strict=False):  # no caches: no writes
             if old is None:
                 cache.write_eval(a)
         return acts
@@ -237,11 +242,12 @@ class ActivationsStore:
         cached_to = min((c.tokens for c in self.caches), default=0)
         if self.stream_tokens < cached_to:
             stop = min(cached_to, self.stream_tokens + CACHE_SHARD_TOKENS)
-            parts = [c.read(self.stream_tokens, stop) for c in self.caches]  # shards may end at different tokens
+            parts = [c.read(self.stream_tokens, stop) for c in self.caches]  # ends may differ
             acts = torch.stack([p[: min(p.shape[0] for p in parts)] for p in parts])
             self.stream_tokens += acts.shape[1]
-            if self.stream_tokens == cached_to:  # about to generate: put the row stream where the cache ends
-                position = next(c for c in self.caches if c.tokens == cached_to).position_after(cached_to)
+            if self.stream_tokens == cached_to:  # about to generate: seek rows to the cache's end
+                position = next(c for c in self.caches
+                                if c.tokens == cached_to).position_after(cached_to)
                 self.seek_rows(position["rows_read"])
                 self.epoch = position["epoch"]
             self._last_chunk = (self.stream_tokens - acts.shape[1], -1, self.epoch)
@@ -264,8 +270,8 @@ class ActivationsStore:
         parts, have = [self._leftover], self._leftover.shape[1]
         bar = tqdm(total=n, desc=desc, unit="tok", leave=False, disable=desc is None)
         while have < n:
-            if desc is not None and world_size() == 1 and stop_signal():  # the first fill: nothing trained yet
-                raise Stopped(0, 0)  # (under torchrun the ranks decide together once their fills end)
+            if desc is not None and world_size() == 1 and stop_signal():  # the first fill: step 0
+                raise Stopped(0, 0)  # (under torchrun the ranks decide together after their fills)
             acts = self._next_chunk()
             parts.append(acts)
             have += acts.shape[1]
@@ -276,15 +282,16 @@ class ActivationsStore:
         return allacts[:, :n]
 
     def _block_from_here(self) -> dict[str, int]:
-        """Where the next block starts: at the model batch that produced the leftover it begins with (or, with
-        none left over, at the next one); rows -1 where it is read from the cache (regenerated by reading it)."""
+        """Where the next block starts: at the model batch that produced its leading leftover (or,
+        with none, the next one); rows -1 if read from the cache (regenerated by reading it)."""
         start = self.stream_tokens - self._leftover.shape[1]
         if self._leftover.shape[1]:
             origin, rows, epoch = self._last_chunk
         else:
             cached = min((c.tokens for c in self.caches), default=0) > start
             origin, rows, epoch = start, -1 if cached else self.rows_read, self.epoch
-        return {"start": start, "origin": start if rows < 0 else origin, "rows": rows, "epoch": epoch}
+        return {"start": start, "origin": start if rows < 0 else origin, "rows": rows,
+                "epoch": epoch}
 
     def _next_block(self, desc: str | None = None) -> Tensor:
         """The stream's next `serve_count` activations, noting where they start."""
@@ -300,7 +307,8 @@ class ActivationsStore:
 
     def _reshuffle(self) -> None:
         self._order_state = self.generator.get_state()  # the order is redrawn from it on resume
-        self._order = torch.randperm(self.serve_count, generator=self.generator).to(self.buffer_device)
+        self._order = torch.randperm(self.serve_count,
+                                     generator=self.generator).to(self.buffer_device)
         self._served = 0
 
     def next_batch(self) -> Tensor:
@@ -317,39 +325,43 @@ class ActivationsStore:
     # checkpoint state (docs/math.md §7) -----------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything that decides the batches still to come, in a few KB: where the block in the buffer starts
-        in the stream (and the model batch to regenerate it from), the shuffling generator's state before its
-        order was drawn, how much of it was served, and the scales; the rest of the stream position follows
-        from the block. A block served to the end is described by the next one (so resume fills once)."""
+        """Everything that decides the batches still to come, in a few KB: where the block in the
+        buffer starts in the stream (and the model batch to regenerate it from), the shuffling
+        generator's state before its order was drawn, how much of it was served, and the scales; the
+        rest of the stream position follows from the block. A block served to the end is described
+        by the next one (so resume fills once)."""
         block, generator, served = dict(self._block), self._order_state, self._served
         if served >= self.serve_count:
             block, generator, served = self._block_from_here(), self.generator.get_state(), 0
-        return {"block": block, "order_generator": generator, "served": served, "scales": list(self.scales)}
+        return {"block": block, "order_generator": generator, "served": served,
+                "scales": list(self.scales)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where `state_dict` was taken: regenerate the block from its model batch (the row
-        stream re-read from its start, tokenised, not run through the model, so held-out rows are skipped in
-        every epoch after the first just as when they were first read) or read it from the cache, redraw its
-        order, and skip what was served. Costs one buffer fill."""
+        """Continue exactly where `state_dict` was taken: regenerate the block from its model batch
+        (the row stream re-read from its start, tokenised, not run through the model, so held-out
+        rows are skipped in every epoch after the first just as when they were first read) or read
+        it from the cache, redraw its order, and skip what was served. Costs one buffer fill."""
         if "block" not in state:
-            raise ConfigError("the checkpoint holds the mixing buffer itself (written by an earlier version of these "
-                              "scripts): resume it with that version, or start a new run")
+            raise ConfigError("the checkpoint holds the mixing buffer itself (written by an "
+                              "earlier version of these scripts): resume it with that version, or "
+                              "start a new run")
         block = state["block"]
         cached_to = min((c.tokens for c in self.caches), default=0)
         if block["rows"] < 0 and block["start"] >= cached_to:
-            raise ConfigError(f"config cache_dir={self.cfg['cache_dir']!r}: the checkpoint's buffer was read from "
-                              f"the activation cache, which no longer holds it; resume with the cache it was "
-                              f"written with")
+            raise ConfigError(f"config cache_dir={self.cfg['cache_dir']!r}: the checkpoint's "
+                              f"buffer was read from the activation cache, which no longer holds "
+                              f"it; resume with the cache it was written with")
         self.scales = [float(s) for s in state["scales"]]
         self._leftover = self._leftover[:, :0]
         self.stream_tokens = block["origin"]
         if block["rows"] >= 0:
-            self.seek_rows(block["rows"])  # silent: only rows served afterwards announce a new epoch
+            self.seek_rows(block["rows"])  # silent: only rows served later announce a new epoch
             if self.epoch != block["epoch"]:
-                raise ConfigError(f"config dataset_path={self.cfg['dataset_path']!r}: the stream reaches epoch "
-                                  f"{self.epoch}, not {block['epoch']}, at the checkpoint's row {block['rows']}; the "
-                                  f"data changed since the checkpoint was written")
-        self._fresh_activations(block["start"] - block["origin"])  # the model batch's part before the block
+                raise ConfigError(f"config dataset_path={self.cfg['dataset_path']!r}: the stream "
+                                  f"reaches epoch {self.epoch}, not {block['epoch']}, at the "
+                                  f"checkpoint's row {block['rows']}; the data changed since the "
+                                  f"checkpoint was written")
+        self._fresh_activations(block["start"] - block["origin"])  # model batch up to the block
         self.buffer = None
         self.buffer = self._next_block()
         self._block = dict(block)  # as saved: a block read from the cache stays marked so
@@ -362,7 +374,8 @@ class ActivationsStore:
 
 def as_float32(rows) -> Tensor:
     """A float32 tensor of `rows` (a tensor or a numpy array, a read-only memmap's included)."""
-    return rows.float() if isinstance(rows, Tensor) else torch.from_numpy(np.array(rows, dtype=np.float32))
+    return (rows.float() if isinstance(rows, Tensor)
+            else torch.from_numpy(np.array(rows, dtype=np.float32)))
 
 
 class TensorStore:
@@ -382,18 +395,22 @@ class TensorStore:
 
     def __init__(self, acts, cfg: dict[str, Any], eval_acts=None):
         if len(acts.shape) != 2:
-            raise ConfigError(f"TensorStore takes (tokens, d) activations, got shape {tuple(acts.shape)}")
+            raise ConfigError(f"TensorStore takes (tokens, d) activations, "
+                              f"got shape {tuple(acts.shape)}")
         if is_transcoder(cfg):
-            raise ConfigError("TensorStore serves one hook point: a transcoder (target_site / target_hook_point) "
-                              "trains on a model's activations through ActivationsStore")
+            raise ConfigError("TensorStore serves one hook point: a transcoder "
+                              "(target_site / target_hook_point) trains on a model's activations "
+                              "through ActivationsStore")
         n_eval = 0 if eval_acts is not None else cfg["eval_tokens"]
         if acts.shape[0] - n_eval < cfg["batch_size"]:
-            raise ConfigError(f"TensorStore: {acts.shape[0]} rows leave fewer than batch_size={cfg['batch_size']} "
-                              f"to train on after eval_tokens={n_eval}; pass more rows or lower those settings")
+            raise ConfigError(f"TensorStore: {acts.shape[0]} rows leave fewer than "
+                              f"batch_size={cfg['batch_size']} to train on after "
+                              f"eval_tokens={n_eval}; pass more rows or lower those settings")
         validate_cfg(cfg)
         self.cfg = cfg
         # only d is real; the layer and context checks of prepare_cfg have no model to check against
-        self.dims = {"d_model": acts.shape[1], "n_layers": cfg["layer"] + 1, "n_ctx": cfg["seq_len"]}
+        self.dims = {"d_model": acts.shape[1], "n_layers": cfg["layer"] + 1,
+                     "n_ctx": cfg["seq_len"]}
         self.sharded, self.ground_truth, self.downstream = False, None, None
         self.acts, self.first_row = acts, n_eval
         held_out = acts[:n_eval] if eval_acts is None else eval_acts
@@ -426,14 +443,15 @@ class TensorStore:
             self._reshuffle()
         idx = self._order[self._served: self._served + batch]
         self._served += batch
-        return self._rows(idx).to(self.device, non_blocking=True).unsqueeze(0)  # no host wait on CUDA
+        return self._rows(idx).to(self.device, non_blocking=True).unsqueeze(0)  # CUDA: no host wait
 
     def state_dict(self) -> dict[str, Any]:
         return {"order": self._order, "served": self._served, "epoch": self.epoch,
                 "generator": self.generator.get_state(), "scales": list(self.scales)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._order, self._served, self.epoch = state["order"], int(state["served"]), int(state["epoch"])
+        self._order, self._served, self.epoch = (state["order"], int(state["served"]),
+                                                 int(state["epoch"]))
         self.generator.set_state(state["generator"])
         self.scales = [float(s) for s in state["scales"]]
 

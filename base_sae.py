@@ -1,6 +1,6 @@
 """The shared base of every SAE (docs/math.md §1, §2, §4): parameters, the input scale, encode and
-decode, the dense forward with its loss, AuxK on dead latents, and the hooks a variant states; and the
-registry of variants. The variants themselves are in sae.py.
+decode, the dense forward with its loss, AuxK on dead latents, and the hooks a variant states; and
+the registry of variants. The variants themselves are in sae.py.
 
 Every SAE takes raw activations and returns raw-space reconstructions: the input scale `s` is a
 buffer applied inside `encode` and undone in `decode`, so losses, thresholds and coefficients all
@@ -28,7 +28,8 @@ from kernels import (
 )
 from keys import Key, is_transcoder
 
-TOKEN_STD_EPS = 1e-5  # added to each token's (unbiased) std under standardize_tokens, as SAELens's layer_norm does
+# added to each token's (unbiased) std under standardize_tokens, as SAELens's layer_norm does
+TOKEN_STD_EPS = 1e-5
 
 
 SAE_CLASSES: dict[str, type[BaseSAE]] = {}  # the registry: sae_type -> class, in registration order
@@ -36,7 +37,8 @@ SAE_CLASSES: dict[str, type[BaseSAE]] = {}  # the registry: sae_type -> class, i
 
 def register(cls: type[BaseSAE]) -> type[BaseSAE]:
     """Class decorator: make a variant trainable as `sae_type=cls.name`."""
-    assert cls.name not in SAE_CLASSES or SAE_CLASSES[cls.name] is cls, f"sae_type {cls.name!r} is taken"
+    assert (cls.name not in SAE_CLASSES
+            or SAE_CLASSES[cls.name] is cls), f"sae_type {cls.name!r} is taken"
     SAE_CLASSES[cls.name] = cls
     return cls
 
@@ -45,7 +47,7 @@ class LossTerms(NamedTuple):
     recon: Tensor  # ||x - x_hat||^2 summed over d, averaged over the batch (scaled space)
     sparsity: Tensor  # coefficient times the variant's sparsity penalty
     aux: Tensor  # AuxK loss on dead latents (0 where the variant has none)
-    details: Mapping[str, Tensor] = MappingProxyType({})  # parts worth logging (detached), e.g. each prefix's
+    details: Mapping[str, Tensor] = MappingProxyType({})  # detached parts to log, e.g. per prefix
 
 
 @dataclass
@@ -59,7 +61,7 @@ class SAEOutput:
     aux_loss: Tensor
     error: Tensor  # x_hat_scaled - x_scaled, shape (B, d)
     x: Tensor  # the raw activations reconstructed: the input, or a transcoder's target
-    unit: Tensor  # scaled-space units per raw unit of x: s, (B, 1) under standardize_tokens, a transcoder's s_out
+    unit: Tensor  # scaled/raw units of x: s, (B, 1) under standardize_tokens, a transcoder's s_out
     details: Mapping[str, Tensor] = field(default_factory=dict)  # logged as train/<name>
 
     @property
@@ -69,31 +71,33 @@ class SAEOutput:
 
 
 class BaseSAE(nn.Module):
-    """Parameters, the input scale, encode/decode, the dense forward and its loss, AuxK on dead latents, and the
-    hooks a variant states."""
+    """Parameters, the input scale, encode/decode, the dense forward and its loss, AuxK on dead
+    latents, and the hooks a variant states."""
 
     # --- what a variant states -------------------------------------------------------
     name: ClassVar[str]  # its sae_type
     title: ClassVar[str]  # how plots and model cards name it
-    keys: ClassVar[dict[str, Key]] = {}  # the config keys it reads beyond config.KEYS, declared here
-    coeff_key: ClassVar[str | None] = None  # the key of its sparsity coefficient (warmed up; None: no penalty)
+    keys: ClassVar[dict[str, Key]] = {}  # config keys it reads beyond config.KEYS, declared here
+    coeff_key: ClassVar[str | None] = None  # its sparsity coefficient (warmed up; None: no penalty)
     uses_aux_loss: ClassVar[bool] = False  # AuxK on dead latents (docs/math.md §4)
-    saelens_architecture: ClassVar[str | None] = None  # SAELens's name for its inference rule (None: none fits)
+    saelens_architecture: ClassVar[str | None] = None  # its SAELens architecture (None: none fits)
     saelens_tensors: ClassVar[tuple[str, ...]] = ()  # per-latent tensors its SAELens form adds (m,)
-    averaged_buffers: ClassVar[tuple[str, ...]] = ()  # training state data-parallel ranks average after each step
-    # parameters with one slice per latent, and the dimension that indexes the latents (lazy Adam reads them)
-    latent_params: ClassVar[tuple[tuple[str, int], ...]] = (("W_dec", 0), ("W_enc", 1), ("b_enc", 0))
-    # target_l0's controller (schedule.SparsityCoefficient, docs/math.md §8): the running factor's rate unless
-    # target_l0_rate sets one, the largest log(L0 / target) it rises by, the weight of the latest L0 error
+    averaged_buffers: ClassVar[tuple[str, ...]] = ()  # training state the ranks average each step
+    # parameters with a slice per latent, and the dimension indexing latents (lazy Adam reads them)
+    latent_params: ClassVar[tuple[tuple[str, int], ...]] = (("W_dec", 0), ("W_enc", 1),
+                                                            ("b_enc", 0))
+    # target_l0's controller (schedule.SparsityCoefficient, docs/math.md §8): the running factor's
+    # rate unless target_l0_rate sets one, the largest log(L0 / target) it rises by, the weight of
+    # the latest L0 error
     coeff_rate: ClassVar[float] = 0.02
     coeff_rise_clip: ClassVar[float] = 1.0
     coeff_damping: ClassVar[float] = 0.0
-    has_sparse_path: ClassVar[bool] = False  # set by __init_subclass__: the class states its own `select`
+    has_sparse_path: ClassVar[bool] = False  # __init_subclass__: the class states its own `select`
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        # a subclass that changes its math does not inherit what computes the parent's math: it trains on
-        # the dense reference and states its SAELens form itself
+        # a subclass that changes its math does not inherit what computes the parent's math: it
+        # trains on the dense reference and states its SAELens form itself
         cls.has_sparse_path = "select" in cls.__dict__
         if "activation" in cls.__dict__ and "saelens_architecture" not in cls.__dict__:
             cls.saelens_architecture = None
@@ -110,12 +114,14 @@ class BaseSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(m))
         self.b_dec = nn.Parameter(torch.zeros(d))
         self.register_buffer("scale", torch.ones(()))
-        self.transcoder = is_transcoder(cfg)  # reads one hook point, reconstructs another (docs/math.md §11)
+        self.transcoder = is_transcoder(cfg)  # reads one hook, reconstructs another (§11)
         if self.transcoder:
             self.register_buffer("target_scale", torch.ones(()))
-        self.register_parameter("W_skip", nn.Parameter(torch.zeros(d, d)) if cfg.get("skip_connection") else None)
-        self.register_buffer("tokens_since_fired", torch.zeros(m, dtype=torch.long))  # the trainer counts
-        self.sparsity_coeff: float | Tensor = 0.0  # set every step by the trainer (schedule.SparsityCoefficient)
+        self.register_parameter("W_skip", nn.Parameter(torch.zeros(d, d))
+                                if cfg.get("skip_connection") else None)
+        self.register_buffer("tokens_since_fired",
+                             torch.zeros(m, dtype=torch.long))  # the trainer counts
+        self.sparsity_coeff: float | Tensor = 0.0  # set each step (schedule.SparsityCoefficient)
 
     def activation(self, pre: Tensor) -> Tensor:
         """f(pre); training and inference may differ (self.training)."""
@@ -125,17 +131,19 @@ class BaseSAE(nn.Module):
         """The penalty before its coefficient, averaged over the batch."""
         return pre.new_zeros(())
 
-    def loss(self, goal: Tensor, pre: Tensor, f: Tensor, error: Tensor, aux_enabled: bool) -> LossTerms:
-        """The loss terms of a dense forward (error = f @ W_dec + b_dec - goal); override for a loss of another
-        shape."""
+    def loss(self, goal: Tensor, pre: Tensor, f: Tensor, error: Tensor,
+             aux_enabled: bool) -> LossTerms:
+        """The loss terms of a dense forward (error = f @ W_dec + b_dec - goal); override for a
+        loss of another shape."""
         recon = error.pow(2).sum(-1).mean()
         sparsity = self.sparsity_coeff * self.sparsity_penalty(pre, f)
         use_aux = self.uses_aux_loss and aux_enabled and self.training
-        return LossTerms(recon, sparsity, self.aux_loss(-error, pre) if use_aux else recon.new_zeros(()))
+        return LossTerms(recon, sparsity,
+                         self.aux_loss(-error, pre) if use_aux else recon.new_zeros(()))
 
     @classmethod
     def run_tag(cls, cfg: dict[str, Any]) -> str:
-        """The sparsity setting in generated run names, e.g. l1_1.5 (l1_1.5_target32 with target_l0)."""
+        """The sparsity in generated run names, e.g. l1_1.5 (l1_1.5_target32 with target_l0)."""
         if not cls.coeff_key:
             return cls.name
         target = f"_target{cfg['target_l0']:g}" if cfg.get("target_l0", 0) > 0 else ""
@@ -143,31 +151,33 @@ class BaseSAE(nn.Module):
 
     @classmethod
     def check_cfg(cls, cfg: dict[str, Any]) -> dict[str, str]:
-        """Problems with this variant's keys in `cfg` beyond their declared ranges: {key: what is allowed}."""
+        """Problems of its keys in `cfg` beyond their declared ranges: {key: what is allowed}."""
         return {}
 
     @staticmethod
     def group_ends(cfg: dict[str, Any]) -> list[int] | None:
-        """Where the variant's groups of latents end, if it has groups (plots and dashboards show them)."""
+        """Where its groups of latents end, if it has groups (plots and dashboards show them)."""
         return None
 
     def partial_reconstructions(self, f: Tensor, x: Tensor) -> dict[str, Tensor]:
-        """Raw-space reconstructions from parts of the code worth evaluating on their own (logged as nmse_<name>)."""
+        """Raw-space reconstructions of code parts worth scoring alone (logged as nmse_<name>)."""
         return {}
 
     # --- shared math (docs/math.md §1, §2) -----------------------------------------------
 
     def encoder_input(self, x_scaled: Tensor) -> Tensor:
-        """What W_enc reads: x_scaled - b_dec for an SAE; a transcoder's scaled input as it is (its b_dec lives in
-        the target's space)."""
+        """What W_enc reads: x_scaled - b_dec for an SAE; a transcoder's scaled input as it is (its
+        b_dec lives in the target's space)."""
         return x_scaled if self.transcoder else x_scaled - self.b_dec
 
     def pre_activations(self, x_scaled: Tensor) -> Tensor:
         return self.encoder_input(x_scaled) @ self.W_enc + self.b_enc
 
-    def scaled_goal(self, x_scaled: Tensor, unit: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(goal, unit): what f @ W_dec + b_dec must equal, in the scaled space, and its scaled units per raw unit.
-        An SAE: its own scaled input. A transcoder: the target times s_out, less the skip path x_scaled @ W_skip."""
+    def scaled_goal(self, x_scaled: Tensor, unit: Tensor,
+                    target: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(goal, unit): what f @ W_dec + b_dec must equal, in the scaled space, and its scaled
+        units per raw unit. An SAE: its own scaled input. A transcoder: the target times s_out, less
+        the skip path x_scaled @ W_skip."""
         if not self.transcoder:
             return x_scaled, unit
         if target is None:
@@ -194,47 +204,50 @@ class BaseSAE(nn.Module):
         return self.activation(self.pre_activations(self.scaled_input(x)[0]))
 
     def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
-        """Latents -> raw-space reconstruction (a transcoder's prediction of its target); with standardize_tokens
-        or a skip connection pass the raw input `x` the latents came from."""
+        """Latents -> raw-space reconstruction (a transcoder's prediction of its target); with
+        standardize_tokens or a skip connection pass the raw input `x` the latents came from."""
         if self.transcoder:
             y = f @ self.W_dec + self.b_dec
             if self.W_skip is not None:
                 if x is None:
-                    raise ValueError("this transcoder has a skip connection: decode(f, x) needs the raw input x")
+                    raise ValueError("this transcoder has a skip connection: decode(f, x) needs "
+                                     "the raw input x")
                 y = y + self.scaled_input(x)[0] @ self.W_skip
             return y / self.target_scale
         if x is None and self.cfg.get("standardize_tokens", False):
-            raise ValueError("this SAE standardises each token (standardize_tokens): decode(f, x) needs the raw "
-                             "input x to put its tokens' mean and std back (or read sae(x).x_hat)")
+            raise ValueError("this SAE standardises each token (standardize_tokens): decode(f, x) "
+                             "needs the raw input x to put its tokens' mean and std back (or read "
+                             "sae(x).x_hat)")
         shift, unit = (None, self.scale) if x is None else self.input_transform(x)
         x_hat = (f @ self.W_dec + self.b_dec) / unit
         return x_hat if shift is None else x_hat + shift
 
     def forward(self, x: Tensor, aux_enabled: bool = True, sparse: bool = False,
                 target: Tensor | None = None) -> SAEOutput:
-        """Raw activations (and a transcoder's raw `target`) -> SAEOutput; `sparse`: the same values and
-        gradients from kernels.py."""
-        assert target is None or self.transcoder, "an SAE reconstructs its input: target is for transcoders"
+        """Raw activations (and a transcoder's raw `target`) -> SAEOutput; `sparse`: the same values
+        and gradients from kernels.py."""
+        assert target is None or self.transcoder, ("an SAE reconstructs its input: target is for "
+                                                   "transcoders")
         reconstructed = x if target is None else target
         if sparse and self.has_sparse_path and self.training:
             step = sparse_forward(self, x, aux_enabled, target)
             if step is not None:
                 return SAEOutput(step.latents, step.recon_loss + step.sparsity_loss + step.aux_loss,
-                                 step.recon_loss, step.sparsity_loss, step.aux_loss, step.error, reconstructed,
-                                 step.unit, step.details)
+                                 step.recon_loss, step.sparsity_loss, step.aux_loss, step.error,
+                                 reconstructed, step.unit, step.details)
         x_scaled, unit = self.scaled_input(x)
         pre = self.pre_activations(x_scaled)
         f = self.activation(pre)
         goal, unit = self.scaled_goal(x_scaled, unit, target)
         error = f @ self.W_dec + self.b_dec - goal
         terms = self.loss(goal, pre, f, error, aux_enabled)
-        return SAEOutput(f, terms.recon + terms.sparsity + terms.aux, terms.recon, terms.sparsity, terms.aux, error,
-                         reconstructed, unit, terms.details)
+        return SAEOutput(f, terms.recon + terms.sparsity + terms.aux, terms.recon, terms.sparsity,
+                         terms.aux, error, reconstructed, unit, terms.details)
 
-    # --- the sparse path (kernels.py), for a variant that states `select(xw) -> (kept, window)`: from
-    # xw = x_in @ W_enc (B, m), b_enc not added (a scratch), the entries that may be non-zero (`kept`, a
-    # SelectedPre; None: too many for the sparse kernels to pay) and those 0 with a straight-through gradient
-    # (`window`, or None); the methods below are the variant's math on the selected entries
+    # --- the sparse path (kernels.py), for a variant that states `select(xw) -> (kept, window)`:
+    # from xw = x_in @ W_enc (B, m), b_enc not added (a scratch), the entries that may be non-zero
+    # (`kept`, a SelectedPre; None: too many for the sparse kernels to pay) and those 0 with a
+    # straight-through gradient (`window`, or None); the methods below: the variant's math on them
 
     def sparse_activation(self, pre_vals: Tensor, pattern: SparsePattern) -> Tensor:
         """f on the selected entries (the dense `activation`, restricted)."""
@@ -243,11 +256,13 @@ class BaseSAE(nn.Module):
     def sparse_penalty(self, pre_vals: Tensor, f_vals: Tensor, pattern: SparsePattern) -> Tensor:
         return pre_vals.new_zeros(())
 
-    def sparse_reconstruction(self, f_vals: Tensor, goal: Tensor, pattern: SparsePattern, zero_vals: Tensor | None,
-                              zero_pattern: SparsePattern | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(recon, error, details) of `loss` from the selected entries, error = f @ W_dec - goal (`zero_*`:
-        JumpReLU's gradient window)."""
-        return *sparse_reconstruction(f_vals, self.W_dec, self.b_dec, goal, pattern, zero_vals, zero_pattern), {}
+    def sparse_reconstruction(self, f_vals: Tensor, goal: Tensor, pattern: SparsePattern,
+                              zero_vals: Tensor | None, zero_pattern: SparsePattern | None
+                              ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(recon, error, details) of `loss` from the selected entries, error = f @ W_dec - goal
+        (`zero_*`: JumpReLU's gradient window)."""
+        return *sparse_reconstruction(f_vals, self.W_dec, self.b_dec, goal, pattern, zero_vals,
+                                      zero_pattern), {}
 
     # --- dead latents and AuxK (docs/math.md §4) -----------------------------------------
 
@@ -255,8 +270,8 @@ class BaseSAE(nn.Module):
         return self.tokens_since_fired > self.cfg["dead_after_tokens"]
 
     def aux_loss(self, residual: Tensor, pre: Tensor) -> Tensor:
-        """The detached residual from each token's top `top_k_aux` dead pre-activations, decoded without
-        b_dec; exactly 0 with no dead latents, with no host sync (live latents masked to -inf add 0)."""
+        """The detached residual from each token's top `top_k_aux` dead pre-activations, decoded
+        without b_dec; exactly 0 with no dead latents, no host sync (live latents at -inf add 0)."""
         dead = self.dead_mask()
         k_aux = min(self.cfg["top_k_aux"], pre.shape[-1])
         vals, idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
@@ -272,8 +287,8 @@ class BaseSAE(nn.Module):
     @torch.no_grad()
     def init_from_batch(self, x: Tensor, scale: float, target: Tensor | None = None,
                         target_scale: float | None = None) -> None:
-        """s (from this batch under standardize_tokens) and b_dec = the batch's scaled mean (§1, §2); a
-        transcoder's s_in, s_out and b_dec = the scaled target's mean (§11)."""
+        """s (from this batch under standardize_tokens) and b_dec = the batch's scaled mean
+        (§1, §2); a transcoder's s_in, s_out and b_dec = the scaled target's mean (§11)."""
         if self.transcoder:
             self.scale.fill_(scale)
             self.target_scale.fill_(target_scale)
@@ -291,16 +306,18 @@ class BaseSAE(nn.Module):
 
     @torch.no_grad()
     def start_at_density(self, bound: Tensor) -> None:
-        """Benchmarks and tests: latent i fires where pre > bound[i], as in a trained SAE (k-variants: no-op)."""
+        """Benchmarks and tests: latent i fires where pre > bound[i], as in a trained SAE
+        (k-variants: no-op)."""
 
     # --- SAELens form (interop.py writes and reads the files) ----------------------------------
 
     def saelens_extras(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """(tensors, cfg.json fields) its SAELens architecture needs beyond W_enc, W_dec, b_enc, b_dec."""
+        """(tensors, cfg.json fields) its SAELens form needs beyond W_enc, W_dec, b_enc, b_dec."""
         return {}, {}
 
     @classmethod
-    def from_saelens(cls, tensors: dict[str, Tensor], fields: dict[str, Any]) -> dict[str, Any] | None:
-        """{"cfg": ..., "state": ...} entries from a SAELens folder's extra `tensors` and flat cfg `fields`,
-        or None if the folder is not this variant's."""
+    def from_saelens(cls, tensors: dict[str, Tensor],
+                     fields: dict[str, Any]) -> dict[str, Any] | None:
+        """{"cfg": ..., "state": ...} entries from a SAELens folder's extra `tensors` and flat cfg
+        `fields`, or None if the folder is not this variant's."""
         return {"cfg": {}, "state": {}}

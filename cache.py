@@ -1,5 +1,5 @@
-"""The disk cache of an activation stream (`cache_dir`): the first run writes it, later runs with the
-same data settings read it instead of running the model."""
+"""The disk cache of an activation stream (`cache_dir`): the first run writes it, later runs with
+the same data settings read it instead of running the model."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from files import WRITE_ERRORS, write_failure
 
 
 class CacheWriteError(RuntimeError):
-    """The activation cache could not be written (disk full, I/O error); the shards it lists are intact."""
+    """Writing the activation cache failed (disk full, I/O error); shards it lists are intact."""
 
 
 CACHE_SHARD_TOKENS = 65536
@@ -33,7 +33,8 @@ class ActivationCache:
     with the stream position after it, so a crash never lists a partial shard and a run
     that needs more than is cached knows where to resume generating."""
 
-    def __init__(self, root: str | Path, cfg: dict[str, Any], hook_point: str, shard: tuple[int, int] = (0, 1)):
+    def __init__(self, root: str | Path, cfg: dict[str, Any], hook_point: str,
+                 shard: tuple[int, int] = (0, 1)):
         identity = {k: cfg[k] for k in CACHE_KEYS} | {"hook_point": hook_point}
         if shard[1] > 1:
             identity["shard"] = list(shard)
@@ -70,18 +71,20 @@ class ActivationCache:
 
     @contextlib.contextmanager
     def _writing(self, tmp: Path) -> Iterator[Path]:
-        """Write through the temporary file `tmp`; a failed write removes it and raises CacheWriteError."""
+        """Write via the temp file `tmp`; a failed write removes it and raises CacheWriteError."""
         try:
             yield tmp
         except WRITE_ERRORS as err:
             what = write_failure(err, self.folder)
             tmp.unlink(missing_ok=True)
-            raise CacheWriteError(f"{what} while writing the activation cache {tmp.parent}; the shards it "
-                                  f"lists are intact, and runs read them and generate the rest: free space or "
-                                  f"choose another cache_dir (an interrupted run continues with --resume)") from None
+            raise CacheWriteError(f"{what} while writing the activation cache {tmp.parent}; "
+                                  f"the shards it lists are intact, and runs read them and "
+                                  f"generate the rest: free space or choose another cache_dir "
+                                  f"(an interrupted run continues with --resume)") from None
 
     def read_eval(self) -> Tensor | None:
-        return load_file(self.folder / self.manifest["eval"])["acts"].float() if self.manifest["eval"] else None
+        return (load_file(self.folder / self.manifest["eval"])["acts"].float()
+                if self.manifest["eval"] else None)
 
     def write_eval(self, acts: Tensor) -> None:
         self._write("eval.safetensors", acts)
@@ -95,7 +98,7 @@ class ActivationCache:
                 if self._loaded is None or self._loaded[0] != i:
                     self._loaded = (i, load_file(self.folder / shard["file"])["acts"])
                 data = self._loaded[1]
-                return data[start - shard["start"]: min(stop, shard["end"]) - shard["start"]].float()
+                return data[start - shard["start"]:min(stop, shard["end"]) - shard["start"]].float()
         raise IndexError(f"token {start} is not in the cache {self.folder}")
 
     def position_after(self, end: int) -> dict[str, int]:

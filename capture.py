@@ -1,6 +1,6 @@
-"""The model: booting it (any model TransformerBridge boots; the embedded MiniLM offline), and reading
-hook points from a forward that stops after the deepest one (`run_to_hooks`), through the model's own
-modules where they give the bridge's values (`LeanForward`)."""
+"""The model: booting it (any model TransformerBridge boots; the embedded MiniLM offline), and
+reading hook points from a forward that stops after the deepest one (`run_to_hooks`), through the
+model's own modules where they give the bridge's values (`LeanForward`)."""
 
 from __future__ import annotations
 
@@ -39,9 +39,11 @@ def load_model(model_name: str, device: str, dtype: str = "float32"):
         model = TransformerBridge.boot_transformers(path, device=device, dtype=TORCH_DTYPES[dtype])
     except Exception as err:  # one line: what failed and what to try
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not Path(path).exists()
-        hint = " (a Hub name needs internet, or a local folder with config.json and weights)" if offline else ""
+        hint = (" (a Hub name needs internet, or a local folder with config.json and weights)"
+                if offline else "")
         raise ConfigError(f"config model_name={model_name!r} could not be loaded{hint}: "
-                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+                          f"{type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}") from err
     model.eval()
     streamline(model)
     return model
@@ -65,7 +67,8 @@ def streamline(model) -> None:
         if isinstance(module, NormalizationBridge):
             module.use_native_layernorm_autograd = True
             if not isinstance(module.original_component, torch.nn.Identity):
-                module._hf_autograd_forward_with_hooks = functools.partial(_norm_unless_hooked, module)
+                module._hf_autograd_forward_with_hooks = functools.partial(_norm_unless_hooked,
+                                                                           module)
 
 
 def _norm_unless_hooked(module, x: Tensor) -> Tensor:
@@ -77,11 +80,12 @@ def _norm_unless_hooked(module, x: Tensor) -> Tensor:
 
 
 def model_dims(model) -> dict[str, int]:
-    return {"d_model": int(model.cfg.d_model), "n_layers": int(model.cfg.n_layers), "n_ctx": int(model.cfg.n_ctx)}
+    return {"d_model": int(model.cfg.d_model), "n_layers": int(model.cfg.n_layers),
+            "n_ctx": int(model.cfg.n_ctx)}
 
 
 def check_hook_point(model, hook_point: str) -> None:
-    """One line naming the valid sites and the closest hook names if the model has no `hook_point`."""
+    """One line naming the valid sites and closest hook names if the model has no `hook_point`."""
     if hook_point not in model.hook_dict:
         available = [s for s in SITES if site_hook(0, s) in model.hook_dict]
         close = difflib.get_close_matches(hook_point, list(model.hook_dict), n=3, cutoff=0.6)
@@ -91,16 +95,17 @@ def check_hook_point(model, hook_point: str) -> None:
 
 
 def check_target_after_input(model, hook_point: str, target: str) -> None:
-    """One line if a transcoder's target is computed before its input in the model's forward (found by
-    running one short row with both hooks recording the order they fire in)."""
+    """One line if a transcoder's target is computed before its input in the model's forward
+    (found by running one short row with both hooks recording the order they fire in)."""
     fired: list[str] = []
-    hooks = [(h, functools.partial(lambda act, hook, name: fired.append(name), name=h)) for h in (hook_point, target)]
+    hooks = [(h, functools.partial(lambda act, hook, name: fired.append(name), name=h))
+             for h in (hook_point, target)]
     row = torch.full((1, 2), int(model.tokenizer.bos_token_id or model.tokenizer.cls_token_id or 0))
     run_to_hooks(model, row.to(next(model.parameters()).device), [hook_point, target], hooks)
     if fired and fired[0] == target and hook_point != target:
-        raise ConfigError(f"config target hook point {target!r} comes before the input {hook_point!r} in the "
-                          "model's forward: a transcoder predicts a later activation from an earlier one (swap them, "
-                          "or pick a later target)")
+        raise ConfigError(f"config target hook point {target!r} comes before the input "
+                          f"{hook_point!r} in the model's forward: a transcoder predicts a later "
+                          "activation from an earlier one (swap them, or pick a later target)")
 
 
 def is_causal_lm(model) -> bool:
@@ -111,10 +116,11 @@ class StopForward(Exception):
     """Raised by a hook to end the forward pass once the activation is captured."""
 
 
-HOOK_LEVEL = -8191  # TransformerLens context level of the hooks run_to_hooks adds, so it removes exactly those
+HOOK_LEVEL = -8191  # TransformerLens context level of run_to_hooks' hooks, so it removes just those
 
 
-def run_to_hooks(model, tokens: Tensor, hook_points: Sequence[str], fwd_hooks: list | None = None) -> list[Tensor]:
+def run_to_hooks(model, tokens: Tensor, hook_points: Sequence[str],
+                 fwd_hooks: list | None = None) -> list[Tensor]:
     """Forward only as far as the deepest of `hook_points` (with any extra `fwd_hooks`
     before them) and return their activations (B, S, d), in the order given. Without
     `fwd_hooks` the forward runs the model's own modules (`LeanForward`) once they have given
@@ -132,11 +138,11 @@ def run_to_hooks(model, tokens: Tensor, hook_points: Sequence[str], fwd_hooks: l
     return expected
 
 
-def run_bridge_to_hooks(model, tokens: Tensor, hook_points: Sequence[str], fwd_hooks: list | None = None,
-                        ) -> list[Tensor]:
-    """`run_to_hooks` through the bridge itself. The hooks go straight onto the HookPoints (`add_hook` /
-    `remove_hooks` at HOOK_LEVEL) rather than through the bridge's `run_with_hooks`, which rebuilds its alias
-    maps on every call."""
+def run_bridge_to_hooks(model, tokens: Tensor, hook_points: Sequence[str],
+                        fwd_hooks: list | None = None) -> list[Tensor]:
+    """`run_to_hooks` through the bridge itself. The hooks go straight onto the HookPoints
+    (`add_hook` / `remove_hooks` at HOOK_LEVEL) rather than through the bridge's `run_with_hooks`,
+    which rebuilds its alias maps on every call."""
     captured: dict[str, Tensor] = {}
     wanted = set(hook_points)
 
@@ -176,16 +182,18 @@ class LeanForward:
         from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
         def wrapped(module: torch.nn.Module) -> torch.nn.Module:
-            while isinstance(module, GeneralizedComponent) and module._modules.get("_original_component") is not None:
+            while (isinstance(module, GeneralizedComponent)
+                   and module._modules.get("_original_component") is not None):
                 module = module._modules["_original_component"]
             return module
 
-        copies: dict[int, torch.nn.Module] = {}  # id of a module the bridge holds -> the module the lean tree runs
+        copies: dict[int, torch.nn.Module] = {}  # id of a bridge module -> the lean tree's module
 
         def unwrap(module: torch.nn.Module) -> torch.nn.Module:
             inner = wrapped(module)
             if id(inner) not in copies:
-                children = {name: None if c is None else unwrap(c) for name, c in inner._modules.items()}
+                children = {name: None if c is None else unwrap(c)
+                            for name, c in inner._modules.items()}
                 same = all(children[name] is c for name, c in inner._modules.items())
                 if same and inner is module:  # nothing of the bridge's inside: run it as it is
                     copies[id(inner)] = inner
@@ -193,23 +201,24 @@ class LeanForward:
                     twin = object.__new__(type(inner))
                     twin.__dict__.update(inner.__dict__)
                     twin.__dict__["_modules"] = children
-                    for hooks in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                                  "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
+                    for hooks in ("_forward_hooks", "_forward_hooks_with_kwargs",
+                                  "_forward_hooks_always_called", "_forward_pre_hooks",
+                                  "_forward_pre_hooks_with_kwargs"):
                         twin.__dict__[hooks] = type(inner.__dict__[hooks])()
                     copies[id(inner)] = twin
             return copies[id(inner)]
 
         self.agrees: dict[frozenset[str], bool] = {}  # hook sets checked against the bridge
-        self.sites: dict[str, tuple[torch.nn.Module, bool]] = {}  # hook name -> (lean module, reads its input)
+        self.sites: dict[str, tuple[torch.nn.Module, bool]] = {}  # name -> (lean module, at input)
         original = getattr(model, "original_model", None)
-        if not isinstance(original, torch.nn.Module):  # a bridge over another backend: no modules to run
+        if not isinstance(original, torch.nn.Module):  # a bridge over another backend: none to run
             return
         self.root = unwrap(original).eval()
-        # no KV cache: a forward stopped early has no use for one, and building it costs Python work per layer of
-        # the whole model (12 objects for gpt2, where the forward runs 3 layers)
-        self.forward_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(self.root.forward).parameters \
-            else {}
-        owners: dict[int, tuple[torch.nn.Module, bool]] = {}  # HookPoint id -> (lean module, is its input)
+        # no KV cache: a forward stopped early has no use for one, and building it costs Python work
+        # per layer of the whole model (12 objects for gpt2, where the forward runs 3 layers)
+        self.forward_kwargs = {"use_cache": False} \
+            if "use_cache" in inspect.signature(self.root.forward).parameters else {}
+        owners: dict[int, tuple[torch.nn.Module, bool]] = {}  # point id -> (lean module, at input)
         for component in model.modules():
             inner = wrapped(component)
             if inner is not component and copies.get(id(inner)) is not None:
@@ -217,10 +226,11 @@ class LeanForward:
                     point = component._modules.get(side)
                     if point is not None:
                         owners.setdefault(id(point), (copies[id(inner)], side == "hook_in"))
-        self.sites = {name: owners[id(point)] for name, point in model.hook_dict.items() if id(point) in owners}
+        self.sites = {name: owners[id(point)] for name, point in model.hook_dict.items()
+                      if id(point) in owners}
 
     def run(self, tokens: Tensor, hook_points: Sequence[str]) -> list[Tensor]:
-        """The activations at `hook_points`, from a forward of the lean tree stopped after the deepest."""
+        """The activations at `hook_points` from a lean-tree forward stopped after the deepest."""
         captured: dict[str, Tensor] = {}
         wanted = set(hook_points)
 
@@ -237,14 +247,16 @@ class LeanForward:
 
         def hook(name: str, module, args: tuple, output) -> None:
             grab(name, output if isinstance(output, Tensor) else
-                 output[0] if isinstance(output, tuple) and output and isinstance(output[0], Tensor) else None)
+                 output[0] if isinstance(output, tuple) and output and isinstance(output[0], Tensor)
+                 else None)
 
         handles = []
         try:
             for name in wanted:
                 module, is_input = self.sites[name]
-                handles.append(module.register_forward_pre_hook(functools.partial(pre_hook, name), with_kwargs=True)
-                               if is_input else module.register_forward_hook(functools.partial(hook, name)))
+                handles.append(module.register_forward_pre_hook(functools.partial(pre_hook, name),
+                                                                with_kwargs=True) if is_input
+                               else module.register_forward_hook(functools.partial(hook, name)))
             with torch.inference_mode(), contextlib.suppress(StopForward):
                 self.root(input_ids=tokens, **self.forward_kwargs)
         finally:
@@ -252,17 +264,18 @@ class LeanForward:
                 handle.remove()
         return [captured[h] for h in hook_points]
 
-    def check(self, tokens: Tensor, hook_points: Sequence[str], expected: list[Tensor]) -> list[Tensor] | None:
-        """The lean tree's activations of `tokens` at `hook_points` if they equal `expected` (the bridge's) to within
-        rounding, else None; remembered for the hook set. Rounding: at every position but the first (which never
-        trains, and can be hundreds of times larger), 1e-4 of the token's largest activation in float32, 4 units in
-        the last place in half precision (the bridge may compute attention another way)."""
+    def check(self, tokens: Tensor, hook_points: Sequence[str],
+              expected: list[Tensor]) -> list[Tensor] | None:
+        """The lean tree's activations of `tokens` at `hook_points` if within rounding of `expected`
+        (the bridge's), else None; remembered per hook set. Rounding, at all positions but the first
+        (never trained; can be hundreds of times larger): 1e-4 of the token's largest activation in
+        float32, 4 ulps in half precision (the bridge may compute attention otherwise)."""
         got: list[Tensor] = []
         if all(h in self.sites for h in hook_points):
-            with contextlib.suppress(Exception):  # a module that cannot run without the bridge: stay on the bridge
+            with contextlib.suppress(Exception):  # a module needing the bridge: stay on the bridge
                 got = self.run(tokens, hook_points)
-        agrees = len(got) == len(expected) and all(_equal_to_rounding(g, e) for g, e in zip(got, expected,
-                                                                                           strict=False))
+        agrees = len(got) == len(expected) and all(_equal_to_rounding(g, e)
+                                                   for g, e in zip(got, expected, strict=False))
         self.agrees[frozenset(hook_points)] = agrees
         return got if agrees else None
 
@@ -270,7 +283,7 @@ class LeanForward:
 def _equal_to_rounding(got: Tensor, expected: Tensor) -> bool:
     if got.shape != expected.shape or got.dtype != expected.dtype or not torch.isfinite(got).all():
         return False
-    if expected.dim() >= 3 and expected.shape[1] > 1:  # (batch, position, ...): leave out position 0
+    if expected.dim() >= 3 and expected.shape[1] > 1:  # (batch, position, ...): drop position 0
         got, expected = got[:, 1:], expected[:, 1:]
     scale = expected.float().abs().amax(-1, keepdim=True)
     tolerance = max(1e-4, 4 * torch.finfo(expected.dtype).eps)

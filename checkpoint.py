@@ -50,7 +50,7 @@ FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoints"
 TRAINING_STATE_FILE = "training_state.pt"
 DENSITY_FILE = "density.safetensors"
-STREAM_FILE = "stream.safetensors"  # the activation store's tensors (its shuffle generator's state), for exact resume
+STREAM_FILE = "stream.safetensors"  # the store's tensors (shuffle generator state): exact resume
 MANIFEST_FILE = "manifest.json"  # size and sha256 of every other file, written last
 GROUP_FILE = "group.json"  # the runs that trained on one stream, so resuming one resumes all
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -61,7 +61,7 @@ class CheckpointError(RuntimeError):
 
 
 class ResumeWarning(UserWarning):
-    """A checkpoint was passed over on resume (incomplete, corrupted, or missing in a run of the group)."""
+    """A checkpoint was passed over on resume (incomplete, corrupt, or missing in a group's run)."""
 
 
 # --- files ----------------------------------------------------------------------------------
@@ -134,7 +134,8 @@ def checkpoint_folder(run_dir: Path, step: int) -> Path:
 def periodic_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, folder) of a run's checkpoints/step_* folders, newest first (complete or not)."""
     folder = run_dir / CHECKPOINT_DIR
-    found = [(int(m.group(1)), p) for p in folder.glob("step_*") if (m := STEP_DIR.fullmatch(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.glob("step_*")
+             if (m := STEP_DIR.fullmatch(p.name))]
     return sorted(found, reverse=True)
 
 
@@ -144,8 +145,8 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ConfigError(f"config resume={str(run_dir)!r} is not a run folder: {path} cannot be read "
-                          f"({getattr(err, 'strerror', None) or err})") from None
+        raise ConfigError(f"config resume={str(run_dir)!r} is not a run folder: {path} cannot be "
+                          f"read ({getattr(err, 'strerror', None) or err})") from None
 
 
 def write_group_file(run_dirs: list[Path]) -> None:
@@ -161,16 +162,18 @@ def group_run_dirs(run_dir: str | Path) -> list[Path]:
     read_run_config(run_dir)
     if not (run_dir / GROUP_FILE).exists():
         return [run_dir]
-    dirs = [run_dir.parent / name for name in json.loads((run_dir / GROUP_FILE).read_text())["runs"]]
+    dirs = [run_dir.parent / name
+            for name in json.loads((run_dir / GROUP_FILE).read_text())["runs"]]
     missing = [str(d) for d in dirs if not (d / "config.json").exists()]
     if missing:
-        raise ConfigError(f"config resume={str(run_dir)!r}: it trained in a group with {', '.join(missing)}, "
-                          f"which is missing; a group resumes together (all its run folders side by side)")
+        raise ConfigError(f"config resume={str(run_dir)!r}: it trained in a group with "
+                          f"{', '.join(missing)}, which is missing; a group resumes together "
+                          f"(all its run folders side by side)")
     return dirs
 
 
 def _logged_step(line: str) -> float:
-    """The step of a metrics.jsonl line; inf for a partial line (a kill mid-write) so it is dropped."""
+    """The step of a metrics.jsonl line; inf for a partial line (a kill mid-write): dropped."""
     try:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
@@ -216,7 +219,8 @@ class Trainee(Protocol):
 
 def save_checkpoint(run_dir: Path, sae: BaseSAE, training_state: dict[str, Any], step: int,
                     density: Tensor | None = None, final: bool = False,
-                    stream: dict[str, Tensor] | Path | None = None, extra: dict[str, Tensor] | None = None) -> Path:
+                    stream: dict[str, Tensor] | Path | None = None,
+                    extra: dict[str, Tensor] | None = None) -> Path:
     """Write to a temporary folder, add the manifest (sizes and sha256 sums, written last,
     files fsynced), then rename it into place. `stream` is the activation store's tensors,
     or the stream file of another run's checkpoint of this step, which is hard-linked
@@ -235,7 +239,8 @@ def save_checkpoint(run_dir: Path, sae: BaseSAE, training_state: dict[str, Any],
             _link_or_copy(stream, tmp / STREAM_FILE)
             known[STREAM_FILE] = read_manifest(stream.parent)[STREAM_FILE]
         elif stream is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in stream.items()}, tmp / STREAM_FILE)
+            save_file({k: v.detach().contiguous().cpu() for k, v in stream.items()},
+                      tmp / STREAM_FILE)
         write_manifest(tmp, known)
         if target.exists():
             remove_folder(target)
@@ -266,10 +271,11 @@ def checkpoint_due(cfg: dict[str, Any], step: int) -> bool:
 
 
 def rng_states() -> dict[str, Any]:
-    """torch (CPU and CUDA), numpy and python RNG states, in types torch.load(weights_only=True) reads."""
+    """torch (CPU, CUDA), numpy, python RNG states, in types torch.load(weights_only=True) reads."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                         has_gauss, cached], "python": random.getstate()}
+    states = {"torch": torch.get_rng_state(),
+              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+              "python": random.getstate()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -296,16 +302,18 @@ def gathered_stream_state(store: ActivationSource) -> dict[str, Any] | None:
     if world_size() == 1:
         return state
     states = [None] * world_size() if rank() == 0 else None
-    dist.gather_object({k: v.cpu() if isinstance(v, Tensor) else v for k, v in state.items()}, states, dst=0)
+    dist.gather_object({k: v.cpu() if isinstance(v, Tensor) else v for k, v in state.items()},
+                       states, dst=0)
     if rank() != 0:
         return None
-    return {"world_size": world_size()} | {f"rank{r}.{k}": v for r, s in enumerate(states) for k, v in s.items()}
+    return {"world_size": world_size()} | {f"rank{r}.{k}": v for r, s in enumerate(states)
+                                           for k, v in s.items()}
 
 
 def checkpoint_group(trainees: list[Trainee], step: int, total_steps: int, tokens: int,
                      store: ActivationSource, now: bool = False) -> None:
-    """Checkpoint the runs due at `step` (all at the end; all of `trainees` with `now`), after every run
-    logged this step.
+    """Checkpoint the runs due at `step` (all at the end; all of `trainees` with `now`), after every
+    run logged this step.
     The stream tensors are written once and hard-linked into the other runs' checkpoints;
     old checkpoints are pruned only once every run's new one is complete."""
     last = step == total_steps
@@ -320,8 +328,8 @@ def checkpoint_group(trainees: list[Trainee], step: int, total_steps: int, token
     for t in due:
         state = training_state(t, step, tokens, scalars)
         if last:
-            save_checkpoint(t.run_dir, t.sae, state, step, density=t.final_metrics["density"], final=True,
-                            extra=t.coefficient.state)
+            save_checkpoint(t.run_dir, t.sae, state, step, density=t.final_metrics["density"],
+                            final=True, extra=t.coefficient.state)
         else:
             tensors = save_checkpoint(t.run_dir, t.sae, state, step, stream=tensors,
                                       extra=t.coefficient.state) / STREAM_FILE
@@ -336,7 +344,7 @@ def _same_setting(key: str, given: Any, saved: Any) -> bool:
     if key == "device":
         return resolve_device(given) == resolve_device(saved)
     if key in ("buffer_device", "hook_point", "target_hook_point") and given == "":
-        return True  # "" means derived (from device, layer and site, target_site), which the saved config holds
+        return True  # "" means derived (from device, layer, site, target_site); saved config has it
     return given == saved
 
 
@@ -347,16 +355,17 @@ def resumed_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     if not cfg.get("resume"):
         return cfg
     run_dir = Path(cfg["resume"])
-    known = all_keys()  # a key of a variant not registered in this process is not this run's concern
+    known = all_keys()  # a key of a variant not registered here is not this run's concern
     saved = {k: v for k, v in (get_default_cfg() | read_run_config(run_dir)).items() if k in known}
     for key, value in cfg.items():
         if key in RESUME_KEYS or key in DERIVED_KEYS or key in RUN_KEYS or key not in known:
             continue
         if not _same_setting(key, value, saved.get(key)):
             allowed = ", ".join(k for k in RESUME_KEYS if k != "resume")
-            raise ConfigError(f"config {key}={value!r} differs from {saved.get(key)!r} in the run being resumed "
-                              f"({run_dir / 'config.json'}): a resumed run keeps its config; only {allowed} may "
-                              f"change (start a new run for other settings)")
+            raise ConfigError(f"config {key}={value!r} differs from {saved.get(key)!r} in the run "
+                              f"being resumed ({run_dir / 'config.json'}): a resumed run keeps its "
+                              f"config; only {allowed} may change (start a new run for other "
+                              f"settings)")
     return saved | {k: cfg[k] for k in RESUME_KEYS if k in cfg} | {
         "output_dir": str(run_dir.parent), "run_name": run_dir.name, "overwrite": False}
 
@@ -369,7 +378,8 @@ def find_resume_step(run_dirs: list[Path]) -> int:
         problems = []
         for run_dir, steps in zip(run_dirs, by_run, strict=True):
             folder = steps.get(step)
-            reason = verify_checkpoint(folder) if folder else f"{run_dir.name} has no checkpoint of this step"
+            reason = (verify_checkpoint(folder) if folder
+                      else f"{run_dir.name} has no checkpoint of this step")
             if reason:
                 problems.append(f"{folder or run_dir} ({reason})")
         if not problems:
@@ -377,16 +387,17 @@ def find_resume_step(run_dirs: list[Path]) -> int:
         warnings.warn(f"checkpoint step {step} is incomplete or corrupted: {'; '.join(problems)}; "
                       f"falling back to an earlier checkpoint", ResumeWarning, stacklevel=2)
     names = ", ".join(str(d) for d in run_dirs)
-    warnings.warn(f"no complete checkpoint in {names}: training again from step 0 in the same folder",
-                  ResumeWarning, stacklevel=2)
+    warnings.warn(f"no complete checkpoint in {names}: training again from step 0 in the same "
+                  f"folder", ResumeWarning, stacklevel=2)
     return 0
 
 
 def step_to_resume(run_dirs: list[Path]) -> int:
     """find_resume_step, refusing runs that already finished."""
     if all((d / FINAL_DIR / MANIFEST_FILE).exists() for d in run_dirs):
-        raise ConfigError(f"config resume={str(run_dirs[0])!r}: the run{'s' if len(run_dirs) > 1 else ''} "
-                          f"already finished ({FINAL_DIR}/ is complete); nothing to resume")
+        raise ConfigError(f"config resume={str(run_dirs[0])!r}: the "
+                          f"run{'s' if len(run_dirs) > 1 else ''} already finished "
+                          f"({FINAL_DIR}/ is complete); nothing to resume")
     return find_resume_step(run_dirs)
 
 
@@ -398,8 +409,9 @@ def check_checkpoints_fit(cfgs: list[dict[str, Any]], step: int) -> None:
         saved = read_run_config(folder)
         for key in CHECKPOINT_KEYS:
             if key in cfg and not _same_setting(key, cfg[key], saved.get(key)):
-                raise ConfigError(f"checkpoint {folder} is from another run: its {key} is {saved.get(key)!r}, "
-                                  f"this run's is {cfg[key]!r}; resume a run only from its own checkpoints")
+                raise ConfigError(f"checkpoint {folder} is from another run: its {key} is "
+                                  f"{saved.get(key)!r}, this run's is {cfg[key]!r}; resume a run "
+                                  f"only from its own checkpoints")
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -423,8 +435,9 @@ def set_rng_states(states: dict[str, Any]) -> None:
 def this_ranks_stream_state(stream: dict[str, Any], folder: Path) -> dict[str, Any]:
     saved_world = stream.get("world_size", 1)
     if saved_world != world_size():
-        raise ConfigError(f"checkpoint {folder} was written by {saved_world} data-parallel process(es), this run has "
-                          f"{world_size()}: resume with the same torchrun --nproc_per_node/--nnodes")
+        raise ConfigError(f"checkpoint {folder} was written by {saved_world} data-parallel "
+                          f"process(es), this run has {world_size()}: resume with the same "
+                          f"torchrun --nproc_per_node/--nnodes")
     if saved_world == 1:
         return stream
     prefix = f"rank{rank()}."
@@ -441,7 +454,8 @@ def restore_group(trainees: list[Trainee], store: ActivationSource, step: int) -
             t.coefficient.load(weights)
             t.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
-            raise ConfigError(f"checkpoint {folder} does not fit this run: {str(err).strip().splitlines()[0]}; "
+            raise ConfigError(f"checkpoint {folder} does not fit this run: "
+                              f"{str(err).strip().splitlines()[0]}; "
                               f"resume a run only from its own folder") from None
         t.scheduler.load_state_dict(state["scheduler"])
         t.skipped_batches = state["skipped_batches"]

@@ -187,7 +187,8 @@ def variant_keys() -> dict[str, tuple[Key, tuple[str, ...]]]:
     for name, cls in SAE_CLASSES.items():
         for key, spec in cls.keys.items():
             assert key not in KEYS, f"{cls.__name__} redeclares the general config key {key!r}"
-            assert not spec.roles, f"{cls.__name__}.keys[{key!r}]: roles are for config.KEYS (a variant's key has none)"
+            assert not spec.roles, (f"{cls.__name__}.keys[{key!r}]: roles are for config.KEYS (a "
+                                    "variant's key has none)")
             known, readers = found.get(key, (spec, ()))
             assert known == spec, f"{cls.__name__} declares {key!r} differently from {readers[0]}"
             found[key] = (spec, (*readers, name))
@@ -216,14 +217,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dict_size": 1024,
         "top_k": 16,
         "num_tokens": 4_096_000,
-        # 4,000 smaller steps learn more from the same samples than 1,000 of 4,096; a latent silent for more than
-        # two batches is dead, so the rarely firing ones BatchTopK leaves behind are retrained (docs/benchmarks.md)
+        # 4,000 small steps learn more from the same samples than 1,000 of 4,096; dead after two
+        # silent batches, so the rare latents BatchTopK leaves get retrained (docs/benchmarks.md)
         "batch_size": 1024,
         "dead_after_tokens": 2048,
         "aux_penalty": 1.0,
-        "eval_freq": 244,  # every ~0.25M samples, so 0.5M, 1M, 2M and 4M among them (steps 488, 976, 1952, 3904)
+        "eval_freq": 244,  # every ~0.25M samples, so 0.5M, 1M, 2M and 4M among them
     },
-    "synthetic16k": {  # SynthSAEBench-16k's shape on this project's own generator of its description
+    "synthetic16k": {  # SynthSAEBench-16k's shape on this project's generator of its description
         "dataset_path": SYNTHETIC_DATASET,
         "model_name": "synthetic",
         "layer": 0,
@@ -233,7 +234,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dict_size": 4096,
         "top_k": 25,
         "num_tokens": 4_096_000,
-        "batch_size": 1024,  # the synthetic preset's schedule: smaller steps, dead after two silent batches
+        "batch_size": 1024,  # synthetic's schedule: smaller steps, dead after two silent batches
         "dead_after_tokens": 2048,
         "aux_penalty": 1.0,
         "eval_freq": 244,
@@ -270,7 +271,8 @@ def check_key(key: str, keys: dict[str, Key] | None = None) -> Key:
     keys = keys or all_keys()
     if key in keys and "derived" not in keys[key].roles:
         return keys[key]
-    close = difflib.get_close_matches(key, [k for k, spec in keys.items() if "derived" not in spec.roles], n=1)
+    close = difflib.get_close_matches(key, [k for k, spec in keys.items()
+                                            if "derived" not in spec.roles], n=1)
     hint = f"did you mean {close[0]!r}?" if close else "see docs/config.md for the valid keys"
     raise ConfigError(f"unknown config key {key!r}: {hint}")
 
@@ -336,23 +338,25 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
         _fail("device", device, "CUDA is not available here; use device=cpu or device=auto")
     if cfg.get("target_layer", -1) < -1:
         _fail("target_layer", cfg["target_layer"], "must be >= 0, or -1 for the input's layer")
-    if cfg.get("target_site") and cfg.get("target_hook_point"):  # a post-initialised config holds both, agreeing
+    if cfg.get("target_site") and cfg.get("target_hook_point"):  # both once prepared, agreeing
         layer = cfg["layer"] if cfg.get("target_layer", -1) < 0 else cfg["target_layer"]
         if cfg["target_hook_point"] != site_hook(layer, cfg["target_site"]):
-            _fail("target_hook_point", cfg["target_hook_point"], f"and target_site={cfg['target_site']!r} name "
-                  "different targets: set one of them")
+            _fail("target_hook_point", cfg["target_hook_point"],
+                  f"and target_site={cfg['target_site']!r} name different targets: set one of them")
     if cfg.get("skip_connection") and not is_transcoder(cfg):
-        _fail("skip_connection", True, "needs a target (target_site or target_hook_point): a skip connection maps "
-              "the input to another hook point")
+        _fail("skip_connection", True, "needs a target (target_site or target_hook_point): a skip "
+              "connection maps the input to another hook point")
     if is_transcoder(cfg) and cfg.get("standardize_tokens"):
-        _fail("standardize_tokens", True, "is not supported for transcoders (input and target have a scale each)")
+        _fail("standardize_tokens", True, "is not supported for transcoders (input and target "
+              "have a scale each)")
     if is_transcoder(cfg) and cfg["dataset_path"] == SYNTHETIC_DATASET:
         _fail("target_site", cfg.get("target_site") or cfg.get("target_hook_point"),
               "needs a model: the synthetic source has one hook point")
     if cfg.get("target_l0", 0) > 0 and SAE_CLASSES[cfg["sae_type"]].coeff_key is None:
         by_coeff = ", ".join(name for name, cls in SAE_CLASSES.items() if cls.coeff_key)
-        _fail("target_l0", cfg["target_l0"], f"sae_type={cfg['sae_type']} has no sparsity coefficient to adapt (its "
-              f"L0 is set otherwise, e.g. by top_k); use it with {by_coeff}, or 0")
+        _fail("target_l0", cfg["target_l0"], f"sae_type={cfg['sae_type']} has no sparsity "
+              "coefficient to adapt (its L0 is set otherwise, e.g. by top_k); use it with "
+              f"{by_coeff}, or 0")
     coeff_key = SAE_CLASSES[cfg["sae_type"]].coeff_key
     if cfg.get("target_l0", 0) > 0 and coeff_key and cfg[coeff_key] == 0:
         _fail("target_l0", cfg["target_l0"], f"scales {coeff_key}, which is 0; set {coeff_key} > 0")
@@ -363,22 +367,22 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
 
 
 def site_hook(layer: int, site: str) -> str:
-    """The hook name of a site shorthand: blocks.{layer}.hook_{site}, or the MLP's own input hook for mlp_in."""
+    """The hook name of a site: blocks.{layer}.hook_{site}, or the MLP's input hook for mlp_in."""
     return f"blocks.{layer}.mlp.hook_in" if site == "mlp_in" else f"blocks.{layer}.hook_{site}"
 
 
 def hook_tag(cfg: dict[str, Any]) -> str:
-    """What run names say about the hook points: L3_resid_pre, or the hook names; `_to_` the target's (and
-    `_skip` for a skip connection)."""
+    """What run names say about the hook points: L3_resid_pre, or the hook names; `_to_` the
+    target's (and `_skip` for a skip connection)."""
     def tag(hook: str, layer: int, site: str) -> str:
         return re.sub(r"[^A-Za-z0-9]+", "_", hook) if hook else f"L{layer}_{site}"
-    text = tag(cfg["hook_point"] if cfg["hook_point"] != site_hook(cfg["layer"], cfg["site"]) else "",
-               cfg["layer"], cfg["site"])
+    text = tag(cfg["hook_point"] if cfg["hook_point"] != site_hook(cfg["layer"], cfg["site"])
+               else "", cfg["layer"], cfg["site"])
     if is_transcoder(cfg):
         layer = cfg["layer"] if cfg["target_layer"] < 0 else cfg["target_layer"]
         explicit = cfg["target_hook_point"] if not cfg["target_site"] else ""
-        text += "_to_" + (tag(explicit, layer, cfg["target_site"]) if explicit or layer != cfg["layer"]
-                          else cfg["target_site"])
+        text += "_to_" + (tag(explicit, layer, cfg["target_site"])
+                          if explicit or layer != cfg["layer"] else cfg["target_site"])
     return text + ("_skip" if cfg.get("skip_connection") else "")
 
 
@@ -400,18 +404,18 @@ def make_run_name(cfg: dict[str, Any]) -> str:
             f"_m{cfg['dict_size']}_{SAE_CLASSES[cfg['sae_type']].run_tag(cfg)}_{digest}")
 
 
-LR_MAX = 5e-3  # the largest lr the defaults train well at: runs too short to be limited by gradient noise take it
-LR_REFERENCE = 4000 * 384 * 3072  # steps x d x latents from which the lr falls as 1/sqrt of that product
+LR_MAX = 5e-3  # largest lr the defaults train well at (taken by runs too short to be noise-limited)
+LR_REFERENCE = 4000 * 384 * 3072  # steps x d x latents past which lr falls as 1/sqrt of the product
 
 
 def auto_lr(steps: int, d: int, latents: int) -> float:
-    """The recipe's lr (docs/math.md §8): LR_MAX, capped by LR_MAX·sqrt(LR_REFERENCE / (steps·d·latents))."""
+    """The recipe's lr (docs/math.md §8): LR_MAX·min(1, sqrt(LR_REFERENCE/(steps·d·latents)))."""
     return min(LR_MAX, LR_MAX * math.sqrt(LR_REFERENCE / (steps * d * latents)))
 
 
 def apply_recipe(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Fill `lr` when it is 0 (unset) from the run's shape; a value set by hand is kept. `auto` says what was
-    derived from what, as printed at the start of the run."""
+    """Fill `lr` when it is 0 (unset) from the run's shape; a value set by hand is kept. `auto`
+    says what was derived from what, as printed at the start of the run."""
     if cfg["lr"]:
         return cfg | {"auto": cfg.get("auto", "")}
     steps, d, m = cfg["num_tokens"] // cfg["batch_size"], cfg["act_size"], cfg["dict_size"]
@@ -421,9 +425,9 @@ def apply_recipe(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare_cfg(cfg: dict[str, Any], model_dims: dict[str, int]) -> dict[str, Any]:
-    """The run's full config from a user's: validated, with the hook points, act_size and the model's
-    facts, the recipe's values, the device and the run name derived. Called once per run, before the
-    stream and the SAEs are built (training.train_sae_group); a prepared config comes back unchanged.
+    """The run's full config from a user's: validated, with the hook points, act_size, the model's
+    facts, the recipe's values, the device and the run name derived. Called once per run, before
+    the stream and SAEs are built (training.train_sae_group); a prepared config comes back as is.
 
     `model_dims` holds `d_model`, `n_layers` and `n_ctx` as read from the model (capture.model_dims)
     or given by the source (its `dims`), so act_size is never typed by hand.
@@ -431,7 +435,8 @@ def prepare_cfg(cfg: dict[str, Any], model_dims: dict[str, int]) -> dict[str, An
     cfg = dict(cfg)
     validate_cfg(cfg)
     if cfg["layer"] >= model_dims["n_layers"]:
-        _fail("layer", cfg["layer"], f"the model has {model_dims['n_layers']} layers (0..{model_dims['n_layers'] - 1})")
+        _fail("layer", cfg["layer"], f"the model has {model_dims['n_layers']} layers "
+              f"(0..{model_dims['n_layers'] - 1})")
     if cfg["seq_len"] > model_dims["n_ctx"]:
         _fail("seq_len", cfg["seq_len"], f"must be <= the model's context ({model_dims['n_ctx']})")
     if not cfg["hook_point"]:
@@ -442,8 +447,8 @@ def prepare_cfg(cfg: dict[str, Any], model_dims: dict[str, int]) -> dict[str, An
             _fail("target_layer", target_layer, f"the model has {model_dims['n_layers']} layers")
         cfg["target_hook_point"] = site_hook(target_layer, cfg["target_site"])
     if cfg["target_hook_point"] and cfg["target_hook_point"] == cfg["hook_point"]:
-        _fail("target_hook_point", cfg["target_hook_point"], "is the input hook point: a transcoder reconstructs "
-              "another hook point (leave the target unset for an SAE)")
+        _fail("target_hook_point", cfg["target_hook_point"], "is the input hook point: a "
+              "transcoder reconstructs another hook point (leave the target unset for an SAE)")
     cfg["act_size"] = model_dims["d_model"]
     cfg["n_layers"] = model_dims["n_layers"]
     cfg["n_ctx"] = model_dims["n_ctx"]
@@ -460,15 +465,16 @@ def reference_table() -> str:
     """docs/config.md: every key of `all_keys()` as a Markdown table."""
     readers = {k: ", ".join(names) for k, (_, names) in variant_keys().items()}
     rows = ["# Config reference", "",
-            "Every key, generated from `config.py` and each variant's class in `sae.py` (`python config.py > "
-            "docs/config.md`; a test checks this file against them). Set any key as `key=value` on the command "
-            "line or in the dict passed to `train_sae`.", "",
+            "Every key, generated from `config.py` and each variant's class in `sae.py` (`python "
+            "config.py > docs/config.md`; a test checks this file against them). Set any key as "
+            "`key=value` on the command line or in the dict passed to `train_sae`.", "",
             "Roles: " + "; ".join(f"**{role}**: {what}" for role, what in ROLES.items()) + ".", "",
             "| key | default | allowed | roles | meaning |", "|---|---|---|---|---|"]
     for key, spec in all_keys().items():
         allowed = ", ".join(sae_types()) if spec.allowed == "variant" else spec.allowed
         allowed = ", ".join(allowed) if isinstance(allowed, tuple) else allowed
-        roles = ", ".join(spec.roles) or (f"variant: {readers[key]}" if key in readers else "")  # variant keys: none
+        # variant keys have no roles
+        roles = ", ".join(spec.roles) or (f"variant: {readers[key]}" if key in readers else "")
         cells = [f"`{key}`", f"`{spec.default!r}`", allowed, roles, spec.doc.replace("|", "\\|")]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"

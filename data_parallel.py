@@ -11,7 +11,7 @@ Rank 0 alone evaluates, logs and checkpoints.
 
 A stop request (main.py's signal handlers: Ctrl-C, SIGTERM, SIGUSR1) is a flag here; the training
 loop reads it once per step through `stop_requested`, which under torchrun ORs it over the ranks on
-a gloo group (a CPU all-reduce: no device sync), so one rank's signal stops every rank at the same step.
+a gloo group (a CPU all-reduce: no device sync), so one rank's signal stops all ranks at one step.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def init_distributed(device: str) -> str:
 
 
 class Stopped(Exception):
-    """Training stopped on request after `step` of `total_steps` (0: before the first step, nothing trained),
-    every run of the group checkpointed at that step; `run_dir` resumes the group."""
+    """Training stopped on request after `step` of `total_steps` (0: before the first step,
+    nothing trained), every run of the group checkpointed at that step; `run_dir` resumes it."""
 
     def __init__(self, step: int, total_steps: int, run_dir: Path | str = ""):
         super().__init__(f"stopped at step {step} of {total_steps}")
@@ -77,7 +77,7 @@ def clear_stop() -> None:
 
 
 def stop_requested() -> bool:
-    """Whether any rank received a stop signal (every rank gets the same answer: call it on all of them)."""
+    """Whether any rank received a stop signal (all ranks get the same answer: call it on all)."""
     if world_size() == 1:
         return bool(_STOP["signal"])
     if not _FLAG_GROUP:
@@ -113,7 +113,8 @@ def all_ranks_any(mask: Tensor) -> Tensor:
 
 def average_scale(scale: float, d: int) -> float:
     """The scale of the union of the ranks' estimate sets: average E||x||^2, not s."""
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"  # NCCL: no CPU tensors
+    # NCCL: no CPU tensors
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
     mean_sq = torch.tensor(d / scale**2, dtype=torch.float64, device=device)
     dist.all_reduce(mean_sq)
     return math.sqrt(d / (mean_sq.item() / world_size()))

@@ -33,7 +33,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def remove_folder(folder: Path) -> None:
-    """Rename out of the way first, so a kill mid-delete never leaves a half folder under a real name."""
+    """Rename it aside first, so a kill mid-delete never leaves a half folder under a real name."""
     trash = folder.with_name(f".trash-{folder.name}")
     shutil.rmtree(trash, ignore_errors=True)
     os.replace(folder, trash)

@@ -20,7 +20,7 @@ from torch import Tensor
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
-# --- the sparse training path: latents on a CSR pattern, and its autograd functions ----------------
+# --- the sparse training path: latents on a CSR pattern, and its autograd functions ---------------
 
 
 class SparsePattern:
@@ -29,8 +29,10 @@ class SparsePattern:
     Row indices, row-major positions and the transposed layout (which the sparse backward
     passes need) are each computed once, when first asked for."""
 
-    def __init__(self, cols: Tensor, shape: tuple[int, int], crow: Tensor | None = None, flat: Tensor | None = None):
-        assert crow is not None or flat is not None, "a pattern needs its row starts or its positions"
+    def __init__(self, cols: Tensor, shape: tuple[int, int], crow: Tensor | None = None,
+                 flat: Tensor | None = None):
+        assert crow is not None or flat is not None, \
+            "a pattern needs its row starts or its positions"
         self.cols, self.shape = cols, shape
         self._crow, self._flat, self._rows = crow, flat, None
         self._transposed: tuple[Tensor, Tensor, Tensor] | None = None
@@ -44,14 +46,16 @@ class SparsePattern:
     def from_topk(cls, idx: Tensor, n_latents: int) -> SparsePattern:
         """From per-row indices (B, k)."""
         b, k = idx.shape
-        return cls(idx.flatten(), (b, n_latents), crow=torch.arange(0, b * k + 1, k, device=idx.device))
+        return cls(idx.flatten(), (b, n_latents),
+                   crow=torch.arange(0, b * k + 1, k, device=idx.device))
 
     @property
     def crow(self) -> Tensor:
         if self._crow is None:
-            # positions ascend, so row b starts where b * m would be inserted (faster than a bincount)
+            # positions ascend: row b starts where b * m would be inserted (faster than a bincount)
             b, m = self.shape
-            self._crow = torch.searchsorted(self._flat, torch.arange(0, (b + 1) * m, m, device=self._flat.device))
+            self._crow = torch.searchsorted(self._flat, torch.arange(0, (b + 1) * m, m,
+                                                                     device=self._flat.device))
         return self._crow
 
     def rows(self) -> Tensor:
@@ -59,7 +63,8 @@ class SparsePattern:
             if self._flat is not None:
                 self._rows = self._flat.div(self.shape[1], rounding_mode="floor")
             else:
-                self._rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.cols.device),
+                self._rows = torch.repeat_interleave(torch.arange(self.shape[0],
+                                                                  device=self.cols.device),
                                                      self.crow.diff())
         return self._rows
 
@@ -70,19 +75,22 @@ class SparsePattern:
         return self._flat
 
     def csr(self, vals: Tensor) -> Tensor:
-        return torch.sparse_csr_tensor(self.crow, self.cols, vals, self.shape, check_invariants=False)
+        return torch.sparse_csr_tensor(self.crow, self.cols, vals, self.shape,
+                                       check_invariants=False)
 
     def csr_transposed(self, vals: Tensor) -> Tensor:
         """The (m, B) transpose holding `vals` (given in this pattern's order)."""
         if self._transposed is None:
             # the narrowest integer type sorts fastest on CPU
-            narrow = torch.int16 if self.shape[1] <= torch.iinfo(torch.int16).max + 1 else torch.int32
+            narrow = (torch.int16 if self.shape[1] <= torch.iinfo(torch.int16).max + 1
+                      else torch.int32)
             order = self.cols.to(narrow).argsort(stable=True)
             t_crow = torch.zeros(self.shape[1] + 1, dtype=torch.long, device=self.cols.device)
             t_crow[1:] = torch.bincount(self.cols, minlength=self.shape[1]).cumsum(0)
             self._transposed = (order, t_crow, self.rows().take(order))
         order, t_crow, t_cols = self._transposed
-        return torch.sparse_csr_tensor(t_crow, t_cols, vals.take(order), self.shape[::-1], check_invariants=False)
+        return torch.sparse_csr_tensor(t_crow, t_cols, vals.take(order), self.shape[::-1],
+                                       check_invariants=False)
 
 
 @dataclass
@@ -101,7 +109,8 @@ class SparseLatents:
 def fired_latents(f: Tensor | SparseLatents) -> Tensor:
     """(m,) bool: which latents fired on at least one token of the batch."""
     if isinstance(f, SparseLatents):
-        fired = f.vals.new_zeros(f.pattern.shape[1]).index_add_(0, f.pattern.cols, (f.vals > 0).to(f.vals.dtype))
+        fired = f.vals.new_zeros(f.pattern.shape[1]).index_add_(0, f.pattern.cols,
+                                                                (f.vals > 0).to(f.vals.dtype))
         return fired > 0  # index_add, not cols[vals > 0]: a boolean index runs a nonzero
     return (f > 0).any(dim=0)
 
@@ -146,7 +155,8 @@ class _SparseEncode(torch.autograd.Function):
 
 def sampled_grad(pattern: SparsePattern, grad: Tensor, W_dec: Tensor) -> Tensor:
     """(grad @ W_dec.T) at the pattern's entries: the gradient of f there."""
-    return torch.sparse.sampled_addmm(pattern.csr(grad.new_zeros(pattern.cols.shape)), grad, W_dec.T, beta=0).values()
+    return torch.sparse.sampled_addmm(pattern.csr(grad.new_zeros(pattern.cols.shape)), grad,
+                                      W_dec.T, beta=0).values()
 
 
 class _SparseReconstruction(torch.autograd.Function):
@@ -156,15 +166,16 @@ class _SparseReconstruction(torch.autograd.Function):
     a backward whose gradient of e is one scaled copy of e. The error is returned without
     gradient (AuxK reads it detached). x_in's dependence on b_dec is differentiated here (e's
     gradient summed over the batch); a transcoder's x_in is its goal y_s - b_dec - x_s @ W_skip
-    (sparse_forward), which carries autograd for W_skip, reached through -grad. Backward samples the dense
-    gradient only at the pattern and scatters W_dec's gradient into the used rows. Optional
-    `zero_vals` on a second pattern are entries of f known to be 0 (they add nothing to the
-    product or to W_dec's gradient) whose gradient is still wanted: JumpReLU's threshold
-    learns from them through its straight-through estimator."""
+    (sparse_forward), which carries autograd for W_skip, reached through -grad. Backward samples the
+    dense gradient only at the pattern and scatters W_dec's gradient into the used rows. Optional
+    `zero_vals` on a second pattern are entries of f known to be 0 (they add nothing to the product
+    or to W_dec's gradient) whose gradient is still wanted: JumpReLU's threshold learns from them
+    through its straight-through estimator."""
 
     @staticmethod
-    def forward(ctx, vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tensor, pattern: SparsePattern,
-                zero_vals: Tensor | None = None, zero_pattern: SparsePattern | None = None) -> tuple[Tensor, Tensor]:
+    def forward(ctx, vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tensor,
+                pattern: SparsePattern, zero_vals: Tensor | None = None,
+                zero_pattern: SparsePattern | None = None) -> tuple[Tensor, Tensor]:
         error = torch.addmm(x_in, pattern.csr(vals), W_dec, beta=-1)
         ctx.save_for_backward(vals, W_dec, error)
         ctx.patterns = pattern, zero_pattern
@@ -185,34 +196,39 @@ class _SparseReconstruction(torch.autograd.Function):
             grad_b_dec = grad.sum(0)
         if zero_pattern is not None and ctx.needs_input_grad[5]:
             grad_zero_vals = sampled_grad(zero_pattern, grad, W_dec)
-        grad_x_in = -grad if ctx.needs_input_grad[3] else None  # a skip transcoder's goal depends on W_skip
+        grad_x_in = -grad if ctx.needs_input_grad[3] else None  # for a skip transcoder's W_skip
         return grad_vals, grad_W_dec, grad_b_dec, grad_x_in, None, grad_zero_vals, None
 
 
 class _NestedSparseReconstruction(torch.autograd.Function):
-    """Matryoshka's loss: the mean over nested prefixes g of ||e_g||^2 / B, e_g = f_{<end_g} @ W_dec - x_in,
-    for f given as values on a SparsePattern. The latents are split into groups at `ends`; forward adds one
-    group's sparse product at a time (e_g = e_{g-1} + f_g @ W_dec_g), so the prefixes cost one full product.
+    """Matryoshka's loss for f given as values on a SparsePattern: the mean over nested prefixes g
+    of ||e_g||^2 / B, e_g = f_{<end_g} @ W_dec - x_in. The latents are split into groups at `ends`;
+    forward adds one group's sparse product at a time (e_g = e_{g-1} + f_g @ W_dec_g), so the
+    prefixes cost one full product.
     Backward: a latent of group h appears in every prefix from h on, so its gradient samples
     R_h = sum_{g >= h} e_g * 2 / (G B) at its entries, and W_dec's rows of group h get f_h^T @ R_h.
-    Returns (loss, the full error without gradient, each prefix's ||e_g||^2 / B without gradient)."""
+    Returns (loss, the full error without gradient, each prefix's ||e_g||^2 / B without it)."""
 
     @staticmethod
-    def forward(ctx, vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tensor, pattern: SparsePattern,
-                ends: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx, vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tensor,
+                pattern: SparsePattern, ends: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
         b, _ = pattern.shape
         group = torch.bucketize(pattern.cols, torch.tensor(ends, device=vals.device), right=True)
-        assert ends[-1] == W_dec.shape[0], f"groups end at {ends[-1]}, the dictionary at {W_dec.shape[0]}"
-        narrow = torch.int16 if len(ends) <= torch.iinfo(torch.int16).max else torch.int32  # sorts fastest
+        assert ends[-1] == W_dec.shape[0], \
+            f"groups end at {ends[-1]}, the dictionary at {W_dec.shape[0]}"
+        narrow = (torch.int16 if len(ends) <= torch.iinfo(torch.int16).max
+                  else torch.int32)  # sorts fastest
         order = torch.argsort(group.to(narrow), stable=True)  # entries of group 0, then 1, ...
         sizes = torch.bincount(group, minlength=len(ends)).tolist()
         rows, cols = pattern.rows().index_select(0, order), pattern.cols.index_select(0, order)
         starts, groups, errors = [0, *ends[:-1]], [], []
-        for start, end, piece, g_rows, g_cols in zip(starts, ends, order.split(sizes), rows.split(sizes),
-                                                      cols.split(sizes), strict=True):
-            local = SparsePattern.from_positions(g_rows * (end - start) + g_cols - start, b, end - start)
+        for start, end, piece, g_rows, g_cols in zip(starts, ends, order.split(sizes),
+                                                      rows.split(sizes), cols.split(sizes),
+                                                      strict=True):
+            local = SparsePattern.from_positions(g_rows * (end - start) + g_cols - start, b,
+                                                 end - start)
             g_vals = vals.index_select(0, piece)
-            previous, beta = (errors[-1], 1) if errors else (x_in, -1)  # the first prefix starts from -x_in
+            previous, beta = (errors[-1], 1) if errors else (x_in, -1)  # prefix 0 starts at -x_in
             errors.append(torch.addmm(previous, local.csr(g_vals), W_dec[start:end], beta=beta))
             groups.append((local, piece, g_vals))
         prefix = torch.stack([torch.dot(e.view(-1), e.view(-1)) for e in errors]) / b
@@ -225,7 +241,7 @@ class _NestedSparseReconstruction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_error: None, _grad_prefix: None):
         W_dec, *errors = ctx.saved_tensors
-        scale = (2 * grad_loss / (len(errors) * errors[0].shape[0])).item()  # the sparse path syncs anyway
+        scale = (2 * grad_loss / (len(errors) * errors[0].shape[0])).item()  # the path syncs anyway
         grad_vals = grad_loss.new_empty(ctx.n_vals)
         grad_W_dec = torch.empty_like(W_dec)  # every row belongs to one group
         reach = errors[-1] * scale
@@ -240,16 +256,18 @@ class _NestedSparseReconstruction(torch.autograd.Function):
         return grad_vals, grad_W_dec, reach.sum(0), grad_x_in, None, None
 
 
-def nested_sparse_reconstruction(vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tensor, pattern: SparsePattern,
+def nested_sparse_reconstruction(vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tensor,
+                                 pattern: SparsePattern,
                                  ends: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean over prefixes of ||e_g||^2 / B, the full error, each prefix's term): `_NestedSparseReconstruction`."""
+    """(prefix mean, the full error, each prefix's ||e_g||^2 / B): `_NestedSparseReconstruction`."""
     return _NestedSparseReconstruction.apply(vals, W_dec, b_dec, x_in, pattern, tuple(ends))
 
 
 _WORKSPACES: dict[tuple[Any, ...], Tensor] = {}
 
 
-def workspace(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None, use: str = "") -> Tensor:
+def workspace(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None,
+              use: str = "") -> Tensor:
     """A reused scratch tensor for the sparse step's (B, m) pre-activations and masks,
     shared by every SAE of the process (each uses it only inside its own forward): a fresh
     (B, m) tensor per step costs its page faults again. One per use, shape and dtype: a group
@@ -270,21 +288,23 @@ class SelectedPre:
     def where(self, keep: Tensor) -> SelectedPre:
         """The entries where the bool `keep` (one per entry) holds."""
         idx = keep.nonzero().squeeze(1)  # once: each boolean index would run its own nonzero
-        return SelectedPre(SparsePattern.from_positions(self.pattern.positions().index_select(0, idx),
-                                                        *self.pattern.shape), self.pre.index_select(0, idx))
+        return SelectedPre(SparsePattern.from_positions(self.pattern.positions()
+                                                        .index_select(0, idx), *self.pattern.shape),
+                           self.pre.index_select(0, idx))
 
     def split(self, first: Tensor) -> tuple[SelectedPre, SelectedPre]:
         """(the entries where the bool `first` holds, the others), each in this order: one
         stable sort of the mask (cheaper than four boolean indexings)."""
         order = torch.argsort(first.logical_not().to(torch.uint8), stable=True)
         n_first = int(first.sum())
-        positions, pre = self.pattern.positions().index_select(0, order), self.pre.index_select(0, order)
+        positions, pre = (self.pattern.positions().index_select(0, order),
+                          self.pre.index_select(0, order))
         b, m = self.pattern.shape
         return (SelectedPre(SparsePattern.from_positions(positions[:n_first], b, m), pre[:n_first]),
                 SelectedPre(SparsePattern.from_positions(positions[n_first:], b, m), pre[n_first:]))
 
 
-# --- the entry point ---------------------------------------------------------------------------------
+# --- the entry point ------------------------------------------------------------------------------
 
 
 class SparseStep(NamedTuple):
@@ -299,23 +319,24 @@ class SparseStep(NamedTuple):
     details: dict[str, Tensor]
 
 
-def sparse_reconstruction(vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tensor, pattern: SparsePattern,
-                          zero_vals: Tensor | None = None, zero_pattern: SparsePattern | None = None
-                          ) -> tuple[Tensor, Tensor]:
-    """(||e||^2 / B, e) for e = f @ W_dec - x_in, f given as `vals` on `pattern` (`_SparseReconstruction`)."""
+def sparse_reconstruction(vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tensor,
+                          pattern: SparsePattern, zero_vals: Tensor | None = None,
+                          zero_pattern: SparsePattern | None = None) -> tuple[Tensor, Tensor]:
+    """(||e||^2 / B, e), e = f @ W_dec - x_in, f = `vals` on `pattern` (`_SparseReconstruction`)."""
     return _SparseReconstruction.apply(vals, W_dec, b_dec, x_in, pattern, zero_vals, zero_pattern)
 
 
-def sparse_forward(sae, x: Tensor, aux_enabled: bool = True, target: Tensor | None = None) -> SparseStep | None:
-    """The training forward of `sae` (of a transcoder: from x to `target`) with sparse kernels, or None where the
-    variant's `select` finds too many entries for them to pay (the caller then takes the dense step). Under
-    autocast the encoder matmul runs in the autocast dtype, as on the dense path, and the rest in float32.
-    The reconstruction is error = f @ W_dec - goal, goal = x_scaled - b_dec for an SAE (the encoder's input too)
-    and y_scaled - b_dec - x_scaled @ W_skip for a transcoder."""
+def sparse_forward(sae, x: Tensor, aux_enabled: bool = True,
+                   target: Tensor | None = None) -> SparseStep | None:
+    """The training forward of `sae` (of a transcoder: from x to `target`) with sparse kernels, or
+    None where the variant's `select` finds too many entries for them to pay (the caller then takes
+    the dense step). Under autocast the encoder matmul runs in the autocast dtype, as on the dense
+    path, the rest in float32. Reconstruction: error = f @ W_dec - goal, goal = x_scaled - b_dec for
+    an SAE (the encoder's input too) and y_scaled - b_dec - x_scaled @ W_skip for a transcoder."""
     device = x.device.type
     low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     with torch.autocast(device, enabled=False):
-        with torch.no_grad():  # the sparse Functions differentiate x_in's and goal's dependence on b_dec
+        with torch.no_grad():  # the Functions differentiate x_in's and goal's dependence on b_dec
             shift, unit = sae.input_transform(x)
             if sae.transcoder:
                 if target is None:
@@ -323,7 +344,8 @@ def sparse_forward(sae, x: Tensor, aux_enabled: bool = True, target: Tensor | No
                 x_in, unit = x.float() * unit, sae.target_scale
                 goal = torch.addcmul(-sae.b_dec, target.float(), unit)
             else:
-                x_in = goal = torch.addcmul(-sae.b_dec, x.float() if shift is None else x.float() - shift, unit)
+                x_in = goal = torch.addcmul(-sae.b_dec,
+                                            x.float() if shift is None else x.float() - shift, unit)
             active, window = sae.select(encoder_matmul(x_in, sae.W_enc, low))
         if active is None:
             return None
@@ -331,7 +353,8 @@ def sparse_forward(sae, x: Tensor, aux_enabled: bool = True, target: Tensor | No
             goal = goal - x_in @ sae.W_skip
         pattern = active.pattern
         b_dec_in_encoder = None if sae.transcoder else sae.b_dec
-        pre_vals = _SparseEncode.apply(active.pre, x_in, sae.W_enc, sae.b_enc, b_dec_in_encoder, pattern)
+        pre_vals = _SparseEncode.apply(active.pre, x_in, sae.W_enc, sae.b_enc, b_dec_in_encoder,
+                                       pattern)
         f_vals = sae.sparse_activation(pre_vals, pattern)
         penalty = sae.sparse_penalty(pre_vals, f_vals, pattern)
         window_f = window_pattern = None
@@ -339,10 +362,13 @@ def sparse_forward(sae, x: Tensor, aux_enabled: bool = True, target: Tensor | No
             window_pattern = window.pattern
             window_f = sae.sparse_activation(window.pre, window_pattern)
             penalty = penalty + sae.sparse_penalty(window.pre, window_f, window_pattern)
-        recon, error, details = sae.sparse_reconstruction(f_vals, goal, pattern, window_f, window_pattern)
+        recon, error, details = sae.sparse_reconstruction(f_vals, goal, pattern, window_f,
+                                                          window_pattern)
         sparsity = sae.sparsity_coeff * penalty
-        aux = sparse_aux_loss(sae, error, x) if sae.uses_aux_loss and aux_enabled else recon.new_zeros(())
-    return SparseStep(SparseLatents(pattern, f_vals.detach()), recon, sparsity, aux, error, unit, details)
+        aux = (sparse_aux_loss(sae, error, x) if sae.uses_aux_loss and aux_enabled
+               else recon.new_zeros(()))
+    return SparseStep(SparseLatents(pattern, f_vals.detach()), recon, sparsity, aux, error, unit,
+                      details)
 
 
 @torch.no_grad()

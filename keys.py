@@ -23,5 +23,5 @@ class Key:
 
 
 def is_transcoder(cfg: dict[str, Any]) -> bool:
-    """Whether the run reconstructs another hook point than it reads (target_site or target_hook_point)."""
+    """Whether the run predicts a hook point it does not read (target_site or target_hook_point)."""
     return bool(cfg.get("target_hook_point") or cfg.get("target_site"))

@@ -1,5 +1,5 @@
-"""A run's logs: config.json, metrics.jsonl and wandb (`RunLogger`), and the terminal
-progress bar (`Progress`). Metrics are computed in metrics.py, checkpoints written in checkpoint.py."""
+"""A run's logs: config.json, metrics.jsonl and wandb (`RunLogger`), and the terminal progress bar
+(`Progress`). Metrics are computed in metrics.py, checkpoints written in checkpoint.py."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from sae import BaseSAE, load_sae
 
 
 class LogWriteError(RuntimeError):
-    """config.json or metrics.jsonl could not be written (disk full...); what they held before is intact."""
+    """config.json or metrics.jsonl could not be written (disk full...); what they held before
+    is intact."""
 
 
 def resolve_wandb_mode(setting: str) -> str:
@@ -45,7 +46,7 @@ def resolve_wandb_mode(setting: str) -> str:
 
 
 def _reopened_at(file, path: Path, size: int):
-    """`path` cut back to `size` bytes and opened for appending again (the failed `file` dropped unflushed)."""
+    """`path` cut to `size` bytes and reopened to append (the failed `file` dropped unflushed)."""
     with contextlib.suppress(OSError, ValueError):
         file.close()
     with contextlib.suppress(OSError):
@@ -82,18 +83,19 @@ class RunLogger:
         cfg, run_dir = self.cfg, self.run_dir
         if cfg.get("overwrite") and run_dir.is_dir():
             if any(run_dir.iterdir()) and not (run_dir / "config.json").exists():
-                raise ConfigError(f"config overwrite=True: {run_dir} is not a run folder (no config.json); "
-                                  f"refusing to delete it")
+                raise ConfigError(f"config overwrite=True: {run_dir} is not a run folder (no "
+                                  f"config.json); refusing to delete it")
             shutil.rmtree(run_dir)
         try:
             run_dir.mkdir(parents=True, exist_ok=False)
         except FileExistsError:
-            raise ConfigError(f"config run_name={cfg['run_name']!r}: the run folder {run_dir} already exists; "
-                              f"continue it with --resume {run_dir}, replace it with overwrite=true, or choose "
-                              f"another run_name (empty: a generated one)") from None
+            raise ConfigError(f"config run_name={cfg['run_name']!r}: the run folder {run_dir} "
+                              f"already exists; continue it with --resume {run_dir}, replace it "
+                              f"with overwrite=true, or choose another run_name (empty: a "
+                              f"generated one)") from None
         except OSError as err:
-            raise ConfigError(f"config output_dir={cfg['output_dir']!r} is not writable ({err.strerror}); "
-                              f"choose another output_dir") from None
+            raise ConfigError(f"config output_dir={cfg['output_dir']!r} is not writable "
+                              f"({err.strerror}); choose another output_dir") from None
 
     def _init_wandb(self):
         mode = resolve_wandb_mode(self.cfg["wandb_mode"])
@@ -103,18 +105,22 @@ class RunLogger:
         try:
             import wandb
 
-            resume = {"id": id_file.read_text().strip(), "resume": "allow"} if id_file.exists() else {}
-            run = wandb.init(project=self.cfg["wandb_project"], name=self.cfg["run_name"], config=self.cfg,
-                             dir=str(self.run_dir), mode=mode, reinit="create_new", **resume)
+            resume = ({"id": id_file.read_text().strip(), "resume": "allow"}
+                      if id_file.exists() else {})
+            run = wandb.init(project=self.cfg["wandb_project"], name=self.cfg["run_name"],
+                             config=self.cfg, dir=str(self.run_dir), mode=mode, reinit="create_new",
+                             **resume)
             id_file.write_text(run.id)
             return run
         except Exception as err:  # wandb trouble never stops training
-            warnings.warn(f"wandb disabled for {self.cfg['run_name']}: {type(err).__name__}: {err}", stacklevel=2)
+            warnings.warn(f"wandb disabled for {self.cfg['run_name']}: {type(err).__name__}: {err}",
+                          stacklevel=2)
             return None
 
     def _failed(self, err: BaseException, name: str) -> LogWriteError:
-        return LogWriteError(f"{write_failure(err, self.run_dir)} while writing {self.run_dir / name}; what it held "
-                             f"is intact: free space, then continue with python main.py --resume {self.run_dir}")
+        return LogWriteError(f"{write_failure(err, self.run_dir)} while writing "
+                             f"{self.run_dir / name}; what it held is intact: free space, then "
+                             f"continue with python main.py --resume {self.run_dir}")
 
     def log(self, metrics: dict[str, Any], step: int, tokens: int) -> None:
         record = {"step": step, "tokens": tokens, **_jsonable(metrics)}
@@ -178,14 +184,16 @@ class Run:
     @property
     def final_metrics(self) -> dict[str, Any]:
         """The last evaluation's metrics (rows that carry `nmse` are evaluations)."""
-        evals = self.history.dropna(subset=["nmse"]) if "nmse" in self.history else self.history.iloc[0:0]
+        evals = (self.history.dropna(subset=["nmse"]) if "nmse" in self.history
+                 else self.history.iloc[0:0])
         return {} if evals.empty else evals.iloc[-1].dropna().to_dict()
 
 
 def read_records(run: str | Path | Run) -> list[dict[str, Any]]:
     """metrics.jsonl as written: one dict per logged step."""
     path = run.path if isinstance(run, Run) else Path(run)
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
 
 
 def load_history(run: str | Path | Run) -> pd.DataFrame:
@@ -216,7 +224,7 @@ def load_density(run: str | Path | Run) -> Tensor:
 
 
 def markdown_cell(value: Any) -> str:
-    """A value as written in metrics.jsonl (shortest exact float form, whole numbers as integers)."""
+    """A value as written in metrics.jsonl (shortest exact float, whole numbers as integers)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, float):

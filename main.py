@@ -7,8 +7,8 @@
     python main.py --sweep l0               # every variant at L0 16, 32, 64 on one stream
     python main.py --preset synthetic16k --sweep matched  # every variant at the preset's L0 (top_k)
     python main.py --resume runs/<run>      # continue a killed run + group from newest checkpoint
-    python main.py --sweep layers           # one SAE per layer, every layer from one forward per batch
-    python main.py --sweep transcoders      # per MLP: SAE on its output, transcoder, skip transcoder
+    python main.py --sweep layers           # one SAE per layer, all from one forward per batch
+    python main.py --sweep transcoders      # per MLP: SAE on output, transcoder, skip transcoder
     torchrun --nproc_per_node=4 main.py     # data parallel: one rank per GPU (gloo on CPU)
 """
 
@@ -43,8 +43,8 @@ def sweep_variants(base: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def sweep_l0(base: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every registered variant at L0 16, 32 and 64 on one stream, for a frontier at matched L0:
-    a variant whose sparsity is a coefficient reaches it through target_l0, the others through top_k."""
+    """Every registered variant at L0 16, 32 and 64 on one stream, for a frontier at matched L0: a
+    variant whose sparsity is a coefficient reaches it through target_l0, the others via top_k."""
     return [base | {"sae_type": name}
             | ({"target_l0": float(l0)} if cls.coeff_key else {"top_k": l0})
             for name, cls in SAE_CLASSES.items() for l0 in (16, 32, 64)]
@@ -52,7 +52,8 @@ def sweep_l0(base: dict[str, Any]) -> list[dict[str, Any]]:
 
 def sweep_matched(base: dict[str, Any]) -> list[dict[str, Any]]:
     """Every registered variant at the preset's L0 (`top_k`) on one stream: through target_l0 for a
-    variant whose sparsity is a coefficient (the synthetic presets' quality table: docs/benchmarks.md)."""
+    variant whose sparsity is a coefficient (the synthetic presets' quality table:
+    docs/benchmarks.md)."""
     return [base | {"sae_type": name}
             | ({"target_l0": float(base["top_k"])} if cls.coeff_key else {})
             for name, cls in SAE_CLASSES.items()]
@@ -75,8 +76,8 @@ def sweep_layers(base: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def sweep_transcoders(base: dict[str, Any]) -> list[dict[str, Any]]:
-    """At every layer's MLP: an SAE on its output, and a transcoder from its input to its output, plain
-    and with a skip connection; all read from one forward pass per batch."""
+    """At every layer's MLP: an SAE on its output, and a transcoder from its input to its output,
+    plain and with a skip connection; all read from one forward pass per batch."""
     runs = ({"site": "mlp_out"}, {"site": "mlp_in", "target_site": "mlp_out"},
             {"site": "mlp_in", "target_site": "mlp_out", "skip_connection": True})
     return [layer | run for layer in sweep_layers(base) for run in runs]
@@ -118,7 +119,7 @@ def parse_args(argv: list[str]) -> tuple[list[dict[str, Any]], argparse.Namespac
 def select_runs(cfgs: list[dict[str, Any]], overrides: dict[str, Any]) -> list[dict[str, Any]]:
     """Overrides on a sweep, key by key: an override keeps the runs that have its value if any do
     (`--sweep transcoders layer=3`: layer 3's three runs; `--sweep l0 sae_type=jumprelu`: JumpReLU's
-    three targets), then every override is set in every run kept. Runs made equal are trained once."""
+    three targets), then every override is set in every run kept. Runs made equal train once."""
     kept = cfgs
     for key, value in overrides.items():
         kept = [c for c in kept if c.get(key) == value] or kept
@@ -144,7 +145,8 @@ def print_summary(trainees: list) -> None:
     present = [m for m in HEADLINE_METRICS if any(m in (t.final_metrics or {}) for t in trainees)]
     widths = [max(len(m), 8) + 2 for m in present]
     several_hooks = len({(t.cfg["hook_point"], t.cfg["target_hook_point"]) for t in trainees}) > 1
-    labels = [t.cfg["sae_type"] + (f" {hook_tag(t.cfg)}" if several_hooks else "") for t in trainees]
+    labels = [t.cfg["sae_type"] + (f" {hook_tag(t.cfg)}" if several_hooks else "")
+              for t in trainees]
     width = max(len(label) for label in [*labels, "variant"]) + 2
     print("\n" + "variant".ljust(width)
           + "".join(m.rjust(w) for m, w in zip(present, widths, strict=True)))
@@ -189,9 +191,9 @@ def stop_on_signals() -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Exit codes: 0 done, 2 bad config or data, 3 NaN/inf in training, 4 a checkpoint, the activation
-    cache or a log could not be written, 5 stopped by a signal after checkpointing every run, 130
-    aborted by a second Ctrl-C (complete checkpoints stay intact)."""
+    """Exit codes: 0 done, 2 bad config or data, 3 NaN/inf in training, 4 a checkpoint, the
+    activation cache or a log could not be written, 5 stopped by a signal after checkpointing every
+    run, 130 aborted by a second Ctrl-C (complete checkpoints stay intact)."""
     torch.set_float32_matmul_precision("high")
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     stop_on_signals()
@@ -219,8 +221,7 @@ def main(argv: list[str]) -> int:
                     if stop.step else
                     f"stopped before step 1 of {stop.total_steps} (filling the buffer): "
                     f"nothing trained, nothing lost")
-            print(f"{done}; continue with: python main.py --resume {stop.run_dir}",
-                  file=sys.stderr)
+            print(f"{done}; continue with: python main.py --resume {stop.run_dir}", file=sys.stderr)
         return EXIT_STOPPED
     except KeyboardInterrupt:
         print("error: aborted by a second Ctrl-C; every complete checkpoint is intact "

@@ -16,12 +16,13 @@ from sae import BaseSAE
 
 DENSE_FRACTION = 0.1  # a latent firing on more than this fraction of eval tokens is dense
 # The metrics a run is summarised by, headline first: results.py's report shows every one present,
-# the terminal tables (main.py, `python results.py`) the HEADLINE_METRICS present, so that a row fits
-# ~120 columns (an encoder has downstream_recovered, a causal LM ce_recovered and kl, a synthetic source mcc
-# and f1, never two of these).
-SUMMARY_METRICS = ("l0", "explained_variance", "nmse", "cosine", "dead", "dense", "downstream_recovered",
-                   "mcc", "f1", "ce_recovered", "kl", "shrinkage", "never_fired_eval_frac", "ce_clean", "ce_spliced",
-                   "uniqueness", "precision", "recall")
+# the terminal tables (main.py, `python results.py`) the HEADLINE_METRICS present, so that a row
+# fits ~120 columns (an encoder has downstream_recovered, a causal LM ce_recovered and kl, a
+# synthetic source mcc and f1, never two of these).
+SUMMARY_METRICS = ("l0", "explained_variance", "nmse", "cosine", "dead", "dense",
+                   "downstream_recovered", "mcc", "f1", "ce_recovered", "kl", "shrinkage",
+                   "never_fired_eval_frac", "ce_clean", "ce_spliced", "uniqueness", "precision",
+                   "recall")
 HEADLINE_METRICS = SUMMARY_METRICS[: SUMMARY_METRICS.index("kl") + 1]
 
 
@@ -82,7 +83,7 @@ def recovered(zero: float, spliced: float, clean: float) -> float:
 @torch.no_grad()
 def reconstruction_metrics(sae: BaseSAE, eval_acts: Tensor, device: torch.device, chunk: int = 4096,
                            eval_targets: Tensor | None = None) -> dict[str, Any]:
-    """Against the input, or a transcoder's `eval_targets` (the same tokens at its target hook point)."""
+    """Against the input, or a transcoder's `eval_targets` (the same tokens at its target hook)."""
     sums = ReconstructionSums()
     decoder_norms = sae.W_dec.norm(dim=-1)
     partial: dict[str, float] = {}  # squared error of each partial reconstruction the variant names
@@ -112,9 +113,10 @@ def reconstruction_metrics(sae: BaseSAE, eval_acts: Tensor, device: torch.device
     } | {f"nmse_{name}": sq_err / total_variance(targets) for name, sq_err in partial.items()}
 
 
-def splice_hooks(sae: BaseSAE, keep: Tensor, zero: bool, hook_point: str, target: str | None = None) -> list:
-    """Forward hooks that replace the activation at `target` (an SAE: at `hook_point`) at the kept positions by
-    the SAE's output for the input read at `hook_point` in the same forward, or by zeros."""
+def splice_hooks(sae: BaseSAE, keep: Tensor, zero: bool, hook_point: str,
+                 target: str | None = None) -> list:
+    """Forward hooks that replace the activation at `target` (an SAE: at `hook_point`) at the kept
+    positions by the SAE's output for the `hook_point` input of the same forward, or by zeros."""
     seen: dict[str, Tensor] = {}
 
     def read(act: Tensor, hook) -> None:
@@ -131,17 +133,18 @@ def splice_hooks(sae: BaseSAE, keep: Tensor, zero: bool, hook_point: str, target
 
 def _final_hidden(model, tokens: Tensor, hooks: list) -> Tensor:
     """The encoder's last block output, with `hooks` applied on the way."""
-    return run_to_hook(model, tokens, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", hooks).float()
+    return run_to_hook(model, tokens, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post",
+                       hooks).float()
 
 
 @torch.no_grad()
 def downstream_metrics(sae: BaseSAE, model, tokens: Tensor, keep: Tensor, hook_point: str,
                        batch: int, target: str | None = None) -> dict[str, float]:
-    """Splice the reconstruction (and zeros) into the model at the kept positions (docs/math.md §5); a
-    transcoder's output replaces its `target` activation."""
+    """Splice the reconstruction (and zeros) into the model at the kept positions (docs/math.md §5);
+    a transcoder's output replaces its `target` activation."""
     device = next(sae.parameters()).device
     causal = is_causal_lm(model)
-    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}  # each a per-chunk mean times its rows
+    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}  # per-chunk means times rows
     for rows, mask in zip(tokens.split(batch), keep.split(batch), strict=True):
         rows, mask = rows.to(device), mask.to(device)
         spliced = splice_hooks(sae, mask, False, hook_point, target)
@@ -156,32 +159,37 @@ def downstream_metrics(sae: BaseSAE, model, tokens: Tensor, keep: Tensor, hook_p
             totals["kl"] += mean_kl(clean_logits, spliced_logits).item() * len(rows)
         else:
             clean = _final_hidden(model, rows, [])
-            totals["spliced"] += cosine_distance(clean, _final_hidden(model, rows, spliced)).item() * len(rows)
-            totals["zero"] += cosine_distance(clean, _final_hidden(model, rows, zeroed)).item() * len(rows)
-    mean = {k: v / len(tokens) for k, v in totals.items()}  # every row has the same number of positions
+            totals["spliced"] += (cosine_distance(clean, _final_hidden(model, rows, spliced)).item()
+                                  * len(rows))
+            totals["zero"] += (cosine_distance(clean, _final_hidden(model, rows, zeroed)).item()
+                               * len(rows))
+    mean = {k: v / len(tokens) for k, v in totals.items()}  # every row has as many positions
     if causal:
         return {"ce_clean": mean["clean"], "ce_spliced": mean["spliced"], "ce_zero": mean["zero"],
-                "ce_recovered": recovered(mean["zero"], mean["spliced"], mean["clean"]), "kl": mean["kl"]}
+                "ce_recovered": recovered(mean["zero"], mean["spliced"], mean["clean"]),
+                "kl": mean["kl"]}
     return {"downstream_recovered": recovered(mean["zero"], mean["spliced"], 0.0)}
 
 
 @torch.no_grad()
 def ground_truth_metrics(sae: BaseSAE, true_features: Tensor, eval_acts: Tensor, eval_fired: Tensor,
                          chunk: int = 4096) -> dict[str, float]:
-    """Against known feature directions (docs/math.md §10): `mcc`, the mean |cosine| of decoder rows and true
-    features under the best one-to-one matching (scipy's assignment solver); `uniqueness`, the fraction of alive
-    latents whose best-matching feature no other alive latent shares; and the mean over alive latents of
-    `precision`, `recall` and `f1` of "the latent fires" as a detector of "its best feature fires" on the
-    held-out samples (`eval_fired`: their (sample, feature) pairs)."""
+    """Against known feature directions (docs/math.md §10): `mcc`, the mean |cosine| of decoder rows
+    and true features under the best one-to-one matching (scipy's assignment solver); `uniqueness`,
+    the fraction of alive latents whose best-matching feature no other alive latent shares; and the
+    mean over alive latents of `precision`, `recall` and `f1` of "the latent fires" as a detector of
+    "its best feature fires" on held-out samples (`eval_fired`: their (sample, feature) pairs)."""
     from scipy.optimize import linear_sum_assignment
 
     device = sae.W_dec.device
-    cos = (F.normalize(sae.W_dec.float(), dim=-1) @ F.normalize(true_features.to(device).float(), dim=-1).T).abs()
+    cos = (F.normalize(sae.W_dec.float(), dim=-1)
+           @ F.normalize(true_features.to(device).float(), dim=-1).T).abs()
     matched_rows, matched_cols = linear_sum_assignment(cos.cpu().numpy(), maximize=True)
-    fires = torch.cat([sae.encode(x.to(device)) > 0 for x in eval_acts.split(chunk)]).cpu()  # (N, m)
+    fires = torch.cat([sae.encode(x.to(device)) > 0
+                       for x in eval_acts.split(chunk)]).cpu()  # (N, m)
     alive = fires.any(0).nonzero().squeeze(1)
     best = cos.argmax(1).cpu()[alive]  # each alive latent's best-matching feature
-    column = torch.full((true_features.shape[0],), -1)  # only the features some latent matches get a column
+    column = torch.full((true_features.shape[0],), -1)  # only matched features get a column
     needed = best.unique()
     column[needed] = torch.arange(len(needed))
     keep = column[eval_fired[1]] >= 0
@@ -207,15 +215,16 @@ def evaluate(sae: BaseSAE, store: ActivationSource) -> dict[str, Any]:
     try:
         hook_point, target = sae.cfg["hook_point"], sae.cfg.get("target_hook_point") or None
         targets = store.eval_acts[store.hook_index(target)] if target else None
-        metrics = reconstruction_metrics(sae, store.eval_acts[store.hook_index(hook_point)], store.device,
-                                         eval_targets=targets)
+        metrics = reconstruction_metrics(sae, store.eval_acts[store.hook_index(hook_point)],
+                                         store.device, eval_targets=targets)
         truth = store.ground_truth
         if truth is not None:
-            metrics.update(ground_truth_metrics(sae, truth.directions, store.eval_acts[0], truth.eval_fired))
+            metrics.update(ground_truth_metrics(sae, truth.directions, store.eval_acts[0],
+                                                truth.eval_fired))
         splice = store.downstream
         if splice is not None:
-            metrics.update(downstream_metrics(sae, splice.model, splice.tokens, splice.keep, hook_point,
-                                              splice.batch, target))
+            metrics.update(downstream_metrics(sae, splice.model, splice.tokens, splice.keep,
+                                              hook_point, splice.batch, target))
     finally:
         sae.train(was_training)
     return metrics

@@ -1,7 +1,8 @@
 """Analyse finished runs in a notebook or the terminal: tables, frontier and density plots,
 and latent dashboards built from each run's held-out evaluation text.
 
-    from results import load_run, load_runs, plot_frontier, plot_density, top_activations, latent_summary
+    from results import (load_run, load_runs, plot_frontier, plot_density, top_activations,
+                         latent_summary)
     df = load_runs("runs")                     # one row per run: differing config + final metrics
     plot_frontier(df, x="l0", y="nmse")        # one series per variant
     run = load_run(df.run_dir[0])              # config, metrics history, final SAE
@@ -27,7 +28,7 @@ import pandas as pd
 
 from checkpoint import DENSITY_FILE, FINAL_DIR
 from config import SYNTHETIC_DATASET
-from dashboards import (  # noqa: F401  (the notebook's names: results is where they are imported from)
+from dashboards import (  # noqa: F401  (the notebook's names: it imports them from results)
     EvalSet,
     LatentSummary,
     TopActivations,
@@ -42,7 +43,9 @@ from dashboards import (  # noqa: F401  (the notebook's names: results is where 
     top_activations,
     write_dashboards,
 )
-from interop import build_hub_folder, export_saelens, load_saelens, model_card, upload  # noqa: F401  (cards print them)
+
+# re-exported for the imports (older) model cards print
+from interop import build_hub_folder, export_saelens, load_saelens, model_card, upload  # noqa: F401
 from logs import (  # noqa: F401
     Run,
     as_run,
@@ -56,7 +59,8 @@ from logs import (  # noqa: F401
 from metrics import DENSE_FRACTION, HEADLINE_METRICS, SUMMARY_METRICS
 from sae import SAE_CLASSES
 
-FRONTIER_METRICS = ("nmse", "explained_variance", "ce_recovered", "downstream_recovered", "mcc", "f1")
+FRONTIER_METRICS = ("nmse", "explained_variance", "ce_recovered", "downstream_recovered", "mcc",
+                    "f1")
 LABELS = {
     "l0": "L0 (active latents per token)",
     "nmse": "normalised MSE (lower is better)",
@@ -66,7 +70,7 @@ LABELS = {
     "mcc": "MCC, decoder rows vs true features (higher is better)",
     "f1": "F1 of latents as detectors of their feature (higher is better)",
 }
-# wandb keeps the last value of every logged key; these come from the training lines, not evaluations
+# wandb keeps every logged key's last value; these come from the training lines, not evaluations
 TRAINING_LINE_KEYS = ("lr", "sparsity_coeff", "tokens_per_s")
 
 
@@ -79,18 +83,20 @@ def find_runs(paths: str | Path | list[str | Path]) -> list[Path]:
     found = []
     for p in [paths] if isinstance(paths, (str, Path)) else paths:
         p = Path(p)
-        found += [p] if (p / "config.json").exists() else sorted(c.parent for c in p.glob("*/config.json"))
+        found += ([p] if (p / "config.json").exists()
+                  else sorted(c.parent for c in p.glob("*/config.json")))
     return found
 
 
 def _runs_frame(records: list[tuple[dict[str, Any], dict[str, Any], str]]) -> pd.DataFrame:
-    """(config, final metrics, location) per run -> one row each: the config keys that differ, metrics, run_dir."""
+    """(config, final metrics, where) per run -> a row: differing config keys, metrics, run_dir."""
     if not records:
         return pd.DataFrame()
     configs = pd.DataFrame([cfg for cfg, _, _ in records]).astype(str)
-    varying = [c for c in configs.columns if (configs[c].nunique() > 1 or c == "sae_type") and c != "run_name"]
-    return pd.DataFrame([{**{k: cfg.get(k) for k in varying}, "run_name": cfg.get("run_name"), **metrics,
-                          "run_dir": where} for cfg, metrics, where in records])
+    varying = [c for c in configs.columns
+               if (configs[c].nunique() > 1 or c == "sae_type") and c != "run_name"]
+    return pd.DataFrame([{**{k: cfg.get(k) for k in varying}, "run_name": cfg.get("run_name"),
+                          **metrics, "run_dir": where} for cfg, metrics, where in records])
 
 
 def _wandb_records(project: str) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
@@ -100,8 +106,9 @@ def _wandb_records(project: str) -> list[tuple[dict[str, Any], dict[str, Any], s
 
         runs = list(wandb.Api().runs(project))
     except Exception as err:
-        raise RuntimeError(f"wandb_project={project!r}: could not read runs from wandb ({type(err).__name__}: "
-                           f"{err}); local run folders need no wandb: load_runs('runs')") from err
+        raise RuntimeError(f"wandb_project={project!r}: could not read runs from wandb "
+                           f"({type(err).__name__}: {err}); local run folders need no wandb: "
+                           "load_runs('runs')") from err
     records = []
     for run in runs:
         summary = run.summary_metrics
@@ -113,10 +120,12 @@ def _wandb_records(project: str) -> list[tuple[dict[str, Any], dict[str, Any], s
     return records
 
 
-def load_runs(paths: str | Path | list[str | Path] | None = None, wandb_project: str | None = None) -> pd.DataFrame:
+def load_runs(paths: str | Path | list[str | Path] | None = None,
+              wandb_project: str | None = None) -> pd.DataFrame:
     """One row per run: the config keys that differ between runs, final metrics, run folder.
     With `wandb_project`, also the runs of that wandb project (run_dir is then the run's URL)."""
-    records = [(r.cfg, r.final_metrics, str(r.path)) for r in map(load_run, find_runs(paths))] if paths else []
+    records = ([(r.cfg, r.final_metrics, str(r.path)) for r in map(load_run, find_runs(paths))]
+               if paths else [])
     if wandb_project:
         records += _wandb_records(wandb_project)
     return _runs_frame(records)
@@ -127,7 +136,8 @@ def load_runs(paths: str | Path | list[str | Path] | None = None, wandb_project:
 def _pyplot():
     import matplotlib
 
-    headless = sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    headless = sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
+                                                         or os.environ.get("WAYLAND_DISPLAY"))
     if headless and not os.environ.get("MPLBACKEND"):
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -142,13 +152,14 @@ def _variant_color(variant: str) -> str | None:
 
 
 def _finish(plt, fig):
-    """Close the pyplot handle (no duplicate display in notebooks); the Figure still renders and saves."""
+    """Close pyplot's handle (no double display in notebooks); the Figure still shows and saves."""
     fig.tight_layout()
     plt.close(fig)
     return fig
 
 
-KIND_STYLES = {"SAE": ("-", "o"), "transcoder": ("--", "s"), "skip transcoder": (":", "^")}  # line, marker
+KIND_STYLES = {"SAE": ("-", "o"), "transcoder": ("--", "s"),
+               "skip transcoder": (":", "^")}  # line, marker
 
 
 def _kind(row) -> str:
@@ -159,36 +170,40 @@ def _kind(row) -> str:
 
 
 def plot_frontier(df: pd.DataFrame, x: str = "l0", y: str = "nmse"):
-    """Sparsity against a quality metric: one series per variant (`sae_type`) and kind (SAE, transcoder, skip
-    transcoder: solid with circles, dashed with squares, dotted with triangles), points joined in order of x."""
+    """Sparsity against a quality metric: one series per variant (`sae_type`) and kind (SAE,
+    transcoder, skip transcoder: solid with circles, dashed with squares, dotted with triangles),
+    points joined in order of x."""
     for column in (x, y):
         if column not in df:
-            raise KeyError(f"plot_frontier: no column {column!r}; columns are {', '.join(map(str, df.columns))}")
+            raise KeyError(f"plot_frontier: no column {column!r}; columns are "
+                           f"{', '.join(map(str, df.columns))}")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     kinds = df.apply(_kind, axis=1) if len(df) else []
-    groups = df.groupby(["sae_type", kinds], sort=False) if "sae_type" in df else [(("runs", "SAE"), df)]
+    groups = (df.groupby(["sae_type", kinds], sort=False) if "sae_type" in df
+              else [(("runs", "SAE"), df)])
     for (variant, kind), points in groups:
         points = points.dropna(subset=[x, y]).sort_values(x)
         name = variant if kind == "SAE" else f"{variant} {kind}"
         line, marker = KIND_STYLES[kind]
-        ax.plot(points[x], points[y], marker=marker, color=_variant_color(str(variant)), linestyle=line,
-                label=f"{name} ({len(points)} run{'s' * (len(points) != 1)})")
+        ax.plot(points[x], points[y], marker=marker, color=_variant_color(str(variant)),
+                linestyle=line, label=f"{name} ({len(points)} run{'s' * (len(points) != 1)})")
     xs = df[x].dropna()
     if len(xs) and xs.min() > 0 and xs.max() / xs.min() >= 10:
         ax.set_xscale("log")
     ax.set_xlabel(LABELS.get(x, x))
     ax.set_ylabel(LABELS.get(y, y))
     short = {c: LABELS.get(c, c).split(" (")[0] for c in (x, y)}
-    ax.set_title(f"Sparsity frontier on held-out data:\n{short[y]} vs {short[x]}")  # long labels: two lines
+    ax.set_title(f"Sparsity frontier on held-out data:\n{short[y]} vs {short[x]}")  # long labels
     ax.grid(alpha=0.3)
     ax.legend(title="variant")
     return _finish(plt, fig)
 
 
 def plot_sample_efficiency(runs: list[str | Path | Run], metrics: tuple[str, ...] = ("mcc", "f1")):
-    """Each metric of the held-out evaluations against the samples trained on (log axis), a panel per metric and
-    a line per run: solid where the run's lr came from the recipe (config `auto`), dashed where it was set."""
+    """Each metric of the held-out evaluations against the samples trained on (log axis), a panel
+    per metric and a line per run: solid where the run's lr came from the recipe (config `auto`),
+    dashed where it was set."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
     for run in map(as_run, runs):
@@ -203,7 +218,7 @@ def plot_sample_efficiency(runs: list[str | Path | Run], metrics: tuple[str, ...
 
     for ax, metric in zip(axes[0], metrics, strict=True):
         ax.set_xscale("log")
-        ax.xaxis.set_minor_locator(LogLocator(subs=(2, 4)))  # 250k, 500k, 1M, 2M, 4M... labelled as such
+        ax.xaxis.set_minor_locator(LogLocator(subs=(2, 4)))  # labels 250k, 500k, 1M, 2M, 4M...
         for formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
             formatter(EngFormatter(sep=""))
         ax.set_xlabel("training samples")
@@ -215,9 +230,9 @@ def plot_sample_efficiency(runs: list[str | Path | Run], metrics: tuple[str, ...
 
 
 def plot_density(run: str | Path | Run):
-    """Histogram of log10 firing density; latents that never fired (density 0) get their own bar on the left,
-    dense latents (> DENSE_FRACTION of tokens) are coloured (or, for a variant with groups of latents, each group)
-    and the dense line drawn."""
+    """Histogram of log10 firing density; latents that never fired (density 0) get their own bar on
+    the left, dense latents (> DENSE_FRACTION of tokens) are coloured (or, for a variant with groups
+    of latents, each group) and the dense line drawn."""
     run = as_run(run)
     density = load_density(run).double().numpy()
     alive = density[density > 0]
@@ -237,7 +252,8 @@ def plot_density(run: str | Path | Run):
         ax.hist([log_alive[group == g] for g in range(len(ends))], bins=bins, stacked=True,
                 color=[plt.cm.viridis(g / max(len(ends) - 1, 1)) for g in range(len(ends))],
                 label=[f"group {g + 1}, latents {a}-{b - 1}: {int((group == g).sum())} alive, "
-                       f"{int((density[a:b] > DENSE_FRACTION).sum())} dense" for g, (a, b) in enumerate(spans)])
+                       f"{int((density[a:b] > DENSE_FRACTION).sum())} dense"
+                       for g, (a, b) in enumerate(spans)])
     else:
         ax.hist([log_alive[~dense], log_alive[dense]], bins=bins, stacked=True, color=["C0", "C3"],
                 label=[f"fire on ≤ {DENSE_FRACTION:.0%} of tokens: {int((~dense).sum())}",
@@ -251,8 +267,8 @@ def plot_density(run: str | Path | Run):
     ax.set_ylabel("latents")
     dead = run.final_metrics.get("dead")
     dead_note = "" if dead is None else f", dead in training: {int(dead)}"
-    ax.set_title(f"Firing density: {run.cfg['sae_type']}, {len(density)} latents{dead_note}\n{run.cfg['run_name']}",
-                 fontsize=10)
+    ax.set_title(f"Firing density: {run.cfg['sae_type']}, {len(density)} latents{dead_note}\n"
+                 f"{run.cfg['run_name']}", fontsize=10)
     ax.legend(fontsize=8)
     return _finish(plt, fig)
 
@@ -275,19 +291,22 @@ def summary_table(runs: list[Run], config_columns: list[str]) -> str:
     header = ["run_name", *config_columns, *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run, ev in zip(runs, evals, strict=True):
-        cells = [run.cfg["run_name"], *(run.cfg.get(c) for c in config_columns), *(ev.get(m) for m in metrics)]
+        cells = [run.cfg["run_name"], *(run.cfg.get(c) for c in config_columns),
+                 *(ev.get(m) for m in metrics)]
         lines.append("| " + " | ".join(markdown_cell(v) for v in cells) + " |")
     return "\n".join(lines)
 
 
 def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latents: int = 3,
                  device: str = "auto") -> Path:
-    """summary.md (table, plots, links), frontier_<metric>.png, density/<run>.png, dashboards/<run>.md|html."""
+    """summary.md (table, plots, links), frontier_<metric>.png, density/<run>.png,
+    dashboards/<run>.md|html."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [load_run(p) for p in find_runs(paths)]
     df = load_runs(paths)
-    config_columns = [c for c in df.columns if c in runs[0].cfg and c not in ("run_name", "run_dir")]
+    config_columns = [c for c in df.columns
+                      if c in runs[0].cfg and c not in ("run_name", "run_dir")]
     doc = [f"# SAE report: {len(runs)} run(s)", "",
            "Each run's last evaluation on the held-out set, exactly as in its metrics.jsonl.", "",
            summary_table(runs, config_columns)]
@@ -305,23 +324,28 @@ def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latent
         plot_density(run).savefig(out / "density" / f"{run.cfg['run_name']}.png", dpi=120)
         doc += ["", f"![density of {run.cfg['run_name']}](density/{run.cfg['run_name']}.png)"]
 
-    with_text = [run for run in finished if run.cfg.get("dataset_path") != SYNTHETIC_DATASET]  # synthetic: no text
+    with_text = [run for run in finished
+                 if run.cfg.get("dataset_path") != SYNTHETIC_DATASET]  # synthetic: no text
     if n_latents > 0 and with_text:
         doc += ["", "## Latent dashboards", ""]
         for run in with_text:
             md = write_dashboards(run, out / "dashboards", n_latents, device=device)
-            doc.append(f"- [{run.cfg['run_name']}](dashboards/{md.name}) (also dashboards/{md.stem}.html)")
+            doc.append(f"- [{run.cfg['run_name']}](dashboards/{md.name}) "
+                       f"(also dashboards/{md.stem}.html)")
     (out / "summary.md").write_text("\n".join(doc) + "\n")
     return out
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description="Print a summary of finished runs and write a report folder.")
+    parser = argparse.ArgumentParser(
+        description="Print a summary of finished runs and write a report folder.")
     parser.add_argument("runs", nargs="+", help="run folders, or folders holding them")
     parser.add_argument("--out", help="report folder (default: RUNS_DIR/report)")
     parser.add_argument("--latents", type=int, default=3,
-                        help="dashboards for this many most frequent and this many random alive latents per run")
-    parser.add_argument("--device", default="auto", help="where the model and SAEs run for the dashboards")
+                        help="dashboards for this many most frequent and this many random alive "
+                             "latents per run")
+    parser.add_argument("--device", default="auto",
+                        help="where the model and SAEs run for the dashboards")
     args = parser.parse_args(argv)
     df = load_runs(args.runs)
     if df.empty:
@@ -329,7 +353,8 @@ def main(argv: list[str]) -> int:
         return 1
     columns = [c for c in ("run_name", "sae_type", *HEADLINE_METRICS) if c in df]
     print(df[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    out = write_report(args.runs, args.out or Path(args.runs[0]) / "report", args.latents, args.device)
+    out = write_report(args.runs, args.out or Path(args.runs[0]) / "report", args.latents,
+                       args.device)
     print(f"report: {out / 'summary.md'}")
     return 0
 

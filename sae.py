@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from base_sae import SAE_CLASSES, BaseSAE, LossTerms, SAEOutput, register  # noqa: F401  (sae is where callers find them)
+# re-exported: sae is where callers find them
+from base_sae import SAE_CLASSES, BaseSAE, LossTerms, SAEOutput, register  # noqa: F401
 from kernels import (
     SelectedPre,
     SparseLatents,
@@ -32,24 +33,25 @@ from selection import batch_top_entries, entries_above_biased, kth_largest, row_
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
-COEFFICIENT_STATE = ("coeff_scale", "l0_error")  # the trainer's tensors a weights file may hold (schedule.py)
+COEFFICIENT_STATE = ("coeff_scale", "l0_error")  # schedule.py's tensors a weights file may hold
 
 
 # --- the variants -------------------------------------------------------------------------------
 
-TOP_K = Key(32, "latents kept per token (TopK), or per token on average over the batch (BatchTopK)", "> 0")
+TOP_K = Key(32, "latents kept per token (TopK), or per token on average over the batch "
+            "(BatchTopK)", "> 0")
 
 
 @register
 class VanillaSAE(BaseSAE):
-    """ReLU + L1 penalty weighted by decoder-row norms. Its codes are sparse only once the L1
-    term has acted: the sparse path falls back to dense above `max_sparse_density` (docs/kernels.md)."""
+    """ReLU + L1 penalty weighted by decoder-row norms; codes are sparse only once the L1 term has
+    acted: the sparse path falls back to dense above `max_sparse_density` (docs/kernels.md)."""
 
     name, title = "vanilla", "Vanilla (ReLU + L1)"
     keys = {"l1_coeff": Key(1.5, "L1 coefficient (scaled space)", ">= 0")}
     coeff_key = "l1_coeff"
-    # its L0 falls from dense by itself at first: a running factor free to rise all the while winds up, overshoots
-    # the target and unwinds too slowly to get back (docs/math.md §8)
+    # its L0 falls from dense by itself at first: a running factor free to rise all the while winds
+    # up, overshoots the target and unwinds too slowly to get back (docs/math.md §8)
     coeff_rate, coeff_rise_clip = 0.05, 0.1
     saelens_architecture = "standard"
     max_sparse_density = 0.08
@@ -97,13 +99,15 @@ class TopKSAE(BaseSAE):
 
     @classmethod
     def check_cfg(cls, cfg: dict[str, Any]) -> dict[str, str]:
-        return {"top_k": f"must be <= dict_size ({cfg['dict_size']})"} if cfg["top_k"] > cfg["dict_size"] else {}
+        return ({"top_k": f"must be <= dict_size ({cfg['dict_size']})"}
+                if cfg["top_k"] > cfg["dict_size"] else {})
 
     def saelens_extras(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return {}, {"k": self.cfg["top_k"], "rescale_acts_by_decoder_norm": False}
 
     @classmethod
-    def from_saelens(cls, tensors: dict[str, Tensor], fields: dict[str, Any]) -> dict[str, Any] | None:
+    def from_saelens(cls, tensors: dict[str, Tensor],
+                     fields: dict[str, Any]) -> dict[str, Any] | None:
         return {"cfg": {"top_k": fields["k"]}, "state": {}}
 
 
@@ -117,7 +121,7 @@ class BatchTopKSAE(BaseSAE):
             "threshold_ema_decay": Key(0.8, "inference threshold: EMA decay per step", "[0, 1)")}
     uses_aux_loss = True
     saelens_architecture, saelens_tensors = "jumprelu", ("threshold",)
-    averaged_buffers = ("threshold",)  # the EMA is linear: averaging after each update averages the batch minima
+    averaged_buffers = ("threshold",)  # the EMA is linear: averaging it averages the batch minima
     run_tag, check_cfg = TopKSAE.run_tag, TopKSAE.check_cfg  # k, as TopK's
 
     def __init__(self, cfg: dict[str, Any]):
@@ -149,15 +153,17 @@ class BatchTopKSAE(BaseSAE):
         return {"threshold": self.threshold.detach().float().expand(self.cfg["dict_size"])}, {}
 
     @classmethod
-    def from_saelens(cls, tensors: dict[str, Tensor], fields: dict[str, Any]) -> dict[str, Any] | None:
+    def from_saelens(cls, tensors: dict[str, Tensor],
+                     fields: dict[str, Any]) -> dict[str, Any] | None:
         theta = tensors["threshold"]
         if fields.get("sae_type") != cls.name or not bool((theta == theta[0]).all()):
             return None  # a JumpReLU folder, unless it is our BatchTopK export
-        return {"cfg": {}, "state": {"threshold": theta[0].clone(), "threshold_initialised": torch.tensor(True)}}
+        return {"cfg": {}, "state": {"threshold": theta[0].clone(),
+                                     "threshold_initialised": torch.tensor(True)}}
 
 
 class _JumpReLU(torch.autograd.Function):
-    """f = pre * H(pre - theta); d/dtheta = -(theta/eps) K((pre - theta)/eps), K the rectangle (§3)."""
+    """f = pre * H(pre - theta); d/dtheta = -(theta/eps) K((pre - theta)/eps), K = rect (§3)."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
@@ -202,8 +208,8 @@ class JumpReLUSAE(BaseSAE):
             "bandwidth": Key(0.5, "straight-through kernel width epsilon", "> 0"),
             "jumprelu_init_threshold": Key(1.0, "initial per-latent threshold", "> 0")}
     coeff_key = "l0_coeff"
-    # its thresholds move at Adam's rate whatever the coefficient, so L0 lags it: the integral alone overshoots
-    # (target 16 ended at 13.4) and, kept positive, cannot raise L0 faster than the thresholds drift (64: 54.7)
+    # its thresholds move at Adam's rate whatever the coefficient, so L0 lags it: the integral alone
+    # overshoots and, kept positive, cannot raise L0 faster than the thresholds drift
     coeff_damping = 2.0
     saelens_architecture, saelens_tensors = "jumprelu", ("threshold",)
     latent_params = (*BaseSAE.latent_params, ("log_threshold", 0))
@@ -232,7 +238,8 @@ class JumpReLUSAE(BaseSAE):
 
     def sparse_activation(self, pre_vals: Tensor, pattern: SparsePattern) -> Tensor:
         # index_select, whose backward is an index_add: `theta[cols]`'s sorts the indices on CPU
-        return _JumpReLU.apply(pre_vals, self.threshold.index_select(0, pattern.cols), self.cfg["bandwidth"])
+        return _JumpReLU.apply(pre_vals, self.threshold.index_select(0, pattern.cols),
+                               self.cfg["bandwidth"])
 
     def sparse_penalty(self, pre_vals: Tensor, f_vals: Tensor, pattern: SparsePattern) -> Tensor:
         theta = self.threshold.index_select(0, pattern.cols)
@@ -246,26 +253,28 @@ class JumpReLUSAE(BaseSAE):
         return {"threshold": self.threshold.detach()}, {}
 
     @classmethod
-    def from_saelens(cls, tensors: dict[str, Tensor], fields: dict[str, Any]) -> dict[str, Any] | None:
+    def from_saelens(cls, tensors: dict[str, Tensor],
+                     fields: dict[str, Any]) -> dict[str, Any] | None:
         theta = tensors["threshold"]
         if not bool((theta > 0).all()):
             bad = int((theta <= 0).nonzero()[0])
-            raise ConfigError(f"jumprelu threshold of latent {bad} is {theta[bad].item():g}; JumpReLUSAE learns "
-                              "log(threshold), so every threshold must be > 0")
+            raise ConfigError(f"jumprelu threshold of latent {bad} is {theta[bad].item():g}; "
+                              "JumpReLUSAE learns log(threshold), so every threshold must be > 0")
         return {"cfg": {}, "state": {"log_threshold": theta.log()}}
 
 
 @register
 class MatryoshkaSAE(BatchTopKSAE):
-    """BatchTopK whose latents form nested groups: every prefix of the dictionary (the decoder bias plus
-    the selected latents before the prefix's end) must reconstruct the input on its own, so general
-    features settle in the early latents. Loss: the prefixes' reconstruction errors averaged, plus AuxK
-    (docs/math.md §3). Inference as BatchTopK: one learnt threshold."""
+    """BatchTopK whose latents form nested groups: every prefix of the dictionary (the decoder bias
+    plus the selected latents before the prefix's end) must reconstruct the input on its own, so
+    general features settle in the early latents. Loss: the prefixes' reconstruction errors
+    averaged, plus AuxK (docs/math.md §3). Inference as BatchTopK: one learnt threshold."""
 
     name, title = "matryoshka", "Matryoshka BatchTopK"
-    keys = BatchTopKSAE.keys | {"matryoshka_groups": Key("", "group sizes, comma-separated, adding up to dict_size "
-                                                         "(\"\": prefixes at 1/16, 1/8, 1/4, 1/2 and all of it)")}
-    select = BatchTopKSAE.select  # stated here: the sparse path computes this class's loss (sparse_reconstruction)
+    keys = BatchTopKSAE.keys | {
+        "matryoshka_groups": Key("", "group sizes, comma-separated, adding up to dict_size (\"\": "
+                                 "prefixes at 1/16, 1/8, 1/4, 1/2 and all of it)")}
+    select = BatchTopKSAE.select  # stated here: the sparse path computes this class's loss
 
     @staticmethod
     def group_ends(cfg: dict[str, Any]) -> list[int]:
@@ -277,40 +286,52 @@ class MatryoshkaSAE(BatchTopKSAE):
     @classmethod
     def check_cfg(cls, cfg: dict[str, Any]) -> dict[str, str]:
         text = cfg["matryoshka_groups"]
-        if text.strip() and not all(re.fullmatch(r"[0-9]+", size.strip()) for size in text.split(",")):
-            return {"matryoshka_groups": "comma-separated whole numbers of latents, e.g. 192,192,384,768,1536"}
+        if text.strip() and not all(re.fullmatch(r"[0-9]+", size.strip())
+                                    for size in text.split(",")):
+            return {"matryoshka_groups": "comma-separated whole numbers of latents, e.g. "
+                                         "192,192,384,768,1536"}
         ends = cls.group_ends(cfg)
-        if ends[-1] != cfg["dict_size"] or min(b - a for a, b in zip([0, *ends], ends, strict=False)) <= 0:
-            return {"matryoshka_groups": f"non-empty groups adding up to dict_size ({cfg['dict_size']})"}
+        if (ends[-1] != cfg["dict_size"]
+                or min(b - a for a, b in zip([0, *ends], ends, strict=False)) <= 0):
+            return {"matryoshka_groups": "non-empty groups adding up to dict_size "
+                                         f"({cfg['dict_size']})"}
         return super().check_cfg(cfg)
 
     def partial_reconstructions(self, f: Tensor, x: Tensor) -> dict[str, Tensor]:
         """Each prefix but the whole dictionary on its own: the latents past its end set to 0."""
-        return {f"prefix_{end}": self.decode(f * (torch.arange(f.shape[-1], device=f.device) < end), x)
+        return {f"prefix_{end}":
+                self.decode(f * (torch.arange(f.shape[-1], device=f.device) < end), x)
                 for end in self.group_ends(self.cfg)[:-1]}
 
-    def loss(self, goal: Tensor, pre: Tensor, f: Tensor, error: Tensor, aux_enabled: bool) -> LossTerms:
+    def loss(self, goal: Tensor, pre: Tensor, f: Tensor, error: Tensor,
+             aux_enabled: bool) -> LossTerms:
         ends = self.group_ends(self.cfg)
-        prefix = [(f[:, :end] @ self.W_dec[:end] + self.b_dec - goal).pow(2).sum(-1).mean() for end in ends[:-1]]
-        terms = super().loss(goal, pre, f, error, aux_enabled)  # the full dictionary's error, and AuxK on it
+        prefix = [(f[:, :end] @ self.W_dec[:end] + self.b_dec - goal).pow(2).sum(-1).mean()
+                  for end in ends[:-1]]
+        terms = super().loss(goal, pre, f, error, aux_enabled)  # full dictionary: error and AuxK
         return self._averaged(terms, [*prefix, terms.recon], ends)
 
-    def sparse_reconstruction(self, f_vals: Tensor, goal: Tensor, pattern: SparsePattern, zero_vals: Tensor | None,
-                              zero_pattern: SparsePattern | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def sparse_reconstruction(self, f_vals: Tensor, goal: Tensor, pattern: SparsePattern,
+                              zero_vals: Tensor | None, zero_pattern: SparsePattern | None
+                              ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         ends = self.group_ends(self.cfg)
-        recon, error, prefix = nested_sparse_reconstruction(f_vals, self.W_dec, self.b_dec, goal, pattern, ends)
-        return recon, error, {f"recon_loss_prefix_{end}": r for end, r in zip(ends, prefix, strict=True)}
+        recon, error, prefix = nested_sparse_reconstruction(f_vals, self.W_dec, self.b_dec, goal,
+                                                            pattern, ends)
+        return recon, error, {f"recon_loss_prefix_{end}": r
+                              for end, r in zip(ends, prefix, strict=True)}
 
     @staticmethod
     def _averaged(terms: LossTerms, recons: list[Tensor], ends: list[int]) -> LossTerms:
-        details = {f"recon_loss_prefix_{end}": r.detach() for end, r in zip(ends, recons, strict=True)}
+        details = {f"recon_loss_prefix_{end}": r.detach()
+                   for end, r in zip(ends, recons, strict=True)}
         return terms._replace(recon=torch.stack(recons).mean(), details=details)
 
 
 def build_sae(cfg: dict[str, Any]) -> BaseSAE:
     if cfg["sae_type"] not in SAE_CLASSES:
-        raise ConfigError(f"config sae_type={cfg['sae_type']!r} is not a registered variant (registered: "
-                          f"{', '.join(SAE_CLASSES)}): import the module that registers it first")
+        raise ConfigError(f"config sae_type={cfg['sae_type']!r} is not a registered variant "
+                          f"(registered: {', '.join(SAE_CLASSES)}): import the module that "
+                          "registers it first")
     return SAE_CLASSES[cfg["sae_type"]](cfg)
 
 

@@ -23,9 +23,9 @@ def lr_factor(step: int, total_steps: int, warmup_frac: float, decay_frac: float
 
 
 class SparsityCoefficient:
-    """One SAE's sparsity coefficient. Its state (`coeff_scale`, the running factor, and `l0_error`, the
-    latest clipped log(L0 / target), for a variant with damping) exists only under target_l0; checkpoints
-    keep it beside the SAE's tensors, under those names."""
+    """One SAE's sparsity coefficient. Its state (`coeff_scale`, the running factor, and
+    `l0_error`, the latest clipped log(L0 / target), for a variant with damping) exists only under
+    target_l0; checkpoints keep it beside the SAE's tensors, under those names."""
 
     def __init__(self, sae: BaseSAE):
         cls, cfg = type(sae), sae.cfg
@@ -42,8 +42,8 @@ class SparsityCoefficient:
         assert set(self.state) <= set(COEFFICIENT_STATE)
 
     def at(self, step: int, total_steps: int) -> float | Tensor:
-        """cfg[coeff_key] warmed up linearly from 0, times the running factor, plus damping times the latest
-        L0 error (which may turn it negative for a while: a penalty becomes a reward to fire)."""
+        """cfg[coeff_key] warmed up linearly from 0, times the running factor, plus damping times
+        the latest L0 error (it may go negative for a while: a penalty becomes a reward to fire)."""
         warmup = self.warmup_frac * total_steps
         coeff = self.base * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
         if "coeff_scale" not in self.state:
@@ -54,7 +54,7 @@ class SparsityCoefficient:
 
     @torch.no_grad()
     def adapt(self, f: Tensor | SparseLatents, step: int, total_steps: int) -> None:
-        """Once the warm-up is over, scale the factor by (batch L0 / target)^rate, the log ratio clipped to
+        """After the warm-up, scale the factor by (batch L0 / target)^rate, the log ratio clipped to
         [-1, rise_clip]; keep the ratio clipped to [-1, 1] as the latest error. No host sync."""
         if "coeff_scale" not in self.state or step + 1 < self.warmup_frac * total_steps:
             return
@@ -65,6 +65,6 @@ class SparsityCoefficient:
             self.state["l0_error"].copy_(ratio)
 
     def load(self, saved: dict[str, Tensor]) -> None:
-        """From a checkpoint's tensors; one saved before the damping term existed starts it at no error."""
+        """From a checkpoint's tensors; one older than the damping term starts it at no error."""
         for name, value in self.state.items():
             value.copy_(saved[name] if name in saved else torch.zeros(()))

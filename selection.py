@@ -1,5 +1,5 @@
-"""Selection: the entries of a (B, m) product a variant keeps (its `select`), found without sorting or
-listing all of it; the sparse path's CPU fast paths, each equal to its plain torch reference in tests."""
+"""Selection: the entries of a (B, m) product a variant keeps (its `select`), found without sorting
+or listing it all; the sparse path's CPU fast paths, each equal to its torch reference in tests."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def row_top_entries(pre: Tensor, k: int, group: int = 8) -> tuple[Tensor, Tensor
     candidates = blocks.gather(2, top_groups.unsqueeze(1).expand(b, group, k)).view(b, group * k)
     # candidate j * k + i is column top_groups[i] + j * n_groups
     vals, pick = candidates.view(torch.int32).topk(k, dim=-1, sorted=False)
-    return vals.view(torch.float32), top_groups.gather(1, pick % k) + n_groups * pick.div(k, rounding_mode="floor")
+    return (vals.view(torch.float32),
+            top_groups.gather(1, pick % k) + n_groups * pick.div(k, rounding_mode="floor"))
 
 
 def true_positions(mask: Tensor, max_count: int | None = None) -> Tensor | None:
@@ -48,12 +49,13 @@ def true_positions(mask: Tensor, max_count: int | None = None) -> Tensor | None:
         word_idx = words.nonzero().squeeze(1)
         if max_count is not None and word_idx.numel() > max_count:
             return None
-        word, byte = words.index_select(0, word_idx).view(torch.uint8).view(-1, 8).nonzero().unbind(1)
+        word, byte = (words.index_select(0, word_idx).view(torch.uint8).view(-1, 8).nonzero()
+                      .unbind(1))
         positions = word_idx.index_select(0, word) * 8 + byte
     return None if max_count is not None and positions.numel() > max_count else positions
 
 
-COMPARE_SCRATCH_BYTES = 3 << 19  # float32 compare results per chunk (1.5 MiB): small enough to stay in cache
+COMPARE_SCRATCH_BYTES = 3 << 19  # float32 compare results per chunk (1.5 MiB): stays in cache
 
 
 def greater_than(pre: Tensor, bound: Tensor) -> Tensor:
@@ -65,7 +67,8 @@ def greater_than(pre: Tensor, bound: Tensor) -> Tensor:
     if pre.device.type != "cpu" or pre.dtype != torch.float32:
         return torch.gt(pre, bound, out=mask)
     rows = max(1, COMPARE_SCRATCH_BYTES // (4 * pre.shape[1]))
-    scratch = workspace((rows, pre.shape[1]), pre, use="compare")  # never the (B, m) workspace, even if B == rows
+    # never the (B, m) workspace, even if B == rows
+    scratch = workspace((rows, pre.shape[1]), pre, use="compare")
     for start in range(0, pre.shape[0], rows):
         chunk = pre[start:start + rows]
         mask[start:start + rows].copy_(torch.gt(chunk, bound, out=scratch[: chunk.shape[0]]))
@@ -77,10 +80,12 @@ def entries_above(pre: Tensor, bound: Tensor, max_count: int | None = None) -> S
     None where there are more than `max_count`."""
     above = greater_than(pre, bound)
     positions = true_positions(above, max_count)
-    return None if positions is None else SparsePattern.from_positions(positions, pre.shape[0], pre.shape[1])
+    return (None if positions is None
+            else SparsePattern.from_positions(positions, pre.shape[0], pre.shape[1]))
 
 
-def entries_above_biased(xw: Tensor, bias: Tensor, bound: Tensor, max_count: int | None = None) -> SelectedPre | None:
+def entries_above_biased(xw: Tensor, bias: Tensor, bound: Tensor,
+                         max_count: int | None = None) -> SelectedPre | None:
     """The entries where pre = xw + bias (bias one per latent) exceeds `bound` (a scalar or
     one per latent), with their values of pre, found without forming pre over all of xw
     (None where there are more than `max_count`): xw is compared with bound - bias,
@@ -92,7 +97,8 @@ def entries_above_biased(xw: Tensor, bias: Tensor, bound: Tensor, max_count: int
     pattern = entries_above(xw, bound - bias - slack, max_count)
     if pattern is None:
         return None
-    return SelectedPre(pattern, xw.view(-1).take(pattern.positions()) + bias.index_select(0, pattern.cols))
+    return SelectedPre(pattern,
+                       xw.view(-1).take(pattern.positions()) + bias.index_select(0, pattern.cols))
 
 
 # Prime, so the strided sample visits every latent unless m is a multiple of it (docs/kernels.md).
@@ -112,7 +118,8 @@ def batch_top_entries(xw: Tensor, bias: Tensor, n: int) -> SelectedPre:
         rank = math.ceil(margin * n / BATCH_TOP_SAMPLE_STRIDE)
         bound = kth_largest(sample, rank).clamp_min(0) if 0 < rank <= sample.numel() else zero
         candidates = entries_above_biased(xw, bias, bound)
-        n_above = int((candidates.pre >= bound).sum()) if bound > 0 else int((candidates.pre > 0).sum())
+        n_above = (int((candidates.pre >= bound).sum()) if bound > 0
+                   else int((candidates.pre > 0).sum()))
         if n_above >= n or bound == 0:
             break
     vals = candidates.pre  # every entry >= bound, so the n largest if n_above >= n

@@ -195,7 +195,7 @@ def training_rows(tokenizer, cfg: dict[str, Any],
 class Prefetched:
     """`items` read ahead by a background thread, in order, at most `depth` chunks of `chunk` items
     waiting, so tokenising and packing overlap with the model and SAE steps. An exception of `items`
-    is raised by the `next` that reaches it. `close` (or losing the last reference) stops the thread."""
+    is raised by the `next` that reaches it. `close` (or losing the last reference) stops it."""
 
     def __init__(self, items: Iterator, chunk: int, depth: int):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)

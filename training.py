@@ -77,7 +77,8 @@ class Trainee:
     # first step whose loss terms were non-finite (-1: none) and which terms; kept on the
     # device and read only when logging or checkpointing, so the step never syncs
     first_bad_step: Tensor = field(default_factory=lambda: torch.tensor(-1))
-    bad_terms: Tensor = field(default_factory=lambda: torch.zeros(len(LOSS_TERMS), dtype=torch.bool))
+    bad_terms: Tensor = field(default_factory=lambda: torch.zeros(len(LOSS_TERMS),
+                                                                  dtype=torch.bool))
     skipped_batches: int = 0  # steps skipped for a non-finite loss (skip_nonfinite_batches)
 
     @property
@@ -115,25 +116,28 @@ class _SilentLogger:
 
 def check_data_parallel(cfgs: list[dict[str, Any]]) -> None:
     if any(c["skip_nonfinite_batches"] for c in cfgs):
-        raise ConfigError("config skip_nonfinite_batches is not supported under torchrun yet (all ranks would "
-                          "have to skip the same steps); run it in one process")
+        raise ConfigError("config skip_nonfinite_batches is not supported under torchrun yet "
+                          "(all ranks would have to skip the same steps); run it in one process")
 
 
-def make_trainee(cfg: dict[str, Any], total_steps: int, resume_step: int | None = None, main: bool = True,
-                 schedule: Callable[[int], float] | None = None) -> Trainee:
+def make_trainee(cfg: dict[str, Any], total_steps: int, resume_step: int | None = None,
+                 main: bool = True, schedule: Callable[[int], float] | None = None) -> Trainee:
     """A fresh SAE with its Adam and lr schedule (`schedule`: the lr factor per step, default the
     configured warmup and decay); `main` false: a rank other than 0, or a caller that keeps
     no run folder (bench), whose logger writes nothing."""
     sae = build_sae(cfg).to(cfg["device"])
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), fused=True)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
+                                 fused=True)
     if schedule is None:
         def schedule(s: int) -> float:
             return lr_factor(s, total_steps, cfg["lr_warmup_frac"], cfg["lr_decay_frac"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     device = torch.device(cfg["device"])
     logger = RunLogger(cfg, resume_step) if main else _SilentLogger(cfg)
-    trainee = Trainee(cfg, sae, optimizer, scheduler, logger, SparsityCoefficient(sae), use_sparse_kernels(cfg))
-    trainee.first_bad_step, trainee.bad_terms = trainee.first_bad_step.to(device), trainee.bad_terms.to(device)
+    trainee = Trainee(cfg, sae, optimizer, scheduler, logger, SparsityCoefficient(sae),
+                      use_sparse_kernels(cfg))
+    trainee.first_bad_step, trainee.bad_terms = (trainee.first_bad_step.to(device),
+                                                 trainee.bad_terms.to(device))
     return trainee
 
 
@@ -149,17 +153,19 @@ def record_non_finite(t: Trainee, out: Any, step: int) -> None:
 
 
 def check_finite(t: Trainee) -> None:
-    """Raise NonFiniteError if a loss term or a parameter went NaN/inf (syncs: call at intervals)."""
+    """Raise NonFiniteError if a loss term or parameter went NaN/inf (syncs: call at intervals)."""
     where = f"{t.cfg['sae_type']} run {t.cfg['run_name']}"
     step = int(t.first_bad_step.item())
     if step >= 0:
         terms = ", ".join(n for n, b in zip(LOSS_TERMS, t.bad_terms.tolist(), strict=True) if b)
-        raise NonFiniteError(f"non-finite {terms} at step {step} in {where}; earlier checkpoints are intact "
-                             f"(lower lr, enable max_grad_norm, or check the data; python main.py --resume "
-                             f"{t.run_dir} skip_nonfinite_batches=true continues, skipping such batches)")
+        raise NonFiniteError(f"non-finite {terms} at step {step} in {where}; earlier checkpoints "
+                             f"are intact (lower lr, enable max_grad_norm, or check the data; "
+                             f"python main.py --resume {t.run_dir} skip_nonfinite_batches=true "
+                             f"continues, skipping such batches)")
     for name, param in t.sae.named_parameters():
         if not torch.isfinite(param).all():
-            raise NonFiniteError(f"non-finite parameter {name} in {where}; earlier checkpoints are intact")
+            raise NonFiniteError(f"non-finite parameter {name} in {where}; "
+                                 "earlier checkpoints are intact")
 
 
 def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enabled: bool,
@@ -176,7 +182,7 @@ def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enable
         # no optimiser step, no dead-counter or threshold update; the lr schedule still
         # advances, so lr stays a function of the step index
         t.skipped_batches += 1
-        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" if the first step is skipped
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" if 1st skipped
             warnings.simplefilter("ignore", UserWarning)
             t.scheduler.step()
         return out
@@ -197,7 +203,8 @@ def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enable
     sae.update_inference_state(out.latents)
     t.coefficient.adapt(out.latents, step, total_steps)
     if world_size() > 1:  # every rank ends the step with identical state
-        average_tensors([*(getattr(sae, name) for name in sae.averaged_buffers), *t.coefficient.state.values()])
+        average_tensors([*(getattr(sae, name) for name in sae.averaged_buffers),
+                         *t.coefficient.state.values()])
     return out
 
 
@@ -209,7 +216,8 @@ def remove_parallel_decoder_grad(sae: BaseSAE) -> None:
     if sae.W_dec.grad is None:
         return
     # g -= (g.w / w.w) w for each row w: two reads and one in-place pass
-    coef = torch.linalg.vecdot(sae.W_dec.grad, sae.W_dec) / torch.linalg.vecdot(sae.W_dec, sae.W_dec)
+    coef = (torch.linalg.vecdot(sae.W_dec.grad, sae.W_dec)
+            / torch.linalg.vecdot(sae.W_dec, sae.W_dec))
     sae.W_dec.grad.addcmul_(sae.W_dec, coef.unsqueeze(1), value=-1)
 
 
@@ -254,7 +262,8 @@ def zero_idle_momentum(t: Trainee) -> None:
 
 
 def _train_metrics(t: Trainee, out: Any) -> dict[str, float]:
-    skipped = {"train/skipped_batches": t.skipped_batches} if t.cfg["skip_nonfinite_batches"] else {}
+    skipped = ({"train/skipped_batches": t.skipped_batches} if t.cfg["skip_nonfinite_batches"]
+               else {})
     return skipped | {
         "train/loss": out.loss.item(),
         "train/recon_loss": out.recon_loss.item(),
@@ -272,13 +281,16 @@ def check_group(cfgs: list[dict[str, Any]]) -> None:
         values = {str(c[key]) for c in cfgs}
         if len(values) > 1:
             raise ConfigError(f"config {key} differs within a group ({', '.join(sorted(values))}): "
-                              f"SAEs trained on one stream must share it; run them as separate jobs")
+                              f"SAEs trained on one stream must share it; "
+                              f"run them as separate jobs")
     names = [c["run_name"] for c in cfgs if c["run_name"]]
     if len(names) != len(set(names)):
-        raise ConfigError("config run_name repeats within a group: leave it empty to generate unique names")
+        raise ConfigError("config run_name repeats within a group: leave it empty to generate "
+                          "unique names")
     if len({bool(c["resume"]) for c in cfgs}) > 1:
         raise ConfigError("config resume is set for some runs of a group but not others: "
-                          "a group resumes together (python main.py --resume RUN_DIR resumes its whole group)")
+                          "a group resumes together (python main.py --resume RUN_DIR resumes its "
+                          "whole group)")
 
 
 def seed_everything(seed: int) -> None:
@@ -287,13 +299,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_sae_group(cfgs: list[dict[str, Any]], model=None, store: ActivationSource | None = None) -> list[Trainee]:
+def train_sae_group(cfgs: list[dict[str, Any]], model=None,
+                    store: ActivationSource | None = None) -> list[Trainee]:
     """Train several SAEs on one activation stream, each with its own optimiser.
 
     With `resume` set (every config of the group), continue the runs in those folders from
     their newest common complete checkpoint (from step 0 in the same folders if none).
-    `store` replaces the model's stream: any `activation_store.ActivationSource` (a `TensorStore`, the
-    synthetic source, your own); the configs are prepared from its dims."""
+    `store` replaces the model's stream: any `activation_store.ActivationSource` (a `TensorStore`,
+    the synthetic source, your own); the configs are prepared from its dims."""
     cfgs, model, store, resume_step = _open_group(cfgs, model, store)
     total_steps = cfgs[0]["num_tokens"] // cfgs[0]["batch_size"]
     main = rank() == 0
@@ -301,7 +314,7 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store: ActivationSou
     if resume_step is None and len(trainees) > 1 and main:
         write_group_file([t.run_dir for t in trainees])
     try:
-        if store is None:  # the run folders exist first, so that a stop during the fill leaves a run to resume
+        if store is None:  # run folders first, so a stop during the fill leaves a run to resume
             store = _open_stream(trainees, model, resume_step, total_steps)
         hook_of = [hook_indices(store, c) for c in cfgs]
         if resume_step:
@@ -317,8 +330,9 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None, store: ActivationSou
 
 
 def hook_points_of(cfgs: list[dict[str, Any]]) -> list[str]:
-    """The group's hook points (inputs and transcoders' targets), each once, in the order of the configs."""
-    return list(dict.fromkeys(h for c in cfgs for h in (c["hook_point"], c.get("target_hook_point")) if h))
+    """The group's hook points (inputs and transcoders' targets), each once, in config order."""
+    return list(dict.fromkeys(h for c in cfgs for h in (c["hook_point"], c.get("target_hook_point"))
+                              if h))
 
 
 def hook_indices(store: ActivationSource, cfg: dict[str, Any]) -> tuple[int, int | None]:
@@ -327,10 +341,11 @@ def hook_indices(store: ActivationSource, cfg: dict[str, Any]) -> tuple[int, int
     return store.hook_index(cfg["hook_point"]), target
 
 
-def _open_group(cfgs: list[dict[str, Any]], model, store: ActivationSource | None) -> tuple[list[dict[str, Any]], Any, Any, int | None]:
-    """The group's configs checked and post-initialised (a resumed run's saved ones), the model (booted if
-    None and needed), the activation stream if given (or synthetic), and the step to resume from (None: a
-    fresh start). Checks the hook points, so that the stream built later on the model can be."""
+def _open_group(cfgs: list[dict[str, Any]], model, store: ActivationSource | None
+                ) -> tuple[list[dict[str, Any]], Any, Any, int | None]:
+    """The group's configs checked and post-initialised (a resumed run's saved ones), the model
+    (booted if None and needed), the activation stream if given (or synthetic), and the resume step
+    (None: a fresh start). Checks the hook points, so the stream built later on the model can be."""
     cfgs = [resumed_cfg(c) for c in cfgs]
     for cfg in cfgs:
         validate_cfg(cfg)
@@ -344,7 +359,8 @@ def _open_group(cfgs: list[dict[str, Any]], model, store: ActivationSource | Non
         dims = store.dims
     else:
         if model is None:
-            model = load_model(first["model_name"], resolve_device(first["device"]), first["model_dtype"])
+            model = load_model(first["model_name"], resolve_device(first["device"]),
+                               first["model_dtype"])
         dims = model_dims(model)
     cfgs = [prepare_cfg(c, dims) for c in cfgs]
     if resume_step:
@@ -352,8 +368,8 @@ def _open_group(cfgs: list[dict[str, Any]], model, store: ActivationSource | Non
     if world_size() > 1:
         check_data_parallel(cfgs)
         if store is not None and not store.sharded:
-            raise ConfigError(f"{type(store).__name__} serves every torchrun rank the same rows (it does not shard "
-                              "yet); train on it in one process")
+            raise ConfigError(f"{type(store).__name__} serves every torchrun rank the same rows "
+                              "(it does not shard yet); train on it in one process")
     if store is None:
         for hook_point in hook_points_of(cfgs):
             check_hook_point(model, hook_point)
@@ -362,14 +378,15 @@ def _open_group(cfgs: list[dict[str, Any]], model, store: ActivationSource | Non
     return cfgs, model, store, resume_step
 
 
-def _open_stream(trainees: list[Trainee], model, resume_step: int | None, total_steps: int) -> ActivationsStore:
-    """The group's stream on `model`: held-out set, scales, the first fill of the mixing buffer. A stop
-    request during the fill raises Stopped at step 0 (nothing trained, nothing to save); a bad hook point
-    found only now (its width) removes the run folders this start created, so the command can be rerun."""
+def _open_stream(trainees: list[Trainee], model, resume_step: int | None,
+                 total_steps: int) -> ActivationsStore:
+    """The group's stream on `model`: held-out set, scales, the first fill of the mixing buffer. A
+    stop request in the fill raises Stopped at step 0 (nothing trained or saved); a bad hook point
+    found only now (its width) removes the run folders just made, so the command can be rerun."""
     cfgs = [t.cfg for t in trainees]
     try:
         store = ActivationsStore(model, cfgs[0], hook_points_of(cfgs), shard=(rank(), world_size()),
-                                 fill=not resume_step)  # a resumed run regenerates its checkpoint's block
+                                 fill=not resume_step)  # resumes regenerate the checkpoint's block
     except BaseException as err:
         for t in trainees:
             t.logger.finish()
@@ -388,21 +405,23 @@ def _open_stream(trainees: list[Trainee], model, resume_step: int | None, total_
     return store
 
 
-def _init_from_first_batch(trainees: list[Trainee], store: ActivationSource, hook_of: list[tuple[int, int | None]]) -> Tensor:
-    """A fresh start: each SAE's input scale (a transcoder's target scale too) and b_dec from the stream's first
-    batch, then the step-0 evaluation. Returns that batch: the first step trains on it."""
+def _init_from_first_batch(trainees: list[Trainee], store: ActivationSource,
+                           hook_of: list[tuple[int, int | None]]) -> Tensor:
+    """A fresh start: each SAE's input scale (a transcoder's target scale too) and b_dec from the
+    first batch, then the step-0 evaluation. Returns that batch: the first step trains on it."""
     first_batch = store.next_batch()
     for t, (h, g) in zip(trainees, hook_of, strict=True):
         target = () if g is None else (first_batch[g], store.scales[g])
         t.sae.init_from_batch(first_batch[h], store.scales[h], *target)
-        if world_size() > 1:  # b_dec = mean of the union of the ranks' first batches (and standardize_tokens'
-            average_tensors([t.sae.scale, t.sae.b_dec])  # scale, which each rank takes from its own batch)
+        if world_size() > 1:  # b_dec = mean of the union of the ranks' first batches (and
+            average_tensors([t.sae.scale, t.sae.b_dec])  # standardize_tokens' per-rank scale)
         if rank() == 0:
             t.logger.log(evaluate(t.sae, store), step=0, tokens=0)
     return first_batch
 
 
-def _run_steps(trainees: list[Trainee], store: ActivationSource, hook_of: list[tuple[int, int | None]], start: int, total_steps: int,
+def _run_steps(trainees: list[Trainee], store: ActivationSource,
+               hook_of: list[tuple[int, int | None]], start: int, total_steps: int,
                first_batch: Tensor | None) -> None:
     """The training loop from step `start`: every SAE steps on its hook's slice of each batch,
     logs, and the group checkpoints together. `first_batch` is the batch of step `start`, or
@@ -410,7 +429,7 @@ def _run_steps(trainees: list[Trainee], store: ActivationSource, hook_of: list[t
     cfgs = [t.cfg for t in trainees]
     hook_points = hook_points_of(cfgs)
     where = hook_points[0] if len(hook_points) == 1 else f"{len(hook_points)} hook points"
-    tokens_per_step = cfgs[0]["batch_size"] * world_size()  # what the dead-latent counters count, too
+    tokens_per_step = cfgs[0]["batch_size"] * world_size()  # the dead-latent counters count it too
     progress = Progress(total_steps * tokens_per_step, desc=f"{len(trainees)} SAE(s) on {where}",
                         initial=start * tokens_per_step, enabled=rank() == 0)
     try:
@@ -419,12 +438,13 @@ def _run_steps(trainees: list[Trainee], store: ActivationSource, hook_of: list[t
             tokens = (step + 1) * tokens_per_step
             aux_enabled = step * tokens_per_step > min(c["dead_after_tokens"] for c in cfgs)
             for t, (h, g) in zip(trainees, hook_of, strict=True):
-                out = training_step(t, x[h], step, total_steps, aux_enabled, None if g is None else x[g])
+                out = training_step(t, x[h], step, total_steps, aux_enabled,
+                                    None if g is None else x[g])
                 record_non_finite(t, out, step + 1)
                 _log_step(t, out, step + 1, total_steps, tokens, store, progress)
             checkpoint_group(trainees, step + 1, total_steps, tokens, store)
             progress.advance(tokens_per_step)
-            if step + 1 < total_steps and stop_requested():  # a signal: checkpoint the step just finished, stop
+            if step + 1 < total_steps and stop_requested():  # a signal: checkpoint this step, stop
                 for t in trainees:
                     check_finite(t)  # as before every checkpoint: none is written from bad weights
                 undone = [t for t in trainees if not checkpoint_due(t.cfg, step + 1)]

@@ -27,16 +27,17 @@ TINY = {"batch_size": 64, "num_batches_in_buffer": 4, "eval_tokens": 256, "downs
 def cli(**overrides) -> list[str]:
     """key=value arguments for small_cfg | TINY | overrides, where they differ from the defaults."""
     cfg, defaults = small_cfg(**TINY | overrides), get_default_cfg()
-    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in cfg.items() if v != defaults[k]]
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in cfg.items()
+            if v != defaults[k]]
 
 
 @pytest.fixture(scope="module")
 def earlier_runs(minilm, tmp_path_factory) -> Path:
-    """An output folder holding two finished runs, trained apart: `prev` (batchtopk) and `other` (topk)."""
+    """An output folder of two finished runs, trained apart: `prev` (batchtopk), `other` (topk)."""
     out = tmp_path_factory.mktemp("earlier")
     for sae_type, name in (("batchtopk", "prev"), ("topk", "other")):
-        training.train_sae(small_cfg(**TINY | {"sae_type": sae_type, "run_name": name, "output_dir": str(out)}),
-                           model=minilm)
+        training.train_sae(small_cfg(**TINY | {"sae_type": sae_type, "run_name": name,
+                                               "output_dir": str(out)}), model=minilm)
     return out
 
 
@@ -59,7 +60,8 @@ class WithoutResidMid:
 def setup_foreign_checkpoint(runs: Path) -> None:
     """prev killed after step 4, with topk's step-4 checkpoint copied in as its step 6."""
     shutil.rmtree(runs / "prev" / "final")
-    shutil.copytree(runs / "other" / "checkpoints" / "step_0000004", runs / "prev" / "checkpoints" / "step_0000006")
+    shutil.copytree(runs / "other" / "checkpoints" / "step_0000004",
+                    runs / "prev" / "checkpoints" / "step_0000006")
 
 
 def write_corpora(folder: Path) -> None:
@@ -77,7 +79,8 @@ def disk_full_when(module, writing: Callable[[Path], bool], monkeypatch) -> None
     def save_file(tensors, filename, *args, **kwargs):
         if writing(Path(filename)):
             Path(filename).write_bytes(b"partial")
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  "(os error 28)")
         return real(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(module, "save_file", save_file)
@@ -91,72 +94,91 @@ CASES = [
      r"config dict_size='big' is invalid: expected int"),
     ("impossible value", lambda r, d: [*cli(output_dir=r), "top_k=4000"], None, 2,
      r"config top_k=4000 is invalid: must be <= dict_size \(256\)"),
-    ("negative lr", lambda r, d: [*cli(output_dir=r), "lr=-0.1"], None, 2, r"config lr=-0.1 is invalid: must be >= 0"),
+    ("negative lr", lambda r, d: [*cli(output_dir=r), "lr=-0.1"], None, 2,
+     r"config lr=-0.1 is invalid: must be >= 0"),
     ("matryoshka groups short of dict_size",
      lambda r, d: [*cli(output_dir=r), "sae_type=matryoshka", "matryoshka_groups=64,64"], None, 2,
-     r"config matryoshka_groups='64,64' is invalid: non-empty groups adding up to dict_size \(256\)"),
-    ("target_l0 where k sets the L0", lambda r, d: [*cli(output_dir=r), "sae_type=topk", "target_l0=16"], None, 2,
+     r"config matryoshka_groups='64,64' is invalid: non-empty groups adding up to "
+     r"dict_size \(256\)"),
+    ("target_l0 where k sets the L0",
+     lambda r, d: [*cli(output_dir=r), "sae_type=topk", "target_l0=16"], None, 2,
      r"config target_l0=16.0 is invalid: sae_type=topk has no sparsity coefficient to adapt"),
-    ("target_l0 above dict_size", lambda r, d: [*cli(output_dir=r), "sae_type=vanilla", "target_l0=300"], None, 2,
+    ("target_l0 above dict_size",
+     lambda r, d: [*cli(output_dir=r), "sae_type=vanilla", "target_l0=300"], None, 2,
      r"config target_l0=300.0 is invalid: must be <= dict_size \(256\)"),
     ("matryoshka empty group",
-     lambda r, d: [*cli(output_dir=r), "sae_type=matryoshka", "matryoshka_groups=128,0,128"], None, 2,
-     r"config matryoshka_groups='128,0,128' is invalid: non-empty groups adding up to dict_size \(256\)"),
-    ("model path", lambda r, d: [*cli(output_dir=r), "model_name=/nonexistent/model"], "real model", 2,
-     r"config model_name='/nonexistent/model' could not be loaded \(a Hub name needs internet, or a local folder"),
-    ("hub model offline", lambda r, d: [*cli(output_dir=r), "model_name=nobody-here/no-such-model"], "real model", 2,
-     r"config model_name='nobody-here/no-such-model' could not be loaded \(a Hub name needs internet"),
+     lambda r, d: [*cli(output_dir=r), "sae_type=matryoshka", "matryoshka_groups=128,0,128"],
+     None, 2, r"config matryoshka_groups='128,0,128' is invalid: "
+     r"non-empty groups adding up to dict_size \(256\)"),
+    ("model path", lambda r, d: [*cli(output_dir=r), "model_name=/nonexistent/model"],
+     "real model", 2, r"config model_name='/nonexistent/model' could not be loaded "
+     r"\(a Hub name needs internet, or a local folder"),
+    ("hub model offline", lambda r, d: [*cli(output_dir=r), "model_name=nobody-here/no-such-model"],
+     "real model", 2, r"config model_name='nobody-here/no-such-model' could not be loaded "
+     r"\(a Hub name needs internet"),
     ("hook point", lambda r, d: [*cli(output_dir=r), "site=resid_mid"], "no resid_mid", 2,
-     r"hook point 'blocks\.3\.hook_resid_mid' does not exist in this model: valid sites are resid_pre, resid_post"),
-    ("unknown hook name", lambda r, d: [*cli(output_dir=r), "hook_point=blocks.3.mlp.hook_inn"], None, 2,
-     r"hook point 'blocks\.3\.mlp\.hook_inn' does not exist in this model: .*closest hook names: "
-     r"blocks\.3\.mlp\.hook_in"),
+     r"hook point 'blocks\.3\.hook_resid_mid' does not exist in this model: valid sites are "
+     r"resid_pre, resid_post"),
+    ("unknown hook name", lambda r, d: [*cli(output_dir=r), "hook_point=blocks.3.mlp.hook_inn"],
+     None, 2, r"hook point 'blocks\.3\.mlp\.hook_inn' does not exist in this model: "
+     r".*closest hook names: blocks\.3\.mlp\.hook_in"),
     ("transcoder target before input",
      lambda r, d: [*cli(output_dir=r), "site=mlp_out", "target_site=mlp_in"], None, 2,
-     r"config target hook point 'blocks\.3\.mlp\.hook_in' comes before the input 'blocks\.3\.hook_mlp_out'"),
-    ("skip connection without target", lambda r, d: [*cli(output_dir=r), "skip_connection=true"], None, 2,
-     r"config skip_connection=True is invalid: needs a target \(target_site or target_hook_point\)"),
-    ("hook point of another width", lambda r, d: [*cli(output_dir=r), "hook_point=blocks.3.mlp.hook_pre"], None, 2,
-     r"hook point 'blocks\.3\.mlp\.hook_pre' gives activations of shape \(8, 32, 1536\): this project trains on "
-     r"\(batch, position, d_model=384\) hook points"),
+     r"config target hook point 'blocks\.3\.mlp\.hook_in' comes before the input "
+     r"'blocks\.3\.hook_mlp_out'"),
+    ("skip connection without target", lambda r, d: [*cli(output_dir=r), "skip_connection=true"],
+     None, 2, r"config skip_connection=True is invalid: needs a target "
+     r"\(target_site or target_hook_point\)"),
+    ("hook point of another width",
+     lambda r, d: [*cli(output_dir=r), "hook_point=blocks.3.mlp.hook_pre"], None, 2,
+     r"hook point 'blocks\.3\.mlp\.hook_pre' gives activations of shape \(8, 32, 1536\): this "
+     r"project trains on \(batch, position, d_model=384\) hook points"),
     ("dataset path", lambda r, d: [*cli(output_dir=r), f"dataset_path={d}/missing.txt"], None, 2,
      r"config dataset_path='.*missing\.txt' does not exist"),
     ("empty corpus", lambda r, d: [*cli(output_dir=r), f"dataset_path={d}/empty.jsonl"], None, 2,
      r"config dataset_path='.*empty\.jsonl' is empty: it holds no text"),
     ("blank corpus", lambda r, d: [*cli(output_dir=r), f"dataset_path={d}/blank.txt"], None, 2,
-     r"config dataset_path='.*blank\.txt' gives only 0 rows of seq_len=32; need more than the 9 held-out rows"),
+     r"config dataset_path='.*blank\.txt' gives only 0 rows of seq_len=32; need more than the 9 "
+     r"held-out rows"),
     ("text column", lambda r, d: [*cli(output_dir=r), f"dataset_path={d}/body.jsonl"], None, 2,
      r"config text_column='text' is not in the dataset; its columns are body"),
     ("run folder exists", lambda r, d: cli(output_dir=r, run_name="prev"), None, 2,
-     r"the run folder .*prev already exists; continue it with --resume .*, replace it with overwrite=true"),
+     r"the run folder .*prev already exists; continue it with --resume .*, replace it with "
+     r"overwrite=true"),
     ("unwritable output", lambda r, d: cli(output_dir=f"{d}/a_file/runs"), None, 2,
-     r"config output_dir='.*a_file/runs' is not writable \(Not a directory\); choose another output_dir"),
+     r"config output_dir='.*a_file/runs' is not writable \(Not a directory\); choose another "
+     r"output_dir"),
     ("resume other variant", lambda r, d: ["--resume", f"{r}/prev", "sae_type=topk"], None, 2,
-     r"config sae_type='topk' differs from 'batchtopk' in the run being resumed .*only wandb_mode, "),
+     r"config sae_type='topk' differs from 'batchtopk' in the run being resumed "
+     r".*only wandb_mode, "),
     ("resume other dict_size", lambda r, d: ["--resume", f"{r}/prev", "dict_size=512"], None, 2,
      r"config dict_size=512 differs from 256 in the run being resumed"),
     ("resume foreign checkpoint", lambda r, d: ["--resume", f"{r}/prev"], "foreign checkpoint", 2,
-     r"checkpoint .*prev/checkpoints/step_0000006 is from another run: its sae_type is 'topk', this run's is "
-     r"'batchtopk'"),
+     r"checkpoint .*prev/checkpoints/step_0000006 is from another run: its sae_type is 'topk', "
+     r"this run's is 'batchtopk'"),
     ("resume not a run", lambda r, d: ["--resume", str(d)], None, 2,
      r"config resume='.*' is not a run folder: .*config\.json cannot be read"),
-    ("disk full", lambda r, d: cli(output_dir=r, run_name="full", checkpoint_freq=2), "disk full", 4,
-     r"disk full \(.*No space left on device.*\) while writing checkpoint .*full/checkpoints/step_0000004; earlier "
-     r"checkpoints are intact: free space, then continue with python main.py --resume .*full"),
-    ("cache disk full", lambda r, d: cli(output_dir=r, run_name="cached", cache_dir=f"{d}/cache"), "cache disk full",
-     4, r"disk full \(.*No space left on device.*\) while writing the activation cache .*; the shards it lists are "
-     r"intact, and runs read them and generate the rest: free space or choose another cache_dir"),
+    ("disk full", lambda r, d: cli(output_dir=r, run_name="full", checkpoint_freq=2), "disk full",
+     4, r"disk full \(.*No space left on device.*\) while writing checkpoint "
+     r".*full/checkpoints/step_0000004; earlier checkpoints are intact: free space, then continue "
+     r"with python main.py --resume .*full"),
+    ("cache disk full", lambda r, d: cli(output_dir=r, run_name="cached", cache_dir=f"{d}/cache"),
+     "cache disk full", 4,
+     r"disk full \(.*No space left on device.*\) while writing the activation cache .*; the "
+     r"shards it lists are intact, and runs read them and generate the rest: free space or "
+     r"choose another cache_dir"),
 ]
 
 
-@pytest.mark.parametrize("argv,setup,code,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_gives_one_line_and_damages_nothing(argv, setup, code, message, earlier_runs, minilm, tmp_path,
-                                                      monkeypatch, capsys):
+@pytest.mark.parametrize("argv,setup,code,message", [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_and_damages_nothing(argv, setup, code, message, earlier_runs,
+                                                      minilm, tmp_path, monkeypatch, capsys):
     runs, data = tmp_path / "runs", tmp_path / "data"
     shutil.copytree(earlier_runs, runs)
     data.mkdir()
     write_corpora(data)
-    if setup == "real model":  # offline as this machine is, without waiting for network timeouts (~25 s)
+    if setup == "real model":  # offline as this machine is, without waiting for network timeouts
         import huggingface_hub.constants
 
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -166,9 +188,11 @@ def test_bad_input_gives_one_line_and_damages_nothing(argv, setup, code, message
     if setup == "foreign checkpoint":
         setup_foreign_checkpoint(runs)
     if setup == "disk full":
-        disk_full_when(checkpoint, lambda path: path.parent.name == ".tmp-step_0000004", monkeypatch)
+        disk_full_when(checkpoint, lambda path: path.parent.name == ".tmp-step_0000004",
+                       monkeypatch)
     if setup == "cache disk full":
-        disk_full_when(activation_store, lambda path: path.name.startswith(".tmp-shard"), monkeypatch)
+        disk_full_when(activation_store, lambda path: path.name.startswith(".tmp-shard"),
+                       monkeypatch)
     before = snapshot(runs)
     capsys.readouterr()
 
@@ -185,10 +209,12 @@ def test_bad_input_gives_one_line_and_damages_nothing(argv, setup, code, message
         assert verify_checkpoint(checkpoints / "step_0000002") is None
     if setup == "cache disk full":
         cache = next((data / "cache").iterdir())
-        assert sorted(p.name for p in cache.iterdir()) == ["eval.safetensors", "manifest.json"]  # no .tmp left
+        assert sorted(p.name for p in cache.iterdir()) == ["eval.safetensors",
+                                                           "manifest.json"]  # no .tmp left
 
 
-def test_overwrite_replaces_a_run_folder_but_never_a_foreign_one(earlier_runs, minilm, tmp_path, monkeypatch):
+def test_overwrite_replaces_a_run_folder_but_never_a_foreign_one(earlier_runs, minilm, tmp_path,
+                                                                 monkeypatch):
     from config import ConfigError
     from logs import RunLogger
 

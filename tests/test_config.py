@@ -1,4 +1,4 @@
-"""Config validation: each bad setting raises one line naming the key, the value and what is allowed."""
+"""Config validation: a bad setting raises one line naming the key, the value and what's allowed."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ BAD = [
     ({"top_k": 4000}, "top_k=4000 is invalid: must be <= dict_size (3072)"),
     ({"layer": 6}, "layer=6 is invalid: the model has 6 layers (0..5)"),
     ({"seq_len": 1024}, "seq_len=1024 is invalid: must be <= the model's context (512)"),
-    ({"sae_type": "relu"}, "sae_type='relu' is invalid: allowed: vanilla, topk, batchtopk, jumprelu"),  # and more
-    ({"site": "resid"}, "site='resid' is invalid: allowed: resid_pre, resid_mid, resid_post, attn_out, mlp_in, "
-     "mlp_out"),
+    ({"sae_type": "relu"}, "sae_type='relu' is invalid: allowed: vanilla, topk, batchtopk, "
+     "jumprelu"),  # and more
+    ({"site": "resid"}, "site='resid' is invalid: allowed: resid_pre, resid_mid, resid_post, "
+     "attn_out, mlp_in, mlp_out"),
     ({"lr": -1.0}, "lr=-1.0 is invalid: must be >= 0"),
     ({"batch_size": 0}, "batch_size=0 is invalid: must be > 0"),
     ({"lr_warmup_frac": 1.5}, "lr_warmup_frac=1.5 is invalid: must be in [0, 1)"),
@@ -62,13 +63,15 @@ def test_parse_value_uses_the_default_type():
 
 
 def run_main(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_cli_bad_key_exits_2_with_one_line():
     result = run_main("dict_sise=10")
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: unknown config key 'dict_sise': did you mean 'dict_size'?"
+    assert result.stderr.strip() == ("error: unknown config key 'dict_sise': "
+                                     "did you mean 'dict_size'?")
 
 
 def test_cli_layer_beyond_model_exits_2_with_one_line():
@@ -84,14 +87,16 @@ def test_config_reference_is_the_declaration():
 
     assert all(spec.doc and set(spec.roles) <= set(ROLES) for spec in all_keys().values())
     written = (REPO / "docs" / "config.md").read_text()
-    assert written == reference_table(), "docs/config.md is stale: python config.py > docs/config.md"
+    assert written == reference_table(), \
+        "docs/config.md is stale: python config.py > docs/config.md"
 
 
 def test_the_recipe_keeps_a_set_lr_and_derives_an_unset_one_from_the_shape():
     from config import LR_MAX, auto_lr
 
-    default = prepare_cfg(get_default_cfg(), DIMS)  # MiniLM's 300 steps: short of the noise-limited regime
-    assert default["lr"] == LR_MAX and default["auto"] == "lr 5.0e-3 (auto: 3,072 latents, d 384, 300 steps)"
+    default = prepare_cfg(get_default_cfg(), DIMS)  # MiniLM's 300 steps: not yet noise-limited
+    assert default["lr"] == LR_MAX \
+        and default["auto"] == "lr 5.0e-3 (auto: 3,072 latents, d 384, 300 steps)"
     kept = prepare_cfg(get_default_cfg() | {"lr": 1e-3}, DIMS)
     assert kept["lr"] == 1e-3 and kept["auto"] == ""
     again = prepare_cfg(default, DIMS)  # a derived config (a resumed run's) keeps its values
@@ -99,6 +104,6 @@ def test_the_recipe_keeps_a_set_lr_and_derives_an_unset_one_from_the_shape():
     long = get_default_cfg() | {"num_tokens": 4096 * 40_000, "dict_size": 16384}
     lr = prepare_cfg(long, DIMS)["lr"]
     assert lr < LR_MAX and lr == auto_lr(40_000, 384, 16384)
-    assert auto_lr(4 * 40_000, 384, 16384) == pytest.approx(lr / 2)  # 1/sqrt(steps x d x latents) below the cap
+    assert auto_lr(4 * 40_000, 384, 16384) == pytest.approx(lr / 2)  # 1/sqrt(steps x d x latents)
     assert auto_lr(40_000, 4 * 384, 16384) == pytest.approx(lr / 2)
     assert auto_lr(40_000, 384, 4 * 16384) == pytest.approx(lr / 2)

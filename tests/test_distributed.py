@@ -26,9 +26,9 @@ D, M, B, STEPS = 32, 128, 64, 8
 
 
 def step_cfg(sae_type: str) -> dict:
-    return get_default_cfg() | {"sae_type": sae_type, "act_size": D, "dict_size": M, "top_k": 8, "top_k_aux": 16,
-                                "batch_size": B, "device": "cpu", "seed": 0, "lr": 1e-2,
-                                "dead_after_tokens": 10**9}  # AuxK normalises per rank: kept off here
+    return get_default_cfg() | {"sae_type": sae_type, "act_size": D, "dict_size": M, "top_k": 8,
+                                "top_k_aux": 16, "batch_size": B, "device": "cpu", "seed": 0,
+                                "lr": 1e-2, "dead_after_tokens": 10**9}  # AuxK's per-rank norm: off
 
 
 def union_batch(step: int) -> torch.Tensor:
@@ -42,7 +42,8 @@ def train(sae_type: str, rows: slice) -> dict[str, torch.Tensor]:
     sae = build_sae(cfg)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
-    trainee = Trainee(cfg, sae, optimizer, scheduler, None, SparsityCoefficient(sae), use_sparse_kernels(cfg))
+    trainee = Trainee(cfg, sae, optimizer, scheduler, None, SparsityCoefficient(sae),
+                      use_sparse_kernels(cfg))
     sae.init_from_batch(union_batch(0)[rows], scale=0.8)
     if dist.is_initialized():
         average_tensors([sae.b_dec])
@@ -55,7 +56,7 @@ def _rank_main(rank: int, sae_type: str, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        probe = build_sae(step_cfg(sae_type))  # gradients are averaged, not summed (Adam would hide a sum)
+        probe = build_sae(step_cfg(sae_type))  # grads averaged, not summed (Adam would hide a sum)
         for p in probe.parameters():
             p.grad = torch.full_like(p, rank + 1.0)
         average_gradients(probe)
@@ -72,7 +73,7 @@ def test_two_ranks_match_each_other_and_one_process_on_the_union(sae_type, tmp_p
     for name, value in ranks[0].items():
         assert torch.equal(ranks[1][name], value), name  # every rank holds identical state
     if sae_type == "batchtopk":
-        return  # each rank selects its own batch's top k*B: not the union's selection (see training.py)
+        return  # each rank picks its own batch's top k*B: not the union's (see training.py)
     single = train(sae_type, slice(0, 2 * B))
     for name, value in single.items():
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
@@ -102,17 +103,18 @@ sys.exit(main.main(sys.argv[1:]))
 
 def torchrun(script: str, args: list[str]) -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", script, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", script, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def ddp_args(out, run_name: str) -> list[str]:
-    cfg = small_cfg(sae_type="batchtopk", output_dir=str(out), run_name=run_name, num_tokens=256 * 8,
-                    checkpoint_freq=4, eval_freq=4, perf_log_freq=2, num_batches_in_buffer=4)
-    keys = ("sae_type", "output_dir", "run_name", "num_tokens", "checkpoint_freq", "eval_freq", "perf_log_freq",
-            "seq_len", "model_batch_size", "num_batches_in_buffer", "batch_size", "eval_tokens",
-            "downstream_eval_rows", "dict_size", "top_k", "wandb_mode", "device")
+    cfg = small_cfg(sae_type="batchtopk", output_dir=str(out), run_name=run_name,
+                    num_tokens=256 * 8, checkpoint_freq=4, eval_freq=4, perf_log_freq=2,
+                    num_batches_in_buffer=4)
+    keys = ("sae_type", "output_dir", "run_name", "num_tokens", "checkpoint_freq", "eval_freq",
+            "perf_log_freq", "seq_len", "model_batch_size", "num_batches_in_buffer", "batch_size",
+            "eval_tokens", "downstream_eval_rows", "dict_size", "top_k", "wandb_mode", "device")
     return [f"{k}={cfg[k]}" for k in keys]
 
 
@@ -120,11 +122,12 @@ def test_torchrun_two_ranks_train_and_only_rank_0_writes(tmp_path):
     done = torchrun("main.py", ddp_args(tmp_path, "ddp"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
-    logged = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line)
+              for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     steps = [line["step"] for line in logged]
     assert steps == sorted(steps) and steps[-1] == 8
     batch_size = small_cfg()["batch_size"]
-    assert all(line["tokens"] == line["step"] * batch_size * 2 for line in logged)  # both ranks' tokens
+    assert all(line["tokens"] == line["step"] * batch_size * 2 for line in logged)  # of both ranks
     assert (tmp_path / "ddp" / "final" / "sae.safetensors").exists()
     weights = load_file(tmp_path / "ddp" / "final" / "sae.safetensors")
     assert torch.isfinite(weights["W_dec"]).all()
@@ -202,7 +205,7 @@ def test_torchrun_sigterm_to_one_rank_stops_both_at_one_step_and_resumes_bitwise
     script = tmp_path / "sigterm_rank_1.py"
     script.write_text(SIGTERM_TO_RANK_1.format(repo=str(REPO), step=3))
     stopped = torchrun(str(script), ddp_args(tmp_path / "stopped", "run"))
-    assert stopped.returncode != 0 and "stopped at step 3 of 8: checkpoint written" in stopped.stderr, \
-        stopped.stderr[-3000:]
+    assert stopped.returncode != 0 \
+        and "stopped at step 3 of 8: checkpoint written" in stopped.stderr, stopped.stderr[-3000:]
     assert (tmp_path / "stopped" / "run" / "checkpoints" / "step_0000003").is_dir()
     resume_and_compare(tmp_path / "stopped" / "run", tmp_path / "full" / "run")

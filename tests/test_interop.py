@@ -1,8 +1,8 @@
 """SAELens export/import and the Hub folder (interop.py): offline, small SAEs, no model.
 
-Every variant gets a non-trivial input scale, random biases and thresholds, so folding the scale into the
-exported weights is checked where it can fail. The SAELens formulas are re-implemented here from its source
-(sae_lens 6: saes/standard_sae.py, topk_sae.py, jumprelu_sae.py) and run on the exported files alone.
+Every variant gets a non-trivial input scale, random biases and thresholds, so folding the scale
+into the exported weights is checked where it can fail. The SAELens formulas are re-implemented from
+sae_lens 6 (saes/standard_sae.py, topk_sae.py, jumprelu_sae.py) and run on the exported files alone.
 """
 
 from __future__ import annotations
@@ -36,16 +36,16 @@ SCALE = 3.7
 HOOK = "blocks.3.hook_resid_pre"
 VARIANTS = tuple(SAE_CLASSES)
 CLASSES = SAE_CLASSES
-# the built-in variants' SAELens architectures, written out (a new variant states its own on its class)
-ARCHITECTURES = {"vanilla": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu",
-                 "matryoshka": "jumprelu"}
+# built-in variants' SAELens architectures, written out (a new variant states its own on its class)
+ARCHITECTURES = {"vanilla": "standard", "topk": "topk", "batchtopk": "jumprelu",
+                 "jumprelu": "jumprelu", "matryoshka": "jumprelu"}
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def trained_like(sae_type: str, seed: int = 0, standardize_tokens: bool = False) -> BaseSAE:
-    """A small SAE in eval mode with weights no fresh SAE has: scale 3.7, random biases, thresholds."""
-    cfg = get_default_cfg() | {"act_size": D, "dict_size": M, "sae_type": sae_type, "top_k": K, "seed": seed,
-                               "hook_point": HOOK, "run_name": f"{sae_type}_test_run",
+    """A small eval-mode SAE with weights no fresh SAE has: scale 3.7, random biases, thresholds."""
+    cfg = get_default_cfg() | {"act_size": D, "dict_size": M, "sae_type": sae_type, "top_k": K,
+                               "seed": seed, "hook_point": HOOK, "run_name": f"{sae_type}_test_run",
                                "standardize_tokens": standardize_tokens}
     sae = build_sae(cfg)
     gen = torch.Generator().manual_seed(seed + 100)
@@ -93,15 +93,16 @@ def saelens_decode(cfg: dict, t: dict[str, torch.Tensor], f: torch.Tensor) -> to
 
 
 def saelens_layer_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SAELens 6's normalize_activations="layer_norm" on the way in: (x - mu) / (std + 1e-5), with mu and the
-    (unbiased) std, which its way out puts back as x_hat * std + mu."""
+    """SAELens 6's normalize_activations="layer_norm" on the way in: (x - mu) / (std + 1e-5), with
+    mu and the (unbiased) std, which its way out puts back as x_hat * std + mu."""
     centred = x - x.mean(-1, keepdim=True)
     std = centred.std(-1, keepdim=True)
     return centred / (std + 1e-5), x.mean(-1, keepdim=True), std
 
 
 def read_export(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    return json.loads((folder / SAELENS_CFG_FILE).read_text()), load_file(folder / SAELENS_WEIGHTS_FILE)
+    return json.loads((folder / SAELENS_CFG_FILE).read_text()), \
+        load_file(folder / SAELENS_WEIGHTS_FILE)
 
 
 def assert_some_fire_some_not(f: torch.Tensor) -> None:
@@ -122,7 +123,7 @@ def test_export_cfg_fields_and_tensor_names(sae_type, tmp_path):
     assert cfg["apply_b_dec_to_input"] is True
     assert cfg["normalize_activations"] == "none" and cfg["reshape_activations"] == "none"
     meta = cfg["metadata"]
-    assert int(meta["sae_lens_version"].split(".")[0]) >= 6  # older versions are read as flat configs
+    assert int(meta["sae_lens_version"].split(".")[0]) >= 6  # older versions read as flat configs
     assert meta["hook_name"] == HOOK and meta["model_name"] == sae.cfg["model_name"]
     assert meta["sae_training_export"]["sae_type"] == sae_type
     assert meta["sae_training_export"]["input_scale"] == pytest.approx(SCALE)
@@ -136,7 +137,7 @@ def test_export_cfg_fields_and_tensor_names(sae_type, tmp_path):
         expected["threshold"] = (M,)
     assert {name: tuple(v.shape) for name, v in t.items()} == expected
     assert all(v.dtype == torch.float32 for v in t.values())
-    with torch.no_grad():  # the scale is folded: W_enc * s, b_dec / s, W_dec / s, b_enc and thresholds as they were
+    with torch.no_grad():  # scale folded: W_enc * s, b_dec / s, W_dec / s; b_enc, thresholds kept
         torch.testing.assert_close(t["W_enc"], sae.W_enc * SCALE)
         torch.testing.assert_close(t["W_dec"], sae.W_dec / SCALE)
         torch.testing.assert_close(t["b_dec"], sae.b_dec / SCALE)
@@ -169,7 +170,8 @@ def test_export_then_load_saelens_round_trip(sae_type, tmp_path):
     loaded = load_saelens(export_saelens(sae, tmp_path / "export"))
     assert type(loaded) is CLASSES[sae_type] and not loaded.training
     assert float(loaded.scale) == 1.0
-    assert loaded.cfg["hook_point"] == HOOK and (loaded.cfg["layer"], loaded.cfg["site"]) == (3, "resid_pre")
+    assert loaded.cfg["hook_point"] == HOOK \
+        and (loaded.cfg["layer"], loaded.cfg["site"]) == (3, "resid_pre")
     assert loaded.cfg["run_name"] == sae.cfg["run_name"]
     if sae_type in ("topk", "batchtopk"):
         assert loaded.cfg["top_k"] == K
@@ -200,11 +202,11 @@ def test_real_saelens_loads_the_export(tmp_path):
 
 
 def write_saelens_folder(folder: Path, cfg: dict, seed: int = 5) -> dict[str, torch.Tensor]:
-    """A SAELens-style folder with random weights (decoder rows not unit norm) and the given cfg.json."""
+    """A SAELens-style folder: random weights (decoder rows not unit norm), the given cfg.json."""
     gen = torch.Generator().manual_seed(seed)
-    t = {"W_enc": torch.randn(D, M, generator=gen) / D**0.5, "W_dec": 2 * torch.rand(M, 1, generator=gen) *
-         torch.randn(M, D, generator=gen) / D**0.5, "b_enc": torch.randn(M, generator=gen) - 0.5,
-         "b_dec": torch.randn(D, generator=gen)}
+    t = {"W_enc": torch.randn(D, M, generator=gen) / D**0.5,
+         "W_dec": 2 * torch.rand(M, 1, generator=gen) * torch.randn(M, D, generator=gen) / D**0.5,
+         "b_enc": torch.randn(M, generator=gen) - 0.5, "b_dec": torch.randn(D, generator=gen)}
     if cfg.get("architecture") == "jumprelu":
         t["threshold"] = 0.2 + torch.rand(M, generator=gen)
     if cfg.get("finetuning_scaling_factor"):
@@ -216,24 +218,29 @@ def write_saelens_folder(folder: Path, cfg: dict, seed: int = 5) -> dict[str, to
 
 
 V6 = {"d_in": D, "d_sae": M, "dtype": "float32", "device": "cpu", "normalize_activations": "none",
-      "metadata": {"sae_lens_version": "6.12.0", "model_name": "gpt2", "hook_name": "blocks.8.hook_resid_pre",
-                   "context_size": 64}}
+      "metadata": {"sae_lens_version": "6.12.0", "model_name": "gpt2",
+                   "hook_name": "blocks.8.hook_resid_pre", "context_size": 64}}
 
 
 @pytest.mark.parametrize("cfg", [
     V6 | {"architecture": "standard", "apply_b_dec_to_input": False},
-    V6 | {"architecture": "topk", "k": K, "rescale_acts_by_decoder_norm": True, "apply_b_dec_to_input": True},
+    V6 | {"architecture": "topk", "k": K, "rescale_acts_by_decoder_norm": True,
+          "apply_b_dec_to_input": True},
     V6 | {"architecture": "jumprelu", "apply_b_dec_to_input": False},
-    {"architecture": "topk", "d_in": D, "d_sae": M, "dtype": "float32", "hook_point": "blocks.1.hook_mlp_out",
+    {"architecture": "topk", "d_in": D, "d_sae": M, "dtype": "float32",
+     "hook_point": "blocks.1.hook_mlp_out",
      "activation_fn_str": "topk", "activation_fn_kwargs": {"k": K}, "apply_b_dec_to_input": True,
      "sae_lens_version": "5.3.0"},  # the flat layout of SAELens < 6
-    {"architecture": "standard", "d_in": D, "d_sae": M, "dtype": "float32", "hook_name": "blocks.0.hook_resid_post",
-     "finetuning_scaling_factor": True, "sae_lens_version": "4.0.0"},
-], ids=["standard-no-bdec-in", "topk-rescaled", "jumprelu-no-bdec-in", "pre6-flat-topk", "pre6-scaling-factor"])
+    {"architecture": "standard", "d_in": D, "d_sae": M, "dtype": "float32",
+     "hook_name": "blocks.0.hook_resid_post", "finetuning_scaling_factor": True,
+     "sae_lens_version": "4.0.0"},
+], ids=["standard-no-bdec-in", "topk-rescaled", "jumprelu-no-bdec-in", "pre6-flat-topk",
+        "pre6-scaling-factor"])
 def test_load_saelens_folds_options_of_foreign_folders(cfg, tmp_path):
     t = write_saelens_folder(tmp_path / "sae", cfg)
     sae = load_saelens(tmp_path / "sae")
-    assert type(sae) is CLASSES[{"standard": "vanilla"}.get(cfg["architecture"], cfg["architecture"])]
+    assert type(sae) is CLASSES[{"standard": "vanilla"}.get(cfg["architecture"],
+                                                            cfg["architecture"])]
     meta = cfg.get("metadata", cfg)
     assert sae.cfg["hook_point"] == meta.get("hook_name", cfg.get("hook_point"))
     if cfg["architecture"] == "topk":
@@ -256,10 +263,12 @@ def one_line_error(error_type, call) -> str:
 
 def test_load_saelens_bad_folders_fail_with_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
-    assert "no cfg.json" in one_line_error(FileNotFoundError, lambda: load_saelens(tmp_path / "empty"))
+    assert "no cfg.json" in one_line_error(FileNotFoundError,
+                                           lambda: load_saelens(tmp_path / "empty"))
 
     write_saelens_folder(tmp_path / "gated", V6 | {"architecture": "gated"})
-    assert "'gated' is not supported" in one_line_error(ConfigError, lambda: load_saelens(tmp_path / "gated"))
+    assert "'gated' is not supported" in one_line_error(ConfigError,
+                                                        lambda: load_saelens(tmp_path / "gated"))
 
     t = write_saelens_folder(tmp_path / "zero", V6 | {"architecture": "jumprelu"})
     t["threshold"][7] = 0.0
@@ -271,18 +280,20 @@ def test_load_saelens_bad_folders_fail_with_one_line(tmp_path):
     save_file(t | {"b_enc": torch.zeros(M + 1)}, tmp_path / "shape" / SAELENS_WEIGHTS_FILE)
     assert "b_enc" in one_line_error(ConfigError, lambda: load_saelens(tmp_path / "shape"))
 
-    write_saelens_folder(tmp_path / "norm", V6 | {"architecture": "standard",
-                                                  "normalize_activations": "expected_average_only_in"})
-    assert "normalize_activations" in one_line_error(ConfigError, lambda: load_saelens(tmp_path / "norm"))
+    write_saelens_folder(tmp_path / "norm", V6 | {
+        "architecture": "standard", "normalize_activations": "expected_average_only_in"})
+    assert "normalize_activations" in one_line_error(ConfigError,
+                                                     lambda: load_saelens(tmp_path / "norm"))
 
 
 @pytest.mark.parametrize("sae_type", VARIANTS)
-def test_an_sae_trained_on_standardised_tokens_exports_as_layer_norm_and_loads_back(sae_type, tmp_path):
+def test_an_sae_trained_on_standardised_tokens_exports_as_layer_norm_and_loads_back(sae_type,
+                                                                                    tmp_path):
     sae = trained_like(sae_type, standardize_tokens=True)
     folder = export_saelens(sae, tmp_path / "export")
     cfg, t = read_export(folder)
     assert cfg["normalize_activations"] == "layer_norm"
-    x = raw_x() * torch.linspace(0.5, 4.0, B)[:, None] + torch.randn(B, 1)  # tokens of differing mean and std
+    x = raw_x() * torch.linspace(0.5, 4.0, B)[:, None] + torch.randn(B, 1)  # varied means and stds
     x_n, mu, std = saelens_layer_norm(x)
     with torch.no_grad():
         f = sae.encode(x)
@@ -290,11 +301,13 @@ def test_an_sae_trained_on_standardised_tokens_exports_as_layer_norm_and_loads_b
         f_theirs = saelens_encode(cfg, t, x_n)
         torch.testing.assert_close(f_theirs, f, **TOL)
         # SAELens puts back std, not std + 1e-5: relative difference 1e-5 / std
-        torch.testing.assert_close(saelens_decode(cfg, t, f_theirs) * std + mu, sae.decode(f, x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(saelens_decode(cfg, t, f_theirs) * std + mu, sae.decode(f, x),
+                                   rtol=1e-4, atol=1e-4)
         loaded = load_saelens(folder)
         assert loaded.cfg["standardize_tokens"] is True
         torch.testing.assert_close(loaded(x).x_hat, sae(x).x_hat, **TOL)
-        torch.testing.assert_close(loaded.decode(loaded.encode(x), x), sae(x).x_hat, **TOL)  # as the model card says
+        torch.testing.assert_close(loaded.decode(loaded.encode(x), x), sae(x).x_hat,
+                                   **TOL)  # as the model card says
     card = model_card(sae)
     assert "Each token is standardised first" in card and "x_hat = sae.decode(latents, x)" in card
     assert "standardised" not in model_card(trained_like(sae_type))
@@ -303,12 +316,13 @@ def test_an_sae_trained_on_standardised_tokens_exports_as_layer_norm_and_loads_b
 # --- the Hub folder and upload, without network --------------------------------------------
 
 
-FINAL_EVAL = {"step": 300, "tokens": 76800, "l0": 3.9921875, "l1": 7.123456789, "nmse": 0.1258401135193840,
-              "explained_variance": 0.874159886480616, "dead": 0, "dense": 2}
+FINAL_EVAL = {"step": 300, "tokens": 76800, "l0": 3.9921875, "l1": 7.123456789,
+              "nmse": 0.1258401135193840, "explained_variance": 0.874159886480616, "dead": 0,
+              "dense": 2}
 
 
 def fake_run(folder: Path, sae_type: str = "batchtopk") -> Path:
-    """A finished run folder as RunLogger writes it: config.json, metrics.jsonl, final/ (the SAE)."""
+    """A finished run folder as RunLogger writes it: config.json, metrics.jsonl, final/ (SAE)."""
     sae = trained_like(sae_type)
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(sae.cfg))
@@ -361,7 +375,8 @@ def test_upload_creates_repo_and_uploads_the_hub_folder(tmp_path, monkeypatch):
             return f"https://huggingface.co/{repo_id}"
 
         def upload_folder(self, repo_id, folder_path, commit_message=None):
-            files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+            files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*")
+                           if p.is_file())
             calls.append(("upload_folder", repo_id, files))
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
@@ -369,7 +384,8 @@ def test_upload_creates_repo_and_uploads_the_hub_folder(tmp_path, monkeypatch):
     assert url == "https://huggingface.co/someone/sae-test"
     assert calls == [("init", "tok"), ("create_repo", "someone/sae-test", True, True),
                      ("upload_folder", "someone/sae-test",
-                      ["README.md", f"{HOOK}/{SAELENS_CFG_FILE}", f"{HOOK}/{SAELENS_WEIGHTS_FILE}"])]
+                      ["README.md", f"{HOOK}/{SAELENS_CFG_FILE}",
+                       f"{HOOK}/{SAELENS_WEIGHTS_FILE}"])]
 
 
 def test_results_still_gives_the_interop_functions_older_model_cards_import():

@@ -16,7 +16,7 @@ from config import prepare_cfg
 from training import train_sae_group
 
 STEPS = 1500
-WARM = 300  # resident memory is compared from here (allocator pools, first checkpoint and evaluation done)
+WARM = 300  # resident memory is compared from here (allocator pools, first checkpoint, eval done)
 
 
 def resident_bytes() -> int:
@@ -90,7 +90,8 @@ print(json.dumps(run_synthetic(sys.argv[1])))
 
 
 def test_resident_memory_does_not_grow_over_a_long_run(tmp_path):
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=Path(__file__).parent.parent,
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)],
+                            cwd=Path(__file__).parent.parent,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads(result.stdout.splitlines()[-1])
@@ -98,7 +99,8 @@ def test_resident_memory_does_not_grow_over_a_long_run(tmp_path):
     assert len(rss) == STEPS
     warm, end = rss[WARM], rss[-1]
     growth = (end - warm) / warm
-    print(f"resident memory: {warm / 2**20:.1f} MiB at step {WARM}, {end / 2**20:.1f} MiB at step {STEPS} "
+    print(f"resident memory: {warm / 2**20:.1f} MiB at step {WARM}, "
+          f"{end / 2**20:.1f} MiB at step {STEPS} "
           f"({100 * growth:+.2f}%), peak {max(rss[WARM:]) / 2**20:.1f} MiB")
     assert growth < 0.02
     # it trained (the held-out error fell) and kept only the newest checkpoints

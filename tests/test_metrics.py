@@ -35,7 +35,8 @@ def test_kl_of_identical_distributions_is_zero_and_positive_otherwise():
 
 def test_next_token_ce_matches_direct_loop():
     logits, tokens = torch.randn(2, 6, 7), torch.randint(0, 7, (2, 6))
-    direct = torch.stack([-logits[b, t].log_softmax(-1)[tokens[b, t + 1]] for b in range(2) for t in range(5)]).mean()
+    direct = torch.stack([-logits[b, t].log_softmax(-1)[tokens[b, t + 1]]
+                          for b in range(2) for t in range(5)]).mean()
     assert next_token_ce(logits, tokens).item() == pytest.approx(direct.item(), rel=1e-5)
 
 
@@ -52,8 +53,10 @@ def test_reconstruction_metrics_match_direct_computation():
     assert m["explained_variance"] == pytest.approx(1 - nmse.item(), rel=1e-5)
     assert m["l0"] == pytest.approx((f != 0).float().sum(-1).mean().item())
     assert m["l1"] == pytest.approx(f.abs().sum(-1).mean().item(), rel=1e-5)
-    assert m["cosine"] == pytest.approx(torch.cosine_similarity(x, x_hat, dim=-1).mean().item(), rel=1e-5)
-    assert m["shrinkage"] == pytest.approx((x_hat.norm(dim=-1) / x.norm(dim=-1)).mean().item(), rel=1e-5)
+    assert m["cosine"] == pytest.approx(torch.cosine_similarity(x, x_hat, dim=-1).mean().item(),
+                                        rel=1e-5)
+    assert m["shrinkage"] == pytest.approx((x_hat.norm(dim=-1) / x.norm(dim=-1)).mean().item(),
+                                           rel=1e-5)
     assert torch.allclose(m["density"], (f != 0).float().mean(0))
 
 
@@ -99,10 +102,12 @@ def test_ce_recovered_is_one_for_identity_and_zero_for_ablation(tiny_gpt2_dir, z
     tokens = torch.randint(1, model.cfg.d_vocab, (4, 16))
     keep = torch.ones_like(tokens, dtype=torch.bool)
     keep[:, 0] = False
-    m = downstream_metrics(_FixedSplice(zero), model, tokens, keep, "blocks.1.hook_resid_pre", batch=2)
+    m = downstream_metrics(_FixedSplice(zero), model, tokens, keep, "blocks.1.hook_resid_pre",
+                           batch=2)
     assert m["ce_recovered"] == pytest.approx(expected, abs=1e-5)
     if not zero:
-        assert m["kl"] == pytest.approx(0.0, abs=1e-6) and m["ce_spliced"] == pytest.approx(m["ce_clean"])
+        assert m["kl"] == pytest.approx(0.0, abs=1e-6) \
+            and m["ce_spliced"] == pytest.approx(m["ce_clean"])
 
 
 def test_downstream_metrics_do_not_depend_on_how_the_rows_are_chunked(tiny_gpt2_dir):
@@ -111,15 +116,17 @@ def test_downstream_metrics_do_not_depend_on_how_the_rows_are_chunked(tiny_gpt2_
     from metrics import downstream_metrics
 
     model = load_model(str(tiny_gpt2_dir), "cpu")
-    tokens = torch.randint(1, model.cfg.d_vocab, (5, 16), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(1, model.cfg.d_vocab, (5, 16),
+                           generator=torch.Generator().manual_seed(0))
     keep = torch.ones_like(tokens, dtype=torch.bool)
     keep[:, 0] = False
     half = _FixedSplice(zero=False)
     half.decode = lambda f, x=None: 0.5 * f  # a splice between identity and ablation
     chunked = downstream_metrics(half, model, tokens, keep, "blocks.1.hook_resid_pre", batch=2)
     whole = downstream_metrics(half, model, tokens, keep, "blocks.1.hook_resid_pre", batch=5)
-    recovered = chunked.pop("ce_recovered"), whole.pop("ce_recovered")  # a ratio of small differences
-    assert chunked == pytest.approx(whole, rel=1e-5) and recovered[0] == pytest.approx(recovered[1], abs=1e-3)
+    recovered = chunked.pop("ce_recovered"), whole.pop("ce_recovered")  # ratio of small differences
+    assert chunked == pytest.approx(whole, rel=1e-5) \
+        and recovered[0] == pytest.approx(recovered[1], abs=1e-3)
 
 
 def test_recovered_endpoints():

@@ -21,11 +21,12 @@ class SquaredTopKSAE(TopKSAE):
 
     name, title = "squared_topk", "Squared TopK"
     keys = TopKSAE.keys | {"square_scale": Key(1.0, "multiplies the squared kept entries", "> 0")}
-    saelens_architecture = "topk"  # stated, not inherited: SAELens reads it as TopK; load_saelens restores this class
+    saelens_architecture = "topk"  # not inherited: SAELens reads TopK; load_saelens, this class
 
     def activation(self, pre: Tensor) -> Tensor:
         vals, idx = pre.topk(self.cfg["top_k"], dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter_(-1, idx, self.cfg["square_scale"] * F.relu(vals).square())
+        return torch.zeros_like(pre).scatter_(-1, idx,
+                                              self.cfg["square_scale"] * F.relu(vals).square())
 
     @classmethod
     def run_tag(cls, cfg) -> str:
@@ -42,7 +43,8 @@ def squared_topk():
 def test_a_registered_variant_is_known_everywhere(squared_topk):
     cfg = get_default_cfg()
     assert cfg["square_scale"] == 1.0  # its key, declared on its class
-    derived = prepare_cfg(cfg | {"sae_type": "squared_topk"}, {"d_model": 16, "n_layers": 4, "n_ctx": 512})
+    derived = prepare_cfg(cfg | {"sae_type": "squared_topk"},
+                          {"d_model": 16, "n_layers": 4, "n_ctx": 512})
     assert "_sq32_" in derived["run_name"]
     assert [c["sae_type"] for c in main.sweep_variants(cfg)][-1] == "squared_topk"
     assert "squared_topk" in bench.parse(["variants=squared_topk"])["variants"]
@@ -75,8 +77,9 @@ def test_a_registered_variant_trains_exports_and_loads_back(squared_topk, tmp_pa
 
     gen = torch.Generator().manual_seed(0)
     acts = torch.randn(4096, 16, generator=gen) * torch.rand(16, generator=gen)
-    cfg = small_cfg(sae_type="squared_topk", dict_size=64, top_k=4, top_k_aux=8, num_tokens=256 * 6, eval_tokens=512,
-                    square_scale=0.5, output_dir=str(tmp_path / "runs"), run_name="squared")
+    cfg = small_cfg(sae_type="squared_topk", dict_size=64, top_k=4, top_k_aux=8,
+                    num_tokens=256 * 6, eval_tokens=512, square_scale=0.5,
+                    output_dir=str(tmp_path / "runs"), run_name="squared")
     trainee = train_sae(cfg, store=TensorStore(acts, cfg))
     assert trainee.final_metrics["l0"] <= 4 and trainee.final_metrics["explained_variance"] > 0
     sae = load_sae(tmp_path / "runs" / "squared" / "final")
@@ -84,15 +87,18 @@ def test_a_registered_variant_trains_exports_and_loads_back(squared_topk, tmp_pa
 
     folder = export_saelens(sae, tmp_path / "export")
     back = load_saelens(folder)
-    assert isinstance(back, SquaredTopKSAE) and back.cfg["square_scale"] == 0.5 and back.cfg["top_k"] == 4
+    assert isinstance(back, SquaredTopKSAE) and back.cfg["square_scale"] == 0.5 \
+        and back.cfg["top_k"] == 4
     x = acts[:64]
     with torch.no_grad():
         torch.testing.assert_close(back.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(back.decode(back.encode(x)), sae.decode(sae.encode(x)), rtol=1e-5, atol=1e-5)
-    # in a process where the variant is not registered, its export is refused in one line, not read as TopK
+        torch.testing.assert_close(back.decode(back.encode(x)), sae.decode(sae.encode(x)),
+                                   rtol=1e-5, atol=1e-5)
+    # in a process lacking the variant, its export is refused in one line, not read as TopK
     SAE_CLASSES.pop(squared_topk.name)
     try:
-        with pytest.raises(ConfigError, match="sae_type='squared_topk', which is not registered here"):
+        with pytest.raises(ConfigError,
+                           match="sae_type='squared_topk', which is not registered here"):
             load_saelens(folder)
     finally:
         register(squared_topk)
@@ -106,14 +112,15 @@ def test_a_run_saved_while_a_variant_was_registered_resumes_without_it(squared_t
     from training import train_sae
 
     acts = torch.randn(4096, 16, generator=torch.Generator().manual_seed(1))
-    cfg = small_cfg(sae_type="topk", dict_size=64, top_k=4, top_k_aux=8, num_tokens=256 * 6, eval_tokens=512,
-                    checkpoint_freq=2, output_dir=str(tmp_path / "runs"), run_name="plain")
+    cfg = small_cfg(sae_type="topk", dict_size=64, top_k=4, top_k_aux=8, num_tokens=256 * 6,
+                    eval_tokens=512, checkpoint_freq=2, output_dir=str(tmp_path / "runs"),
+                    run_name="plain")
     train_sae(cfg, store=TensorStore(acts, cfg))
     run_dir = tmp_path / "runs" / "plain"
-    assert "square_scale" in json.loads((run_dir / "config.json").read_text())  # every registered key is saved
+    assert "square_scale" in json.loads((run_dir / "config.json").read_text())  # every key is saved
     SAE_CLASSES.pop(squared_topk.name)
     try:
-        for leftover in ("final", "checkpoints/step_0000006"):  # as if killed after step 4's checkpoint
+        for leftover in ("final", "checkpoints/step_0000006"):  # as if killed after checkpoint 4
             shutil.rmtree(run_dir / leftover, ignore_errors=True)
         plain = {k: v for k, v in cfg.items() if k != "square_scale"}
         resumed = train_sae(plain | {"resume": str(run_dir)}, store=TensorStore(acts, plain))
@@ -137,6 +144,8 @@ def test_the_matched_sweep_holds_every_variant_at_the_presets_l0():
     from config import PRESETS
 
     cfgs = main.sweep_matched(get_default_cfg() | PRESETS["synthetic16k"])
-    assert [c["sae_type"] for c in cfgs] == list(SAE_CLASSES) and len(main.group_by_stream(cfgs)) == 1
+    assert [c["sae_type"] for c in cfgs] == list(SAE_CLASSES) \
+        and len(main.group_by_stream(cfgs)) == 1
     for cfg in cfgs:
-        assert cfg["target_l0"] == (25.0 if SAE_CLASSES[cfg["sae_type"]].coeff_key else 0.0) and cfg["top_k"] == 25
+        assert cfg["target_l0"] == (25.0 if SAE_CLASSES[cfg["sae_type"]].coeff_key else 0.0) \
+            and cfg["top_k"] == 25

@@ -25,14 +25,15 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def shared_minilm(minilm, monkeypatch):
     """results boots models itself; hand it the session's MiniLM instead of a second copy."""
-    monkeypatch.setitem(dashboards._MODELS, (get_default_cfg()["model_name"], "cpu", "float32"), minilm)
+    monkeypatch.setitem(dashboards._MODELS, (get_default_cfg()["model_name"], "cpu", "float32"),
+                        minilm)
 
 
 @pytest.fixture(scope="module")
 def runs_dir(minilm, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
-    cfgs = [small_cfg(sae_type=t, output_dir=str(out), num_tokens=256 * 30, eval_freq=15, checkpoint_freq=0)
-            for t in VARIANTS]
+    cfgs = [small_cfg(sae_type=t, output_dir=str(out), num_tokens=256 * 30, eval_freq=15,
+                      checkpoint_freq=0) for t in VARIANTS]
     train_sae_group(cfgs, model=minilm)
     return out
 
@@ -61,10 +62,11 @@ def test_load_runs_from_wandb_has_the_local_columns(runs_dir, monkeypatch):
 
     def fake_run(run_dir: Path):
         run = results.load_run(run_dir)
-        evaluation = {k: v for k, v in last_eval(run_dir).items() if k != "step"}  # wandb keeps it as _step
-        summary = {**evaluation, "_step": run.final_metrics["step"], "_runtime": 3.0, "train/loss": 1.0,
-                   "lr": 1e-3, "log10_density": {"_type": "histogram"}}
-        return types.SimpleNamespace(config=run.cfg, summary_metrics=summary, name=run.cfg["run_name"],
+        evaluation = {k: v for k, v in last_eval(run_dir).items() if k != "step"}  # wandb: _step
+        summary = {**evaluation, "_step": run.final_metrics["step"], "_runtime": 3.0,
+                   "train/loss": 1.0, "lr": 1e-3, "log10_density": {"_type": "histogram"}}
+        return types.SimpleNamespace(config=run.cfg, summary_metrics=summary,
+                                     name=run.cfg["run_name"],
                                      url=f"https://wandb.ai/me/sae/runs/{run.cfg['run_name']}")
 
     runs = [fake_run(p) for p in results.find_runs(runs_dir)]
@@ -73,25 +75,28 @@ def test_load_runs_from_wandb_has_the_local_columns(runs_dir, monkeypatch):
     remote = results.load_runs(wandb_project="me/sae")
     assert sorted(remote.columns) == sorted(local.columns)
     assert remote.run_dir.str.startswith("https://wandb.ai/me/sae/runs/").all()
-    pd.testing.assert_frame_equal(remote[local.columns].drop(columns="run_dir"), local.drop(columns="run_dir"),
-                                  check_dtype=False)
+    pd.testing.assert_frame_equal(remote[local.columns].drop(columns="run_dir"),
+                                  local.drop(columns="run_dir"), check_dtype=False)
 
     def failing_api():
         raise RuntimeError("No API key configured")
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Api=failing_api))
-    with pytest.raises(RuntimeError, match="wandb_project='me/sae': could not read runs from wandb"):
+    with pytest.raises(RuntimeError,
+                       match="wandb_project='me/sae': could not read runs from wandb"):
         results.load_runs(wandb_project="me/sae")
 
 
 def test_report_numbers_equal_metrics_jsonl(runs_dir, tmp_path, capsys):
     out = tmp_path / "report"
-    assert results.main([str(runs_dir), "--out", str(out), "--latents", "1", "--device", "cpu"]) == 0
+    assert results.main([str(runs_dir), "--out", str(out), "--latents", "1", "--device",
+                         "cpu"]) == 0
     assert "report:" in capsys.readouterr().out
     table = [line.strip("|").split("|") for line in (out / "summary.md").read_text().splitlines()
              if line.startswith("|")]
     header, rows = [c.strip() for c in table[0]], table[2:]
-    assert {"l0", "nmse", "explained_variance", "dead", "dense", "downstream_recovered"} <= set(header)
+    assert {"l0", "nmse", "explained_variance", "dead", "dense",
+            "downstream_recovered"} <= set(header)
     assert len(rows) == len(VARIANTS)
     for cells in rows:
         row = dict(zip(header, (c.strip() for c in cells), strict=True))
@@ -99,12 +104,14 @@ def test_report_numbers_equal_metrics_jsonl(runs_dir, tmp_path, capsys):
         for key, value in row.items():
             if key in expected:
                 assert float(value) == expected[key], key  # exact: the report rounds nothing
-    assert {p.name for p in out.glob("frontier_*.png")} == {"frontier_nmse.png", "frontier_explained_variance.png",
+    assert {p.name for p in out.glob("frontier_*.png")} == {"frontier_nmse.png",
+                                                           "frontier_explained_variance.png",
                                                            "frontier_downstream_recovered.png"}
     for run_dir in results.find_runs(runs_dir):
         assert (out / "density" / f"{run_dir.name}.png").stat().st_size > 10_000
         dashboard = (out / "dashboards" / f"{run_dir.name}.md").read_text()
-        assert dashboard.count("## latent") == 2 and "[[" in dashboard and "(random alive)" in dashboard
+        assert dashboard.count("## latent") == 2 and "[[" in dashboard \
+            and "(random alive)" in dashboard
         assert "<mark>" in (out / "dashboards" / f"{run_dir.name}.html").read_text()
 
 
@@ -117,7 +124,8 @@ def test_frontier_has_one_joined_series_per_variant(runs_dir):
     for line in ax.lines:
         variant = line.get_label().split()[0]
         row = df[df.sae_type == variant].iloc[0]
-        assert list(line.get_xdata()) == [row.l0] and list(line.get_ydata()) == [row.explained_variance]
+        assert list(line.get_xdata()) == [row.l0] \
+            and list(line.get_ydata()) == [row.explained_variance]
     assert "L0" in ax.get_xlabel() and "explained variance" in ax.get_ylabel() and ax.get_title()
     with pytest.raises(KeyError, match="no column 'ce_recovered'"):
         results.plot_frontier(df, y="ce_recovered")
@@ -132,7 +140,7 @@ def test_sample_efficiency_draws_every_evaluation_of_every_run(runs_dir):
         evals = [r for r in results.read_records(path) if "nmse" in r and r["tokens"] > 0]
         assert list(line.get_xdata()) == [r["tokens"] for r in evals]
         assert list(line.get_ydata()) == [r["explained_variance"] for r in evals]
-        assert line.get_linestyle() == "--" and "lr 1.0e-02" in line.get_label()  # small_cfg sets lr by hand
+        assert line.get_linestyle() == "--" and "lr 1.0e-02" in line.get_label()  # lr set by hand
 
 
 def test_density_plot_counts_every_latent_once(runs_dir):
@@ -167,9 +175,12 @@ def test_top_activations_are_real_text_sorted_and_exact(runs_dir, minilm):
         token_id = int(rows[c.row, c.position])
         assert c.token == tokenizer.convert_ids_to_tokens(token_id).removeprefix("##") != ""
         assert c.before + c.token + c.after in tokenizer.decode(rows[c.row, 1:])
-        act = run_to_hook(minilm, rows[c.row:c.row + 1], run.cfg["hook_point"])[0, c.position].float()
-        assert sae.encode(act[None])[0, latent].item() == pytest.approx(c.activation, rel=1e-4, abs=1e-5)
-        assert f"[[{c.token}]]" in str(top) and f"<mark><b>{c.token}</b></mark>" in top._repr_html_()
+        act = run_to_hook(minilm, rows[c.row:c.row + 1],
+                          run.cfg["hook_point"])[0, c.position].float()
+        assert sae.encode(act[None])[0, latent].item() == pytest.approx(c.activation,
+                                                                        rel=1e-4, abs=1e-5)
+        assert f"[[{c.token}]]" in str(top) \
+            and f"<mark><b>{c.token}</b></mark>" in top._repr_html_()
 
 
 def test_latent_summary_on_the_encoder_has_no_promoted_tokens(runs_dir):
@@ -194,8 +205,10 @@ def test_promoted_tokens_follow_the_unembedding(tiny_gpt2_dir, tmp_path, monkeyp
     summary = results.latent_summary(run, latent, device="cpu")
     lm_head = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).lm_head.weight.detach()  # (vocab, d)
     expected = (lm_head @ (sae.W_dec[latent] / sae.scale)).topk(10)
-    assert [tok for tok, _ in summary.promoted_tokens] == [model.tokenizer.decode([i]) for i in expected.indices]
-    assert [v for _, v in summary.promoted_tokens] == pytest.approx(expected.values.tolist(), rel=1e-4)
+    assert [tok for tok, _ in summary.promoted_tokens] == [model.tokenizer.decode([i])
+                                                           for i in expected.indices]
+    assert [v for _, v in summary.promoted_tokens] == pytest.approx(expected.values.tolist(),
+                                                                    rel=1e-4)
 
 
 def test_notebook_runs_top_to_bottom(runs_dir, monkeypatch):
@@ -205,7 +218,7 @@ def test_notebook_runs_top_to_bottom(runs_dir, monkeypatch):
     monkeypatch.setenv("SAE_RUNS_DIR", str(runs_dir))
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     nb = nbformat.read(REPO / "analysis.ipynb", as_version=4)
-    resources = {"metadata": {"path": str(REPO)}}  # the kernel imports results.py from the repository
+    resources = {"metadata": {"path": str(REPO)}}  # the kernel imports results.py from the repo
     client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources=resources)
     client.execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
@@ -221,10 +234,12 @@ def test_a_variant_with_groups_shows_them_in_the_density_plot_and_dashboards(tmp
     from training import train_sae
 
     acts = torch.randn(4096, 16, generator=torch.Generator().manual_seed(2))
-    cfg = small_cfg(sae_type="matryoshka", dict_size=64, top_k=4, top_k_aux=8, matryoshka_groups="8,24,32",
-                    num_tokens=256 * 4, eval_tokens=512, output_dir=str(tmp_path), run_name="nested")
+    cfg = small_cfg(sae_type="matryoshka", dict_size=64, top_k=4, top_k_aux=8,
+                    matryoshka_groups="8,24,32", num_tokens=256 * 4, eval_tokens=512,
+                    output_dir=str(tmp_path), run_name="nested")
     train_sae(cfg, store=TensorStore(acts, cfg))
     run = load_run(tmp_path / "nested")
-    assert latent_group(run, 7) == "group 1 of 3 (latents 0-7)" and latent_group(run, 63).startswith("group 3 of 3")
+    assert latent_group(run, 7) == "group 1 of 3 (latents 0-7)" \
+        and latent_group(run, 63).startswith("group 3 of 3")
     labels = [t.get_text() for t in plot_density(run).axes[0].get_legend().get_texts()]
     assert [label.split(",")[0] for label in labels[:3]] == ["group 1", "group 2", "group 3"]

@@ -66,12 +66,12 @@ else:
 
 
 def run(spec: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", RUNNER, json.dumps(spec)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", RUNNER, json.dumps(spec)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
 
 
 def resume_in_process(run_dir: Path, minilm, monkeypatch, capsys) -> list[str]:
-    """`python main.py --resume run_dir`, in this process (the model already loaded); its warning lines."""
+    """`python main.py --resume run_dir` in-process (model already loaded): its warning lines."""
     import main
     import training
 
@@ -82,7 +82,8 @@ def resume_in_process(run_dir: Path, minilm, monkeypatch, capsys) -> list[str]:
 
 
 def logged_steps(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)["step"]
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -95,16 +96,17 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def tiny_cfg(**overrides) -> dict:
     """Fewer model forwards than small_cfg: batches of 64, a 992-token buffer, 256 eval tokens;
     latents can go dead (and AuxK run) after 8 steps."""
-    return small_cfg(**{"batch_size": 64, "num_batches_in_buffer": 4, "eval_tokens": 256, "downstream_eval_rows": 4,
-                        "dead_after_tokens": 512, "perf_log_freq": 2} | overrides)
+    return small_cfg(**{"batch_size": 64, "num_batches_in_buffer": 4, "eval_tokens": 256,
+                        "downstream_eval_rows": 4, "dead_after_tokens": 512,
+                        "perf_log_freq": 2} | overrides)
 
 
 def kill_cfg(**overrides) -> dict:
     return tiny_cfg(num_tokens=64 * 24, checkpoint_freq=4, eval_freq=12, **overrides)
 
 
-def test_sigkilled_twice_then_resumed_gives_bitwise_the_uninterrupted_weights(minilm, tmp_path, monkeypatch,
-                                                                              capsys):
+def test_sigkilled_twice_then_resumed_gives_bitwise_the_uninterrupted_weights(minilm, tmp_path,
+                                                                              monkeypatch, capsys):
     cfg = kill_cfg(sae_type="batchtopk", run_name="run")
     reference = train_sae(cfg | {"output_dir": str(tmp_path / "ref")}, model=minilm).run_dir
     run_dir = tmp_path / "killed" / "run"
@@ -114,7 +116,7 @@ def test_sigkilled_twice_then_resumed_gives_bitwise_the_uninterrupted_weights(mi
     result = run({"cfgs": [cfg], "kill_mid_log_of": 10})
     assert result.returncode == -9, result.stderr[-2000:]
     assert not (run_dir / "metrics.jsonl").read_text().endswith("\n")
-    # 2. resumed from step 8, then killed writing the step-16 checkpoint (its files there, no manifest)
+    # 2. resumed from step 8, then killed writing the step-16 checkpoint (files there, no manifest)
     result = run({"argv": ["--resume", str(run_dir)], "kill_before_manifest_of": "step_0000016"})
     assert result.returncode == -9, result.stderr[-2000:]
     assert (run_dir / "checkpoints" / ".tmp-step_0000016").is_dir()
@@ -123,13 +125,16 @@ def test_sigkilled_twice_then_resumed_gives_bitwise_the_uninterrupted_weights(mi
 
     assert_same_weights(reference, run_dir)
     assert logged_steps(run_dir) == logged_steps(reference)  # no step missing or repeated
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000016", "step_0000020"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000016",
+                                                                           "step_0000020"]
     assert verify_checkpoint(run_dir / "checkpoints" / "step_0000020") is None
 
 
-def test_group_killed_between_its_runs_checkpoints_resumes_together_bitwise(minilm, tmp_path, monkeypatch, capsys):
+def test_group_killed_between_its_runs_checkpoints_resumes_together_bitwise(minilm, tmp_path,
+                                                                            monkeypatch, capsys):
     cfgs = [kill_cfg(sae_type=t, run_name=t, l0_coeff=0.05) for t in ("topk", "jumprelu")]
-    reference = train_sae_group([c | {"output_dir": str(tmp_path / "ref")} for c in cfgs], model=minilm)
+    reference = train_sae_group([c | {"output_dir": str(tmp_path / "ref")} for c in cfgs],
+                                model=minilm)
     cfgs = [c | {"output_dir": str(tmp_path / "killed")} for c in cfgs]
     topk_dir, jumprelu_dir = (tmp_path / "killed" / name for name in ("topk", "jumprelu"))
 
@@ -139,7 +144,7 @@ def test_group_killed_between_its_runs_checkpoints_resumes_together_bitwise(mini
     assert (topk_dir / "checkpoints" / "step_0000008").is_dir()
     assert not (jumprelu_dir / "checkpoints" / "step_0000008").exists()
 
-    warnings = resume_in_process(jumprelu_dir, minilm, monkeypatch, capsys)  # either folder resumes the group
+    warnings = resume_in_process(jumprelu_dir, minilm, monkeypatch, capsys)  # either resumes both
     assert len(warnings) == 1 and "step 8" in warnings[0] and "falling back" in warnings[0]
 
     for t, run_dir in zip(reference, (topk_dir, jumprelu_dir), strict=True):
@@ -152,7 +157,8 @@ def test_corrupted_checkpoint_is_passed_over_with_a_warning(minilm, tmp_path):
                    checkpoint_freq=4, eval_freq=8, keep_checkpoints=2)
     run_dir = train_sae(cfg, model=minilm).run_dir
     checkpoints = run_dir / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_0000008", "step_0000012"]  # step 4 pruned
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_0000008",
+                                                             "step_0000012"]  # step 4 pruned
     finished = tmp_path / "finished"
     shutil.copytree(run_dir, finished)
     steps = logged_steps(run_dir)
@@ -167,8 +173,9 @@ def test_corrupted_checkpoint_is_passed_over_with_a_warning(minilm, tmp_path):
 
     shutil.rmtree(run_dir / "final")  # as if killed after step 12...
     weights = checkpoints / "step_0000012" / "sae.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # ...with a truncated file
-    with pytest.warns(ResumeWarning, match=r"step 12 .*sae\.safetensors has \d+ bytes, not \d+.*falling back"):
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # ...with a short file
+    with pytest.warns(ResumeWarning, match=r"step 12 .*sae\.safetensors has \d+ bytes, "
+                                           r"not \d+.*falling back"):
         train_sae(cfg | {"resume": str(run_dir)}, model=minilm)
     assert_same_weights(finished, run_dir)
     assert logged_steps(run_dir) == steps
@@ -182,7 +189,8 @@ def test_finished_run_and_foreign_config_are_refused_on_resume(minilm, tmp_path)
     run_dir = train_sae(cfg, model=minilm).run_dir
     with pytest.raises(ConfigError, match="already finished"):
         train_sae(cfg | {"resume": str(run_dir)}, model=minilm)
-    with pytest.raises(ConfigError, match=r"config dict_size=512 differs from 256 in the run being resumed"):
+    with pytest.raises(ConfigError,
+                       match=r"config dict_size=512 differs from 256 in the run being resumed"):
         train_sae(cfg | {"resume": str(run_dir), "dict_size": 512}, model=minilm)
 
 
@@ -201,8 +209,8 @@ def test_nan_batch_is_skipped_counted_and_logged(minilm, tmp_path, monkeypatch):
     t = train_sae(cfg, model=minilm)
     assert t.skipped_batches == 1
     records = [json.loads(line) for line in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["train/skipped_batches"]) for r in records if "train/skipped_batches" in r] == [
-        (10, 1), (12, 1)]
+    assert [(r["step"], r["train/skipped_batches"]) for r in records
+            if "train/skipped_batches" in r] == [(10, 1), (12, 1)]
     assert all(torch.isfinite(p).all() for p in t.sae.parameters())
 
 
@@ -229,10 +237,12 @@ def test_store_state_round_trip_is_exact_across_epochs(minilm, tmp_path):
     from capture import model_dims
     from config import prepare_cfg
 
-    lines = [json.dumps({"body": f"Document {i}: " + " ".join(f"w{i}x{j}" for j in range(40))}) for i in range(12)]
+    lines = [json.dumps({"body": f"Document {i}: " + " ".join(f"w{i}x{j}" for j in range(40))})
+             for i in range(12)]
     (tmp_path / "corpus.jsonl").write_text("\n".join(lines))
-    cfg = prepare_cfg(small_cfg(dataset_path=str(tmp_path / "corpus.jsonl"), text_column="body", eval_tokens=256,
-                                  num_batches_in_buffer=2, batch_size=64), model_dims(minilm))
+    cfg = prepare_cfg(small_cfg(dataset_path=str(tmp_path / "corpus.jsonl"), text_column="body",
+                                eval_tokens=256, num_batches_in_buffer=2, batch_size=64),
+                      model_dims(minilm))
     a, b = ActivationsStore(minilm, cfg), ActivationsStore(minilm, cfg)
     for _ in range(23):  # mid-buffer, within the second epoch
         a.next_batch()

@@ -48,7 +48,7 @@ def rand_x(n: int = B, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
 
 
 def hand_pre(sae, x: torch.Tensor) -> torch.Tensor:
-    """pre = (x*s - b_dec) W_enc + b_enc, computed from the parameters directly (docs/math.md §2)."""
+    """pre = (x*s - b_dec) W_enc + b_enc, from the parameters directly (docs/math.md §2)."""
     with torch.no_grad():
         return (x * sae.scale - sae.b_dec) @ sae.W_enc + sae.b_enc
 
@@ -271,7 +271,7 @@ def test_dead_counters_updated_in_training_untouched_by_evaluation(sae_type):
         sae.b_enc[0] = -100.0  # latent 0 can never fire
     train_steps(sae, n_steps=2)
     counters = sae.tokens_since_fired.clone()
-    assert counters[0] == 2 * B  # training counts its tokens (every variant counts, docs/math.md §4)
+    assert counters[0] == 2 * B  # training counts its tokens (all variants do, docs/math.md §4)
     assert (counters[1:] < 2 * B).any()
     sae.eval()
     with torch.no_grad():
@@ -337,7 +337,8 @@ def test_jumprelu_l0_gradient_matches_finite_difference_of_smoothed_step():
         up, down = log_theta.clone(), log_theta.clone()
         up[i] += h
         down[i] -= h
-        fd[i] = c * (smoothed_l0(pre64, up.exp(), eps) - smoothed_l0(pre64, down.exp(), eps)) / (2 * h)
+        fd[i] = c * (smoothed_l0(pre64, up.exp(), eps)
+                     - smoothed_l0(pre64, down.exp(), eps)) / (2 * h)
     assert fd.abs().max() > 0.01
     torch.testing.assert_close(sae.log_threshold.grad.double(), fd, rtol=1e-4, atol=1e-5)
 
@@ -364,7 +365,7 @@ def test_scale_is_applied_in_encode_and_undone_in_decode(sae_type):
         assert (f[f != 0] == pre[f != 0]).all()  # every variant passes kept values through
         x_hat_scaled = f @ sae.W_dec + sae.b_dec
         torch.testing.assert_close(out.x_hat, x_hat_scaled / s)
-        # the loss is in the scaled space (docs/math.md §1): the error, and the loss where it is the full error's
+        # the loss is in the scaled space (docs/math.md §1): the error, and the full error's loss
         torch.testing.assert_close(out.error, x_hat_scaled - x * s)
         full = out.details.get(f"recon_loss_prefix_{M}", out.recon_loss)
         torch.testing.assert_close(full, (x * s - x_hat_scaled).pow(2).sum(-1).mean())
@@ -395,8 +396,8 @@ def affine_tokens(x: torch.Tensor, seed: int = 2) -> torch.Tensor:
 
 @pytest.mark.parametrize("sae_type", VARIANTS)
 def test_standardised_tokens_match_a_plain_sae_on_standardised_input(sae_type):
-    """standardize_tokens (docs/math.md §1): the SAE sees (x - mean) / (std + eps) per token and the
-    reconstruction gets each token's mean and std + eps back; the loss is in that space."""
+    """standardize_tokens (docs/math.md §1): the SAE sees (x - mean) / (std + eps) per token and
+    the reconstruction gets each token's mean and std + eps back; the loss is in that space."""
     std_sae = make_sae(sae_type, standardize_tokens=True).double().eval()
     plain = make_sae(sae_type).double().eval()
     x = affine_tokens(rand_x(dtype=torch.float64))
@@ -422,7 +423,7 @@ def test_standardised_sae_latents_ignore_each_tokens_scale_and_offset(sae_type):
     f = sae.encode(x)
     assert 0 < (f != 0).double().mean() < 1
     torch.testing.assert_close(sae.encode(moved), f, rtol=1e-4, atol=1e-4)  # up to the std's eps
-    gain = moved.std(-1, keepdim=True) / x.std(-1, keepdim=True)  # x_hat follows each token's affine map
+    gain = moved.std(-1, keepdim=True) / x.std(-1, keepdim=True)  # x_hat: each token's affine map
     shift = moved.mean(-1, keepdim=True) - gain * x.mean(-1, keepdim=True)
     torch.testing.assert_close(sae(moved).x_hat, sae(x).x_hat * gain + shift, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"decode\(f, x\) needs the raw input x"):
@@ -503,20 +504,21 @@ def test_matryoshka_loss_averages_every_prefix_reconstruction(groups, ends):
     x = rand_x()
     out = sae(x, aux_enabled=False)
     f, xs = out.latents.detach(), x * sae.scale
-    with torch.no_grad():  # each prefix: b_dec plus the latents before its end, against the scaled input
-        errors = [(f[:, :end] @ sae.W_dec[:end] + sae.b_dec - xs).pow(2).sum(-1).mean() for end in ends]
+    with torch.no_grad():  # each prefix: b_dec plus the latents before its end, vs the scaled input
+        errors = [(f[:, :end] @ sae.W_dec[:end] + sae.b_dec - xs).pow(2).sum(-1).mean()
+                  for end in ends]
     assert sorted(out.details) == sorted(f"recon_loss_prefix_{end}" for end in ends)
     for end, err in zip(ends, errors, strict=True):
         torch.testing.assert_close(out.details[f"recon_loss_prefix_{end}"], err)
     torch.testing.assert_close(out.recon_loss, torch.stack(errors).mean())
-    assert l0_per_token(f).float().mean() == pytest.approx(K, rel=0.05)  # BatchTopK selection over all latents
+    assert l0_per_token(f).float().mean() == pytest.approx(K, rel=0.05)  # BatchTopK on all latents
 
 
 def test_matryoshka_groups_must_be_non_empty_and_add_up():
     from config import ConfigError, prepare_cfg
 
     dims = {"d_model": D, "n_layers": 4, "n_ctx": 512}
-    for bad in ("32,16", "32,0,32", "a,b", "\u00b2,62"):  # a superscript two is a digit to str.isdigit
+    for bad in ("32,16", "32,0,32", "a,b", "\u00b2,62"):  # superscript 2 is a digit to str.isdigit
         with pytest.raises(ConfigError, match="matryoshka_groups"):
             prepare_cfg(make_cfg("matryoshka", matryoshka_groups=bad), dims)
     prepare_cfg(make_cfg("matryoshka", matryoshka_groups="16, 48"), dims)
@@ -536,7 +538,7 @@ def test_target_l0_moves_the_coefficient_towards_the_target_by_a_bounded_factor(
     sparse[:, :4] = 1.0  # L0 4: half the target
     coeff.adapt(sparse, 1, 100)
     assert coeff.state["coeff_scale"].item() == pytest.approx(math.exp(0.1) * 0.5 ** 0.1)
-    # JumpReLU's coefficient also answers the latest error: here L0 is half the target, log 0.5 = -0.69
+    # JumpReLU's coefficient also answers the latest error: L0 is half the target, log 0.5 = -0.69
     damped = coeff.state["coeff_scale"].item() + sae.coeff_damping * math.log(0.5)
     assert sae.coeff_damping > 0 and damped < 0  # a reward to fire, until L0 comes up
     assert float(coeff.at(50, 100)) == pytest.approx(sae.cfg["l0_coeff"] * damped)
@@ -544,17 +546,19 @@ def test_target_l0_moves_the_coefficient_towards_the_target_by_a_bounded_factor(
     assert SparsityCoefficient(make_sae("jumprelu")).state == {}  # off by default: nothing added
     reloaded = SparsityCoefficient(make_sae("jumprelu", target_l0=8.0))
     reloaded.state["l0_error"].fill_(0.5)
-    reloaded.load({"coeff_scale": coeff.state["coeff_scale"]})  # saved before the damping term existed
+    reloaded.load({"coeff_scale": coeff.state["coeff_scale"]})  # saved before damping existed
     assert reloaded.state["l0_error"].item() == 0
     assert reloaded.state["coeff_scale"].item() == coeff.state["coeff_scale"].item()
-    vanilla = SparsityCoefficient(make_sae("vanilla", target_l0=8.0, target_l0_rate=0.1, sparsity_warmup_frac=0.0))
+    vanilla = SparsityCoefficient(make_sae("vanilla", target_l0=8.0, target_l0_rate=0.1,
+                                           sparsity_warmup_frac=0.0))
     vanilla.adapt(sparse, 1, 100)  # no damping: the running factor alone
     assert "l0_error" not in vanilla.state
-    assert float(vanilla.at(50, 100)) == pytest.approx(make_sae("vanilla").cfg["l1_coeff"] * 0.5 ** 0.1)
-    own_sae = make_sae("vanilla", target_l0=8.0, sparsity_warmup_frac=0.0)  # target_l0_rate 0: Vanilla's own rate
+    assert float(vanilla.at(50, 100)) \
+        == pytest.approx(make_sae("vanilla").cfg["l1_coeff"] * 0.5 ** 0.1)
+    own_sae = make_sae("vanilla", target_l0=8.0, sparsity_warmup_frac=0.0)  # rate 0 = Vanilla's own
     own = SparsityCoefficient(own_sae)
     rate, rise = type(own_sae).coeff_rate, type(own_sae).coeff_rise_clip
-    assert rise < 1  # L0 far above the target (log 8 / 1 clipped to 1): the factor rises by e^(rate * rise) only
+    assert rise < 1  # L0 far above target (log 8 / 1 clipped to 1): rises by e^(rate * rise) only
     own.adapt(dense, 0, 100)
     assert own.state["coeff_scale"].item() == pytest.approx(math.exp(rate * rise))
     own.adapt(sparse, 1, 100)  # and falls unclipped
@@ -565,9 +569,11 @@ def test_target_l0_is_refused_where_k_sets_the_l0():
     from config import ConfigError, prepare_cfg
 
     dims = {"d_model": D, "n_layers": 4, "n_ctx": 512}
-    with pytest.raises(ConfigError, match="target_l0=8.0 is invalid: sae_type=topk has no sparsity coefficient"):
+    with pytest.raises(ConfigError, match="target_l0=8.0 is invalid: "
+                                          "sae_type=topk has no sparsity coefficient"):
         prepare_cfg(make_cfg("topk", target_l0=8.0), dims)
-    with pytest.raises(ConfigError, match=r"target_l0=100.0 is invalid: must be <= dict_size \(64\)"):
+    with pytest.raises(ConfigError,
+                       match=r"target_l0=100.0 is invalid: must be <= dict_size \(64\)"):
         prepare_cfg(make_cfg("vanilla", target_l0=100.0), dims)
     with pytest.raises(ConfigError, match="target_l0=8.0 is invalid: scales l1_coeff, which is 0"):
         prepare_cfg(make_cfg("vanilla", target_l0=8.0, l1_coeff=0.0), dims)

@@ -21,12 +21,13 @@ D, CENTRES, EVAL = 16, 24, 2048
 
 
 class MixtureSource:
-    """A Gaussian mixture: each sample is one of CENTRES unit directions at a random magnitude, plus noise;
-    the directions are its known features."""
+    """A Gaussian mixture: each sample is one of CENTRES unit directions at a random magnitude,
+    plus noise; the directions are its known features."""
 
     def __init__(self, cfg: dict[str, Any]):
         self.batch_size = cfg["batch_size"]
-        self.directions = F.normalize(torch.randn(CENTRES, D, generator=torch.Generator().manual_seed(1)), dim=-1)
+        self.directions = F.normalize(
+            torch.randn(CENTRES, D, generator=torch.Generator().manual_seed(1)), dim=-1)
         self.dims = {"d_model": D, "n_layers": cfg["layer"] + 1, "n_ctx": cfg["seq_len"]}
         self.device = torch.device("cpu")
         self.sharded, self.downstream = False, None
@@ -61,13 +62,13 @@ class MixtureSource:
 def test_a_toy_source_trains_stops_resumes_bitwise_and_is_evaluated(tmp_path, monkeypatch):
     import training
 
-    cfg = small_cfg(sae_type="topk", dict_size=32, top_k=1, top_k_aux=8, num_tokens=256 * 48, checkpoint_freq=8,
-                    eval_freq=24, output_dir=str(tmp_path))
+    cfg = small_cfg(sae_type="topk", dict_size=32, top_k=1, top_k_aux=8, num_tokens=256 * 48,
+                    checkpoint_freq=8, eval_freq=24, output_dir=str(tmp_path))
     source = MixtureSource(cfg)
     whole = train_sae(cfg | {"run_name": "whole"}, store=source)
     metrics = whole.final_metrics
-    assert source.finished == 1 and metrics["mcc"] > 0.8 and metrics["f1"] > 0.8  # latents find the centres
-    assert "downstream_recovered" not in metrics and "ce_recovered" not in metrics  # no model to splice into
+    assert source.finished == 1 and metrics["mcc"] > 0.8 and metrics["f1"] > 0.8  # centres found
+    assert "downstream_recovered" not in metrics and "ce_recovered" not in metrics  # no model
 
     asked = {"n": 0}
 
@@ -81,5 +82,6 @@ def test_a_toy_source_trains_stops_resumes_bitwise_and_is_evaluated(tmp_path, mo
     assert stop.value.step == 20
     resumed = train_sae(cfg | {"resume": str(tmp_path / "stopped")}, store=MixtureSource(cfg))
     assert resumed.final_metrics["mcc"] == metrics["mcc"]
-    a, b = (load_file(tmp_path / name / "final" / "sae.safetensors") for name in ("whole", "stopped"))
+    a, b = (load_file(tmp_path / name / "final" / "sae.safetensors")
+            for name in ("whole", "stopped"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

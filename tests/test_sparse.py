@@ -14,7 +14,7 @@ from sae import SAE_CLASSES, build_sae, save_sae
 from selection import batch_top_entries
 
 SPARSE_VARIANTS = tuple(name for name, cls in SAE_CLASSES.items() if cls.has_sparse_path)
-DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)  # CI has no GPU; a lent one checks CUDA
+DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)  # CI has no GPU; lent ones do
 
 
 def trained_like(sae_type: str, n_dead: int = 0, **overrides):
@@ -26,7 +26,7 @@ def trained_like(sae_type: str, n_dead: int = 0, **overrides):
         sae.b_enc.copy_(0.1 * torch.randn(M, generator=gen))
         sae.b_dec.copy_(0.2 * torch.randn(D, generator=gen))
         sae.W_enc.add_(0.3 * torch.randn(D, M, generator=gen))
-        # a trained SAE's sparsity (each latent fires on ~5%: Vanilla's sparse path runs), thresholds per latent
+        # as if trained: each latent fires on ~5% (Vanilla's sparse path runs), a threshold each
         sae.start_at_density(sae.pre_activations(rand_x(seed=5) * sae.scale).quantile(0.95, dim=0))
         sae.tokens_since_fired[:n_dead] = sae.cfg["dead_after_tokens"] + 1
     sae.sparsity_coeff = 0.7
@@ -35,7 +35,8 @@ def trained_like(sae_type: str, n_dead: int = 0, **overrides):
 
 def loss_and_grads(sae, x: torch.Tensor, sparse: bool, autocast: torch.dtype | None = None):
     """Forward (under autocast if given) and backward (outside it, as the trainer does)."""
-    with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+    with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16,
+                        enabled=autocast is not None):
         out = sae(x, sparse=sparse)
     out.loss.backward()
     grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
@@ -54,7 +55,8 @@ def test_sparse_path_equals_dense_reference(sae_type, n_dead, device):
     assert isinstance(sparse.latents, SparseLatents)
     torch.testing.assert_close(sparse.latents.dense(), dense.latents)
     for term in ("loss", "recon_loss", "sparsity_loss", "aux_loss"):
-        torch.testing.assert_close(getattr(sparse, term), getattr(dense, term), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(getattr(sparse, term), getattr(dense, term),
+                                   rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sparse.x_hat, dense.x_hat, rtol=1e-5, atol=1e-5)
     if n_dead and sae.uses_aux_loss:
         assert sparse.aux_loss > 0
@@ -82,10 +84,11 @@ def test_sparse_training_steps_track_dense_ones(sae_type):
     from test_sae import train_steps
 
     saes = [trained_like(sae_type, n_dead=3) for _ in range(2)]
-    saes[1].forward = functools.partial(saes[1].forward, sparse=True)  # the trainer loop calls sae(x)
+    saes[1].forward = functools.partial(saes[1].forward, sparse=True)  # the trainer calls sae(x)
     for sae in saes:
         train_steps(sae, n_steps=5)
-    for (name, a), b in zip(saes[0].state_dict().items(), saes[1].state_dict().values(), strict=True):
+    for (name, a), b in zip(saes[0].state_dict().items(), saes[1].state_dict().values(),
+                            strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
 
@@ -106,16 +109,18 @@ def test_batch_top_entries_equals_full_selection(n):
     bias = torch.randn(M, generator=gen)
     selected = batch_top_entries(pre - bias, bias, n)
     pattern = selected.pattern
-    assert torch.equal(selected.pre, (pre - bias).view(-1).take(pattern.positions()) + bias.take(pattern.cols))
+    assert torch.equal(selected.pre,
+                       (pre - bias).view(-1).take(pattern.positions()) + bias.take(pattern.cols))
     pre = (pre - bias) + bias  # the values the selection saw
     relu = torch.relu(pre)
     kth = relu.flatten().topk(n).values.min()
     expected = ((relu >= kth) & (relu > 0)).nonzero().unbind(1)
-    assert torch.equal(pattern.rows(), expected[0])  # rows in order; columns within a row in any order
-    assert torch.equal((pattern.rows() * M + pattern.cols).sort().values, expected[0] * M + expected[1])
+    assert torch.equal(pattern.rows(), expected[0])  # rows in order; columns in a row in any order
+    assert torch.equal((pattern.rows() * M + pattern.cols).sort().values,
+                       expected[0] * M + expected[1])
 
 
-@pytest.mark.parametrize("m", [M, 40_000])  # column indices sorted as int16, and as int32 past 32768
+@pytest.mark.parametrize("m", [M, 40_000])  # column indices sorted as int16, as int32 past 32768
 def test_pattern_transpose_is_the_transpose(m):
     gen = torch.Generator().manual_seed(0)
     idx = torch.rand(B, m, generator=gen).topk(5, dim=-1).indices
@@ -137,13 +142,15 @@ def test_vanilla_falls_back_to_dense_while_its_codes_are_dense():
     sae = build_sae(make_cfg("vanilla")).train()  # at init about half the entries fire
     x = rand_x()
     out = sae(x, sparse=True)
-    assert isinstance(out.latents, torch.Tensor) and (out.latents > 0).float().mean() > sae.max_sparse_density
+    assert isinstance(out.latents, torch.Tensor) \
+        and (out.latents > 0).float().mean() > sae.max_sparse_density
     torch.testing.assert_close(out.loss, sae(x).loss)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the fallback keeps the caller's autocast
         assert torch.equal(sae(x, sparse=True).loss, sae(x).loss)
 
 
-@pytest.mark.parametrize(("rows", "cols", "k"), [(64, 3072, 32), (33, 512, 16), (8, 100, 5), (16, 256, 32)])
+@pytest.mark.parametrize(("rows", "cols", "k"),
+                         [(64, 3072, 32), (33, 512, 16), (8, 100, 5), (16, 256, 32)])
 def test_row_top_entries_is_an_exact_row_topk(rows, cols, k):
     """The grouped prefilter picks each row's k largest values (also with many ties, and
     where it falls back to a plain topk: m not a multiple of 8, or k*8*4 > m). Rows with
@@ -152,9 +159,10 @@ def test_row_top_entries_is_an_exact_row_topk(rows, cols, k):
     from selection import row_top_entries
 
     gen = torch.Generator().manual_seed(rows)
-    few_positive = torch.randn(rows, cols, generator=gen) - 3  # ~0.1% positive: fewer than k per row
+    few_positive = torch.randn(rows, cols, generator=gen) - 3  # ~0.1% positive: under k per row
     few_positive[:, ::7] = -0.0
-    for pre in (torch.randn(rows, cols, generator=gen), torch.randint(0, 5, (rows, cols), generator=gen).float(),
+    for pre in (torch.randn(rows, cols, generator=gen),
+                torch.randint(0, 5, (rows, cols), generator=gen).float(),
                 torch.randint(-5, 2, (rows, cols), generator=gen).float(), few_positive):
         vals, idx = row_top_entries(pre, k)
         assert idx.shape == (rows, k)
@@ -177,7 +185,7 @@ def test_true_positions_equals_nonzero(shape):
         expected = mask.view(-1).nonzero().squeeze(1)
         assert torch.equal(true_positions(mask), expected)
         n = expected.numel()
-        for max_count in {0, n // 2, n - 1, n, 2 * n}:  # None exactly where more than max_count are set
+        for max_count in {0, n // 2, n - 1, n, 2 * n}:  # None iff more than max_count are set
             got = true_positions(mask, max_count)
             assert got is None if n > max_count else torch.equal(got, expected)
 
@@ -232,7 +240,8 @@ def test_sparse_path_under_bf16_autocast_matches_the_dense_autocast_path(sae_typ
     assert not torch.equal(bf16_pre, fp32_pre)  # the bf16 matmul did run
     for name, g in dense_grads.items():
         assert sparse_grads[name].dtype == torch.float32
-        cos = torch.nn.functional.cosine_similarity(sparse_grads[name].flatten(), g.float().flatten(), dim=0)
+        cos = torch.nn.functional.cosine_similarity(sparse_grads[name].flatten(),
+                                                    g.float().flatten(), dim=0)
         assert cos > 0.98, (name, cos)
 
 
@@ -244,7 +253,7 @@ def test_encoder_gradient_arrives_in_the_weights_layout(tmp_path):
     sae = trained_like("topk")
     assert sae.W_enc.stride() == (1, D)
     incoming = []
-    sae.W_enc.register_hook(lambda grad: incoming.append(grad.stride()))  # before autograd stores it
+    sae.W_enc.register_hook(lambda grad: incoming.append(grad.stride()))  # before autograd saves it
     sae(rand_x(), sparse=True).loss.backward()
     assert incoming == [sae.W_enc.stride()]
     save_sae(sae, tmp_path)
@@ -267,7 +276,7 @@ def test_entries_above_biased_never_drops_an_entry_to_rounding():
         found = selected.pattern.positions()
         assert torch.isin(expected, found).all()
         assert torch.equal(selected.pre, pre.view(-1).take(found))
-        assert found.numel() - expected.numel() <= 1e-3 * expected.numel() + B  # only rounding-level extras
+        assert found.numel() - expected.numel() <= 1e-3 * expected.numel() + B  # rounding extras
 
 
 @pytest.mark.parametrize("shape", [(300, 3072), (128, 3072), (7, 5), (2000, 96)])
@@ -286,14 +295,16 @@ def test_greater_than_equals_torch_gt(shape):
     kept = pre.clone()
     for b in (bound, torch.tensor(0.25)):
         assert torch.equal(greater_than(pre, b), torch.gt(kept, b))
-        torch.testing.assert_close(pre, kept, rtol=0, atol=0, equal_nan=True)  # pre is left as it was
+        torch.testing.assert_close(pre, kept, rtol=0, atol=0, equal_nan=True)  # pre is unchanged
 
 
 def test_matryoshka_sparse_path_with_more_groups_than_a_byte_holds():
-    sae = build_sae(make_cfg("matryoshka", dict_size=300, matryoshka_groups=",".join(["1"] * 300))).train()
+    sae = build_sae(make_cfg("matryoshka", dict_size=300,
+                             matryoshka_groups=",".join(["1"] * 300))).train()
     with torch.no_grad():
         sae.scale.fill_(1.7)
-        sae.W_enc.add_(0.3 * torch.randn(sae.W_enc.shape, generator=torch.Generator().manual_seed(3)))
+        sae.W_enc.add_(0.3 * torch.randn(sae.W_enc.shape,
+                                         generator=torch.Generator().manual_seed(3)))
     x = rand_x()
     dense, dense_grads = loss_and_grads(sae, x, sparse=False)
     sparse, sparse_grads = loss_and_grads(sae, x, sparse=True)

@@ -1,5 +1,5 @@
-"""A stop is a checkpoint: Ctrl-C, SIGTERM and SIGUSR1 finish the step in flight, checkpoint every run of the
-group and exit 5; resumed, the runs end with bitwise the weights of runs never stopped."""
+"""A stop is a checkpoint: Ctrl-C, SIGTERM and SIGUSR1 finish the step in flight, checkpoint every
+run of the group and exit 5; resumed, they end with bitwise the weights of runs never stopped."""
 
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ def cli(cfg: dict) -> list[str]:
     from config import get_default_cfg
 
     defaults = get_default_cfg()
-    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in cfg.items() if v != defaults.get(k)]
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in cfg.items()
+            if v != defaults.get(k)]
 
 
 def stop_cfg(out: Path, **overrides) -> dict:
-    return tiny_cfg(num_tokens=64 * 20, checkpoint_freq=8, eval_freq=10, output_dir=str(out), **overrides)
+    return tiny_cfg(num_tokens=64 * 20, checkpoint_freq=8, eval_freq=10, output_dir=str(out),
+                    **overrides)
 
 
 def signal_self_at(monkeypatch, module, name: str, when, sig: int) -> None:
@@ -59,20 +61,21 @@ def reference(minilm, tmp_path_factory) -> dict[str, Path]:
     return {t.cfg["run_name"]: t.run_dir for t in training.train_sae_group(cfgs, model=minilm)}
 
 
-@pytest.mark.parametrize("sig,at_step", [  # mid-run; where a checkpoint is due anyway; at an evaluation
+@pytest.mark.parametrize("sig,at_step", [  # mid-run; where a checkpoint is due anyway; at an eval
     (signal.SIGTERM, 3), (signal.SIGINT, 8), (signal.SIGUSR1, 10)])
 def test_a_signal_checkpoints_the_group_and_the_resumed_runs_match_the_uninterrupted_ones(
         sig, at_step, reference, minilm, tmp_path, monkeypatch, capsys):
     out = tmp_path / "runs"
-    argv = ["--sweep", "variants", *cli(stop_cfg(out))]  # the sweep below names the runs and variants
-    monkeypatch.setattr(main, "SWEEPS", {"variants": lambda base: [base | {"sae_type": t, "run_name": t}
-                                                                   for t in ("batchtopk", "jumprelu")]})
-    signal_self_at(monkeypatch, training, "training_step", 2 * at_step - 1, sig)  # the group's at_step-th step
+    argv = ["--sweep", "variants", *cli(stop_cfg(out))]  # the sweep below names runs and variants
+    monkeypatch.setattr(main, "SWEEPS", {"variants": lambda base: [
+        base | {"sae_type": t, "run_name": t} for t in ("batchtopk", "jumprelu")]})
+    # the group's at_step-th step
+    signal_self_at(monkeypatch, training, "training_step", 2 * at_step - 1, sig)
     code, err = run_main(argv, minilm, monkeypatch, capsys)
     assert code == 5, err[-2000:]
     line = [x for x in err.splitlines() if x.startswith("stopped")]
-    assert line == [f"stopped at step {at_step} of 20: checkpoint written; continue with: python main.py --resume "
-                    f"{out / 'batchtopk'}"], err[-2000:]
+    assert line == [f"stopped at step {at_step} of 20: checkpoint written; continue with: "
+                    f"python main.py --resume {out / 'batchtopk'}"], err[-2000:]
     for name in ("batchtopk", "jumprelu"):
         ckpt = checkpoint.checkpoint_folder(out / name, at_step)
         assert verify_checkpoint(ckpt) is None and not (out / name / "final").exists()
@@ -85,17 +88,19 @@ def test_a_signal_checkpoints_the_group_and_the_resumed_runs_match_the_uninterru
         assert logged_steps(out / name) == logged_steps(ref)
 
 
-def test_a_signal_while_the_buffer_fills_loses_nothing_and_resumes_from_the_start(reference, minilm, tmp_path,
-                                                                                    monkeypatch, capsys):
+def test_a_signal_while_the_buffer_fills_loses_nothing_and_resumes_from_the_start(
+        reference, minilm, tmp_path, monkeypatch, capsys):
     import activation_store
 
     out = tmp_path / "runs"
     signal_self_at(monkeypatch, activation_store.ActivationsStore, "_next_chunk", 3, signal.SIGTERM)
-    code, err = run_main(cli(stop_cfg(out, sae_type="batchtopk", run_name="batchtopk")), minilm, monkeypatch,
-                         capsys)
-    assert code == 5 and "stopped before step 1 of 20 (filling the buffer): nothing trained, nothing lost; " \
-                         f"continue with: python main.py --resume {out / 'batchtopk'}" in err, err[-2000:]
-    assert not (out / "batchtopk" / "checkpoints").exists() or not any((out / "batchtopk" / "checkpoints").iterdir())
+    code, err = run_main(cli(stop_cfg(out, sae_type="batchtopk", run_name="batchtopk")), minilm,
+                         monkeypatch, capsys)
+    assert code == 5 and "stopped before step 1 of 20 (filling the buffer): nothing trained, " \
+                         "nothing lost; continue with: python main.py --resume " \
+                         f"{out / 'batchtopk'}" in err, err[-2000:]
+    assert (not (out / "batchtopk" / "checkpoints").exists()
+            or not any((out / "batchtopk" / "checkpoints").iterdir()))
     monkeypatch.undo()
     code, err = run_main(["--resume", str(out / "batchtopk")], minilm, monkeypatch, capsys)
     assert code == 0, err[-2000:]
@@ -103,11 +108,11 @@ def test_a_signal_while_the_buffer_fills_loses_nothing_and_resumes_from_the_star
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_second_ctrl_c_while_checkpointing_aborts_and_leaves_no_half_checkpoint(minilm, tmp_path, monkeypatch,
-                                                                                 capsys):
+def test_a_second_ctrl_c_while_checkpointing_aborts_and_leaves_no_half_checkpoint(
+        minilm, tmp_path, monkeypatch, capsys):
     out = tmp_path / "runs"
     cfg = stop_cfg(out, sae_type="topk", run_name="topk")
-    signal_self_at(monkeypatch, training, "training_step", 11, signal.SIGINT)  # step 11: not a checkpoint step
+    signal_self_at(monkeypatch, training, "training_step", 11, signal.SIGINT)  # no checkpoint due
     real = checkpoint.save_checkpoint
 
     def save(run_dir, sae, state, step, **kwargs):
@@ -125,12 +130,12 @@ def test_a_second_ctrl_c_while_checkpointing_aborts_and_leaves_no_half_checkpoin
     folders = sorted(p.name for p in (out / "topk" / "checkpoints").iterdir())
     assert folders == ["step_0000008"]  # the step-8 checkpoint intact, nothing of step 11
     assert verify_checkpoint(out / "topk" / "checkpoints" / "step_0000008") is None
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main.main put the handlers back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main.main restored them
 
 
 def test_a_run_with_a_cache_stopped_mid_way_resumes_bitwise(minilm, tmp_path, monkeypatch, capsys):
-    """The stop flushes the cache's partial shard; the resumed run reads its block back from the cache
-    and generates the rest, ending with the weights of a run never stopped (with a cache of its own)."""
+    """The stop flushes the cache's partial shard; the resumed run reads its block from the cache
+    and generates the rest, ending with the weights of a run never stopped (with its own cache)."""
     ref = training.train_sae(stop_cfg(tmp_path / "ref", sae_type="topk", run_name="topk",
                                       cache_dir=str(tmp_path / "ref_cache")), model=minilm)
     out = tmp_path / "runs"
@@ -139,7 +144,7 @@ def test_a_run_with_a_cache_stopped_mid_way_resumes_bitwise(minilm, tmp_path, mo
     code, err = run_main(cli(cfg), minilm, monkeypatch, capsys)
     assert code == 5, err[-2000:]
     cache = next((tmp_path / "cache").iterdir())
-    assert any(p.name.startswith("shard_") for p in cache.iterdir())  # the shard written on the way out
+    assert any(p.name.startswith("shard_") for p in cache.iterdir())  # the shard written on exit
     monkeypatch.undo()
     code, err = run_main(["--resume", str(out / "topk")], minilm, monkeypatch, capsys)
     assert code == 0, err[-2000:]
@@ -169,8 +174,8 @@ class FullDisk:
         self.real.close()
 
 
-def test_a_full_disk_while_logging_is_one_line_exit_4_and_keeps_whole_records(minilm, tmp_path, monkeypatch,
-                                                                              capsys):
+def test_a_full_disk_while_logging_is_one_line_exit_4_and_keeps_whole_records(
+        minilm, tmp_path, monkeypatch, capsys):
     import logs
 
     out = tmp_path / "runs"
@@ -181,9 +186,11 @@ def test_a_full_disk_while_logging_is_one_line_exit_4_and_keeps_whole_records(mi
             self.metrics_file = FullDisk(self.run_dir / "metrics.jsonl")
         return real_log(self, metrics, step, tokens)
     monkeypatch.setattr(logs.RunLogger, "log", log)
-    code, err = run_main(cli(stop_cfg(out, sae_type="topk", run_name="topk")), minilm, monkeypatch, capsys)
+    code, err = run_main(cli(stop_cfg(out, sae_type="topk", run_name="topk")), minilm, monkeypatch,
+                         capsys)
     errors = [x for x in err.splitlines() if x.startswith("error:")]
-    assert code == 4 and len(errors) == 1 and "disk full (No space left on device) while writing " in errors[0] \
+    assert code == 4 and len(errors) == 1 \
+        and "disk full (No space left on device) while writing " in errors[0] \
         and "metrics.jsonl; what it held is intact" in errors[0], err[-2000:]
     lines = (out / "topk" / "metrics.jsonl").read_text().splitlines()
     assert lines and all(line.endswith("}") for line in lines)  # whole records only
@@ -196,17 +203,18 @@ def test_a_full_disk_while_writing_config_json_is_one_line(minilm, tmp_path, mon
     def full(path, text):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(logs, "write_atomic", full)
-    code, err = run_main(cli(stop_cfg(tmp_path / "runs", sae_type="topk", run_name="topk")), minilm, monkeypatch,
-                         capsys)
-    assert code == 4 and "disk full (No space left on device) while writing " in err and "config.json" in err
+    code, err = run_main(cli(stop_cfg(tmp_path / "runs", sae_type="topk", run_name="topk")), minilm,
+                         monkeypatch, capsys)
+    assert (code == 4 and "disk full (No space left on device) while writing " in err
+            and "config.json" in err)
 
 
-def test_a_signal_inside_a_checkpoint_write_lets_it_finish_and_stops_there(reference, minilm, tmp_path,
-                                                                           monkeypatch, capsys):
+def test_a_signal_inside_a_checkpoint_write_lets_it_finish_and_stops_there(
+        reference, minilm, tmp_path, monkeypatch, capsys):
     out = tmp_path / "runs"
-    monkeypatch.setattr(main, "SWEEPS", {"variants": lambda base: [base | {"sae_type": t, "run_name": t}
-                                                                   for t in ("batchtopk", "jumprelu")]})
-    signal_self_at(monkeypatch, checkpoint, "save_checkpoint", 2, signal.SIGTERM)  # jumprelu's step-8 write
+    monkeypatch.setattr(main, "SWEEPS", {"variants": lambda base: [
+        base | {"sae_type": t, "run_name": t} for t in ("batchtopk", "jumprelu")]})
+    signal_self_at(monkeypatch, checkpoint, "save_checkpoint", 2, signal.SIGTERM)  # jumprelu step 8
     code, err = run_main(["--sweep", "variants", *cli(stop_cfg(out))], minilm, monkeypatch, capsys)
     assert code == 5 and "stopped at step 8 of 20: checkpoint written" in err, err[-2000:]
     for name in ("batchtopk", "jumprelu"):
@@ -219,8 +227,8 @@ def test_a_signal_inside_a_checkpoint_write_lets_it_finish_and_stops_there(refer
 
 
 def test_a_block_read_from_the_cache_is_marked_so_and_needs_the_cache_on_resume(minilm, tmp_path):
-    """A store reading its blocks from the cache records rows -1; a state taken at the end of a block describes
-    the next one (resume fills once); without the cache, resume refuses in one line."""
+    """A store reading its blocks from the cache records rows -1; a state taken at a block's end
+    describes the next one (resume fills once); without the cache, resume refuses in one line."""
     import shutil
 
     from activation_store import ActivationsStore
@@ -246,5 +254,7 @@ def test_a_block_read_from_the_cache_is_marked_so_and_needs_the_cache_on_resume(
     end = reader.state_dict()
     assert end["served"] == 0 and end["block"]["start"] > state["block"]["start"]
     shutil.rmtree(tmp_path / "cache")
-    with pytest.raises(ConfigError, match="read from the activation cache, which no longer holds it"):
-        ActivationsStore(minilm, cfg | {"cache_dir": str(tmp_path / "cache")}, fill=False).load_state_dict(state)
+    with pytest.raises(ConfigError,
+                       match="read from the activation cache, which no longer holds it"):
+        ActivationsStore(minilm, cfg | {"cache_dir": str(tmp_path / "cache")},
+                         fill=False).load_state_dict(state)

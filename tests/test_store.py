@@ -35,7 +35,7 @@ def test_rows_start_with_cls_and_pack_documents(minilm):
     rows = list(iter_token_rows(iter(["one two three", "four five"]), minilm.tokenizer, seq_len=4))
     assert all(r[0] == start and len(r) == 4 for r in rows)
     flat = [t for r in rows for t in r[1:]]
-    assert flat.count(sep) == 1  # the second document's separator is still pending (no partial rows)
+    assert flat.count(sep) == 1  # the second document's separator is pending (no partial rows)
 
 
 def test_same_seed_same_batches(minilm):
@@ -60,14 +60,14 @@ def _write_corpus(folder, n_docs: int = 12) -> None:
 
 
 def test_rows_are_read_ahead_in_order_and_epochs_counted_as_served(minilm, tmp_path):
-    """The store's rows come from a prefetching thread: they are the stream's training rows in order (held-out
-    rows first and never again, every epoch), and `epoch` is the epoch of the last row served, not of the
-    thread's."""
+    """The store's rows come from a prefetching thread: they are the stream's training rows in order
+    (held-out rows first and never again, every epoch), and `epoch` is the epoch of the last row
+    served, not of the thread's."""
     from text import eval_rows_count, token_rows
 
     _write_corpus(tmp_path / "corpus")
-    store = make_store(minilm, dataset_path=str(tmp_path / "corpus"), text_column="body", eval_tokens=256,
-                       num_batches_in_buffer=2, batch_size=64)
+    store = make_store(minilm, dataset_path=str(tmp_path / "corpus"), text_column="body",
+                       eval_tokens=256, num_batches_in_buffer=2, batch_size=64)
     one_pass = [torch.tensor(r) for r in token_rows(minilm.tokenizer, store.cfg)]
     held_out = eval_rows_count(store.cfg)
     per_epoch = len(one_pass) - held_out
@@ -110,22 +110,22 @@ def test_prefetched_reads_ahead_a_bounded_amount_and_hands_errors_over_in_place(
     assert not thread.is_alive()  # a dropped stream stops its thread
 
     failing = Prefetched(numbers(fail_at=6), chunk=4, depth=2)
-    assert [next(failing) for _ in range(6)] == list(range(6))  # every item before the error is served
+    assert [next(failing) for _ in range(6)] == list(range(6))  # items before the error are served
     for _ in range(2):
         with pytest.raises(ValueError, match="the source failed"):
             next(failing)
     failing.close()
     closed = Prefetched(numbers(), chunk=4, depth=2)
     closed.close()
-    with pytest.raises(RuntimeError, match="closed"):  # what was read ahead, then an error rather than a hang
+    with pytest.raises(RuntimeError, match="closed"):  # read-ahead items, then an error, not a hang
         for _ in range(4 * 3 + 1):
             next(closed)
 
 
 def test_held_out_rows_never_served_across_epochs(minilm, tmp_path):
     _write_corpus(tmp_path / "corpus")
-    store = make_store(minilm, dataset_path=str(tmp_path / "corpus"), text_column="body", eval_tokens=256,
-                       num_batches_in_buffer=2, batch_size=64)
+    store = make_store(minilm, dataset_path=str(tmp_path / "corpus"), text_column="body",
+                       eval_tokens=256, num_batches_in_buffer=2, batch_size=64)
     served = torch.cat([store.next_batch()[0] for _ in range(60)])
     assert store.epoch >= 2, "the test must cross epoch boundaries"
     assert torch.cdist(store.eval_acts[0], served).min() > 1e-4
@@ -135,7 +135,8 @@ def test_held_out_rows_never_served_across_epochs(minilm, tmp_path):
 
 def test_missing_text_column_is_one_clear_error(minilm, tmp_path):
     _write_corpus(tmp_path / "corpus")
-    with pytest.raises(ConfigError, match="text_column='text' is not in the dataset; its columns are body"):
+    with pytest.raises(ConfigError,
+                       match="text_column='text' is not in the dataset; its columns are body"):
         make_store(minilm, dataset_path=str(tmp_path / "corpus"))
 
 
@@ -180,8 +181,9 @@ def test_run_to_hooks_stops_after_the_deepest_hook(minilm):
         assert torch.equal(act, run_to_hook(minilm, tokens, hook))
     points = minilm.hook_dict
 
-    def added_hooks() -> list:  # the bridge keeps permanent hooks of its own; a point may have two names
-        return list({id(h): h for p in points.values() for h in p.fwd_hooks if not h.is_permanent}.values())
+    def added_hooks() -> list:  # the bridge has its own permanent hooks; a point may have two names
+        return list({id(h): h for p in points.values() for h in p.fwd_hooks
+                     if not h.is_permanent}.values())
 
     assert not added_hooks()  # its hooks are removed,
 
@@ -250,8 +252,8 @@ def test_cache_is_written_once_and_read_back_identically(minilm, tmp_path, monke
 
 
 def test_half_precision_cache_serves_the_rounded_values_to_every_run(minilm, tmp_path):
-    overrides = {"cache_dir": str(tmp_path / "cache"), "cache_dtype": "float16", "num_batches_in_buffer": 2,
-                 "batch_size": 64}
+    overrides = {"cache_dir": str(tmp_path / "cache"), "cache_dtype": "float16",
+                 "num_batches_in_buffer": 2, "batch_size": 64}
     writer = make_store(minilm, **overrides)
     first = writer.next_batch()
     assert torch.equal(first, first.half().float())
@@ -263,10 +265,11 @@ def test_half_precision_cache_serves_the_rounded_values_to_every_run(minilm, tmp
 
 def test_data_parallel_shards_take_alternate_training_rows(minilm):
     cfg = prepare_cfg(small_cfg(), model_dims(minilm))
-    single, *ranks = [ActivationsStore(minilm, cfg, shard=shard) for shard in ((0, 1), (0, 2), (1, 2))]
+    single, *ranks = [ActivationsStore(minilm, cfg, shard=shard)
+                      for shard in ((0, 1), (0, 2), (1, 2))]
     for store in (single, *ranks):
         store.seek_rows(0)
-        assert torch.equal(store.eval_tokens, single.eval_tokens)  # every rank holds the same held-out set
+        assert torch.equal(store.eval_tokens, single.eval_tokens)  # same held-out set on every rank
     rows = single.next_token_rows(40)
     assert torch.equal(ranks[0].next_token_rows(20), rows[0::2])
     assert torch.equal(ranks[1].next_token_rows(20), rows[1::2])
@@ -284,12 +287,13 @@ def test_streamlined_bridge_matches_plain_hugging_face(minilm):
     with torch.inference_mode():
         hidden = plain(input_ids=tokens, output_hidden_states=True).hidden_states
     for layer in (0, 3, 5):
-        torch.testing.assert_close(run_to_hook(minilm, tokens, f"blocks.{layer}.hook_resid_pre"), hidden[layer],
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(run_to_hook(minilm, tokens, f"blocks.{layer}.hook_resid_pre"),
+                                   hidden[layer], rtol=1e-4, atol=1e-4)
     scales = []
     hooked = [("blocks.0.ln1.hook_scale", lambda act, hook: scales.append(act))]
     unhooked = run_to_hook(minilm, tokens, "blocks.1.hook_resid_pre")
-    assert torch.equal(run_to_hook(minilm, tokens, "blocks.1.hook_resid_pre", fwd_hooks=hooked), unhooked)
+    assert torch.equal(run_to_hook(minilm, tokens, "blocks.1.hook_resid_pre", fwd_hooks=hooked),
+                       unhooked)
     assert len(scales) == 1 and scales[0].shape == (2, 16, 1)
 
 
@@ -312,7 +316,7 @@ def test_tensor_store_holds_out_the_first_rows_and_serves_each_row_once_per_epoc
     cfg = small_cfg(eval_tokens=100, batch_size=64)
     store = TensorStore(acts, cfg)
     assert torch.equal(store.eval_acts[0], acts[:100]) and store.dims["d_model"] == 4
-    rows = [store.next_batch()[0][:, 0] / 4 for _ in range(14)]  # 900 training rows: 14 full batches
+    rows = [store.next_batch()[0][:, 0] / 4 for _ in range(14)]  # 900 train rows: 14 full batches
     epoch = torch.cat(rows).long()
     assert not torch.equal(epoch[:64], torch.arange(100, 164))  # shuffled
     assert epoch.unique().numel() == 14 * 64 and epoch.min() >= 100  # no row twice, no held-out row
@@ -321,7 +325,8 @@ def test_tensor_store_holds_out_the_first_rows_and_serves_each_row_once_per_epoc
     np.save(tmp_path / "acts.npy", acts.numpy())
     mapped = TensorStore(np.load(tmp_path / "acts.npy", mmap_mode="r"), cfg)
     assert mapped.scales == TensorStore(acts, cfg).scales
-    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in mapped.state_dict().items()}
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v
+             for k, v in mapped.state_dict().items()}
     ahead = [mapped.next_batch() for _ in range(20)]
     resumed = TensorStore(acts, cfg)
     resumed.load_state_dict(state)
@@ -333,7 +338,8 @@ def test_tensor_store_rejects_too_few_rows_and_bad_shapes():
 
     with pytest.raises(ConfigError, match="fewer than batch_size=256"):
         TensorStore(torch.zeros(300, 8), small_cfg(eval_tokens=100))
-    with pytest.raises(ConfigError, match=r"takes \(tokens, d\) activations, got shape \(3, 4, 5\)"):
+    with pytest.raises(ConfigError,
+                       match=r"takes \(tokens, d\) activations, got shape \(3, 4, 5\)"):
         TensorStore(torch.zeros(3, 4, 5), small_cfg())
 
 
@@ -351,9 +357,10 @@ def test_train_sae_on_a_tensor_store(tmp_path):
     assert (tmp_path / "from_tensor" / "final" / "sae.safetensors").exists()
 
 
-@pytest.mark.parametrize("variant", [{"sae_type": "batchtopk"}, {"sae_type": "jumprelu", "target_l0": 8.0}])
+@pytest.mark.parametrize("variant", [{"sae_type": "batchtopk"},
+                                     {"sae_type": "jumprelu", "target_l0": 8.0}])
 def test_a_tensor_store_run_resumes_bitwise(tmp_path, variant):
-    """Also JumpReLU steered to an L0: its coefficient's running factor and latest error are in the checkpoint."""
+    """Also JumpReLU steered to an L0: its coefficient's running factor and last error are saved."""
     import shutil
 
     from safetensors.torch import load_file
@@ -362,8 +369,9 @@ def test_a_tensor_store_run_resumes_bitwise(tmp_path, variant):
     from training import train_sae
 
     acts = sparse_mixture(12_000)
-    cfg = small_cfg(dict_size=256, top_k=8, num_tokens=256 * 30, eval_tokens=1024, checkpoint_freq=20,
-                    output_dir=str(tmp_path), run_name="run", sparsity_warmup_frac=0.1) | variant
+    cfg = small_cfg(dict_size=256, top_k=8, num_tokens=256 * 30, eval_tokens=1024,
+                    checkpoint_freq=20, output_dir=str(tmp_path), run_name="run",
+                    sparsity_warmup_frac=0.1) | variant
     train_sae(cfg, store=TensorStore(acts, cfg))
     run = tmp_path / "run"
     whole = load_file(run / "final" / "sae.safetensors")
@@ -385,9 +393,11 @@ def test_a_failed_write_is_called_disk_full_only_when_it_is(tmp_path, monkeypatc
 
     assert write_failure(OSError(errno.ENOSPC, "No space left on device"), tmp_path) == \
         "disk full (No space left on device)"
-    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    full = SafetensorError("Error while serializing: I/O error: "
+                           "No space left on device (os error 28)")
     assert write_failure(full, tmp_path).startswith("disk full (Error while serializing")
-    opaque = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")  # torch.save's
+    opaque = RuntimeError("[enforce fail at inline_container.cc:672] . "
+                          "unexpected pos 576 vs 534")  # torch.save's
     assert write_failure(opaque, tmp_path).startswith("could not write (")
     monkeypatch.setattr(shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10, 10, 0))
     assert write_failure(opaque, tmp_path).startswith("disk full (")
@@ -403,13 +413,14 @@ def test_train_on_standardised_tokens_whose_scales_and_offsets_differ(tmp_path):
 
     acts = sparse_mixture(20_000)
     gen = torch.Generator().manual_seed(1)
-    moved = acts * 10 ** (2 * torch.rand(len(acts), 1, generator=gen) - 1) + torch.randn(len(acts), 1, generator=gen)
+    moved = acts * 10 ** (2 * torch.rand(len(acts), 1, generator=gen) - 1) \
+        + torch.randn(len(acts), 1, generator=gen)
     cfg = small_cfg(sae_type="topk", dict_size=256, top_k=8, num_tokens=256 * 40, eval_tokens=2048,
                     output_dir=str(tmp_path), run_name="standardised", standardize_tokens=True)
     store = TensorStore(moved, cfg)
     trainee = train_sae(cfg, store=store)
     assert trainee.final_metrics["explained_variance"] > 0.5
-    # s is set for standardised tokens (about 1; constant tokens standardise to 0), not the raw-space estimate
+    # s fits the standardised tokens (about 1; constant tokens standardise to 0), not the raw ones
     assert 1.0 < trainee.sae.scale.item() < 1.1 and not 0.5 < store.scales[0] < 2
     loaded = load_sae(tmp_path / "standardised" / "final")
     x = moved[:512]

@@ -1,7 +1,7 @@
-"""On CUDA the training loop never waits for the device between logging steps: every variant trains under
-`torch.cuda.set_sync_debug_mode("error")` except while it logs, evaluates or checkpoints. On CPU the same loop runs
-with every Python-level read of a tensor's value (`.item()`, `bool()`, `.tolist()`, ...: what waits for the device
-on CUDA) made to raise instead; the CUDA test also catches the reads inside ATen ops."""
+"""On CUDA the training loop never waits for the device between logging steps: every variant trains
+under `torch.cuda.set_sync_debug_mode("error")` except while it logs, evaluates or checkpoints. On
+CPU the same loop runs with every Python-level read of a tensor's value (`.item()`, `bool()`,
+`.tolist()`, ...: a sync on CUDA) made to raise; the CUDA test also catches reads in ATen ops."""
 
 from __future__ import annotations
 
@@ -19,16 +19,18 @@ from sae import SAE_CLASSES
 STEPS = 30
 
 
-def train_with_sync_checks(variant: str, device: str, set_mode: Callable[[str], None], tmp_path, monkeypatch,
-                           **overrides) -> None:
-    """Train `variant` for STEPS steps on `device` with the sync debug mode "error" from the first step on, "default"
-    while the loop logs, evaluates or checkpoints (those read values on the host by design)."""
+def train_with_sync_checks(variant: str, device: str, set_mode: Callable[[str], None], tmp_path,
+                           monkeypatch, **overrides) -> None:
+    """Train `variant` STEPS steps on `device`, sync debug mode "error" from the first step,
+    "default" while the loop logs, evaluates or checkpoints (those read on the host by design)."""
     cfg = small_cfg(sae_type=variant, device=device, dict_size=512, top_k=8, num_tokens=256 * STEPS,
                     perf_log_freq=10, eval_freq=20, checkpoint_freq=25, dead_after_tokens=256 * 5,
-                    output_dir=str(tmp_path), run_name=f"{variant}_sync", eval_tokens=1024) | overrides
+                    output_dir=str(tmp_path), run_name=f"{variant}_sync",
+                    eval_tokens=1024) | overrides
     acts = torch.randn(20_000, 64).relu() + 0.1
 
-    run_steps, log_step, checkpoint_group = training._run_steps, training._log_step, training.checkpoint_group
+    run_steps, log_step, checkpoint_group = training._run_steps, training._log_step, \
+        training.checkpoint_group
 
     def on_host(fn: Callable, due: bool) -> Callable:
         def call(*args, **kwargs):
@@ -66,7 +68,7 @@ def train_with_sync_checks(variant: str, device: str, set_mode: Callable[[str], 
 
 
 def test_the_sync_checks_cover_every_step_but_the_logging_ones(tmp_path, monkeypatch):
-    """CPU: the mode is "error" for each training step but those that log, evaluate or checkpoint."""
+    """CPU: mode is "error" for each training step but those that log, evaluate or checkpoint."""
     modes: list[str] = []
     steps_under: list[str] = []
     training_step = training.training_step
@@ -79,7 +81,7 @@ def test_the_sync_checks_cover_every_step_but_the_logging_ones(tmp_path, monkeyp
     train_with_sync_checks("topk", "cpu", modes.append, tmp_path, monkeypatch)
     assert steps_under == ["error"] * STEPS  # the loop's own work runs checked from the first step
     visits = modes.count("default") - 1  # the last one ends the loop
-    # logging at steps 10, 20, 25 (the checkpoint's finiteness check) and 30; checkpoints at 25 and 30 (the end)
+    # logs at steps 10, 20, 25 (the checkpoint finiteness check) and 30; checkpoints at 25, 30 (end)
     assert visits == 6 and modes[0] == "error" and modes[-1] == "default"
 
 
@@ -91,7 +93,7 @@ class HostRead(AssertionError):
 
 
 def host_reads_forbidden(monkeypatch) -> Callable[[str], None]:
-    """A `set_mode` for CPU: while the mode is "error", reading a tensor's value on the host raises HostRead."""
+    """A CPU `set_mode`: in mode "error", reading a tensor's value on the host raises HostRead."""
     forbidden = [False]
 
     def guarded(name: str) -> Callable:
@@ -118,7 +120,7 @@ def variant_settings() -> list:
 
 @pytest.mark.parametrize(("variant", "target_l0"), variant_settings())
 def test_no_host_read_between_logging_steps(variant, target_l0, tmp_path, monkeypatch):
-    """The dense step (the one CUDA runs at this size) and the loop around it read no tensor on the host."""
+    """The dense step (what CUDA runs at this size) and its loop read no tensor on the host."""
     train_with_sync_checks(variant, "cpu", host_reads_forbidden(monkeypatch), tmp_path, monkeypatch,
                            kernels="dense", target_l0=target_l0)
 
@@ -126,8 +128,8 @@ def test_no_host_read_between_logging_steps(variant, target_l0, tmp_path, monkey
 def test_a_host_read_between_logging_steps_is_caught(tmp_path, monkeypatch):
     """skip_nonfinite_batches reads the loss every step by design: the check must see it."""
     with pytest.raises(HostRead, match="Tensor.item"):
-        train_with_sync_checks("topk", "cpu", host_reads_forbidden(monkeypatch), tmp_path, monkeypatch,
-                               kernels="dense", skip_nonfinite_batches=True)
+        train_with_sync_checks("topk", "cpu", host_reads_forbidden(monkeypatch), tmp_path,
+                               monkeypatch, kernels="dense", skip_nonfinite_batches=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -26,7 +26,8 @@ def eval_records(run_dir) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained_group(minilm, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    cfgs = [small_cfg(sae_type=t, output_dir=str(out), l1_coeff=0.5, l0_coeff=0.05) for t in VARIANTS]
+    cfgs = [small_cfg(sae_type=t, output_dir=str(out), l1_coeff=0.5, l0_coeff=0.05)
+            for t in VARIANTS]
     return train_sae_group(cfgs, model=minilm)
 
 
@@ -34,7 +35,8 @@ def test_every_variant_learns(trained_group):
     for t in trained_group:
         evals = eval_records(t.run_dir)
         assert evals[0]["step"] == 0 and evals[-1]["step"] == 60
-        assert evals[-1]["nmse"] < 0.65 * evals[0]["nmse"], (t.cfg["sae_type"], evals[0]["nmse"], evals[-1]["nmse"])
+        assert evals[-1]["nmse"] < 0.65 * evals[0]["nmse"], (t.cfg["sae_type"], evals[0]["nmse"],
+                                                              evals[-1]["nmse"])
         assert 0 < evals[-1]["l0"] < t.cfg["dict_size"] / 2
 
 
@@ -93,10 +95,12 @@ def test_causal_lm_path_reports_ce_metrics(tiny_gpt2_dir, tmp_path):
 def test_lr_schedule_warms_up_and_decays():
     factors = [lr_factor(s, 100, 0.1, 0.2) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0 and factors[50] == 1.0
-    assert factors[80] == 1.0 and factors[90] == pytest.approx(0.5) and factors[99] == pytest.approx(0.05)
+    assert factors[80] == 1.0 and factors[90] == pytest.approx(0.5) \
+        and factors[99] == pytest.approx(0.05)
 
 
-def test_nan_batch_stops_with_step_variant_and_term_and_keeps_checkpoints(minilm, tmp_path, monkeypatch):
+def test_nan_batch_stops_with_step_variant_and_term_and_keeps_checkpoints(minilm, tmp_path,
+                                                                          monkeypatch):
     from activation_store import ActivationsStore
     from training import NonFiniteError
 
@@ -120,13 +124,15 @@ def test_nan_batch_stops_with_step_variant_and_term_and_keeps_checkpoints(minilm
 
 def test_group_across_layers_trains_each_sae_on_its_own_hook(minilm, tmp_path):
     """SAEs on different layers share one forward per batch and train as if alone."""
-    cfgs = [small_cfg(sae_type="topk", layer=layer, output_dir=str(tmp_path / "group"), num_tokens=256 * 12)
-            for layer in (1, 4)]
+    cfgs = [small_cfg(sae_type="topk", layer=layer, output_dir=str(tmp_path / "group"),
+                      num_tokens=256 * 12) for layer in (1, 4)]
     group = train_sae_group(cfgs, model=minilm)
     alone = train_sae(cfgs[1] | {"output_dir": str(tmp_path / "alone")}, model=minilm)
-    assert [t.cfg["hook_point"] for t in group] == ["blocks.1.hook_resid_pre", "blocks.4.hook_resid_pre"]
+    assert [t.cfg["hook_point"] for t in group] == ["blocks.1.hook_resid_pre",
+                                                    "blocks.4.hook_resid_pre"]
     for name, value in alone.sae.state_dict().items():
-        torch.testing.assert_close(group[1].sae.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(group[1].sae.state_dict()[name], value, rtol=1e-4, atol=1e-5,
+                                   msg=name)
     assert group[0].sae.scale != group[1].sae.scale  # each hook has its own input scale
     assert group[0].final_metrics["nmse"] < eval_records(group[0].run_dir)[0]["nmse"]
 
@@ -162,7 +168,7 @@ def test_lazy_adam_freezes_latents_without_gradient_and_moves_the_rest(sae_type)
     silent, active = slice(0, 10), slice(10, None)
     assert torch.equal(sae.W_enc[:, silent], before["W_enc"][:, silent])
     assert torch.equal(sae.b_enc[silent], before["b_enc"][silent])
-    assert torch.allclose(sae.W_dec[silent], before["W_dec"][silent], atol=1e-6)  # renormalised only
+    assert torch.allclose(sae.W_dec[silent], before["W_dec"][silent], atol=1e-6)  # renormed only
     assert not torch.equal(sae.W_enc[:, active], before["W_enc"][:, active])
     # without it, Adam's momentum keeps moving the silenced latents
     t_eager, before_eager = _trainee_after_steps(sae_type, lazy=False, n_steps=4)

@@ -1,5 +1,5 @@
 """Transcoders: every variant reading one hook point and reconstructing another (docs/math.md §11).
-The math first (the sparse path against the dense reference, the skip path, decode), then the pipeline."""
+The math first (sparse path against the dense reference, skip path, decode), then the pipeline."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def test_transcoder_sparse_path_equals_dense_reference(sae_type, n_dead, skip):
     f = sparse.latents.dense() if hasattr(sparse.latents, "dense") else sparse.latents
     torch.testing.assert_close(f, dense.latents)
     for term in ("loss", "recon_loss", "sparsity_loss", "aux_loss"):
-        torch.testing.assert_close(getattr(sparse, term), getattr(dense, term), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(getattr(sparse, term), getattr(dense, term),
+                                   rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sparse.x_hat, dense.x_hat, rtol=1e-5, atol=1e-5)
     for name, g in grads[0].items():
         assert g.abs().sum() > 0, name  # every parameter learns, W_skip included
@@ -58,8 +59,8 @@ def test_transcoder_sparse_path_equals_dense_reference(sae_type, n_dead, skip):
 @pytest.mark.parametrize("skip", [False, True])
 @pytest.mark.parametrize("sae_type", tuple(SAE_CLASSES))
 def test_transcoder_formulas(sae_type, skip):
-    """pre = s_in x W_enc + b_enc (no b_dec); y_hat = (f W_dec + b_dec + s_in x W_skip) / s_out; the loss is
-    ||s_out y - (f W_dec + b_dec + s_in x W_skip)||^2, and x_hat is the raw prediction of y."""
+    """pre = s_in x W_enc + b_enc (no b_dec); y_hat = (f W_dec + b_dec + s_in x W_skip) / s_out; the
+    loss is ||s_out y - (f W_dec + b_dec + s_in x W_skip)||^2, and x_hat is y's raw prediction."""
     sae = trained_transcoder(sae_type, skip=skip).eval()
     x = rand_x(seed=6)
     y = target_of(x)
@@ -83,7 +84,8 @@ def test_an_sae_is_unchanged_by_the_transcoder_code():
     sae = trained_like("topk")
     x = rand_x(seed=6)
     s = sae.scale
-    torch.testing.assert_close(sae.pre_activations(s * x), (s * x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    torch.testing.assert_close(sae.pre_activations(s * x),
+                               (s * x - sae.b_dec) @ sae.W_enc + sae.b_enc)
     assert sae.W_skip is None and not hasattr(sae, "target_scale")
 
 
@@ -117,9 +119,9 @@ def test_dict_size_shapes():
 # --- SAELens transcoder layouts -----------------------------------------------------------------
 
 def saelens_transcoder_forward(folder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAELens 6's transcoder formulas (saes/transcoder.py), re-implemented on the exported files: pre = x @ W_enc
-    + b_enc; f = relu(pre), masked by pre > threshold for the jumprelu architectures; y = f @ W_dec + b_dec,
-    plus x @ W_skip.T for the skip ones."""
+    """SAELens 6's transcoder formulas (saes/transcoder.py), re-implemented on the exported files:
+    pre = x @ W_enc + b_enc; f = relu(pre), masked by pre > threshold for jumprelu architectures;
+    y = f @ W_dec + b_dec, plus x @ W_skip.T for the skip ones."""
     import json
 
     from safetensors.torch import load_file
@@ -138,7 +140,8 @@ def saelens_transcoder_forward(folder, x: torch.Tensor) -> tuple[torch.Tensor, t
     return f, y
 
 
-EXPORTABLE = tuple(name for name, cls in SAE_CLASSES.items() if cls.saelens_architecture in ("standard", "jumprelu"))
+EXPORTABLE = tuple(name for name, cls in SAE_CLASSES.items()
+                   if cls.saelens_architecture in ("standard", "jumprelu"))
 
 
 @pytest.mark.parametrize("skip", [False, True])
@@ -182,17 +185,19 @@ def test_a_transcoder_between_widths_is_refused_on_import(tmp_path):
     assert "\n" not in str(err.value)
 
 
-# --- the pipeline: one stream, SAEs and transcoders side by side -------------------------------------
+# --- the pipeline: one stream, SAEs and transcoders side by side ---------------------------------
 
 def gpt2_cfg(tiny_gpt2_dir, **overrides) -> dict:
     from conftest import small_cfg
 
-    return small_cfg(**{"model_name": str(tiny_gpt2_dir), "layer": 1, "batch_size": 64, "num_batches_in_buffer": 4,
-                        "eval_tokens": 256, "downstream_eval_rows": 8, "num_tokens": 64 * 48, "eval_freq": 48,
-                        "checkpoint_freq": 4, "dict_size": 128, "top_k": 8} | overrides)
+    return small_cfg(**{"model_name": str(tiny_gpt2_dir), "layer": 1, "batch_size": 64,
+                        "num_batches_in_buffer": 4, "eval_tokens": 256, "downstream_eval_rows": 8,
+                        "num_tokens": 64 * 48, "eval_freq": 48, "checkpoint_freq": 4,
+                        "dict_size": 128, "top_k": 8} | overrides)
 
 
-def test_an_sae_and_transcoders_train_from_one_forward_and_splice_into_the_model(tiny_gpt2_dir, tmp_path,
+def test_an_sae_and_transcoders_train_from_one_forward_and_splice_into_the_model(tiny_gpt2_dir,
+                                                                                  tmp_path,
                                                                                   monkeypatch):
     import activation_store
     from capture import load_model
@@ -203,26 +208,31 @@ def test_an_sae_and_transcoders_train_from_one_forward_and_splice_into_the_model
     forwards: list[list[str]] = []
     real = activation_store.run_to_hooks
     monkeypatch.setattr(activation_store, "run_to_hooks",
-                        lambda m, tokens, hooks, *a: forwards.append(list(hooks)) or real(m, tokens, hooks, *a))
+                        lambda m, tokens, hooks, *a: forwards.append(list(hooks))
+                        or real(m, tokens, hooks, *a))
     out = str(tmp_path / "runs")
-    cfgs = [gpt2_cfg(tiny_gpt2_dir, site="mlp_out", sae_type="topk", run_name="sae", output_dir=out),
-            gpt2_cfg(tiny_gpt2_dir, site="mlp_in", target_site="mlp_out", sae_type="topk", run_name="tc",
+    cfgs = [gpt2_cfg(tiny_gpt2_dir, site="mlp_out", sae_type="topk", run_name="sae",
                      output_dir=out),
-            gpt2_cfg(tiny_gpt2_dir, site="mlp_in", target_site="mlp_out", skip_connection=True, sae_type="batchtopk",
-                     run_name="skip", output_dir=out)]
+            gpt2_cfg(tiny_gpt2_dir, site="mlp_in", target_site="mlp_out", sae_type="topk",
+                     run_name="tc", output_dir=out),
+            gpt2_cfg(tiny_gpt2_dir, site="mlp_in", target_site="mlp_out", skip_connection=True,
+                     sae_type="batchtopk", run_name="skip", output_dir=out)]
     sae, tc, skip = train_sae_group(cfgs, model=model)
     store_hooks = ["blocks.1.hook_mlp_out", "blocks.1.mlp.hook_in"]
-    assert forwards.count(store_hooks) >= 3  # held-out set, buffer fills: every forward reads both hook points
+    assert forwards.count(store_hooks) >= 3  # held-out set, buffer fills: all read both hook points
     assert not [hooks for hooks in forwards if len(hooks) == 1 and hooks[0] in store_hooks]
-    assert tc.cfg["target_hook_point"] == "blocks.1.hook_mlp_out" and skip.sae.W_skip.abs().sum() > 0
+    assert (tc.cfg["target_hook_point"] == "blocks.1.hook_mlp_out"
+            and skip.sae.W_skip.abs().sum() > 0)
     for t in (sae, tc, skip):
         m = t.final_metrics
-        # the random tiny model's CE barely depends on its MLP (~1e-3): spliced is nearer clean than zero-ablated
-        assert abs(m["ce_spliced"] - m["ce_clean"]) < abs(m["ce_zero"] - m["ce_clean"]), (t.cfg["run_name"], m)
+        # random tiny model: CE barely depends on its MLP; spliced is nearer clean than zero-ablated
+        assert abs(m["ce_spliced"] - m["ce_clean"]) < abs(m["ce_zero"] - m["ce_clean"]), (
+            t.cfg["run_name"], m)
         assert 0 < m["explained_variance"] < 1 and m["l0"] > 0
-    # the exported skip transcoder, given the model's raw activations at its input, predicts its target
-    x, y = (a.reshape(-1, a.shape[-1]) for a in real(model, model.to_tokens("To be, or not to be"),
-                                                      ["blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"]))
+    # the exported skip transcoder, given the model's raw input activations, predicts its target
+    x, y = (a.reshape(-1, a.shape[-1])
+            for a in real(model, model.to_tokens("To be, or not to be"),
+                          ["blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"]))
     folder = export_saelens(skip.sae.eval(), tmp_path / "export")
     f, y_hat = saelens_transcoder_forward(folder, x)
     torch.testing.assert_close(f, skip.sae.encode(x), rtol=1e-5, atol=1e-5)
@@ -231,7 +241,8 @@ def test_an_sae_and_transcoders_train_from_one_forward_and_splice_into_the_model
     assert skip.final_metrics["explained_variance"] >= tc.final_metrics["explained_variance"]
 
 
-def test_a_transcoder_group_stopped_after_a_checkpoint_resumes_bitwise(tiny_gpt2_dir, tmp_path, monkeypatch):
+def test_a_transcoder_group_stopped_after_a_checkpoint_resumes_bitwise(tiny_gpt2_dir, tmp_path,
+                                                                       monkeypatch):
     from safetensors.torch import load_file
 
     import training
@@ -240,8 +251,9 @@ def test_a_transcoder_group_stopped_after_a_checkpoint_resumes_bitwise(tiny_gpt2
     model = load_model(str(tiny_gpt2_dir), "cpu")
 
     def cfgs(out):
-        return [gpt2_cfg(tiny_gpt2_dir, site="mlp_in", target_site="mlp_out", skip_connection=True, sae_type=v,
-                         run_name=v, output_dir=str(tmp_path / out), cache_dir=str(tmp_path / "cache"))
+        return [gpt2_cfg(tiny_gpt2_dir, site="mlp_in", target_site="mlp_out", skip_connection=True,
+                         sae_type=v, run_name=v, output_dir=str(tmp_path / out),
+                         cache_dir=str(tmp_path / "cache"))
                 for v in ("jumprelu", "matryoshka")]
     reference = training.train_sae_group(cfgs("ref"), model=model)
 
@@ -271,11 +283,13 @@ def test_the_transcoder_sweep_puts_three_runs_on_every_mlp_of_one_stream():
     from training import hook_points_of
 
     cfgs = main.sweep_transcoders(get_default_cfg())
-    assert len(cfgs) == 3 * 6 and len(main.group_by_stream(cfgs)) == 1  # MiniLM-L6: one forward per batch
+    assert len(cfgs) == 3 * 6 and len(main.group_by_stream(cfgs)) == 1  # MiniLM-L6: one forward
     cfgs = [prepare_cfg(c, {"d_model": 384, "n_layers": 6, "n_ctx": 512}) for c in cfgs]
-    assert hook_points_of(cfgs)[:3] == ["blocks.0.hook_mlp_out", "blocks.0.mlp.hook_in", "blocks.1.hook_mlp_out"]
+    assert hook_points_of(cfgs)[:3] == ["blocks.0.hook_mlp_out", "blocks.0.mlp.hook_in",
+                                        "blocks.1.hook_mlp_out"]
     names = [c["run_name"].split(f"_m{c['dict_size']}_")[0] for c in cfgs[:3]]
-    assert names == ["batchtopk_all-MiniLM-L6-v2_L0_mlp_out", "batchtopk_all-MiniLM-L6-v2_L0_mlp_in_to_mlp_out",
+    assert names == ["batchtopk_all-MiniLM-L6-v2_L0_mlp_out",
+                     "batchtopk_all-MiniLM-L6-v2_L0_mlp_in_to_mlp_out",
                      "batchtopk_all-MiniLM-L6-v2_L0_mlp_in_to_mlp_out_skip"]
 
 
@@ -283,13 +297,18 @@ def test_an_override_of_the_swept_key_collapses_the_sweep():
     import main
 
     cfgs, _ = main.parse_args(["--sweep", "transcoders", "layer=3", "sae_type=topk"])
-    assert [(c["layer"], c["site"], c.get("target_site", ""), c.get("skip_connection", False)) for c in cfgs] == [
-        (3, "mlp_out", "", False), (3, "mlp_in", "mlp_out", False), (3, "mlp_in", "mlp_out", True)]
-    cfgs, _ = main.parse_args(["--sweep", "l0", "sae_type=jumprelu", "lr=1e-3"])  # not also JumpReLU at k 16/32/64
-    assert [(c["sae_type"], c["target_l0"], c["lr"]) for c in cfgs] == [("jumprelu", t, 1e-3) for t in (16, 32, 64)]
-    cfgs, _ = main.parse_args(["--sweep", "l0", "sae_type=jumprelu", "top_k=16"])  # each key on its own
-    assert [(c["sae_type"], c["target_l0"], c["top_k"]) for c in cfgs] == [("jumprelu", t, 16) for t in (16, 32, 64)]
-    cfgs, _ = main.parse_args(["--sweep", "layers", "layer=9", "site=mlp_out"])  # no run has it: set in each, once
+    assert [(c["layer"], c["site"], c.get("target_site", ""), c.get("skip_connection", False))
+            for c in cfgs] == [(3, "mlp_out", "", False), (3, "mlp_in", "mlp_out", False),
+                               (3, "mlp_in", "mlp_out", True)]
+    # not also JumpReLU at k 16/32/64
+    cfgs, _ = main.parse_args(["--sweep", "l0", "sae_type=jumprelu", "lr=1e-3"])
+    assert [(c["sae_type"], c["target_l0"], c["lr"]) for c in cfgs] == [
+        ("jumprelu", t, 1e-3) for t in (16, 32, 64)]
+    cfgs, _ = main.parse_args(["--sweep", "l0", "sae_type=jumprelu", "top_k=16"])  # key by key
+    assert [(c["sae_type"], c["target_l0"], c["top_k"]) for c in cfgs] == [
+        ("jumprelu", t, 16) for t in (16, 32, 64)]
+    # no run has it: set in each, once
+    cfgs, _ = main.parse_args(["--sweep", "layers", "layer=9", "site=mlp_out"])
     assert [(c["layer"], c["site"]) for c in cfgs] == [(9, "mlp_out")]
 
 
@@ -298,17 +317,21 @@ def test_the_frontier_draws_saes_and_transcoders_as_separate_series():
 
     import results
 
-    df = pd.DataFrame({"sae_type": ["topk"] * 3, "l0": [32.0, 32.0, 31.9], "nmse": [0.15, 0.2, 0.14],
+    df = pd.DataFrame({"sae_type": ["topk"] * 3, "l0": [32.0, 32.0, 31.9],
+                       "nmse": [0.15, 0.2, 0.14],
                        "target_hook_point": ["", "blocks.3.hook_mlp_out", "blocks.3.hook_mlp_out"],
                        "skip_connection": [False, False, True]})
     ax = results.plot_frontier(df).axes[0]
-    styles = {line.get_label().split(" (")[0]: (line.get_linestyle(), line.get_marker()) for line in ax.lines}
-    assert styles == {"topk": ("-", "o"), "topk transcoder": ("--", "s"), "topk skip transcoder": (":", "^")}
+    styles = {line.get_label().split(" (")[0]: (line.get_linestyle(), line.get_marker())
+              for line in ax.lines}
+    assert styles == {"topk": ("-", "o"), "topk transcoder": ("--", "s"),
+                      "topk skip transcoder": (":", "^")}
 
 
 @pytest.mark.parametrize("overrides,message", [
     ({"site": "mlp_out", "target_site": "mlp_out"}, "is the input hook point"),
-    ({"target_site": "mlp_out", "target_hook_point": "blocks.2.hook_mlp_out"}, "name different targets"),
+    ({"target_site": "mlp_out", "target_hook_point": "blocks.2.hook_mlp_out"},
+     "name different targets"),
 ])
 def test_a_target_that_is_the_input_or_named_twice_differently_is_refused(overrides, message):
     from config import get_default_cfg, prepare_cfg
@@ -323,4 +346,5 @@ def test_the_model_card_names_a_transcoder_and_its_target():
 
     card = model_card(trained_transcoder("jumprelu", skip=True).eval(), {"explained_variance": 0.9})
     assert "# JumpReLU skip transcoder on " in card
-    assert "predicting those at `blocks.3.hook_mlp_out`" in card and "| skip_connection | True |" in card
+    assert ("predicting those at `blocks.3.hook_mlp_out`" in card
+            and "| skip_connection | True |" in card)
