@@ -13,7 +13,7 @@ import pytest
 from conftest import small_cfg
 from safetensors import SafetensorError
 
-import activation_store
+import cache as activation_cache
 import checkpoint
 import main
 import training
@@ -191,7 +191,7 @@ def test_bad_input_gives_one_line_and_damages_nothing(argv, setup, code, message
         disk_full_when(checkpoint, lambda path: path.parent.name == ".tmp-step_0000004",
                        monkeypatch)
     if setup == "cache disk full":
-        disk_full_when(activation_store, lambda path: path.name.startswith(".tmp-shard"),
+        disk_full_when(activation_cache, lambda path: path.name.startswith(".tmp-shard"),
                        monkeypatch)
     before = snapshot(runs)
     capsys.readouterr()
