@@ -93,12 +93,16 @@ class BaseSAE(nn.Module):
     coeff_rise_clip: ClassVar[float] = 1.0
     coeff_damping: ClassVar[float] = 0.0
     has_sparse_path: ClassVar[bool] = False  # __init_subclass__: the class states its own `select`
+    # its math works per layer of a cross-layer transcoder (clt.py): not if its penalty reads the
+    # decoder (a CLT latent has one per target) or it states its own `loss`
+    cross_layer_ok: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         # a subclass that changes its math does not inherit what computes the parent's math: it
         # trains on the dense reference and states its SAELens form itself
         cls.has_sparse_path = "select" in cls.__dict__
+        cls.cross_layer_ok = cls.cross_layer_ok and "loss" not in cls.__dict__
         if "activation" in cls.__dict__ and "saelens_architecture" not in cls.__dict__:
             cls.saelens_architecture = None
 

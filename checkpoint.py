@@ -343,8 +343,9 @@ def checkpoint_group(trainees: list[Trainee], step: int, total_steps: int, token
 def _same_setting(key: str, given: Any, saved: Any) -> bool:
     if key == "device":
         return resolve_device(given) == resolve_device(saved)
-    if key in ("buffer_device", "hook_point", "target_hook_point") and given == "":
-        return True  # "" means derived (from device, layer, site, target_site); saved config has it
+    if key in ("buffer_device", "hook_point", "target_hook_point", "layers") and given == "":
+        return True  # "" means derived (from device, layer, site, target_site, the model's
+        # layers); the saved config has it
     return given == saved
 
 

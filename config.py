@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from clt import check_cross_layer, clt_layers
 from keys import ConfigError, Key, is_transcoder
 from sae import SAE_CLASSES
 
@@ -61,6 +62,11 @@ KEYS: dict[str, Key] = {
                              ("checkpoint", "eval")),
     "skip_connection": Key(False, "transcoder: add a linear input-to-output map W_skip, "
                            "zero-initialised and trained with the rest", "", ("checkpoint",)),
+    "cross_layer": Key(False, "cross-layer transcoder (CLT): per layer of `layers`, dict_size "
+                       "latents read that layer's `site` and write to `target_site` of it and "
+                       "every later layer of the range", "", ("checkpoint", "eval")),
+    "layers": Key("", "CLT: its first and last layer, a:b (\"\": every layer of the model)", "",
+                  ("checkpoint", "eval")),
     "dataset_path": Key(EMBEDDED_DATASET, "HF dataset (streamed), local file/folder (txt, md, "
                         "jsonl, parquet), embedded:shakespeare, or synthetic (known features, no "
                         "model)", "", DATA),
@@ -343,6 +349,10 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
         if cfg["target_hook_point"] != site_hook(layer, cfg["target_site"]):
             _fail("target_hook_point", cfg["target_hook_point"],
                   f"and target_site={cfg['target_site']!r} name different targets: set one of them")
+    if cfg.get("cross_layer"):
+        check_cross_layer(cfg)
+    elif cfg.get("layers"):
+        _fail("layers", cfg["layers"], "is for cross_layer=true (a single SAE reads `layer`)")
     if cfg.get("skip_connection") and not is_transcoder(cfg):
         _fail("skip_connection", True, "needs a target (target_site or target_hook_point): a skip "
               "connection maps the input to another hook point")
@@ -371,11 +381,25 @@ def site_hook(layer: int, site: str) -> str:
     return f"blocks.{layer}.mlp.hook_in" if site == "mlp_in" else f"blocks.{layer}.hook_{site}"
 
 
+def run_hook_points(cfg: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """A prepared run's input hook points and its targets' (none for an SAE): one each, or a CLT's
+    per layer."""
+    if cfg.get("cross_layer"):
+        ids = clt_layers(cfg)
+        return ([site_hook(i, cfg["site"]) for i in ids],
+                [site_hook(i, cfg["target_site"]) for i in ids])
+    return [cfg["hook_point"]], [cfg["target_hook_point"]] if is_transcoder(cfg) else []
+
+
 def hook_tag(cfg: dict[str, Any]) -> str:
     """What run names say about the hook points: L3_resid_pre, or the hook names; `_to_` the
     target's (and `_skip` for a skip connection)."""
     def tag(hook: str, layer: int, site: str) -> str:
         return re.sub(r"[^A-Za-z0-9]+", "_", hook) if hook else f"L{layer}_{site}"
+    if cfg.get("cross_layer"):
+        layers = cfg["layers"].replace(":", "-")
+        return (f"clt_L{layers}_{cfg['site']}_to_{cfg['target_site']}"
+                + ("_skip" if cfg.get("skip_connection") else ""))
     text = tag(cfg["hook_point"] if cfg["hook_point"] != site_hook(cfg["layer"], cfg["site"])
                else "", cfg["layer"], cfg["site"])
     if is_transcoder(cfg):
@@ -439,9 +463,14 @@ def prepare_cfg(cfg: dict[str, Any], model_dims: dict[str, int]) -> dict[str, An
               f"(0..{model_dims['n_layers'] - 1})")
     if cfg["seq_len"] > model_dims["n_ctx"]:
         _fail("seq_len", cfg["seq_len"], f"must be <= the model's context ({model_dims['n_ctx']})")
-    if not cfg["hook_point"]:
+    if cfg["cross_layer"]:  # its hook points follow from `layers` (run_hook_points)
+        ids = clt_layers(cfg | {"n_layers": model_dims["n_layers"]})
+        cfg["layers"] = f"{ids[0]}:{ids[-1]}"
+    elif not cfg["hook_point"]:
         cfg["hook_point"] = site_hook(cfg["layer"], cfg["site"])
-    if cfg["target_site"] and not cfg["target_hook_point"]:
+    if cfg["cross_layer"] and not cfg["target_site"]:
+        cfg["target_site"] = "mlp_out"
+    if cfg["target_site"] and not cfg["target_hook_point"] and not cfg["cross_layer"]:
         target_layer = cfg["layer"] if cfg["target_layer"] < 0 else cfg["target_layer"]
         if target_layer >= model_dims["n_layers"]:
             _fail("target_layer", target_layer, f"the model has {model_dims['n_layers']} layers")

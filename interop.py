@@ -1,7 +1,9 @@
-"""Interoperability: SAELens folders (export, import) and the Hugging Face Hub (model card, upload).
+"""Interoperability: SAELens folders (export, import), circuit-tracer folders for cross-layer
+transcoders (export), and the Hugging Face Hub (model card, upload).
 
-    from interop import export_saelens, load_saelens, build_hub_folder, upload
+    from interop import export_saelens, export_circuit_tracer, load_saelens, upload
     export_saelens(run.sae(), "out/sae")       # cfg.json + sae_weights.safetensors (SAELens 6)
+    export_circuit_tracer(clt, "out/clt")       # W_enc_{i}/W_dec_{i} files + hooks.json
     sae = load_saelens("path/to/saelens_sae")  # a SAELens folder (e.g. from the Hub) as our SAE
     upload("runs/<run>", "me/my-sae")          # README.md card + <hook_point>/ export (HF token)
 
@@ -22,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from checkpoint import FINAL_DIR
+from clt import CrossLayerTranscoder
 from config import SITES, ConfigError, get_default_cfg, site_hook
 from logs import Run, as_run, last_evaluation, markdown_cell
 from sae import SAE_CLASSES, BaseSAE, build_sae
@@ -297,6 +300,67 @@ def load_saelens(folder: str | Path, device: str = "cpu") -> BaseSAE:
         t["W_skip"] = t["W_skip"].T.contiguous()  # SAELens's (d_out, d_in) to our (d_in, d_out)
     sae.load_state_dict(sae.state_dict() | t | scales | found["state"])
     return sae.to(device).eval()
+
+
+# --- circuit-tracer (0.5.0, transcoder/cross_layer_transcoder.py, read for its layout) ---------
+# A folder of W_enc_{i}.safetensors (W_enc_i (m, d), b_enc_i (m), b_dec_i (d), threshold_i (m) for
+# a JumpReLU) and W_dec_{i}.safetensors (W_dec_i (m, L - i, d): layer i's latents to targets
+# i..L-1), one pair per model layer from 0. It computes f_i = pre_i * 1[pre_i > threshold_i] with
+# pre_i = x_i @ W_enc_i.T + b_enc_i on raw x, and y_t = sum_{i<=t} f_i W_dec_i[:, t - i] + b_dec_t;
+# load_clt reads no skip connection and no input scale, and is told its hooks
+# (feature_input_hook, feature_output_hook: the hook names after "blocks.{layer}.").
+CIRCUIT_TRACER_HOOKS_FILE = "hooks.json"
+
+
+@torch.no_grad()
+def circuit_tracer_tensors(clt: CrossLayerTranscoder) -> list[tuple[dict[str, Tensor],
+                                                                    dict[str, Tensor]]]:
+    """Per layer i, (W_enc_i file, W_dec_i file) tensors: each layer's SAELens form
+    (`saelens_tensors`: s_in folded into W_enc, s_out of the target into W_dec and b_dec), its
+    decoders to later layers divided by their own target's s_out. Latents are unchanged."""
+    files = []
+    for i, layer in enumerate(clt.layers):
+        own = saelens_tensors(layer)
+        later = [clt.W_dec_later[i][:, k].float() / clt.layers[i + 1 + k].target_scale.float()
+                 for k in range(len(clt.layers) - 1 - i)] if i < len(clt.W_dec_later) else []
+        w_dec = torch.stack([own["W_dec"], *(w.cpu() for w in later)], dim=1)
+        files.append(({f"W_enc_{i}": own["W_enc"].T.contiguous(), f"b_enc_{i}": own["b_enc"],
+                       f"b_dec_{i}": own["b_dec"], f"threshold_{i}": own["threshold"]},
+                      {f"W_dec_{i}": w_dec.contiguous()}))
+    return files
+
+
+def export_circuit_tracer(clt: CrossLayerTranscoder, folder: str | Path) -> Path:
+    """Write the CLT as circuit-tracer's folder, for circuit_tracer's load_clt(folder,
+    feature_input_hook=..., feature_output_hook=...) with the hooks in hooks.json: raw activations
+    in, our latents and reconstructions out."""
+    if not isinstance(clt, CrossLayerTranscoder):
+        raise ConfigError("export_circuit_tracer takes a cross-layer transcoder "
+                          "(cross_layer=true); export a single SAE or transcoder with "
+                          "export_saelens")
+    cfg, variant = clt.cfg, clt.variant
+    if "threshold" not in variant.saelens_tensors:
+        raise ConfigError(f"circuit-tracer computes a JumpReLU, and a {cfg['sae_type']} CLT has "
+                          "no threshold form (TopK's k per token is not one): train "
+                          "sae_type=batchtopk or jumprelu")
+    if cfg.get("skip_connection"):
+        raise ConfigError("circuit-tracer's load_clt reads no skip connection (W_skip): export a "
+                          "CLT trained with skip_connection=false")
+    if clt.layer_ids != list(range(cfg["n_layers"])):
+        raise ConfigError(f"circuit-tracer takes a CLT over all the model's layers, and this one "
+                          f"has layers={cfg['layers']} of 0..{cfg['n_layers'] - 1}: train with "
+                          "layers=\"\"")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (enc, dec) in enumerate(circuit_tracer_tensors(clt)):
+        save_file(enc, folder / f"W_enc_{i}.safetensors")
+        save_file(dec, folder / f"W_dec_{i}.safetensors")
+    hooks = {"feature_input_hook": site_hook(0, cfg["site"]).removeprefix("blocks.0."),
+             "feature_output_hook": site_hook(0, cfg["target_site"]).removeprefix("blocks.0."),
+             "model_name": cfg.get("model_name"), "sae_type": cfg["sae_type"],
+             "run_name": cfg.get("run_name")}
+    (folder / CIRCUIT_TRACER_HOOKS_FILE).write_text(json.dumps(hooks, indent=2) + "\n")
+    return folder
 
 
 def _final_sae(run: Run) -> BaseSAE:

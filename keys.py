@@ -23,5 +23,6 @@ class Key:
 
 
 def is_transcoder(cfg: dict[str, Any]) -> bool:
-    """Whether the run predicts a hook point it does not read (target_site or target_hook_point)."""
-    return bool(cfg.get("target_hook_point") or cfg.get("target_site"))
+    """Whether the run predicts a hook point it does not read (target_site or target_hook_point;
+    a cross-layer transcoder)."""
+    return bool(cfg.get("target_hook_point") or cfg.get("target_site") or cfg.get("cross_layer"))

@@ -3,6 +3,8 @@ them on the held-out set; and `SUMMARY_METRICS`, the metrics a run is summarised
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from activation_store import ActivationSource
-from capture import is_causal_lm, run_to_hook
+from capture import is_causal_lm, run_to_hook, run_to_hooks
+from clt import CrossLayerTranscoder
+from config import run_hook_points
 from sae import BaseSAE
 
 DENSE_FRACTION = 0.1  # a latent firing on more than this fraction of eval tokens is dense
@@ -142,13 +146,47 @@ def downstream_metrics(sae: BaseSAE, model, tokens: Tensor, keep: Tensor, hook_p
                        batch: int, target: str | None = None) -> dict[str, float]:
     """Splice the reconstruction (and zeros) into the model at the kept positions (docs/math.md §5);
     a transcoder's output replaces its `target` activation."""
-    device = next(sae.parameters()).device
+    def hooks(rows: Tensor, mask: Tensor, zero: bool) -> list:
+        return splice_hooks(sae, mask, zero, hook_point, target)
+    return splice_metrics(model, tokens, keep, batch, next(sae.parameters()).device, hooks)
+
+
+def replacement_hooks(clt: CrossLayerTranscoder, model, rows: Tensor, keep: Tensor, zero: bool,
+                      inputs: list[str], targets: list[str], open_loop: bool) -> list:
+    """Hooks that replace every target of the CLT at once by its reconstruction (or zeros). Closed
+    loop: each layer's latents come from the spliced model's own input at that layer; open loop:
+    from the clean run's (docs/math.md §12)."""
+    seen: list[Tensor] = []  # each layer's raw input at the kept positions, in layer order
+    if open_loop and not zero:
+        seen = [act[keep].float() for act in run_to_hooks(model, rows, inputs)]
+    latents: list[Tensor] = []
+
+    def read(act: Tensor, hook) -> None:
+        seen.append(act[keep].float())
+
+    def write(act: Tensor, hook, n: int) -> Tensor:
+        act = act.clone()
+        if zero:
+            act[keep] = 0
+            return act
+        latents.extend(clt.layers[i].encode(seen[i]) for i in range(len(latents), n + 1))
+        act[keep] = clt.decode_layer(latents, seen, n).to(act.dtype)
+        return act
+    writes = [(t, functools.partial(write, n=n)) for n, t in enumerate(targets)]
+    return writes if open_loop or zero else [*((h, read) for h in inputs), *writes]
+
+
+@torch.no_grad()
+def splice_metrics(model, tokens: Tensor, keep: Tensor, batch: int, device: torch.device,
+                   make_hooks: Callable[[Tensor, Tensor, bool], list]) -> dict[str, float]:
+    """Downstream metrics of the hooks `make_hooks(rows, mask, zero)` against the clean model: for
+    a causal LM CE and KL recovered, for an encoder the final hidden state's (docs/math.md §5)."""
     causal = is_causal_lm(model)
     totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}  # per-chunk means times rows
     for rows, mask in zip(tokens.split(batch), keep.split(batch), strict=True):
         rows, mask = rows.to(device), mask.to(device)
-        spliced = splice_hooks(sae, mask, False, hook_point, target)
-        zeroed = splice_hooks(sae, mask, True, hook_point, target)
+        spliced = make_hooks(rows, mask, False)
+        zeroed = make_hooks(rows, mask, True)
         if causal:
             clean_logits = model(rows)
             spliced_logits = model.run_with_hooks(rows, fwd_hooks=spliced)
@@ -207,12 +245,65 @@ def ground_truth_metrics(sae: BaseSAE, true_features: Tensor, eval_acts: Tensor,
         name: float(values.mean()) if len(best) else 0.0 for name, values in per_latent.items()}
 
 
-def evaluate(sae: BaseSAE, store: ActivationSource) -> dict[str, Any]:
-    """All docs/math.md §5 metrics on the held-out set, in raw space, with the inference encoder.
-    Touches no training state: counters, threshold and RNG are only read."""
+@torch.no_grad()
+def cross_layer_metrics(clt: CrossLayerTranscoder, store: ActivationSource,
+                        chunk: int = 4096) -> dict[str, Any]:
+    """Per target layer (suffix _L<layer>) and overall: nmse and explained variance (overall: the
+    mean over layers, each in its own units), L0 (overall: the mean per layer; l0_total: summed),
+    dead latents; and the replacement model's downstream metrics, closed loop and open loop."""
+    inputs, targets = run_hook_points(clt.cfg)
+    x_all = store.eval_acts[[store.hook_index(h) for h in inputs]]
+    y_all = store.eval_acts[[store.hook_index(h) for h in targets]]
+    n_layers = len(inputs)
+    sq_err = torch.zeros(n_layers, dtype=torch.float64)
+    l0 = torch.zeros(n_layers, dtype=torch.float64)
+    fire_counts = torch.zeros(n_layers, clt.cfg["dict_size"], dtype=torch.float64)
+    for x, y in zip(x_all.split(chunk, dim=1), y_all.split(chunk, dim=1), strict=True):
+        x, y = x.to(store.device), y.to(store.device)
+        f = clt.encode(x)
+        sq_err += (y - clt.decode(f, x)).double().pow(2).sum((1, 2)).cpu()
+        l0 += (f != 0).sum((1, 2)).double().cpu()
+        fire_counts += (f != 0).sum(1).double().cpu()
+    n = x_all.shape[1]
+    nmse = sq_err / torch.tensor([total_variance(y) for y in y_all], dtype=torch.float64)
+    dead = clt.dead_mask().sum(-1).cpu()
+    density = fire_counts / n
+    metrics: dict[str, Any] = {
+        "l0": float(l0.mean() / n), "l0_total": float(l0.sum() / n), "nmse": float(nmse.mean()),
+        "explained_variance": float(1 - nmse.mean()), "dead": int(dead.sum()),
+        "dead_frac": float(dead.sum()) / density.numel(),
+        "dense": int((density > DENSE_FRACTION).sum()),
+        "never_fired_eval_frac": float((density == 0).double().mean()),
+        "density": density.flatten().float(),
+    }
+    for layer, e, z, d in zip(clt.layer_ids, nmse.tolist(), (l0 / n).tolist(), dead.tolist(),
+                              strict=True):
+        metrics |= {f"nmse_L{layer}": e, f"explained_variance_L{layer}": 1 - e,
+                    f"l0_L{layer}": z, f"dead_L{layer}": int(d)}
+    splice = store.downstream
+    if splice is not None:
+        device = next(clt.parameters()).device
+        for loop, suffix in ((False, ""), (True, "_open_loop")):
+            found = splice_metrics(splice.model, splice.tokens, splice.keep, splice.batch, device,
+                                   functools.partial(_replacement, clt, splice.model, inputs,
+                                                     targets, loop))
+            metrics |= {name + suffix: value for name, value in found.items()}
+    return metrics
+
+
+def _replacement(clt, model, inputs, targets, open_loop, rows, mask, zero) -> list:
+    return replacement_hooks(clt, model, rows, mask, zero, inputs, targets, open_loop)
+
+
+def evaluate(sae: BaseSAE | CrossLayerTranscoder, store: ActivationSource) -> dict[str, Any]:
+    """All docs/math.md §5 metrics on the held-out set, in raw space, with the inference encoder
+    (a CLT's: `cross_layer_metrics`). Touches no training state: counters, threshold and RNG are
+    only read."""
     was_training = sae.training
     sae.eval()
     try:
+        if isinstance(sae, CrossLayerTranscoder):
+            return cross_layer_metrics(sae, store)
         hook_point, target = sae.cfg["hook_point"], sae.cfg.get("target_hook_point") or None
         targets = store.eval_acts[store.hook_index(target)] if target else None
         metrics = reconstruction_metrics(sae, store.eval_acts[store.hook_index(hook_point)],

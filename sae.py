@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 # re-exported: sae is where callers find them
 from base_sae import SAE_CLASSES, BaseSAE, LossTerms, SAEOutput, register  # noqa: F401
+from clt import CrossLayerTranscoder
 from kernels import (
     SelectedPre,
     SparseLatents,
@@ -55,6 +56,7 @@ class VanillaSAE(BaseSAE):
     coeff_rate, coeff_rise_clip = 0.05, 0.1
     saelens_architecture = "standard"
     max_sparse_density = 0.08
+    cross_layer_ok = False  # its L1 weights one decoder row's norm
 
     def activation(self, pre: Tensor) -> Tensor:
         return F.relu(pre)
@@ -327,12 +329,12 @@ class MatryoshkaSAE(BatchTopKSAE):
         return terms._replace(recon=torch.stack(recons).mean(), details=details)
 
 
-def build_sae(cfg: dict[str, Any]) -> BaseSAE:
+def build_sae(cfg: dict[str, Any]) -> BaseSAE | CrossLayerTranscoder:
     if cfg["sae_type"] not in SAE_CLASSES:
         raise ConfigError(f"config sae_type={cfg['sae_type']!r} is not a registered variant "
                           f"(registered: {', '.join(SAE_CLASSES)}): import the module that "
                           "registers it first")
-    return SAE_CLASSES[cfg["sae_type"]](cfg)
+    return (CrossLayerTranscoder if cfg.get("cross_layer") else SAE_CLASSES[cfg["sae_type"]])(cfg)
 
 
 def save_sae(sae: BaseSAE, folder: str | Path, extra: dict[str, Tensor] | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from clt import CrossLayerTranscoder
 from kernels import SparseLatents, mean_l0
 from sae import COEFFICIENT_STATE, BaseSAE
 
@@ -27,13 +28,13 @@ class SparsityCoefficient:
     `l0_error`, the latest clipped log(L0 / target), for a variant with damping) exists only under
     target_l0; checkpoints keep it beside the SAE's tensors, under those names."""
 
-    def __init__(self, sae: BaseSAE):
-        cls, cfg = type(sae), sae.cfg
+    def __init__(self, sae: BaseSAE | CrossLayerTranscoder):
+        cls, cfg = getattr(sae, "variant", type(sae)), sae.cfg  # a CLT: its layers' variant
         self.base = cfg[cls.coeff_key] if cls.coeff_key else 0.0
         self.warmup_frac, self.target = cfg["sparsity_warmup_frac"], cfg.get("target_l0", 0.0)
         self.rate = cfg["target_l0_rate"] or cls.coeff_rate
         self.rise_clip, self.damping = cls.coeff_rise_clip, cls.coeff_damping
-        device = sae.W_dec.device
+        device = next(sae.parameters()).device
         self.state: dict[str, Tensor] = {}
         if self.target > 0:
             self.state["coeff_scale"] = torch.ones((), device=device)

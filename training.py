@@ -29,13 +29,14 @@ from checkpoint import (
     step_to_resume,
     write_group_file,
 )
+from clt import CrossLayerTranscoder
 from config import (
     STREAM_KEYS,
     SYNTHETIC_DATASET,
     ConfigError,
-    is_transcoder,
     prepare_cfg,
     resolve_device,
+    run_hook_points,
     validate_cfg,
 )
 from data_parallel import (
@@ -48,7 +49,7 @@ from data_parallel import (
     stop_requested,
     world_size,
 )
-from kernels import fired_latents, mean_l0
+from kernels import SparseLatents, fired_latents, mean_l0
 from logs import Progress, RunLogger
 from metrics import evaluate
 from sae import BaseSAE, build_sae
@@ -191,40 +192,70 @@ def training_step(t: Trainee, x: Tensor, step: int, total_steps: int, aux_enable
         average_gradients(sae)
     if cfg["max_grad_norm"] > 0:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg["max_grad_norm"])
-    remove_parallel_decoder_grad(sae)
+    blocks = latent_blocks(sae)
+    for _, decoder in blocks:
+        remove_parallel_decoder_grad(decoder)
     if cfg["lazy_adam"]:
-        zero_idle_momentum(t)
+        for block, decoder in blocks:
+            zero_idle_momentum(t.optimizer, block, decoder[1:])
     t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.scheduler.step()
-    normalize_decoder(sae)
-    fired = fired_latents(out.latents)
-    mark_fired(sae, all_ranks_any(fired) if world_size() > 1 else fired, x.shape[0] * world_size())
-    sae.update_inference_state(out.latents)
+    n_tokens = x.shape[-2] * world_size()
+    for (block, decoder), f in zip(blocks, block_latents(sae, out.latents), strict=True):
+        normalize_decoder(decoder)
+        fired = fired_latents(f)
+        mark_fired(block, all_ranks_any(fired) if world_size() > 1 else fired, n_tokens)
+        block.update_inference_state(f)
     t.coefficient.adapt(out.latents, step, total_steps)
     if world_size() > 1:  # every rank ends the step with identical state
-        average_tensors([*(getattr(sae, name) for name in sae.averaged_buffers),
+        average_tensors([*(getattr(b, name) for b, _ in blocks for name in b.averaged_buffers),
                          *t.coefficient.state.values()])
     return out
 
 
-# --- the decoder constraint (docs/math.md §2) and the dead-latent counters (§4) -------------------
+# --- the decoder constraint (docs/math.md §2, §12) and the dead-latent counters (§4) --------------
+
+def latent_blocks(sae: BaseSAE | CrossLayerTranscoder) -> list[tuple[BaseSAE, list[Tensor]]]:
+    """Each set of latents with its decoder parts, whose rows together are one latent's decoder
+    vector: an SAE's W_dec; per layer of a CLT, its decoders to its own and the later layers."""
+    return sae.latent_blocks() if isinstance(sae, CrossLayerTranscoder) else [(sae, [sae.W_dec])]
+
+
+def block_latents(sae: BaseSAE | CrossLayerTranscoder, f: Tensor | SparseLatents) -> list:
+    """A step's latents per block of `latent_blocks` (a CLT's are (L, B, m))."""
+    return list(f) if isinstance(sae, CrossLayerTranscoder) else [f]
+
 
 @torch.no_grad()
-def remove_parallel_decoder_grad(sae: BaseSAE) -> None:
-    """Before the step: drop each decoder row's gradient component along the row."""
-    if sae.W_dec.grad is None:
+def remove_parallel_decoder_grad(decoder: list[Tensor]) -> None:
+    """Before the step: drop each latent's decoder gradient component along its decoder vector."""
+    if len(decoder) == 1:
+        w = decoder[0]
+        if w.grad is None:
+            return
+        # g -= (g.w / w.w) w for each row w: two reads and one in-place pass
+        coef = torch.linalg.vecdot(w.grad, w) / torch.linalg.vecdot(w, w)
+        w.grad.addcmul_(w, coef.unsqueeze(1), value=-1)
         return
-    # g -= (g.w / w.w) w for each row w: two reads and one in-place pass
-    coef = (torch.linalg.vecdot(sae.W_dec.grad, sae.W_dec)
-            / torch.linalg.vecdot(sae.W_dec, sae.W_dec))
-    sae.W_dec.grad.addcmul_(sae.W_dec, coef.unsqueeze(1), value=-1)
+    parts = [w for w in decoder if w.grad is not None]
+    if not parts:
+        return
+    coef = (sum(torch.linalg.vecdot(w.grad.flatten(1), w.flatten(1)) for w in parts)
+            / sum(torch.linalg.vecdot(w.flatten(1), w.flatten(1)) for w in decoder))
+    for w in parts:
+        w.grad.sub_(w * coef.view(-1, *[1] * (w.dim() - 1)))
 
 
 @torch.no_grad()
-def normalize_decoder(sae: BaseSAE) -> None:
-    """After the step: put every decoder row back on the unit sphere."""
-    sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True)
+def normalize_decoder(decoder: list[Tensor]) -> None:
+    """After the step: put every latent's decoder vector back on the unit sphere."""
+    if len(decoder) == 1:
+        decoder[0] /= decoder[0].norm(dim=-1, keepdim=True)
+        return
+    norm = sum(w.flatten(1).pow(2).sum(-1) for w in decoder).sqrt()
+    for w in decoder:
+        w /= norm.view(-1, *[1] * (w.dim() - 1))
 
 
 @torch.no_grad()
@@ -235,22 +266,32 @@ def mark_fired(sae: BaseSAE, fired: Tensor, n_tokens: int) -> None:
 
 
 @torch.no_grad()
-def zero_idle_momentum(t: Trainee) -> None:
+def zero_idle_momentum(optimizer: torch.optim.Optimizer, sae: BaseSAE,
+                       extra: list[Tensor] = ()) -> None:
     """lazy_adam: a latent that got no gradient this step (it fired on no token and AuxK
     did not pick it) takes no Adam step: its first moment is zeroed, so momentum from its
     last firing cannot keep pushing it away from the data, the way latents die at high
     learning rates (lazy / sparse Adam does the same for embedding rows). A latent is
     idle when its b_enc gradient is exactly 0; a per-latent vector (JumpReLU's threshold)
-    goes by its own gradient. No host sync on CUDA."""
-    if t.sae.b_enc.grad is None:
+    goes by its own gradient; `extra`: more parameters indexed by latent first (a CLT layer's
+    decoders to later layers). No host sync on CUDA."""
+    if sae.b_enc.grad is None:
         return
-    idle = t.sae.b_enc.grad == 0
+    idle = sae.b_enc.grad == 0
     # on CPU only the idle latents' slices are touched (the host reads which): a masked fill
     # would pass over every (m, d) moment
     idle_idx = None if idle.is_cuda else idle.nonzero().squeeze(1)
-    for name, dim in t.sae.latent_params:
-        param = getattr(t.sae, name)
-        state = t.optimizer.state.get(param, {})
+    for param in extra:
+        state = optimizer.state.get(param, {})
+        if param.grad is None or "exp_avg" not in state:
+            continue
+        if idle_idx is not None:
+            state["exp_avg"].index_fill_(0, idle_idx, 0)
+        else:
+            state["exp_avg"].masked_fill_(idle.view(-1, *[1] * (param.dim() - 1)), 0)
+    for name, dim in sae.latent_params:
+        param = getattr(sae, name)
+        state = optimizer.state.get(param, {})
         if param.grad is None or "exp_avg" not in state:
             continue
         if param.dim() == 1:
@@ -331,14 +372,24 @@ def train_sae_group(cfgs: list[dict[str, Any]], model=None,
 
 def hook_points_of(cfgs: list[dict[str, Any]]) -> list[str]:
     """The group's hook points (inputs and transcoders' targets), each once, in config order."""
-    return list(dict.fromkeys(h for c in cfgs for h in (c["hook_point"], c.get("target_hook_point"))
-                              if h))
+    return list(dict.fromkeys(h for c in cfgs for hooks in run_hook_points(c) for h in hooks))
 
 
-def hook_indices(store: ActivationSource, cfg: dict[str, Any]) -> tuple[int, int | None]:
+HookIndex = int | list[int]  # a run's hook point in the store's batches: one, or a CLT's per layer
+
+
+def hook_indices(store: ActivationSource,
+                 cfg: dict[str, Any]) -> tuple[HookIndex, HookIndex | None]:
     """Where the run's input and (a transcoder's) target are in the store's batches."""
-    target = store.hook_index(cfg["target_hook_point"]) if is_transcoder(cfg) else None
-    return store.hook_index(cfg["hook_point"]), target
+    inputs, targets = run_hook_points(cfg)
+    if cfg["cross_layer"]:
+        return [store.hook_index(h) for h in inputs], [store.hook_index(h) for h in targets]
+    return store.hook_index(inputs[0]), store.hook_index(targets[0]) if targets else None
+
+
+def pick(values: list[float], index: HookIndex) -> float | list[float]:
+    """The store's per-hook `values` (its scales) at a run's hook index."""
+    return [values[i] for i in index] if isinstance(index, list) else values[index]
 
 
 def _open_group(cfgs: list[dict[str, Any]], model, store: ActivationSource | None
@@ -373,8 +424,9 @@ def _open_group(cfgs: list[dict[str, Any]], model, store: ActivationSource | Non
     if store is None:
         for hook_point in hook_points_of(cfgs):
             check_hook_point(model, hook_point)
-        for cfg in filter(is_transcoder, cfgs):
-            check_target_after_input(model, cfg["hook_point"], cfg["target_hook_point"])
+        for inputs, targets in map(run_hook_points, cfgs):
+            if targets:
+                check_target_after_input(model, inputs[0], targets[0])
     return cfgs, model, store, resume_step
 
 
@@ -406,22 +458,23 @@ def _open_stream(trainees: list[Trainee], model, resume_step: int | None,
 
 
 def _init_from_first_batch(trainees: list[Trainee], store: ActivationSource,
-                           hook_of: list[tuple[int, int | None]]) -> Tensor:
+                           hook_of: list[tuple[HookIndex, HookIndex | None]]) -> Tensor:
     """A fresh start: each SAE's input scale (a transcoder's target scale too) and b_dec from the
     first batch, then the step-0 evaluation. Returns that batch: the first step trains on it."""
     first_batch = store.next_batch()
     for t, (h, g) in zip(trainees, hook_of, strict=True):
-        target = () if g is None else (first_batch[g], store.scales[g])
-        t.sae.init_from_batch(first_batch[h], store.scales[h], *target)
+        target = () if g is None else (first_batch[g], pick(store.scales, g))
+        t.sae.init_from_batch(first_batch[h], pick(store.scales, h), *target)
         if world_size() > 1:  # b_dec = mean of the union of the ranks' first batches (and
-            average_tensors([t.sae.scale, t.sae.b_dec])  # standardize_tokens' per-rank scale)
+            average_tensors([p for b, _ in latent_blocks(t.sae)  # standardize_tokens' per-rank
+                             for p in (b.scale, b.b_dec)])  # scale)
         if rank() == 0:
             t.logger.log(evaluate(t.sae, store), step=0, tokens=0)
     return first_batch
 
 
 def _run_steps(trainees: list[Trainee], store: ActivationSource,
-               hook_of: list[tuple[int, int | None]], start: int, total_steps: int,
+               hook_of: list[tuple[HookIndex, HookIndex | None]], start: int, total_steps: int,
                first_batch: Tensor | None) -> None:
     """The training loop from step `start`: every SAE steps on its hook's slice of each batch,
     logs, and the group checkpoints together. `first_batch` is the batch of step `start`, or

@@ -126,6 +126,17 @@ CASES = [
      lambda r, d: [*cli(output_dir=r), "site=mlp_out", "target_site=mlp_in"], None, 2,
      r"config target hook point 'blocks\.3\.mlp\.hook_in' comes before the input "
      r"'blocks\.3\.hook_mlp_out'"),
+    ("clt layers outside the model",
+     lambda r, d: [*cli(output_dir=r), "cross_layer=true", "layers=2:6"], None, 2,
+     r"config layers='2:6' is outside the model's layers 0\.\.5"),
+    ("clt target before input",  # MiniLM's resid_mid comes after its mlp_out (a post-LN block)
+     lambda r, d: [*cli(output_dir=r), "cross_layer=true", "site=resid_mid"], None, 2,
+     r"config target hook point 'blocks\.0\.hook_mlp_out' comes before the input "
+     r"'blocks\.0\.hook_resid_mid'"),
+    ("clt variant", lambda r, d: [*cli(output_dir=r), "cross_layer=true", "sae_type=vanilla"],
+     None, 2, r"config sae_type=vanilla cannot be a cross-layer transcoder"),
+    ("clt layers without cross_layer", lambda r, d: [*cli(output_dir=r), "layers=0:2"], None, 2,
+     r"config layers='0:2' is invalid: is for cross_layer=true"),
     ("skip connection without target", lambda r, d: [*cli(output_dir=r), "skip_connection=true"],
      None, 2, r"config skip_connection=True is invalid: needs a target "
      r"\(target_site or target_hook_point\)"),

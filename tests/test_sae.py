@@ -61,10 +61,10 @@ def train_steps(sae, n_steps: int = 3, lr: float = 1e-2, seed: int = 10) -> None
     for i in range(n_steps):
         out = sae(rand_x(seed=seed + i))
         out.loss.backward()
-        remove_parallel_decoder_grad(sae)
+        remove_parallel_decoder_grad([sae.W_dec])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        normalize_decoder(sae)
+        normalize_decoder([sae.W_dec])
         mark_fired(sae, fired_latents(out.latents), out.x.shape[0])
         sae.update_inference_state(out.latents)
 
@@ -180,12 +180,12 @@ def test_decoder_grad_orthogonal_and_rows_unit_norm_after_step(sae_type):
     sae(rand_x()).loss.backward()
     parallel = (sae.W_dec.grad * sae.W_dec).sum(-1)
     assert parallel.abs().max() > 1e-4  # the test has something to remove
-    remove_parallel_decoder_grad(sae)
+    remove_parallel_decoder_grad([sae.W_dec])
     parallel = (sae.W_dec.grad * sae.W_dec).sum(-1)
     assert parallel.abs().max() < 1e-5 * sae.W_dec.grad.norm(dim=-1).max().clamp_min(1)
     w_before = sae.W_dec.detach().clone()
     opt.step()
-    normalize_decoder(sae)
+    normalize_decoder([sae.W_dec])
     assert not torch.equal(sae.W_dec, w_before)
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(M))
 
