@@ -14,6 +14,7 @@ r"""Measure what an SAE run costs on this machine; prints a table and writes ben
     python bench.py compare=matryoshka,batchtopk sae_steps=false generation=false end_to_end=false
     python bench.py synthetic=true transcoder= sae_steps=false generation=false end_to_end=false
     python bench.py transcoder=batchtopk sae_steps=false generation=false end_to_end=false
+    python bench.py clt=6 transcoder= sae_steps=false generation=false end_to_end=false  # CLT step
     python bench.py model=random-gpt2-small device=cuda  # gpt2-small shape, random weights, offline
     python bench.py quality=true acts=train.npy eval_acts=eval.npy \
         sae_steps=false generation=false end_to_end=false
@@ -31,7 +32,8 @@ round by round alongside this project's: the ratio holds where the machine's spe
 quality=true, every registered variant of this project and sparsify's TopK trained on the same
 rows of acts= and evaluated on eval_acts= (held-out EV, L0, latents never firing). `transcoder=`
 (the default sae_type unless set; "" skips it): that variant's transcoder step, plain and skip,
-against its SAE step.
+against its SAE step. `clt=L`: a cross-layer transcoder's step over L layers of that variant against
+L of its transcoder steps.
 Speed is never asserted in tests.
 """
 
@@ -55,6 +57,7 @@ from activation_store import ActivationsStore
 from bench_sae import (
     PEER,
     activation_batch,
+    clt_ratio,
     interleaved_rates,
     matmul_roofline,
     peer_comparison,
@@ -79,7 +82,7 @@ SETTINGS = {"d": 384, "m": 3072, "k": 32, "batch": 4096, "steps": 10, "device": 
             "model_batch_size": get_default_cfg()["model_batch_size"], "dtype": "float32",
             "variants": "", "kernels": "sparse,dense", "acts": "", "peers": False,
             "quality": False, "eval_acts": "", "quality_tokens": 1_048_576, "compare": "",
-            "transcoder": get_default_cfg()["sae_type"], "synthetic": False}
+            "transcoder": get_default_cfg()["sae_type"], "synthetic": False, "clt": 0}
 
 
 def model_flops_per_token(plain, seq_len: int) -> float:
@@ -369,6 +372,16 @@ def main(argv: list[str]) -> None:
               f"{2 * s['steps']} interleaved rounds): SAE {rates['sae']:,.0f}, transcoder "
               f"{rates['plain']:,.0f} ({row['plain_vs_sae_median']:.3f}x), skip transcoder "
               f"{rates['skip']:,.0f} ({row['skip_vs_sae_median']:.3f}x) tokens/s", flush=True)
+    if s["clt"]:
+        variant = s["transcoder"] or get_default_cfg()["sae_type"]
+        row = results["clt"] = clt_ratio(variant, s["clt"], s, device)
+        rates = row["tokens_per_s"]
+        print(f"{variant} CLT step over {s['clt']} layers against {s['clt']} transcoder steps "
+              f"(kernels=auto, fp32; {2 * s['steps']} interleaved rounds): CLT "
+              f"{rates['clt']:,.0f}, transcoders {rates['transcoders']:,.0f} tokens/s; CLT time / "
+              f"transcoders' time "
+              f"per round median {row['time_ratio_median']:.2f}, largest "
+              f"{row['time_ratio_max']:.2f}", flush=True)
     if s["peers"]:
         peers = results["peers"] = peer_comparison(s, device, x)
         print(f"same sitting as {PEER}'s TopK step ({peer_dtype(device)}, kernels=auto; "

@@ -146,6 +146,41 @@ def transcoder_ratios(variant: str, s: dict[str, Any], device: torch.device, x: 
         for kind in ("plain", "skip")}
 
 
+def clt_step_fn(variant: str, s: dict[str, Any], device: torch.device, n_layers: int,
+                x: torch.Tensor) -> Callable[[], Any]:
+    """One training step of a CLT over `n_layers` layers of `variant` (dict m per layer) on x and
+    a target of its own per layer (`x` (L, B, d)), thresholds set as in `sae_step_fn`."""
+    cfg = get_default_cfg() | {"sae_type": variant, "act_size": s["d"], "dict_size": s["m"],
+                               "top_k": s["k"], "batch_size": s["batch"], "device": str(device),
+                               "cross_layer": True, "layers": "", "n_layers": n_layers,
+                               "site": "resid_mid", "target_site": "mlp_out"}
+    trainee = make_trainee(cfg, total_steps=1000, main=False, schedule=lambda i: 0.0)
+    x = x.to(device)
+    y = torch.tanh(x @ torch.randn(s["d"], s["d"], device=device))
+    scales = [ActivationsStore.estimate_scale(a) for a in x]
+    trainee.sae.init_from_batch(x, scales, y, [ActivationsStore.estimate_scale(a) for a in y])
+    with torch.no_grad():
+        for layer, x_n in zip(trainee.sae.layers, x, strict=True):
+            layer.start_at_density(
+                layer.pre_activations(x_n * layer.scale).quantile(1 - s["k"] / s["m"], dim=0))
+    return functools.partial(training_step, trainee, x, 10, 1000, aux_enabled=False, target=y)
+
+
+def clt_ratio(variant: str, n_layers: int, s: dict[str, Any], device: torch.device
+              ) -> dict[str, Any]:
+    """A CLT step over `n_layers` layers against `n_layers` transcoder steps of the same variant and
+    shape (kernels=auto, as training takes them), interleaved: tokens/s of each (a CLT's token is
+    one position of all its layers) and the per-round ratio of their times (median, largest)."""
+    x = torch.randn(n_layers, s["batch"], s["d"])
+    tc = sae_step_fn(variant, s, device, "float32", "auto", x[0], "plain")
+    fns = {"clt": clt_step_fn(variant, s, device, n_layers, x),
+           "transcoders": lambda: [tc() for _ in range(n_layers)]}
+    rates = interleaved_rates(fns, device, rounds=2 * s["steps"], steps=1)
+    ratios = [t / c for c, t in zip(rates["clt"], rates["transcoders"], strict=True)]
+    return {"tokens_per_s": {k: s["batch"] * statistics.median(r) for k, r in rates.items()},
+            "time_ratio_median": statistics.median(ratios), "time_ratio_max": max(ratios)}
+
+
 PEER = "eai-sparsify==1.3.3"  # the fastest peer measured: EleutherAI's sparsify, TopK
 
 

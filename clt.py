@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from base_sae import SAE_CLASSES, BaseSAE, SAEOutput
+from kernels import sparse_cross_layer_forward
 from keys import ConfigError
 
 
@@ -55,14 +56,16 @@ class CrossLayerTranscoder(nn.Module):
         # layer n starts as a transcoder of seed + n would: decoders to later layers at 0
         self.layers = nn.ModuleList(self.variant(cfg | {"seed": cfg["seed"] + n})
                                     for n in range(n_layers))
+        # cross_layer_writes false: none (per-layer transcoders, the CLT's baseline)
         self.W_dec_later = nn.ParameterList(nn.Parameter(torch.zeros(m, n_layers - 1 - n, d))
-                                            for n in range(n_layers - 1))
+                                            for n in range(n_layers - 1)
+                                            if cfg.get("cross_layer_writes", True))
         self.sparsity_coeff: float | Tensor = 0.0  # set each step (schedule.SparsityCoefficient)
 
     def latent_blocks(self) -> list[tuple[BaseSAE, list[nn.Parameter]]]:
         """Each layer's module with its decoder parts: one latent's rows of them, together, are
         its decoder vector (the trainer keeps it at unit norm)."""
-        later = [*self.W_dec_later, None]
+        later = [*self.W_dec_later] + [None] * (len(self.layers) - len(self.W_dec_later))
         return [(layer, [layer.W_dec] + ([w] if w is not None else []))
                 for layer, w in zip(self.layers, later, strict=True)]
 
@@ -78,9 +81,18 @@ class CrossLayerTranscoder(nn.Module):
     def forward(self, x: Tensor, aux_enabled: bool = True, sparse: bool = False,
                 target: Tensor | None = None) -> SAEOutput:
         """Raw inputs and targets (L, B, d) -> SAEOutput with latents (L, B, m) and error
-        (L, B, d); `sparse` is accepted and ignored (the CLT trains on the dense reference)."""
+        (L, B, d); `sparse`: the same values and gradients from kernels.py, the latents a list of
+        each layer's SparseLatents."""
         if target is None:
             raise ValueError("a CLT reconstructs its targets: call clt(x, target=y), (L, B, d)")
+        if sparse and self.variant.has_sparse_path and self.training:
+            step = sparse_cross_layer_forward(self, x, target, aux_enabled)
+            if step is not None:
+                recon = torch.stack(step.recon_losses).sum()
+                return SAEOutput(step.latents, recon + step.sparsity_loss + step.aux_loss, recon,
+                                 step.sparsity_loss, step.aux_loss, torch.stack(step.errors),
+                                 target, torch.stack(step.units).reshape(-1, 1, 1),
+                                 self._layer_details(step.recon_losses))
         pres, fs, goals, units = [], [], [], []
         for layer, x_n, y_n in zip(self.layers, x, target, strict=True):
             x_scaled, unit = layer.scaled_input(x_n)
@@ -102,11 +114,12 @@ class CrossLayerTranscoder(nn.Module):
                                                         strict=True)]).sum()
         else:
             aux = recon.new_zeros(())
-        details = {f"recon_loss_L{i}": r.detach() for i, r in zip(self.layer_ids, recons,
-                                                                   strict=True)}
         return SAEOutput(torch.stack(fs), recon + sparsity + aux, recon, sparsity, aux,
                          torch.stack(errors), target, torch.stack(units).reshape(-1, 1, 1),
-                         details)
+                         self._layer_details(recons))
+
+    def _layer_details(self, recons: list[Tensor]) -> dict[str, Tensor]:
+        return {f"recon_loss_L{i}": r.detach() for i, r in zip(self.layer_ids, recons, strict=True)}
 
     # --- inference ------------------------------------------------------------------------------
 
@@ -131,7 +144,7 @@ class CrossLayerTranscoder(nn.Module):
         (N, m)) and, for a skip connection, their raw inputs `x`: one layer of `decode`."""
         layer = self.layers[t]
         y = f[t] @ layer.W_dec + layer.b_dec
-        for n in range(t):
+        for n in range(min(t, len(self.W_dec_later))):
             y = y + f[n] @ self.W_dec_later[n][:, t - n - 1]
         if layer.W_skip is not None:
             y = y + layer.scaled_input(x[t])[0] @ layer.W_skip

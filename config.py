@@ -67,6 +67,10 @@ KEYS: dict[str, Key] = {
                        "every later layer of the range", "", ("checkpoint", "eval")),
     "layers": Key("", "CLT: its first and last layer, a:b (\"\": every layer of the model)", "",
                   ("checkpoint", "eval")),
+    "cross_layer_writes": Key(True, "CLT: latents also write to later layers (false: each layer "
+                              "only to its own target, per-layer transcoders trained and "
+                              "evaluated as one replacement model, the CLT's baseline)", "",
+                              ("checkpoint", "eval")),
     "dataset_path": Key(EMBEDDED_DATASET, "HF dataset (streamed), local file/folder (txt, md, "
                         "jsonl, parquet), embedded:shakespeare, or synthetic (known features, no "
                         "model)", "", DATA),
@@ -353,6 +357,8 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
         check_cross_layer(cfg)
     elif cfg.get("layers"):
         _fail("layers", cfg["layers"], "is for cross_layer=true (a single SAE reads `layer`)")
+    elif not cfg.get("cross_layer_writes", True):
+        _fail("cross_layer_writes", False, "is for cross_layer=true")
     if cfg.get("skip_connection") and not is_transcoder(cfg):
         _fail("skip_connection", True, "needs a target (target_site or target_hook_point): a skip "
               "connection maps the input to another hook point")
@@ -398,7 +404,8 @@ def hook_tag(cfg: dict[str, Any]) -> str:
         return re.sub(r"[^A-Za-z0-9]+", "_", hook) if hook else f"L{layer}_{site}"
     if cfg.get("cross_layer"):
         layers = cfg["layers"].replace(":", "-")
-        return (f"clt_L{layers}_{cfg['site']}_to_{cfg['target_site']}"
+        kind = "clt" if cfg.get("cross_layer_writes", True) else "plt"  # per-layer transcoders
+        return (f"{kind}_L{layers}_{cfg['site']}_to_{cfg['target_site']}"
                 + ("_skip" if cfg.get("skip_connection") else ""))
     text = tag(cfg["hook_point"] if cfg["hook_point"] != site_hook(cfg["layer"], cfg["site"])
                else "", cfg["layer"], cfg["site"])

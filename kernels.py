@@ -115,7 +115,9 @@ def fired_latents(f: Tensor | SparseLatents) -> Tensor:
     return (f > 0).any(dim=0)
 
 
-def mean_l0(f: Tensor | SparseLatents) -> Tensor:
+def mean_l0(f: Tensor | SparseLatents | list[SparseLatents]) -> Tensor:
+    if isinstance(f, list):  # a CLT's layers (equal batches): the mean L0 per layer
+        return torch.stack([mean_l0(g) for g in f]).mean()
     if isinstance(f, SparseLatents):
         return (f.vals > 0).sum() / f.pattern.shape[0]
     return (f > 0).float().sum(-1).mean()
@@ -326,13 +328,22 @@ def sparse_reconstruction(vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tens
     return _SparseReconstruction.apply(vals, W_dec, b_dec, x_in, pattern, zero_vals, zero_pattern)
 
 
-def sparse_forward(sae, x: Tensor, aux_enabled: bool = True,
-                   target: Tensor | None = None) -> SparseStep | None:
-    """The training forward of `sae` (of a transcoder: from x to `target`) with sparse kernels, or
-    None where the variant's `select` finds too many entries for them to pay (the caller then takes
-    the dense step). Under autocast the encoder matmul runs in the autocast dtype, as on the dense
-    path, the rest in float32. Reconstruction: error = f @ W_dec - goal, goal = x_scaled - b_dec for
-    an SAE (the encoder's input too) and y_scaled - b_dec - x_scaled @ W_skip for a transcoder."""
+class SparseCode(NamedTuple):
+    """One SAE's sparse encoding of a batch, with gradient: f's values on its pattern, the
+    penalty, the reconstruction's goal (scaled space, less b_dec and a skip path), and JumpReLU's
+    gradient window (entries of f known to be 0; None for other variants)."""
+
+    pattern: SparsePattern
+    f_vals: Tensor
+    penalty: Tensor
+    goal: Tensor
+    unit: Tensor
+    window_f: Tensor | None
+    window_pattern: SparsePattern | None
+
+
+def sparse_code(sae, x: Tensor, target: Tensor | None = None) -> SparseCode | None:
+    """The encoding half of `sparse_forward`, or None where `select` finds too many entries."""
     device = x.device.type
     low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     with torch.autocast(device, enabled=False):
@@ -362,13 +373,93 @@ def sparse_forward(sae, x: Tensor, aux_enabled: bool = True,
             window_pattern = window.pattern
             window_f = sae.sparse_activation(window.pre, window_pattern)
             penalty = penalty + sae.sparse_penalty(window.pre, window_f, window_pattern)
-        recon, error, details = sae.sparse_reconstruction(f_vals, goal, pattern, window_f,
-                                                          window_pattern)
-        sparsity = sae.sparsity_coeff * penalty
+    return SparseCode(pattern, f_vals, penalty, goal, unit, window_f, window_pattern)
+
+
+def sparse_forward(sae, x: Tensor, aux_enabled: bool = True,
+                   target: Tensor | None = None) -> SparseStep | None:
+    """The training forward of `sae` (of a transcoder: from x to `target`) with sparse kernels, or
+    None where the variant's `select` finds too many entries for them to pay (the caller then takes
+    the dense step). Under autocast the encoder matmul runs in the autocast dtype, as on the dense
+    path, the rest in float32. Reconstruction: error = f @ W_dec - goal, goal = x_scaled - b_dec for
+    an SAE (the encoder's input too) and y_scaled - b_dec - x_scaled @ W_skip for a transcoder."""
+    code = sparse_code(sae, x, target)
+    if code is None:
+        return None
+    with torch.autocast(x.device.type, enabled=False):
+        recon, error, details = sae.sparse_reconstruction(code.f_vals, code.goal, code.pattern,
+                                                          code.window_f, code.window_pattern)
+        sparsity = sae.sparsity_coeff * code.penalty
         aux = (sparse_aux_loss(sae, error, x) if sae.uses_aux_loss and aux_enabled
                else recon.new_zeros(()))
-    return SparseStep(SparseLatents(pattern, f_vals.detach()), recon, sparsity, aux, error, unit,
-                      details)
+    return SparseStep(SparseLatents(code.pattern, code.f_vals.detach()), recon, sparsity, aux,
+                      error, code.unit, details)
+
+
+class _SparseProduct(torch.autograd.Function):
+    """f @ W for f given as values on a SparsePattern (a CLT layer's writes to later layers):
+    backward samples the dense gradient at the pattern (and at the optional `zero_*` entries,
+    JumpReLU's window, as `_SparseReconstruction`) and scatters W's gradient into the used rows."""
+
+    @staticmethod
+    def forward(ctx, vals: Tensor, W: Tensor, pattern: SparsePattern, zero_vals: Tensor | None,
+                zero_pattern: SparsePattern | None) -> Tensor:
+        ctx.save_for_backward(vals, W)
+        ctx.patterns = pattern, zero_pattern
+        return pattern.csr(vals) @ W
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        vals, W = ctx.saved_tensors
+        pattern, zero_pattern = ctx.patterns
+        grad_vals = sampled_grad(pattern, grad, W) if ctx.needs_input_grad[0] else None
+        grad_W = pattern.csr_transposed(vals) @ grad if ctx.needs_input_grad[1] else None
+        grad_zero = (sampled_grad(zero_pattern, grad, W)
+                     if zero_pattern is not None and ctx.needs_input_grad[3] else None)
+        return grad_vals, grad_W, None, grad_zero, None
+
+
+class SparseCrossLayerStep(NamedTuple):
+    """What `sparse_cross_layer_forward` computed, per layer where a list."""
+
+    latents: list[SparseLatents]
+    recon_losses: list[Tensor]
+    sparsity_loss: Tensor
+    aux_loss: Tensor
+    errors: list[Tensor]
+    units: list[Tensor]
+
+
+def sparse_cross_layer_forward(clt, x: Tensor, target: Tensor,
+                               aux_enabled: bool = True) -> SparseCrossLayerStep | None:
+    """A CLT's training forward (docs/math.md §12) from each layer's sparse code: layer t's goal
+    less the earlier layers' sparse writes to it, then its own sparse reconstruction, penalty and
+    AuxK. None where a layer's `select` finds too many entries (the dense step is taken)."""
+    codes = [sparse_code(layer, x_n, y_n)
+             for layer, x_n, y_n in zip(clt.layers, x, target, strict=True)]
+    if any(code is None for code in codes):
+        return None
+    with torch.autocast(x.device.type, enabled=False):
+        goals = [code.goal for code in codes]
+        for n, (code, later) in enumerate(zip(codes, clt.W_dec_later, strict=False)):
+            writes = _SparseProduct.apply(code.f_vals, later.flatten(1), code.pattern,
+                                          code.window_f, code.window_pattern)
+            for k, part in enumerate(writes.split(later.shape[-1], dim=1)):
+                goals[n + 1 + k] = goals[n + 1 + k] - part
+        recons, errors = [], []
+        for layer, code, goal in zip(clt.layers, codes, goals, strict=True):
+            recon, error, _ = layer.sparse_reconstruction(code.f_vals, goal, code.pattern,
+                                                          code.window_f, code.window_pattern)
+            recons.append(recon)
+            errors.append(error)
+        sparsity = torch.stack([clt.sparsity_coeff * code.penalty for code in codes]).sum()
+        if clt.variant.uses_aux_loss and aux_enabled:
+            aux = torch.stack([sparse_aux_loss(layer, e, x_n) for layer, e, x_n
+                               in zip(clt.layers, errors, x, strict=True)]).sum()
+        else:
+            aux = sparsity.new_zeros(())
+    return SparseCrossLayerStep([SparseLatents(c.pattern, c.f_vals.detach()) for c in codes],
+                                recons, sparsity, aux, errors, [c.unit for c in codes])
 
 
 @torch.no_grad()

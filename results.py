@@ -2,11 +2,12 @@
 and latent dashboards built from each run's held-out evaluation text.
 
     from results import (load_run, load_runs, plot_frontier, plot_density, top_activations,
-                         latent_summary)
+                         latent_summary, clt_layer_table, plot_clt_writes)
     df = load_runs("runs")                     # one row per run: differing config + final metrics
     plot_frontier(df, x="l0", y="nmse")        # one series per variant
     run = load_run(df.run_dir[0])              # config, metrics history, final SAE
     plot_density(run); top_activations(run, latent=7); latent_summary(run, latent=7)
+    clt_layer_table(clt_run); plot_clt_writes(clt_run)  # a CLT: per layer, where latents write
 
 `python results.py RUNS_DIR` prints the summary table and writes a report folder
 (`RUNS_DIR/report/`, or `--out`): summary.md, frontier and density PNGs, latent dashboards.
@@ -273,6 +274,53 @@ def plot_density(run: str | Path | Run):
     return _finish(plt, fig)
 
 
+def clt_layer_table(run: str | Path | Run) -> pd.DataFrame:
+    """A cross-layer transcoder's last evaluation, one row per target layer."""
+    run = as_run(run)
+    ev = last_evaluation(run)
+    layers = [int(k.removeprefix("l0_L")) for k in ev if k.startswith("l0_L")]
+    if not run.cfg.get("cross_layer") or not layers:
+        raise ValueError(f"{run.path} is not a cross-layer transcoder run with an evaluation")
+    names = ("explained_variance", "nmse", "l0", "dead")
+    return pd.DataFrame([{"layer": i, **{n: ev.get(f"{n}_L{i}") for n in names}}
+                         for i in sorted(layers)]).set_index("layer")
+
+
+def clt_write_mass(sae) -> np.ndarray:
+    """(L, L): row n, column t, the mean over layer n's latents of ||D[n -> t]||^2, the share of
+    its unit decoder norm it puts on target t (each row sums to 1; below the diagonal 0)."""
+    n_layers = len(sae.layers)
+    mass = np.zeros((n_layers, n_layers))
+    for n, layer in enumerate(sae.layers):
+        mass[n, n] = layer.W_dec.detach().pow(2).sum(-1).mean().item()
+        if n < len(sae.W_dec_later):  # none with cross_layer_writes=false
+            mass[n, n + 1:] = sae.W_dec_later[n].detach().pow(2).sum(-1).mean(0).double().numpy()
+    return mass
+
+
+def plot_clt_writes(run: str | Path | Run):
+    """Where each layer's latents write: the share of their decoder norm by target layer."""
+    run = as_run(run)
+    sae = run.sae()
+    mass, ids = clt_write_mass(sae), sae.layer_ids
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 * len(ids) + 2.5, 1.0 * len(ids) + 1.8))
+    image = ax.imshow(np.where(np.triu(np.ones_like(mass)) > 0, mass, np.nan), cmap="viridis",
+                      vmin=0, vmax=1)
+    for n in range(len(ids)):
+        for t in range(n, len(ids)):
+            ax.text(t, n, f"{mass[n, t]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if mass[n, t] < 0.5 else "black")
+    ax.set_xticks(range(len(ids)), [str(i) for i in ids])
+    ax.set_yticks(range(len(ids)), [str(i) for i in ids])
+    ax.set_xlabel(f"target layer ({run.cfg['target_site']})")
+    ax.set_ylabel(f"source layer ({run.cfg['site']})")
+    fig.colorbar(image, ax=ax, label="mean share of a latent's decoder norm²")
+    ax.set_title(f"Where each layer's latents write: {run.cfg['sae_type']} CLT\n"
+                 f"{run.cfg['run_name']}", fontsize=10)
+    return _finish(plt, fig)
+
+
 # --- the evaluation text, rebuilt as training built it --------------------------------------
 
 
@@ -295,6 +343,14 @@ def summary_table(runs: list[Run], config_columns: list[str]) -> str:
                  *(ev.get(m) for m in metrics)]
         lines.append("| " + " | ".join(markdown_cell(v) for v in cells) + " |")
     return "\n".join(lines)
+
+
+def frame_markdown(df: pd.DataFrame) -> str:
+    """A markdown table of a small frame, its index as the first column."""
+    header = [df.index.name or "", *df.columns]
+    rows = [[i, *row] for i, row in zip(df.index, df.itertuples(index=False), strict=True)]
+    return "\n".join(["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(markdown_cell(v) for v in r) + " |" for r in rows])
 
 
 def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latents: int = 3,
@@ -324,8 +380,16 @@ def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latent
         plot_density(run).savefig(out / "density" / f"{run.cfg['run_name']}.png", dpi=120)
         doc += ["", f"![density of {run.cfg['run_name']}](density/{run.cfg['run_name']}.png)"]
 
-    with_text = [run for run in finished
-                 if run.cfg.get("dataset_path") != SYNTHETIC_DATASET]  # synthetic: no text
+    clts = [run for run in finished if run.cfg.get("cross_layer")]
+    doc += ["", "## Cross-layer transcoders"] if clts else []
+    for run in clts:
+        name = run.cfg["run_name"]
+        plot_clt_writes(run).savefig(out / "density" / f"{name}_writes.png", dpi=120)
+        doc += ["", f"### {name}", "", frame_markdown(clt_layer_table(run)), "",
+                f"![where {name} writes](density/{name}_writes.png)"]
+
+    with_text = [run for run in finished if run.cfg.get("dataset_path") != SYNTHETIC_DATASET
+                 and not run.cfg.get("cross_layer")]  # synthetic: no text; CLTs: not yet
     if n_latents > 0 and with_text:
         doc += ["", "## Latent dashboards", ""]
         for run in with_text:

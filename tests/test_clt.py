@@ -4,6 +4,7 @@ concatenated decoder constraint; then a run on the tiny GPT-2: metrics, resume, 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_sae import B, D, M, make_cfg
@@ -104,6 +105,31 @@ def test_the_clt_forward_equals_the_pairwise_loop_in_values_and_gradients(sae_ty
     assert y_hat.shape == y.shape
     for t in range(N_LAYERS):
         torch.testing.assert_close(clt.decode_layer(list(f), list(x), t), y_hat[t])
+
+
+@pytest.mark.parametrize("writes", [True, False])
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("sae_type", CLT_VARIANTS)
+def test_the_sparse_clt_step_equals_the_dense_reference(sae_type, skip, writes):
+    clt = trained_like_clt(sae_type, skip, n_dead=5) if writes else build_sae(
+        clt_cfg(sae_type, skip_connection=skip, cross_layer_writes=False))
+    x, y = layer_acts(12)
+    outs, grads = [], []
+    for sparse in (False, True):
+        out = clt(x, target=y, sparse=sparse)
+        out.loss.backward()
+        outs.append(out)
+        grads.append({name: p.grad.clone() for name, p in clt.named_parameters()})
+        clt.zero_grad(set_to_none=True)
+    dense, sparse = outs
+    assert isinstance(sparse.latents, list)  # the sparse path ran, one SparseLatents a layer
+    torch.testing.assert_close(torch.stack([f.dense() for f in sparse.latents]), dense.latents)
+    for term in ("loss", "recon_loss", "sparsity_loss", "aux_loss"):
+        torch.testing.assert_close(getattr(sparse, term), getattr(dense, term), rtol=1e-5,
+                                   atol=1e-6, msg=term)
+    torch.testing.assert_close(sparse.error, dense.error, rtol=1e-5, atol=1e-5)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("sae_type", CLT_VARIANTS)
@@ -272,6 +298,19 @@ def test_clts_train_from_one_forward_report_per_layer_and_replacement_metrics(ti
         for loop in ("", "_open_loop"):  # the replacement model beats zero-ablating every MLP
             assert (abs(m["ce_spliced" + loop] - m["ce_clean" + loop])
                     < abs(m["ce_zero" + loop] - m["ce_clean" + loop])), (t.cfg["run_name"], m)
+    # results: the per-layer table is the last evaluation's; each layer's writes sum to 1
+    from results import clt_layer_table, clt_write_mass, load_run, write_report
+
+    run = load_run(trainees[0].run_dir)
+    table = clt_layer_table(run)
+    assert list(table.index) == [0, 1]
+    assert table.loc[1, "explained_variance"] == trainees[0].final_metrics["explained_variance_L1"]
+    mass = clt_write_mass(run.sae())
+    np.testing.assert_allclose(mass.sum(1), 1, rtol=1e-5)
+    assert mass[1, 0] == 0 and mass[0, 1] > 0
+    report = write_report(out, tmp_path / "report", n_latents=0)
+    assert "## Cross-layer transcoders" in (report / "summary.md").read_text()
+    assert (report / "density" / "btk_writes.png").stat().st_size > 0
     # the exported BatchTopK CLT, on the model's own raw activations, gives our latents
     acts = real(model, model.to_tokens("To be, or not to be"), hooks)
     x = torch.stack([a.reshape(-1, a.shape[-1]) for a in acts[0::2]])
@@ -314,3 +353,18 @@ def test_a_clt_group_stopped_after_a_checkpoint_resumes_bitwise(tiny_gpt2_dir, t
         wa, wb = (load_file(t.run_dir / "final" / "sae.safetensors") for t in (a, b))
         assert "W_dec_later.0" in wa and "layers.1.W_enc" in wa
         assert all(torch.equal(wa[k], wb[k]) for k in wa), a.cfg["run_name"]
+
+
+def test_without_cross_layer_writes_each_layer_learns_exactly_as_its_own_transcoder():
+    """cross_layer_writes=false, the baseline: the loss separates by layer, so every layer's
+    gradients are those of a transcoder on that layer alone."""
+    clt = build_sae(clt_cfg("batchtopk", cross_layer_writes=False))
+    assert len(clt.W_dec_later) == 0 and hook_tag(clt.cfg).startswith("plt_")
+    x, y = layer_acts(11)
+    clt(x, target=y).loss.backward()
+    for n, layer in enumerate(clt.layers):
+        tc = build_sae(make_cfg("batchtopk", target_site="mlp_out", seed=n))
+        tc.load_state_dict(layer.state_dict())
+        tc(x[n], target=y[n]).loss.backward()
+        for name, p in tc.named_parameters():
+            torch.testing.assert_close(layer.get_parameter(name).grad, p.grad, msg=name)
