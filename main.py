@@ -83,8 +83,18 @@ def sweep_transcoders(base: dict[str, Any]) -> list[dict[str, Any]]:
     return [layer | run for layer in sweep_layers(base) for run in runs]
 
 
+def sweep_clt(base: dict[str, Any]) -> list[dict[str, Any]]:
+    """A cross-layer transcoder over every layer's MLP (input mlp_in, target mlp_out) against
+    per-layer transcoders of the same total width and summed L0 (cross_layer_writes=false), at k
+    8, 16 and 32 per layer: one forward pass per batch serves all six."""
+    clt = {"cross_layer": True, "site": "mlp_in", "target_site": "mlp_out"}
+    return [base | clt | {"top_k": k, "cross_layer_writes": writes}
+            for k in (8, 16, 32) for writes in (True, False)]
+
+
 SWEEPS = {"variants": sweep_variants, "l0": sweep_l0, "matched": sweep_matched,
-          "paper": sweep_paper, "layers": sweep_layers, "transcoders": sweep_transcoders}
+          "paper": sweep_paper, "layers": sweep_layers, "transcoders": sweep_transcoders,
+          "clt": sweep_clt}
 
 
 def parse_args(argv: list[str]) -> tuple[list[dict[str, Any]], argparse.Namespace]:

@@ -368,3 +368,17 @@ def test_without_cross_layer_writes_each_layer_learns_exactly_as_its_own_transco
         tc(x[n], target=y[n]).loss.backward()
         for name, p in tc.named_parameters():
             torch.testing.assert_close(layer.get_parameter(name).grad, p.grad, msg=name)
+
+
+def test_the_clt_sweep_sets_clts_beside_per_layer_transcoders_on_one_stream():
+    import main
+    from config import get_default_cfg, prepare_cfg
+    from training import hook_points_of
+
+    cfgs = main.sweep_clt(get_default_cfg())
+    assert len(main.group_by_stream(cfgs)) == 1
+    cfgs = [prepare_cfg(c, {"d_model": 384, "n_layers": 6, "n_ctx": 512}) for c in cfgs]
+    assert len(hook_points_of(cfgs)) == 12  # every layer's MLP input and output, once
+    tags = [(hook_tag(c), c["top_k"]) for c in cfgs]
+    assert tags == [(f"{kind}_L0-5_mlp_in_to_mlp_out", k) for k in (8, 16, 32)
+                    for kind in ("clt", "plt")]
