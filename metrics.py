@@ -152,10 +152,11 @@ def downstream_metrics(sae: BaseSAE, model, tokens: Tensor, keep: Tensor, hook_p
 
 
 def replacement_hooks(clt: CrossLayerTranscoder, model, rows: Tensor, keep: Tensor, zero: bool,
-                      inputs: list[str], targets: list[str], open_loop: bool) -> list:
-    """Hooks that replace every target of the CLT at once by its reconstruction (or zeros). Closed
-    loop: each layer's latents come from the spliced model's own input at that layer; open loop:
-    from the clean run's (docs/math.md §12)."""
+                      inputs: list[str], targets: list[str], open_loop: bool,
+                      only: int | None = None) -> list:
+    """Hooks that replace every target of the CLT at once by its reconstruction (or zeros), or
+    the `only`-th alone. Closed loop: each layer's latents come from the spliced model's own input
+    at that layer; open loop: from the clean run's (docs/math.md §12)."""
     seen: list[Tensor] = []  # each layer's raw input at the kept positions, in layer order
     if open_loop and not zero:
         seen = [act[keep].float() for act in run_to_hooks(model, rows, inputs)]
@@ -172,7 +173,8 @@ def replacement_hooks(clt: CrossLayerTranscoder, model, rows: Tensor, keep: Tens
         latents.extend(clt.layers[i].encode(seen[i]) for i in range(len(latents), n + 1))
         act[keep] = clt.decode_layer(latents, seen, n).to(act.dtype)
         return act
-    writes = [(t, functools.partial(write, n=n)) for n, t in enumerate(targets)]
+    writes = [(t, functools.partial(write, n=n)) for n, t in enumerate(targets)
+              if only is None or n == only]
     return writes if open_loop or zero else [*((h, read) for h in inputs), *writes]
 
 
@@ -250,7 +252,8 @@ def cross_layer_metrics(clt: CrossLayerTranscoder, store: ActivationSource,
                         chunk: int = 4096) -> dict[str, Any]:
     """Per target layer (suffix _L<layer>) and overall: nmse and explained variance (overall: the
     mean over layers, each in its own units), L0 (overall: the mean per layer; l0_total: summed),
-    dead latents; and the replacement model's downstream metrics, closed loop and open loop."""
+    dead latents; and the replacement model's downstream metrics, closed loop and open loop, and
+    per target layer replaced alone (the recovered fractions and KL, suffix _L<layer>)."""
     inputs, targets = run_hook_points(clt.cfg)
     x_all = store.eval_acts[[store.hook_index(h) for h in inputs]]
     y_all = store.eval_acts[[store.hook_index(h) for h in targets]]
@@ -288,11 +291,18 @@ def cross_layer_metrics(clt: CrossLayerTranscoder, store: ActivationSource,
                                    functools.partial(_replacement, clt, splice.model, inputs,
                                                      targets, loop))
             metrics |= {name + suffix: value for name, value in found.items()}
+        for n, layer in enumerate(clt.layer_ids):  # one target alone (its inputs are clean)
+            found = splice_metrics(splice.model, splice.tokens, splice.keep, splice.batch, device,
+                                   functools.partial(_replacement, clt, splice.model, inputs,
+                                                     targets, True, only=n))
+            metrics |= {f"{name}_L{layer}": value for name, value in found.items()
+                        if name.endswith("recovered") or name == "kl"}
     return metrics
 
 
-def _replacement(clt, model, inputs, targets, open_loop, rows, mask, zero) -> list:
-    return replacement_hooks(clt, model, rows, mask, zero, inputs, targets, open_loop)
+def _replacement(clt, model, inputs, targets, open_loop, rows, mask, zero,
+                 only: int | None = None) -> list:
+    return replacement_hooks(clt, model, rows, mask, zero, inputs, targets, open_loop, only)
 
 
 def evaluate(sae: BaseSAE | CrossLayerTranscoder, store: ActivationSource) -> dict[str, Any]:

@@ -295,6 +295,7 @@ def test_clts_train_from_one_forward_report_per_layer_and_replacement_metrics(ti
         assert m["l0_total"] == pytest.approx(m["l0_L0"] + m["l0_L1"])
         assert m["explained_variance"] == pytest.approx(
             (m["explained_variance_L0"] + m["explained_variance_L1"]) / 2)
+        assert {"ce_recovered_L0", "ce_recovered_L1", "kl_L1"} <= set(m)  # one MLP replaced
         for loop in ("", "_open_loop"):  # the replacement model beats zero-ablating every MLP
             assert (abs(m["ce_spliced" + loop] - m["ce_clean" + loop])
                     < abs(m["ce_zero" + loop] - m["ce_clean" + loop])), (t.cfg["run_name"], m)

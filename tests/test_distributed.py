@@ -79,6 +79,56 @@ def test_two_ranks_match_each_other_and_one_process_on_the_union(sae_type, tmp_p
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def clt_cfg() -> dict:
+    return step_cfg("topk") | {"cross_layer": True, "layers": "", "n_layers": 2,
+                               "site": "mlp_in", "target_site": "mlp_out"}
+
+
+def train_clt(rows: slice) -> dict[str, torch.Tensor]:
+    """A 2-layer TopK CLT stepped as training does (per-layer b_dec and scales averaged over
+    ranks at the start, latent blocks' counters and decoder constraint each step)."""
+    from training import latent_blocks
+
+    cfg = clt_cfg()
+    clt = build_sae(cfg)
+    optimizer = torch.optim.Adam(clt.parameters(), lr=cfg["lr"], fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    trainee = Trainee(cfg, clt, optimizer, scheduler, None, SparsityCoefficient(clt),
+                      use_sparse_kernels(cfg))
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.stack([union_batch(2 * step), union_batch(2 * step + 1)])[:, rows]
+        return x, torch.tanh(x.flip(-1)) * 2
+    x, y = batch(0)
+    clt.init_from_batch(x, [0.8, 1.1], y, [0.9, 1.2])
+    if dist.is_initialized():
+        average_tensors([p for b, _ in latent_blocks(clt) for p in (b.scale, b.b_dec)])
+    for step in range(STEPS):
+        training_step(trainee, *batch(step + 1)[:1], step, STEPS, aux_enabled=False,
+                      target=batch(step + 1)[1])
+    return {k: v.clone() for k, v in clt.state_dict().items()}
+
+
+def _clt_rank_main(rank: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.save(train_clt(slice(rank * B, (rank + 1) * B)), Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_of_a_clt_match_each_other_and_one_process_on_the_union(tmp_path):
+    mp.spawn(_clt_rank_main, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert "W_dec_later.0" in ranks[0]
+    for name, value in ranks[0].items():
+        assert torch.equal(ranks[1][name], value), name
+    single = train_clt(slice(0, 2 * B))
+    for name, value in single.items():
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
