@@ -321,7 +321,7 @@ def test_clts_train_from_one_forward_report_per_layer_and_replacement_metrics(ti
     torch.testing.assert_close(y_hat, clt.decode(f), rtol=1e-4, atol=1e-5)
 
 
-def test_a_clt_group_stopped_after_a_checkpoint_resumes_bitwise(tiny_gpt2_dir, tmp_path,
+def test_a_cached_clt_group_stopped_after_a_checkpoint_resumes_bitwise(tiny_gpt2_dir, tmp_path,
                                                                 monkeypatch):
     from safetensors.torch import load_file
 
@@ -332,7 +332,8 @@ def test_a_clt_group_stopped_after_a_checkpoint_resumes_bitwise(tiny_gpt2_dir, t
 
     def cfgs(out):
         return [gpt2_clt_cfg(tiny_gpt2_dir, sae_type=v, run_name=v, output_dir=str(tmp_path / out),
-                             skip_connection=v == "topk", **extra)
+                             skip_connection=v == "topk", cache_dir=str(tmp_path / "cache"),
+                             cache_dtype="float16", **extra)
                 for v, extra in (("topk", {}), ("jumprelu", {"target_l0": 6.0}))]
     reference = training.train_sae_group(cfgs("ref"), model=model)
 
@@ -350,6 +351,7 @@ def test_a_clt_group_stopped_after_a_checkpoint_resumes_bitwise(tiny_gpt2_dir, t
     monkeypatch.undo()
     resumed = training.train_sae_group([c | {"resume": str(tmp_path / "stopped" / c["run_name"])}
                                         for c in cfgs("stopped")], model=model)
+    assert len(list((tmp_path / "cache").iterdir())) == 4  # every layer's input and target
     for a, b in zip(reference, resumed, strict=True):
         wa, wb = (load_file(t.run_dir / "final" / "sae.safetensors") for t in (a, b))
         assert "W_dec_later.0" in wa and "layers.1.W_enc" in wa
