@@ -208,7 +208,11 @@ class JumpReLUSAE(BaseSAE):
     name, title = "jumprelu", "JumpReLU"
     keys = {"l0_coeff": Key(0.4, "L0 coefficient (scaled space)", ">= 0"),
             "bandwidth": Key(0.5, "straight-through kernel width epsilon", "> 0"),
-            "jumprelu_init_threshold": Key(1.0, "initial per-latent threshold", "> 0")}
+            "jumprelu_init_threshold": Key(1.0, "initial per-latent threshold", "> 0"),
+            "jumprelu_penalty": Key("l0", "sparsity penalty: l0, sum_i H(pre_i - theta_i); or "
+                                    "tanh, sum_i tanh(tanh_scale * f_i) (Anthropic's CLTs)",
+                                    ("l0", "tanh")),
+            "tanh_scale": Key(4.0, "c of the tanh penalty", "> 0")}
     coeff_key = "l0_coeff"
     # its thresholds move at Adam's rate whatever the coefficient, so L0 lags it: the integral alone
     # overshoots and, kept positive, cannot raise L0 faster than the thresholds drift
@@ -221,6 +225,11 @@ class JumpReLUSAE(BaseSAE):
         init = torch.full((cfg["dict_size"],), float(cfg["jumprelu_init_threshold"]))
         self.log_threshold = nn.Parameter(init.log())
 
+    @classmethod
+    def run_tag(cls, cfg: dict[str, Any]) -> str:
+        tanh = "_tanh" if cfg["jumprelu_penalty"] == "tanh" else ""
+        return super().run_tag(cfg).replace("l0_", f"l0{tanh}_", 1)
+
     @property
     def threshold(self) -> Tensor:
         return self.log_threshold.float().exp()
@@ -229,6 +238,8 @@ class JumpReLUSAE(BaseSAE):
         return _JumpReLU.apply(pre, self.threshold.to(pre.dtype), self.cfg["bandwidth"])
 
     def sparsity_penalty(self, pre: Tensor, f: Tensor) -> Tensor:
+        if self.cfg["jumprelu_penalty"] == "tanh":  # its gradient reaches theta through f's
+            return torch.tanh(self.cfg["tanh_scale"] * f).sum(-1).mean()
         return _Step.apply(pre, self.threshold.to(pre.dtype), self.cfg["bandwidth"]).sum(-1).mean()
 
     def select(self, xw: Tensor) -> tuple[SelectedPre, SelectedPre]:
@@ -244,6 +255,8 @@ class JumpReLUSAE(BaseSAE):
                                self.cfg["bandwidth"])
 
     def sparse_penalty(self, pre_vals: Tensor, f_vals: Tensor, pattern: SparsePattern) -> Tensor:
+        if self.cfg["jumprelu_penalty"] == "tanh":
+            return torch.tanh(self.cfg["tanh_scale"] * f_vals).sum() / pattern.shape[0]
         theta = self.threshold.index_select(0, pattern.cols)
         return _Step.apply(pre_vals, theta, self.cfg["bandwidth"]).sum() / pattern.shape[0]
 

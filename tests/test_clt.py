@@ -31,9 +31,10 @@ def layer_acts(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def trained_like_clt(sae_type: str, skip: bool = False, n_dead: int = 0) -> CrossLayerTranscoder:
+def trained_like_clt(sae_type: str, skip: bool = False, n_dead: int = 0,
+                     **overrides) -> CrossLayerTranscoder:
     """A CLT with non-trivial scales, biases, thresholds and decoders to later layers."""
-    clt = build_sae(clt_cfg(sae_type, skip_connection=skip)).train()
+    clt = build_sae(clt_cfg(sae_type, skip_connection=skip, **overrides)).train()
     gen = torch.Generator().manual_seed(3)
     x, _ = layer_acts(5)
     with torch.no_grad():
@@ -109,10 +110,12 @@ def test_the_clt_forward_equals_the_pairwise_loop_in_values_and_gradients(sae_ty
 
 @pytest.mark.parametrize("writes", [True, False])
 @pytest.mark.parametrize("skip", [False, True])
-@pytest.mark.parametrize("sae_type", CLT_VARIANTS)
+@pytest.mark.parametrize("sae_type", [*CLT_VARIANTS, "jumprelu_tanh"])
 def test_the_sparse_clt_step_equals_the_dense_reference(sae_type, skip, writes):
-    clt = trained_like_clt(sae_type, skip, n_dead=5) if writes else build_sae(
-        clt_cfg(sae_type, skip_connection=skip, cross_layer_writes=False))
+    extra = {"jumprelu_penalty": "tanh"} if sae_type == "jumprelu_tanh" else {}
+    sae_type = sae_type.removesuffix("_tanh")
+    clt = trained_like_clt(sae_type, skip, n_dead=5, **extra) if writes else build_sae(
+        clt_cfg(sae_type, skip_connection=skip, cross_layer_writes=False, **extra))
     x, y = layer_acts(12)
     outs, grads = [], []
     for sparse in (False, True):

@@ -65,6 +65,21 @@ def test_sparse_path_equals_dense_reference(sae_type, n_dead, device):
         torch.testing.assert_close(sparse_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_jumprelus_tanh_penalty_is_its_formula_on_both_paths():
+    """sum_i tanh(c f_i), averaged over tokens; its gradient reaches theta through f."""
+    sae = trained_like("jumprelu", 0, jumprelu_penalty="tanh", tanh_scale=3.0)
+    x = rand_x(seed=5)
+    dense, dense_grads = loss_and_grads(sae, x, sparse=False)
+    sparse, sparse_grads = loss_and_grads(sae, x, sparse=True)
+    torch.testing.assert_close(dense.sparsity_loss,
+                               0.7 * torch.tanh(3.0 * dense.latents).sum(-1).mean())
+    torch.testing.assert_close(sparse.sparsity_loss, dense.sparsity_loss, rtol=1e-5, atol=1e-6)
+    assert dense_grads["log_threshold"].abs().sum() > 0
+    for name, g in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+    assert SAE_CLASSES["jumprelu"].run_tag(sae.cfg) == "l0_tanh_0.4"
+
+
 @pytest.mark.parametrize("sae_type", SPARSE_VARIANTS)
 def test_sparse_path_equals_dense_reference_on_standardised_tokens(sae_type):
     sae = trained_like(sae_type, n_dead=5, standardize_tokens=True)
