@@ -174,6 +174,9 @@ def check_cross_layer(cfg: dict[str, Any]) -> None:
         raise ConfigError("config cross_layer=true names its hook points by site: set site and "
                           "target_site (e.g. site=resid_mid target_site=mlp_out), not hook_point "
                           "or target_hook_point")
+    if cfg["site"] == cfg["target_site"]:
+        raise ConfigError(f"config cross_layer=true reads and writes site {cfg['site']!r}: set "
+                          "target_site to another site (e.g. site=mlp_in target_site=mlp_out)")
     if cfg["target_layer"] >= 0:
         raise ConfigError("config target_layer is for single-layer transcoders: a CLT's layer i "
                           "writes to target_site of layer i and every later layer of `layers`")

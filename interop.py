@@ -321,10 +321,11 @@ def circuit_tracer_tensors(clt: CrossLayerTranscoder) -> list[tuple[dict[str, Te
     files = []
     for i, layer in enumerate(clt.layers):
         own = saelens_tensors(layer)
-        later = [(clt.W_dec_later[i][:, k].float() if i < len(clt.W_dec_later)
-                  else torch.zeros_like(own["W_dec"])) / clt.layers[i + 1 + k].target_scale.float()
-                 for k in range(len(clt.layers) - 1 - i)]  # zeros: cross_layer_writes=false
-        w_dec = torch.stack([own["W_dec"], *(w.cpu() for w in later)], dim=1)
+        later = [(clt.W_dec_later[i][:, k].float().cpu() if i < len(clt.W_dec_later)
+                  else torch.zeros_like(own["W_dec"]))  # zeros: cross_layer_writes=false
+                 / clt.layers[i + 1 + k].target_scale.float().cpu()
+                 for k in range(len(clt.layers) - 1 - i)]
+        w_dec = torch.stack([own["W_dec"], *later], dim=1)
         files.append(({f"W_enc_{i}": own["W_enc"].T.contiguous(), f"b_enc_{i}": own["b_enc"],
                        f"b_dec_{i}": own["b_dec"], f"threshold_{i}": own["threshold"]},
                       {f"W_dec_{i}": w_dec.contiguous()}))

@@ -251,7 +251,8 @@ def ground_truth_metrics(sae: BaseSAE, true_features: Tensor, eval_acts: Tensor,
 def cross_layer_metrics(clt: CrossLayerTranscoder, store: ActivationSource,
                         chunk: int = 4096) -> dict[str, Any]:
     """Per target layer (suffix _L<layer>) and overall: nmse and explained variance (overall: the
-    mean over layers, each in its own units), L0 (overall: the mean per layer; l0_total: summed),
+    mean over layers, each in its own units), cosine and shrinkage (overall only: the mean over
+    layers and tokens), L0 (overall: the mean per layer; l0_total: summed),
     dead latents; and the replacement model's downstream metrics, closed loop and open loop, and
     per target layer replaced alone (the recovered fractions and KL, suffix _L<layer>)."""
     inputs, targets = run_hook_points(clt.cfg)
@@ -259,12 +260,15 @@ def cross_layer_metrics(clt: CrossLayerTranscoder, store: ActivationSource,
     y_all = store.eval_acts[[store.hook_index(h) for h in targets]]
     n_layers = len(inputs)
     sq_err = torch.zeros(n_layers, dtype=torch.float64)
-    l0 = torch.zeros(n_layers, dtype=torch.float64)
+    l0, cosine, shrinkage = (torch.zeros(n_layers, dtype=torch.float64) for _ in range(3))
     fire_counts = torch.zeros(n_layers, clt.cfg["dict_size"], dtype=torch.float64)
     for x, y in zip(x_all.split(chunk, dim=1), y_all.split(chunk, dim=1), strict=True):
         x, y = x.to(store.device), y.to(store.device)
         f = clt.encode(x)
-        sq_err += (y - clt.decode(f, x)).double().pow(2).sum((1, 2)).cpu()
+        y_hat = clt.decode(f, x)
+        sq_err += (y - y_hat).double().pow(2).sum((1, 2)).cpu()
+        cosine += F.cosine_similarity(y, y_hat, dim=-1).double().sum(1).cpu()
+        shrinkage += (y_hat.norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)).double().sum(1).cpu()
         l0 += (f != 0).sum((1, 2)).double().cpu()
         fire_counts += (f != 0).sum(1).double().cpu()
     n = x_all.shape[1]
@@ -274,6 +278,7 @@ def cross_layer_metrics(clt: CrossLayerTranscoder, store: ActivationSource,
     metrics: dict[str, Any] = {
         "l0": float(l0.mean() / n), "l0_total": float(l0.sum() / n), "nmse": float(nmse.mean()),
         "explained_variance": float(1 - nmse.mean()), "dead": int(dead.sum()),
+        "cosine": float(cosine.mean() / n), "shrinkage": float(shrinkage.mean() / n),
         "dead_frac": float(dead.sum()) / density.numel(),
         "dense": int((density > DENSE_FRACTION).sum()),
         "never_fired_eval_frac": float((density == 0).double().mean()),

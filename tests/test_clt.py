@@ -47,8 +47,11 @@ def trained_like_clt(sae_type: str, skip: bool = False, n_dead: int = 0,
             if skip:
                 layer.W_skip.copy_(0.2 * torch.randn(D, D, generator=gen))
             layer.start_at_density(layer.pre_activations(x[n] * layer.scale).quantile(0.95, dim=0))
+            if sae_type == "batchtopk":  # its inference threshold, which the export carries
+                layer.threshold.fill_(0.2 + 0.1 * n)
+                layer.threshold_initialised.fill_(True)
             layer.tokens_since_fired[:n_dead] = layer.cfg["dead_after_tokens"] + 1
-        for w in clt.W_dec_later:
+        for w in clt.W_dec_later:  # none with cross_layer_writes=false
             w.copy_(0.1 * torch.randn(w.shape, generator=gen))
     clt.sparsity_coeff = 0.7
     return clt
@@ -137,15 +140,24 @@ def test_the_sparse_clt_step_equals_the_dense_reference(sae_type, skip, writes):
 
 @pytest.mark.parametrize("sae_type", CLT_VARIANTS)
 def test_a_one_layer_clt_is_the_transcoder_of_that_layer(sae_type):
+    """From its initialisation (a transcoder of seed + n) to its loss terms and gradients."""
     clt = build_sae(clt_cfg(sae_type, layers="1:1", n_layers=2, skip_connection=True))
     tc = build_sae(make_cfg(sae_type, target_site="mlp_out", skip_connection=True))
     assert clt.layer_ids == [1] and len(clt.W_dec_later) == 0
+    for name, value in tc.state_dict().items():
+        assert torch.equal(clt.layers[0].state_dict()[name], value), name
+    with torch.no_grad():
+        clt.layers[0].tokens_since_fired[:5] = clt.cfg["dead_after_tokens"] + 1  # AuxK runs
+        clt.layers[0].W_skip.normal_(0, 0.1)
     tc.load_state_dict(clt.layers[0].state_dict())
+    clt.sparsity_coeff = tc.sparsity_coeff = 0.7
     x, y = layer_acts(7)
     a, b = clt(x[:1], target=y[:1]), tc(x[0], target=y[0])
     a.loss.backward()
     b.loss.backward()
-    torch.testing.assert_close(a.loss, b.loss)
+    for term in ("loss", "recon_loss", "sparsity_loss", "aux_loss"):
+        torch.testing.assert_close(getattr(a, term), getattr(b, term), msg=term)
+    assert sae_type == "jumprelu" or a.aux_loss > 0
     torch.testing.assert_close(a.x_hat[0], b.x_hat)
     for name, p in tc.named_parameters():
         torch.testing.assert_close(clt.layers[0].get_parameter(name).grad, p.grad, msg=name)
@@ -185,6 +197,7 @@ def test_the_decoder_gradient_is_orthogonal_to_each_latents_concatenated_vector(
     ({"sae_type": "matryoshka"}, "sae_type=matryoshka cannot be a cross-layer transcoder"),
     ({"hook_point": "blocks.0.hook_resid_mid"}, "names its hook points by site"),
     ({"target_layer": 1}, "target_layer is for single-layer transcoders"),
+    ({"site": "mlp_out"}, "reads and writes site 'mlp_out'"),
     ({"cross_layer": False}, "layers='0:1' is invalid: is for cross_layer=true"),
 ])
 def test_a_config_that_cannot_be_a_clt_is_refused_in_one_line(overrides, message):
@@ -229,13 +242,15 @@ def circuit_tracer_forward(folder, x: torch.Tensor) -> tuple[torch.Tensor, torch
     return torch.stack(fs), torch.stack(ys)
 
 
+@pytest.mark.parametrize("writes", [True, False])
 @pytest.mark.parametrize("sae_type", ["batchtopk", "jumprelu"])
-def test_the_circuit_tracer_export_gives_our_latents_and_reconstructions(sae_type, tmp_path):
+def test_the_circuit_tracer_export_gives_our_latents_and_reconstructions(sae_type, writes,
+                                                                          tmp_path):
     import json
 
     from interop import export_circuit_tracer
 
-    clt = trained_like_clt(sae_type).eval()
+    clt = trained_like_clt(sae_type, cross_layer_writes=writes).eval()
     x, _ = layer_acts(10)
     folder = export_circuit_tracer(clt, tmp_path / "clt")
     f, y_hat = circuit_tracer_forward(folder, x)
@@ -366,10 +381,16 @@ def test_without_cross_layer_writes_each_layer_learns_exactly_as_its_own_transco
     gradients are those of a transcoder on that layer alone."""
     clt = build_sae(clt_cfg("batchtopk", cross_layer_writes=False))
     assert len(clt.W_dec_later) == 0 and hook_tag(clt.cfg).startswith("plt_")
+    tcs = [build_sae(make_cfg("batchtopk", target_site="mlp_out", seed=n)) for n in range(N_LAYERS)]
+    for layer, tc in zip(clt.layers, tcs, strict=True):
+        assert torch.equal(layer.W_enc, tc.W_enc)  # layer n starts as the transcoder of seed n
+        with torch.no_grad():
+            layer.tokens_since_fired[:5] = clt.cfg["dead_after_tokens"] + 1
     x, y = layer_acts(11)
-    clt(x, target=y).loss.backward()
-    for n, layer in enumerate(clt.layers):
-        tc = build_sae(make_cfg("batchtopk", target_site="mlp_out", seed=n))
+    out = clt(x, target=y)
+    out.loss.backward()
+    assert out.aux_loss > 0
+    for n, (layer, tc) in enumerate(zip(clt.layers, tcs, strict=True)):
         tc.load_state_dict(layer.state_dict())
         tc(x[n], target=y[n]).loss.backward()
         for name, p in tc.named_parameters():
@@ -388,3 +409,75 @@ def test_the_clt_sweep_sets_clts_beside_per_layer_transcoders_on_one_stream():
     tags = [(hook_tag(c), c["top_k"]) for c in cfgs]
     assert tags == [(f"{kind}_L0-5_mlp_in_to_mlp_out", k) for k in (8, 16, 32)
                     for kind in ("clt", "plt")]
+
+
+def test_lazy_adam_freezes_an_idle_latents_decoders_to_later_layers():
+    def after_steps(lazy: bool):
+        t = make_trainee(clt_cfg("topk", device="cpu", lr=1e-2, lazy_adam=lazy, beta1=0.9,
+                                 dead_after_tokens=10**9), total_steps=10, main=False)
+        for step in range(3):
+            x, y = layer_acts(20 + step)
+            training_step(t, x, step, 10, False, target=y)
+        with torch.no_grad():  # layer 0's latents 0-9 can no longer fire
+            t.sae.layers[0].b_enc[:10] = -1e4
+        before = t.sae.W_dec_later[0].detach().clone()
+        x, y = layer_acts(30)
+        training_step(t, x, 3, 10, False, target=y)
+        return t.sae.W_dec_later[0], before
+    later, before = after_steps(lazy=True)
+    torch.testing.assert_close(later[:10], before[:10], rtol=0, atol=1e-6)  # renormalised only
+    assert not torch.allclose(later[10:], before[10:])
+    later, before = after_steps(lazy=False)  # without it Adam's momentum keeps moving them
+    assert not torch.allclose(later[:10], before[:10], rtol=0, atol=1e-6)
+
+
+def test_the_replacement_models_hooks_read_and_write_where_they_should(tiny_gpt2_dir,
+                                                                       monkeypatch):
+    """Closed loop: layer 1 reads the stream with target 0 replaced; open loop and a layer alone:
+    every layer reads the clean stream; `only` writes its own target and no other."""
+    from capture import load_model, model_dims, run_to_hooks
+    from config import prepare_cfg, run_hook_points
+    from metrics import replacement_hooks
+
+    model = load_model(str(tiny_gpt2_dir), "cpu")
+    cfg = prepare_cfg(gpt2_clt_cfg(tiny_gpt2_dir), model_dims(model))
+    torch.manual_seed(0)
+    clt = build_sae(cfg).eval()
+    with torch.no_grad():
+        clt.W_dec_later[0].normal_(0, 0.3)
+    inputs, targets = run_hook_points(cfg)
+    rows = model.to_tokens("To be, or not to be, that is the question")
+    keep = torch.ones_like(rows, dtype=torch.bool)
+    keep[:, 0] = False
+    clean = [a[keep] for a in run_to_hooks(model, rows, [*inputs, *targets])]
+    seen: dict[int, torch.Tensor] = {}
+    for n, layer in enumerate(clt.layers):
+        def record(x, n=n, encode=layer.encode):
+            seen[n] = x.clone()
+            return encode(x)
+        monkeypatch.setattr(layer, "encode", record)
+
+    def splice(open_loop: bool, only: int | None = None) -> list[torch.Tensor]:
+        seen.clear()
+        hooks = replacement_hooks(clt, model, rows, keep, False, inputs, targets, open_loop, only)
+        return [a[keep] for a in run_to_hooks(model, rows, [*inputs, *targets], fwd_hooks=hooks)]
+
+    closed = splice(open_loop=False)
+    torch.testing.assert_close(seen[0], clean[0])
+    y0 = clt.decode_layer([clt.layers[0].encode(clean[0])], [clean[0]], 0)
+
+    def put(act, hook):
+        act = act.clone()
+        act[keep] = y0
+        return act
+    by_hand = run_to_hooks(model, rows, [inputs[1]], fwd_hooks=[(targets[0], put)])[0][keep]
+    assert not torch.allclose(by_hand, clean[1])  # replacing target 0 changes layer 1's input
+    torch.testing.assert_close(seen[1], by_hand)
+    torch.testing.assert_close(closed[2], y0)
+    splice(open_loop=True)
+    for n in (0, 1):
+        torch.testing.assert_close(seen[n], clean[n])
+    alone = splice(open_loop=True, only=1)
+    torch.testing.assert_close(seen[1], clean[1])
+    torch.testing.assert_close(alone[2], clean[2])  # target 0 untouched
+    assert not torch.allclose(alone[3], clean[3])
