@@ -346,11 +346,14 @@ def summary_table(runs: list[Run], config_columns: list[str]) -> str:
 
 
 def frame_markdown(df: pd.DataFrame) -> str:
-    """A markdown table of a small frame, its index as the first column."""
+    """A markdown table of a small frame, its index as the first column, floats to 4 figures."""
+    def cell(v: Any) -> str:
+        rounded = isinstance(v, float) and not float(v).is_integer()
+        return f"{v:.4g}" if rounded else markdown_cell(v)
     header = [df.index.name or "", *df.columns]
     rows = [[i, *row] for i, row in zip(df.index, df.itertuples(index=False), strict=True)]
     return "\n".join(["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(markdown_cell(v) for v in r) + " |" for r in rows])
+                     + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows])
 
 
 def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latents: int = 3,
@@ -384,9 +387,10 @@ def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latent
     doc += ["", "## Cross-layer transcoders"] if clts else []
     for run in clts:
         name = run.cfg["run_name"]
-        plot_clt_writes(run).savefig(out / "density" / f"{name}_writes.png", dpi=120)
-        doc += ["", f"### {name}", "", frame_markdown(clt_layer_table(run)), "",
-                f"![where {name} writes](density/{name}_writes.png)"]
+        doc += ["", f"### {name}", "", frame_markdown(clt_layer_table(run))]
+        if run.cfg.get("cross_layer_writes", True):  # per-layer transcoders write to their own
+            plot_clt_writes(run).savefig(out / "density" / f"{name}_writes.png", dpi=120)
+            doc += ["", f"![where {name} writes](density/{name}_writes.png)"]
 
     with_text = [run for run in finished if run.cfg.get("dataset_path") != SYNTHETIC_DATASET
                  and not run.cfg.get("cross_layer")]  # synthetic: no text; CLTs: not yet
