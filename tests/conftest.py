@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -40,3 +41,42 @@ def make_tiny_gpt2(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
     return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+def stopped_and_resumed(cfgs_in, model, tmp_path: Path, monkeypatch, stop_at: int = 4):
+    """Final weights of the group `cfgs_in("ref")` trained through, and of `cfgs_in("stopped")`
+    stopped right after its checkpoint at step `stop_at` and resumed: [(reference, resumed)]."""
+    from safetensors.torch import load_file
+
+    import training
+
+    reference = training.train_sae_group(cfgs_in("ref"), model=model)
+
+    class Stop(Exception):
+        pass
+    real = training.checkpoint_group
+
+    def stop_after(trainees, step, *args):
+        real(trainees, step, *args)
+        if step == stop_at:
+            raise Stop
+    monkeypatch.setattr(training, "checkpoint_group", stop_after)
+    with pytest.raises(Stop):
+        training.train_sae_group(cfgs_in("stopped"), model=model)
+    monkeypatch.undo()
+    resumed = training.train_sae_group([c | {"resume": str(tmp_path / "stopped" / c["run_name"])}
+                                        for c in cfgs_in("stopped")], model=model)
+    return [tuple(load_file(t.run_dir / "final" / "sae.safetensors") for t in pair)
+            for pair in zip(reference, resumed, strict=True)]
+
+
+def record_forwards(monkeypatch) -> tuple[list[list[str]], Any]:
+    """The hook sets of every model forward the store runs from now on, and the real capture."""
+    import activation_store
+
+    forwards: list[list[str]] = []
+    real = activation_store.run_to_hooks
+    monkeypatch.setattr(activation_store, "run_to_hooks",
+                        lambda m, tokens, hooks, *a: forwards.append(list(hooks))
+                        or real(m, tokens, hooks, *a))
+    return forwards, real

@@ -286,17 +286,14 @@ def gpt2_clt_cfg(tiny_gpt2_dir, **overrides) -> dict:
 def test_clts_train_from_one_forward_report_per_layer_and_replacement_metrics(tiny_gpt2_dir,
                                                                                tmp_path,
                                                                                monkeypatch):
-    import activation_store
+    from conftest import record_forwards
+
     from capture import load_model
     from interop import export_circuit_tracer
     from training import train_sae_group
 
     model = load_model(str(tiny_gpt2_dir), "cpu")
-    forwards: list[list[str]] = []
-    real = activation_store.run_to_hooks
-    monkeypatch.setattr(activation_store, "run_to_hooks",
-                        lambda m, tokens, hooks, *a: forwards.append(list(hooks))
-                        or real(m, tokens, hooks, *a))
+    forwards, real = record_forwards(monkeypatch)
     out = str(tmp_path / "runs")
     cfgs = [gpt2_clt_cfg(tiny_gpt2_dir, sae_type="batchtopk", run_name="btk", output_dir=out),
             gpt2_clt_cfg(tiny_gpt2_dir, sae_type="jumprelu", target_l0=6.0, run_name="jr",
@@ -340,40 +337,22 @@ def test_clts_train_from_one_forward_report_per_layer_and_replacement_metrics(ti
 
 
 def test_a_cached_clt_group_stopped_after_a_checkpoint_resumes_bitwise(tiny_gpt2_dir, tmp_path,
-                                                                monkeypatch):
-    from safetensors.torch import load_file
+                                                                       monkeypatch):
+    from conftest import stopped_and_resumed
 
-    import training
     from capture import load_model
-
-    model = load_model(str(tiny_gpt2_dir), "cpu")
 
     def cfgs(out):
         return [gpt2_clt_cfg(tiny_gpt2_dir, sae_type=v, run_name=v, output_dir=str(tmp_path / out),
                              skip_connection=v == "topk", cache_dir=str(tmp_path / "cache"),
                              cache_dtype="float16", **extra)
                 for v, extra in (("topk", {}), ("jumprelu", {"target_l0": 6.0}))]
-    reference = training.train_sae_group(cfgs("ref"), model=model)
-
-    class Stop(Exception):
-        pass
-    real = training.checkpoint_group
-
-    def stop_after_four(trainees, step, *args):
-        real(trainees, step, *args)
-        if step == 4:
-            raise Stop
-    monkeypatch.setattr(training, "checkpoint_group", stop_after_four)
-    with pytest.raises(Stop):
-        training.train_sae_group(cfgs("stopped"), model=model)
-    monkeypatch.undo()
-    resumed = training.train_sae_group([c | {"resume": str(tmp_path / "stopped" / c["run_name"])}
-                                        for c in cfgs("stopped")], model=model)
+    model = load_model(str(tiny_gpt2_dir), "cpu")
+    pairs = stopped_and_resumed(cfgs, model, tmp_path, monkeypatch)
     assert len(list((tmp_path / "cache").iterdir())) == 4  # every layer's input and target
-    for a, b in zip(reference, resumed, strict=True):
-        wa, wb = (load_file(t.run_dir / "final" / "sae.safetensors") for t in (a, b))
+    for wa, wb in pairs:
         assert "W_dec_later.0" in wa and "layers.1.W_enc" in wa
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), a.cfg["run_name"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_without_cross_layer_writes_each_layer_learns_exactly_as_its_own_transcoder():

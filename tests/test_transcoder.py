@@ -199,17 +199,14 @@ def gpt2_cfg(tiny_gpt2_dir, **overrides) -> dict:
 def test_an_sae_and_transcoders_train_from_one_forward_and_splice_into_the_model(tiny_gpt2_dir,
                                                                                   tmp_path,
                                                                                   monkeypatch):
-    import activation_store
+    from conftest import record_forwards
+
     from capture import load_model
     from interop import export_saelens
     from training import train_sae_group
 
     model = load_model(str(tiny_gpt2_dir), "cpu")
-    forwards: list[list[str]] = []
-    real = activation_store.run_to_hooks
-    monkeypatch.setattr(activation_store, "run_to_hooks",
-                        lambda m, tokens, hooks, *a: forwards.append(list(hooks))
-                        or real(m, tokens, hooks, *a))
+    forwards, real = record_forwards(monkeypatch)
     out = str(tmp_path / "runs")
     cfgs = [gpt2_cfg(tiny_gpt2_dir, site="mlp_out", sae_type="topk", run_name="sae",
                      output_dir=out),
@@ -243,38 +240,19 @@ def test_an_sae_and_transcoders_train_from_one_forward_and_splice_into_the_model
 
 def test_a_transcoder_group_stopped_after_a_checkpoint_resumes_bitwise(tiny_gpt2_dir, tmp_path,
                                                                        monkeypatch):
-    from safetensors.torch import load_file
+    from conftest import stopped_and_resumed
 
-    import training
     from capture import load_model
-
-    model = load_model(str(tiny_gpt2_dir), "cpu")
 
     def cfgs(out):
         return [gpt2_cfg(tiny_gpt2_dir, site="mlp_in", target_site="mlp_out", skip_connection=True,
                          sae_type=v, run_name=v, output_dir=str(tmp_path / out),
                          cache_dir=str(tmp_path / "cache"))
                 for v in ("jumprelu", "matryoshka")]
-    reference = training.train_sae_group(cfgs("ref"), model=model)
-
-    class Stop(Exception):
-        pass
-    real = training.checkpoint_group
-
-    def stop_after_four(trainees, step, *args):
-        real(trainees, step, *args)
-        if step == 4:
-            raise Stop
-    monkeypatch.setattr(training, "checkpoint_group", stop_after_four)
-    with pytest.raises(Stop):
-        training.train_sae_group(cfgs("stopped"), model=model)
-    monkeypatch.undo()
-    resumed = training.train_sae_group([c | {"resume": str(tmp_path / "stopped" / c["run_name"])}
-                                        for c in cfgs("stopped")], model=model)
-    for a, b in zip(reference, resumed, strict=True):
-        wa, wb = (load_file(t.run_dir / "final" / "sae.safetensors") for t in (a, b))
+    model = load_model(str(tiny_gpt2_dir), "cpu")
+    for wa, wb in stopped_and_resumed(cfgs, model, tmp_path, monkeypatch):
         assert "W_skip" in wa and "target_scale" in wa
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), a.cfg["run_name"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_the_transcoder_sweep_puts_three_runs_on_every_mlp_of_one_stream():
