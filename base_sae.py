@@ -81,7 +81,9 @@ class BaseSAE(nn.Module):
     coeff_key: ClassVar[str | None] = None  # its sparsity coefficient (warmed up; None: no penalty)
     uses_aux_loss: ClassVar[bool] = False  # AuxK on dead latents (docs/math.md §4)
     saelens_architecture: ClassVar[str | None] = None  # its SAELens architecture (None: none fits)
-    saelens_tensors: ClassVar[tuple[str, ...]] = ()  # per-latent tensors its SAELens form adds (m,)
+    # the attributes its SAELens form adds beyond W_enc, W_dec, b_enc, b_dec, each given per latent
+    # (m,): a scalar (BatchTopK's threshold) to every latent
+    saelens_tensors: ClassVar[tuple[str, ...]] = ()
     averaged_buffers: ClassVar[tuple[str, ...]] = ()  # training state the ranks average each step
     # parameters with a slice per latent, and the dimension indexing latents (lazy Adam reads them)
     latent_params: ClassVar[tuple[tuple[str, int], ...]] = (("W_dec", 0), ("W_enc", 1),
@@ -160,22 +162,17 @@ class BaseSAE(nn.Module):
 
     @staticmethod
     def group_ends(cfg: dict[str, Any]) -> list[int] | None:
-        """Where its groups of latents end, if it has groups (plots and dashboards show them)."""
+        """Where its nested groups of latents end, if it has groups: plots and dashboards show
+        them, metrics score each prefix alone (nmse_prefix_<end>)."""
         return None
-
-    def partial_reconstructions(self, f: Tensor, x: Tensor) -> dict[str, Tensor]:
-        """Raw-space reconstructions of code parts worth scoring alone (logged as nmse_<name>)."""
-        return {}
 
     # --- shared math (docs/math.md §1, §2) -----------------------------------------------
 
-    def encoder_input(self, x_scaled: Tensor) -> Tensor:
-        """What W_enc reads: x_scaled - b_dec for an SAE; a transcoder's scaled input as it is (its
-        b_dec lives in the target's space)."""
-        return x_scaled if self.transcoder else x_scaled - self.b_dec
-
     def pre_activations(self, x_scaled: Tensor) -> Tensor:
-        return self.encoder_input(x_scaled) @ self.W_enc + self.b_enc
+        """(x_scaled - b_dec) W_enc + b_enc; a transcoder's W_enc reads its scaled input as it is
+        (its b_dec lives in the target's space)."""
+        x_in = x_scaled if self.transcoder else x_scaled - self.b_dec
+        return x_in @ self.W_enc + self.b_enc
 
     def scaled_goal(self, x_scaled: Tensor, unit: Tensor,
                     target: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -253,12 +250,10 @@ class BaseSAE(nn.Module):
     # (`kept`, a SelectedPre; None: too many for the sparse kernels to pay) and those 0 with a
     # straight-through gradient (`window`, or None); the methods below: the variant's math on them
 
-    def sparse_activation(self, pre_vals: Tensor, pattern: SparsePattern) -> Tensor:
-        """f on the selected entries (the dense `activation`, restricted)."""
-        return F.relu(pre_vals)
-
-    def sparse_penalty(self, pre_vals: Tensor, f_vals: Tensor, pattern: SparsePattern) -> Tensor:
-        return pre_vals.new_zeros(())
+    def sparse_activation(self, pre_vals: Tensor, pattern: SparsePattern) -> tuple[Tensor, Tensor]:
+        """(f, penalty) on the selected entries: the dense `activation` and `sparsity_penalty`
+        restricted to them (the penalty before its coefficient, averaged over the batch)."""
+        return F.relu(pre_vals), pre_vals.new_zeros(())
 
     def sparse_reconstruction(self, f_vals: Tensor, goal: Tensor, pattern: SparsePattern,
                               zero_vals: Tensor | None, zero_pattern: SparsePattern | None
@@ -314,10 +309,6 @@ class BaseSAE(nn.Module):
         (k-variants: no-op)."""
 
     # --- SAELens form (interop.py writes and reads the files) ----------------------------------
-
-    def saelens_extras(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """(tensors, cfg.json fields) its SAELens form needs beyond W_enc, W_dec, b_enc, b_dec."""
-        return {}, {}
 
     @classmethod
     def from_saelens(cls, tensors: dict[str, Tensor],

@@ -7,7 +7,7 @@ transcoders (export), and the Hugging Face Hub (model card, upload).
     sae = load_saelens("path/to/saelens_sae")  # a SAELens folder (e.g. from the Hub) as our SAE
     upload("runs/<run>", "me/my-sae")          # README.md card + <hook_point>/ export (HF token)
 
-Each variant states its SAELens form (sae.py: `saelens_architecture`, `saelens_extras`,
+Each variant states its SAELens form (sae.py: `saelens_architecture`, `saelens_tensors`,
 `from_saelens`); this module writes and reads the files around it.
 """
 
@@ -78,10 +78,10 @@ def saelens_tensors(sae: BaseSAE) -> dict[str, Tensor]:
     formulas on raw x give exactly our encode/decode: (x - b_dec/s) @ (s W_enc) + b_enc =
     (s x - b_dec) @ W_enc + b_enc, and f @ (W_dec/s) + b_dec/s = (f @ W_dec + b_dec)/s. Latents (and
     so thresholds) are unchanged; the exported decoder rows have norm 1/s. The variant adds what its
-    architecture needs (`saelens_extras`): e.g. BatchTopK's inference rule f = pre * 1[pre > theta]
-    is a JumpReLU with theta given to every latent. A transcoder folds s_in into W_enc and s_out
-    into the decoder: x @ (s_in W_enc) + b_enc, and f @ (W_dec/s_out) + b_dec/s_out
-    + x @ (s_in/s_out W_skip) = (f @ W_dec + b_dec + s_in x @ W_skip)/s_out."""
+    architecture needs (`saelens_tensors`, per latent): e.g. BatchTopK's inference rule
+    f = pre * 1[pre > theta] is a JumpReLU with theta given to every latent. A transcoder folds
+    s_in into W_enc and s_out into the decoder: x @ (s_in W_enc) + b_enc, and f @ (W_dec/s_out)
+    + b_dec/s_out + x @ (s_in/s_out W_skip) = (f @ W_dec + b_dec + s_in x @ W_skip)/s_out."""
     s = sae.scale.detach().float()
     s_out = sae.target_scale.detach().float() if sae.transcoder else s
     w_enc, w_dec, b_enc, b_dec = (t.detach().float()
@@ -89,7 +89,8 @@ def saelens_tensors(sae: BaseSAE) -> dict[str, Tensor]:
     tensors = {"W_enc": w_enc * s, "W_dec": w_dec / s_out, "b_enc": b_enc, "b_dec": b_dec / s_out}
     if sae.W_skip is not None:
         tensors["W_skip"] = (sae.W_skip.detach().float() * (s / s_out)).T
-    tensors |= sae.saelens_extras()[0]
+    tensors |= {name: getattr(sae, name).detach().float().expand(sae.cfg["dict_size"])
+                for name in sae.saelens_tensors}
     return {name: t.float().cpu().contiguous() for name, t in tensors.items()}
 
 
@@ -103,7 +104,9 @@ def saelens_config(sae: BaseSAE) -> dict[str, Any]:
                            "apply_b_dec_to_input": not sae.transcoder,
                            "normalize_activations": ("layer_norm" if cfg.get("standardize_tokens")
                                                      else "none"),
-                           "reshape_activations": "none"} | sae.saelens_extras()[1]
+                           "reshape_activations": "none"}
+    if sae.saelens_architecture == "topk":  # SAELens's TopK reads its k from cfg.json
+        out |= {"k": cfg["top_k"], "rescale_acts_by_decoder_norm": False}
     transcoder = ({"hook_name_out": cfg["target_hook_point"], "hook_head_index_out": None}
                   if sae.transcoder else {})
     if sae.transcoder:

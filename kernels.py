@@ -366,13 +366,12 @@ def sparse_code(sae, x: Tensor, target: Tensor | None = None) -> SparseCode | No
         b_dec_in_encoder = None if sae.transcoder else sae.b_dec
         pre_vals = _SparseEncode.apply(active.pre, x_in, sae.W_enc, sae.b_enc, b_dec_in_encoder,
                                        pattern)
-        f_vals = sae.sparse_activation(pre_vals, pattern)
-        penalty = sae.sparse_penalty(pre_vals, f_vals, pattern)
+        f_vals, penalty = sae.sparse_activation(pre_vals, pattern)
         window_f = window_pattern = None
         if window is not None:  # f is 0 there: no gradient reaches pre, so no encoder backward
             window_pattern = window.pattern
-            window_f = sae.sparse_activation(window.pre, window_pattern)
-            penalty = penalty + sae.sparse_penalty(window.pre, window_f, window_pattern)
+            window_f, window_penalty = sae.sparse_activation(window.pre, window_pattern)
+            penalty = penalty + window_penalty
     return SparseCode(pattern, f_vals, penalty, goal, unit, window_f, window_pattern)
 
 
@@ -481,7 +480,8 @@ def sparse_aux_loss(sae, error: Tensor, x: Tensor) -> Tensor:
     dead_cols = sae.dead_mask().nonzero().squeeze(1)
     if dead_cols.numel() == 0:
         return x.new_zeros(())
-    x_in = sae.encoder_input(sae.scaled_input(x.float())[0])
+    x_scaled = sae.scaled_input(x.float())[0]
+    x_in = x_scaled if sae.transcoder else x_scaled - sae.b_dec
     pre = x_in @ sae.W_enc.index_select(1, dead_cols) + sae.b_enc.index_select(0, dead_cols)
     f_aux = F.relu(pre)
     if sae.cfg["top_k_aux"] < dead_cols.numel():

@@ -90,14 +90,19 @@ def reconstruction_metrics(sae: BaseSAE, eval_acts: Tensor, device: torch.device
     """Against the input, or a transcoder's `eval_targets` (the same tokens at its target hook)."""
     sums = ReconstructionSums()
     decoder_norms = sae.W_dec.norm(dim=-1)
-    partial: dict[str, float] = {}  # squared error of each partial reconstruction the variant names
+    # nested groups (Matryoshka): each prefix but the whole dictionary scored alone, the latents
+    # past its end set to 0
+    prefix_ends = (sae.group_ends(sae.cfg) or [])[:-1]
+    partial = dict.fromkeys((f"prefix_{end}" for end in prefix_ends), 0.0)  # squared errors
     targets = eval_acts if eval_targets is None else eval_targets
     for x, y in zip(eval_acts.split(chunk), targets.split(chunk), strict=True):
         x, y = x.to(device), y.to(device)
         f = sae.encode(x)
         sums.add(y, sae.decode(f, x), f, decoder_norms)
-        for name, y_hat in sae.partial_reconstructions(f, x).items():
-            partial[name] = partial.get(name, 0.0) + (y - y_hat).pow(2).sum().item()
+        latent = torch.arange(f.shape[-1], device=f.device)
+        for end in prefix_ends:
+            y_hat = sae.decode(f * (latent < end), x)
+            partial[f"prefix_{end}"] += (y - y_hat).pow(2).sum().item()
     m = sae.cfg["dict_size"]
     density = sums.fire_counts / sums.n
     nmse = sums.sq_err / total_variance(targets)

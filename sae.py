@@ -68,9 +68,10 @@ class VanillaSAE(BaseSAE):
         max_count = int(self.max_sparse_density * xw.numel())
         return entries_above_biased(xw, self.b_enc, xw.new_zeros(()), max_count), None
 
-    def sparse_penalty(self, pre_vals: Tensor, f_vals: Tensor, pattern: SparsePattern) -> Tensor:
+    def sparse_activation(self, pre_vals: Tensor, pattern: SparsePattern) -> tuple[Tensor, Tensor]:
+        f_vals = F.relu(pre_vals)
         norms = self.W_dec.norm(dim=-1).index_select(0, pattern.cols)
-        return (f_vals * norms).sum() / pattern.shape[0]
+        return f_vals, (f_vals * norms).sum() / pattern.shape[0]
 
     @torch.no_grad()
     def start_at_density(self, bound: Tensor) -> None:
@@ -103,9 +104,6 @@ class TopKSAE(BaseSAE):
     def check_cfg(cls, cfg: dict[str, Any]) -> dict[str, str]:
         return ({"top_k": f"must be <= dict_size ({cfg['dict_size']})"}
                 if cfg["top_k"] > cfg["dict_size"] else {})
-
-    def saelens_extras(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        return {}, {"k": self.cfg["top_k"], "rescale_acts_by_decoder_norm": False}
 
     @classmethod
     def from_saelens(cls, tensors: dict[str, Tensor],
@@ -150,9 +148,6 @@ class BatchTopKSAE(BaseSAE):
         blended = decay * self.threshold + (1 - decay) * smallest
         self.threshold.copy_(torch.where(self.threshold_initialised, blended, smallest))
         self.threshold_initialised.fill_(True)
-
-    def saelens_extras(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        return {"threshold": self.threshold.detach().float().expand(self.cfg["dict_size"])}, {}
 
     @classmethod
     def from_saelens(cls, tensors: dict[str, Tensor],
@@ -249,23 +244,18 @@ class JumpReLUSAE(BaseSAE):
         band = entries_above_biased(xw, self.b_enc, theta - self.cfg["bandwidth"] / 2)
         return band.split(band.pre > theta.index_select(0, band.pattern.cols))
 
-    def sparse_activation(self, pre_vals: Tensor, pattern: SparsePattern) -> Tensor:
+    def sparse_activation(self, pre_vals: Tensor, pattern: SparsePattern) -> tuple[Tensor, Tensor]:
         # index_select, whose backward is an index_add: `theta[cols]`'s sorts the indices on CPU
-        return _JumpReLU.apply(pre_vals, self.threshold.index_select(0, pattern.cols),
-                               self.cfg["bandwidth"])
-
-    def sparse_penalty(self, pre_vals: Tensor, f_vals: Tensor, pattern: SparsePattern) -> Tensor:
+        f_vals = _JumpReLU.apply(pre_vals, self.threshold.index_select(0, pattern.cols),
+                                 self.cfg["bandwidth"])
         if self.cfg["jumprelu_penalty"] == "tanh":
-            return torch.tanh(self.cfg["tanh_scale"] * f_vals).sum() / pattern.shape[0]
+            return f_vals, torch.tanh(self.cfg["tanh_scale"] * f_vals).sum() / pattern.shape[0]
         theta = self.threshold.index_select(0, pattern.cols)
-        return _Step.apply(pre_vals, theta, self.cfg["bandwidth"]).sum() / pattern.shape[0]
+        return f_vals, _Step.apply(pre_vals, theta, self.cfg["bandwidth"]).sum() / pattern.shape[0]
 
     @torch.no_grad()
     def start_at_density(self, bound: Tensor) -> None:
         self.log_threshold.copy_(bound.clamp_min(1e-3).log())
-
-    def saelens_extras(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        return {"threshold": self.threshold.detach()}, {}
 
     @classmethod
     def from_saelens(cls, tensors: dict[str, Tensor],
@@ -311,12 +301,6 @@ class MatryoshkaSAE(BatchTopKSAE):
             return {"matryoshka_groups": "non-empty groups adding up to dict_size "
                                          f"({cfg['dict_size']})"}
         return super().check_cfg(cfg)
-
-    def partial_reconstructions(self, f: Tensor, x: Tensor) -> dict[str, Tensor]:
-        """Each prefix but the whole dictionary on its own: the latents past its end set to 0."""
-        return {f"prefix_{end}":
-                self.decode(f * (torch.arange(f.shape[-1], device=f.device) < end), x)
-                for end in self.group_ends(self.cfg)[:-1]}
 
     def loss(self, goal: Tensor, pre: Tensor, f: Tensor, error: Tensor,
              aux_enabled: bool) -> LossTerms:

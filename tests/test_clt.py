@@ -11,8 +11,9 @@ from test_sae import B, D, M, make_cfg
 
 from clt import CrossLayerTranscoder
 from config import ConfigError, hook_tag, validate_cfg
+from constraints import latent_blocks, remove_parallel_decoder_grad
 from sae import build_sae
-from training import latent_blocks, make_trainee, remove_parallel_decoder_grad, training_step
+from training import make_trainee, training_step
 
 N_LAYERS = 3
 CLT_VARIANTS = ("batchtopk", "topk", "jumprelu")

@@ -87,7 +87,7 @@ def clt_cfg() -> dict:
 def train_clt(rows: slice) -> dict[str, torch.Tensor]:
     """A 2-layer TopK CLT stepped as training does (per-layer b_dec and scales averaged over
     ranks at the start, latent blocks' counters and decoder constraint each step)."""
-    from training import latent_blocks
+    from constraints import latent_blocks
 
     cfg = clt_cfg()
     clt = build_sae(cfg)

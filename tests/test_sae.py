@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from config import get_default_cfg
+from constraints import mark_fired, normalize_decoder, remove_parallel_decoder_grad
 from kernels import fired_latents
 from sae import (
     COEFFICIENT_STATE,
@@ -19,7 +20,6 @@ from sae import (
     save_sae,
 )
 from schedule import SparsityCoefficient
-from training import mark_fired, normalize_decoder, remove_parallel_decoder_grad
 
 torch.set_num_threads(2)
 
