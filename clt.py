@@ -108,7 +108,7 @@ class CrossLayerTranscoder(nn.Module):
         recon = torch.stack(recons).sum()
         sparsity = torch.stack([self.sparsity_coeff * layer.sparsity_penalty(pre, f)
                                 for layer, pre, f in zip(self.layers, pres, fs, strict=True)]).sum()
-        if self.variant.uses_aux_loss and aux_enabled and self.training:  # per layer: its dead
+        if self.layers[0].uses_aux_loss and aux_enabled and self.training:  # per layer: its dead
             aux = torch.stack([layer.aux_loss(-e, pre)  # latents on its own target's residual
                                for layer, e, pre in zip(self.layers, errors, pres,
                                                         strict=True)]).sum()

@@ -452,7 +452,7 @@ def sparse_cross_layer_forward(clt, x: Tensor, target: Tensor,
             recons.append(recon)
             errors.append(error)
         sparsity = torch.stack([clt.sparsity_coeff * code.penalty for code in codes]).sum()
-        if clt.variant.uses_aux_loss and aux_enabled:
+        if clt.layers[0].uses_aux_loss and aux_enabled:
             aux = torch.stack([sparse_aux_loss(layer, e, x_n) for layer, e, x_n
                                in zip(clt.layers, errors, x, strict=True)]).sum()
         else:

@@ -207,7 +207,9 @@ class JumpReLUSAE(BaseSAE):
             "jumprelu_penalty": Key("l0", "sparsity penalty: l0, sum_i H(pre_i - theta_i); or "
                                     "tanh, sum_i tanh(tanh_scale * f_i) (Anthropic's CLTs)",
                                     ("l0", "tanh")),
-            "tanh_scale": Key(4.0, "c of the tanh penalty", "> 0")}
+            "tanh_scale": Key(4.0, "c of the tanh penalty", "> 0"),
+            "preact_coeff": Key(0.0, "pre-activation loss on dead latents, sum_i dead "
+                                "relu(theta_i - pre_i) (Anthropic's; 0: off)", ">= 0")}
     coeff_key = "l0_coeff"
     # its thresholds move at Adam's rate whatever the coefficient, so L0 lags it: the integral alone
     # overshoots and, kept positive, cannot raise L0 faster than the thresholds drift
@@ -219,6 +221,7 @@ class JumpReLUSAE(BaseSAE):
         super().__init__(cfg)
         init = torch.full((cfg["dict_size"],), float(cfg["jumprelu_init_threshold"]))
         self.log_threshold = nn.Parameter(init.log())
+        self.uses_aux_loss = cfg["preact_coeff"] > 0  # its loss on dead latents, when asked for
 
     @classmethod
     def run_tag(cls, cfg: dict[str, Any]) -> str:
@@ -237,9 +240,18 @@ class JumpReLUSAE(BaseSAE):
             return torch.tanh(self.cfg["tanh_scale"] * f).sum(-1).mean()
         return _Step.apply(pre, self.threshold.to(pre.dtype), self.cfg["bandwidth"]).sum(-1).mean()
 
-    def select(self, xw: Tensor) -> tuple[SelectedPre, SelectedPre]:
+    def aux_loss(self, residual: Tensor, pre: Tensor) -> Tensor:
+        """The pre-activation loss: each dead latent pulled toward firing by how far its
+        pre-activation is below its threshold (weighted by its decoder norm, 1 here)."""
+        gap = F.relu(self.threshold.to(pre.dtype) - pre) * self.dead_mask()
+        return self.cfg["preact_coeff"] * gap.sum(-1).mean()
+
+    def select(self, xw: Tensor) -> tuple[SelectedPre | None, SelectedPre | None]:
         """Active entries (pre > theta), and the lower half of the threshold's gradient window
-        (theta - eps/2 < pre <= theta), from one pass over `xw`."""
+        (theta - eps/2 < pre <= theta), from one pass over `xw`; the pre-activation loss reads
+        every dead latent's pre-activation, so with it the step is dense."""
+        if self.uses_aux_loss:
+            return None, None
         theta = self.threshold.to(xw.dtype)
         band = entries_above_biased(xw, self.b_enc, theta - self.cfg["bandwidth"] / 2)
         return band.split(band.pre > theta.index_select(0, band.pattern.cols))

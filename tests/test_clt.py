@@ -17,6 +17,8 @@ from training import make_trainee, training_step
 
 N_LAYERS = 3
 CLT_VARIANTS = ("batchtopk", "topk", "jumprelu")
+# the options the variants carry as CLTs: "<sae_type>_<option>"
+OPTIONS = {"jumprelu_tanh": {"jumprelu_penalty": "tanh"}, "jumprelu_preact": {"preact_coeff": 0.3}}
 
 
 def clt_cfg(sae_type: str, **overrides) -> dict:
@@ -75,7 +77,7 @@ def reference_loss(clt: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor) 
             y_hat = y_hat + layer.scale * x[t] @ layer.W_skip
         residual = layer.target_scale * y[t] - y_hat
         recon = recon + residual.pow(2).sum(-1).mean()
-        if layer.uses_aux_loss:  # TopK's and BatchTopK's AuxK
+        if layer.uses_aux_loss:  # TopK's and BatchTopK's AuxK, JumpReLU's pre-activation loss
             aux = aux + layer.aux_loss(residual, pres[t])
         sparsity = sparsity + clt.sparsity_coeff * layer.sparsity_penalty(pres[t], fs[t])
     aux = torch.as_tensor(aux)
@@ -84,9 +86,10 @@ def reference_loss(clt: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor) 
 
 
 @pytest.mark.parametrize("skip", [False, True])
-@pytest.mark.parametrize("sae_type", CLT_VARIANTS)
+@pytest.mark.parametrize("sae_type", [*CLT_VARIANTS, "jumprelu_preact"])
 def test_the_clt_forward_equals_the_pairwise_loop_in_values_and_gradients(sae_type, skip):
-    clt = trained_like_clt(sae_type, skip, n_dead=5)
+    extra = OPTIONS.get(sae_type, {})
+    clt = trained_like_clt(sae_type.partition("_")[0], skip, n_dead=5, **extra)
     x, y = layer_acts(6)
     ref = reference_loss(clt, x, y)
     ref["loss"].backward()
@@ -97,7 +100,7 @@ def test_the_clt_forward_equals_the_pairwise_loop_in_values_and_gradients(sae_ty
     torch.testing.assert_close(out.latents, ref["latents"])
     for term in ("loss", "recon_loss", "sparsity_loss", "aux_loss"):
         torch.testing.assert_close(getattr(out, term), ref[term], rtol=1e-5, atol=1e-6, msg=term)
-    if sae_type in ("batchtopk", "topk"):
+    if sae_type in ("batchtopk", "topk", "jumprelu_preact"):
         assert out.aux_loss > 0  # the dead latents are revived per layer
     for name, g in ref_grads.items():
         assert g.abs().sum() > 0, name  # every decoder to a later layer learns
@@ -114,10 +117,10 @@ def test_the_clt_forward_equals_the_pairwise_loop_in_values_and_gradients(sae_ty
 
 @pytest.mark.parametrize("writes", [True, False])
 @pytest.mark.parametrize("skip", [False, True])
-@pytest.mark.parametrize("sae_type", [*CLT_VARIANTS, "jumprelu_tanh"])
+@pytest.mark.parametrize("sae_type", [*CLT_VARIANTS, "jumprelu_tanh"])  # preact: dense
 def test_the_sparse_clt_step_equals_the_dense_reference(sae_type, skip, writes):
-    extra = {"jumprelu_penalty": "tanh"} if sae_type == "jumprelu_tanh" else {}
-    sae_type = sae_type.removesuffix("_tanh")
+    extra = OPTIONS.get(sae_type, {})
+    sae_type = sae_type.partition("_")[0]
     clt = trained_like_clt(sae_type, skip, n_dead=5, **extra) if writes else build_sae(
         clt_cfg(sae_type, skip_connection=skip, cross_layer_writes=False, **extra))
     x, y = layer_acts(12)

@@ -324,6 +324,38 @@ def test_jumprelu_gradients_match_spec_formulas():
     torch.testing.assert_close(pre.grad, g * (pre.detach() > theta).float())
 
 
+def test_jumprelu_preact_loss_matches_its_formula_on_dead_latents_only():
+    sae, _, theta, _ = jumprelu_setup()
+    sae.cfg["preact_coeff"], sae.uses_aux_loss = 0.3, True
+    sae.train()
+    x = rand_x()
+    assert torch.equal(sae(x).aux_loss, torch.zeros(()))  # no dead latents: exactly 0
+    dead = torch.zeros(M, dtype=torch.bool)
+    dead[::3] = True
+    sae.tokens_since_fired[dead] = sae.cfg["dead_after_tokens"] + 1
+    out = sae(x)
+    pre = hand_pre(sae, x)
+    expected = 0.3 * ((theta - pre).clamp_min(0) * dead).sum(-1).mean()
+    torch.testing.assert_close(out.aux_loss, expected)
+    assert out.aux_loss > 0
+    sae.zero_grad()
+    out.aux_loss.backward()
+    # it moves only the dead latents: their encoder columns and thresholds, no live one's
+    assert sae.W_enc.grad[:, ~dead].abs().max() == 0 and sae.W_enc.grad[:, dead].abs().max() > 0
+    assert sae.log_threshold.grad[~dead].abs().max() == 0
+    assert (sae.log_threshold.grad[dead] >= 0).all()  # descent lowers theta
+
+
+def test_jumprelu_preact_loss_takes_the_dense_step():
+    sae = make_sae("jumprelu", preact_coeff=0.3)
+    sae.train()
+    sae.tokens_since_fired[:8] = sae.cfg["dead_after_tokens"] + 1
+    x = rand_x()
+    dense, sparse = sae(x), sae(x, sparse=True)
+    assert isinstance(sparse.latents, torch.Tensor)  # not the sparse path's SparseLatents
+    assert torch.equal(dense.loss, sparse.loss) and dense.aux_loss > 0
+
+
 def test_jumprelu_l0_gradient_matches_finite_difference_of_smoothed_step():
     sae, pre, theta, _ = jumprelu_setup()
     eps, c = sae.cfg["bandwidth"], 0.7
