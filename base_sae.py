@@ -84,6 +84,7 @@ class BaseSAE(nn.Module):
     # the attributes its SAELens form adds beyond W_enc, W_dec, b_enc, b_dec, each given per latent
     # (m,): a scalar (BatchTopK's threshold) to every latent
     saelens_tensors: ClassVar[tuple[str, ...]] = ()
+    saelens_names: ClassVar[dict[str, str]] = {}  # our tensor name -> SAELens's, where they differ
     averaged_buffers: ClassVar[tuple[str, ...]] = ()  # training state the ranks average each step
     # parameters with a slice per latent, and the dimension indexing latents (lazy Adam reads them)
     latent_params: ClassVar[tuple[tuple[str, int], ...]] = (("W_dec", 0), ("W_enc", 1),

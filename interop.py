@@ -91,6 +91,7 @@ def saelens_tensors(sae: BaseSAE) -> dict[str, Tensor]:
         tensors["W_skip"] = (sae.W_skip.detach().float() * (s / s_out)).T
     tensors |= {name: getattr(sae, name).detach().float().expand(sae.cfg["dict_size"])
                 for name in sae.saelens_tensors}
+    tensors = {sae.saelens_names.get(name, name): t for name, t in tensors.items()}
     return {name: t.float().cpu().contiguous() for name, t in tensors.items()}
 
 
@@ -167,6 +168,12 @@ def saelens_extra_tensors(architecture: str) -> list[str]:
     """Per-latent tensors beyond W_enc, W_dec, b_enc, b_dec that `architecture`'s variants read."""
     same = [c for c in SAE_CLASSES.values() if c.saelens_architecture == architecture]
     return list(dict.fromkeys(name for c in same for name in c.saelens_tensors))
+
+
+def saelens_renames(architecture: str) -> dict[str, str]:
+    """SAELens's tensor names -> ours, for `architecture`'s variants (e.g. gated's b_gate)."""
+    same = [c for c in SAE_CLASSES.values() if c.saelens_architecture == architecture]
+    return {theirs: ours for c in same for ours, theirs in c.saelens_names.items()}
 
 
 def _check_saelens_fields(fields: dict[str, Any], where: Path) -> None:
@@ -281,7 +288,8 @@ def load_saelens(folder: str | Path, device: str = "cpu") -> BaseSAE:
     """An SAE folder in SAELens's layout (ours, SAELens-trained, or from the Hub) as this project's
     SAE class, input scale 1, eval mode (normalize_activations="layer_norm" -> standardize_tokens):
     standard -> VanillaSAE, topk -> TopKSAE, jumprelu -> JumpReLUSAE (log_threshold = log threshold;
-    thresholds must be > 0); our exports go back to their variant (BatchTopK to BatchTopKSAE)."""
+    thresholds must be > 0), gated -> GatedSAE; our exports go back to their variant (BatchTopK to
+    BatchTopKSAE)."""
     folder = Path(folder)
     for name in (SAELENS_CFG_FILE, SAELENS_WEIGHTS_FILE):
         if not (folder / name).is_file():
@@ -292,7 +300,9 @@ def load_saelens(folder: str | Path, device: str = "cpu") -> BaseSAE:
     transcoder = architecture in TRANSCODER_BASE
     if transcoder and not fields.get("hook_name_out"):
         fields["hook_name_out"] = "unknown"  # still a transcoder; the folder omits where it writes
-    t = _fold_saelens_options(load_file(folder / SAELENS_WEIGHTS_FILE), fields, transcoder)
+    renames = saelens_renames(TRANSCODER_BASE.get(architecture, architecture))
+    t = {renames.get(name, name): v for name, v in load_file(folder / SAELENS_WEIGHTS_FILE).items()}
+    t = _fold_saelens_options(t, fields, transcoder)
     _check_saelens_tensors(t, d, m, architecture, folder)
     extras = {name: t.pop(name)
               for name in saelens_extra_tensors(TRANSCODER_BASE.get(architecture, architecture))}

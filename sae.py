@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -336,6 +337,121 @@ class MatryoshkaSAE(BatchTopKSAE):
         details = {f"recon_loss_prefix_{end}": r.detach()
                    for end, r in zip(ends, recons, strict=True)}
         return terms._replace(recon=torch.stack(recons).mean(), details=details)
+
+
+@register
+class GatedSAE(BaseSAE):
+    """Gated SAE (Rajamanoharan et al. 2024): the gate's pre-activation pi = x_in W_enc + b_enc
+    decides which latents fire, a magnitude path with tied weights W_mag = W_enc * exp(r_mag) and
+    its own bias b_mag decides how much: f = 1[pi > 0] relu(x_in W_mag + b_mag). Loss:
+    reconstruction, the L1 of relu(pi) weighted by decoder norms, and the reconstruction from
+    relu(pi) through the frozen decoder, the gate's only signal of what it must explain
+    (docs/math.md §3)."""
+
+    name, title = "gated", "Gated"
+    keys = {"gated_l1_coeff": Key(1.0, "L1 coefficient on the gate's relu(pi) (scaled space)",
+                                  ">= 0")}
+    coeff_key = "gated_l1_coeff"
+    saelens_architecture, saelens_tensors = "gated", ("r_mag", "b_mag")
+    saelens_names = {"b_enc": "b_gate"}  # SAELens calls the gate's bias b_gate
+    latent_params = (*BaseSAE.latent_params, ("r_mag", 0), ("b_mag", 0))
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__(cfg)
+        self.r_mag = nn.Parameter(torch.zeros(cfg["dict_size"]))
+        self.b_mag = nn.Parameter(torch.zeros(cfg["dict_size"]))
+
+    def magnitude(self, pre: Tensor) -> Tensor:
+        """relu(x_in W_mag + b_mag) from the gate's pi: x_in W_mag = (x_in W_enc) * exp(r_mag) =
+        (pi - b_enc) * exp(r_mag), no second matmul, and the gate's bias b_enc gets no gradient
+        from the magnitudes."""
+        return F.relu((pre - self.b_enc) * self.r_mag.exp() + self.b_mag)
+
+    def activation(self, pre: Tensor) -> Tensor:
+        return (pre > 0) * self.magnitude(pre)
+
+    def sparsity_penalty(self, pre: Tensor, f: Tensor) -> Tensor:
+        return (F.relu(pre) * self.W_dec.norm(dim=-1)).sum(-1).mean()
+
+    def loss(self, goal: Tensor, pre: Tensor, f: Tensor, error: Tensor,
+             aux_enabled: bool) -> LossTerms:
+        terms = super().loss(goal, pre, f, error, aux_enabled)  # reconstruction and the L1
+        if not self.training:
+            return terms
+        via_gate = F.relu(pre) @ self.W_dec.detach() + self.b_dec.detach() - goal
+        return terms._replace(aux=via_gate.pow(2).sum(-1).mean())
+
+    @classmethod
+    def from_saelens(cls, tensors: dict[str, Tensor],
+                     fields: dict[str, Any]) -> dict[str, Any] | None:
+        return {"cfg": {}, "state": {"r_mag": tensors["r_mag"], "b_mag": tensors["b_mag"]}}
+
+
+HC_GAMMA, HC_ZETA = -0.1, 1.1  # the Hard Concrete stretch (gamma, zeta), as in the paper
+
+
+def beta_at(cfg: dict[str, Any], step: int) -> float:
+    """The Hard Concrete temperature at `step`: from hc_beta to hc_beta_final over the first
+    hc_beta_frac of the run's steps by hc_beta_schedule, then constant."""
+    b0, b1 = cfg["hc_beta"], cfg["hc_beta_final"]
+    span = cfg["hc_beta_frac"] * (cfg["num_tokens"] // cfg["batch_size"])
+    p = min(1.0, step / span) if span > 0 else 1.0
+    match cfg["hc_beta_schedule"]:
+        case "constant":
+            return b0
+        case "linear":
+            return b0 + (b1 - b0) * p
+        case "exponential":
+            return b0 * (b1 / b0) ** p
+        case "cosine":
+            return b1 + (b0 - b1) * (1 + math.cos(math.pi * p)) / 2
+    raise AssertionError(cfg["hc_beta_schedule"])
+
+
+@register
+class HardConcreteSAE(GatedSAE):
+    """Hard Concrete L0 (Louizos, Welling & Kingma 2017) on the gated SAE's tied paths: the gate's
+    pi is log(alpha). Training: per token and latent u ~ U(0, 1), z = clamp(sigmoid((log u -
+    log(1 - u) + pi) / beta) (zeta - gamma) + gamma, 0, 1), exact zeros and ones with a gradient
+    in between, f = z relu(pi_mag); penalty the expected L0, sum_i sigmoid(pi_i - beta
+    log(-gamma / zeta)). Inference: the deterministic gate clamp(sigmoid(pi) (zeta - gamma) +
+    gamma, 0, 1), 0 for pi below logit(-gamma / (zeta - gamma)) (docs/math.md §3)."""
+
+    name, title = "hardconcrete", "Hard Concrete"
+    keys = {"hc_l0_coeff": Key(0.4, "expected-L0 coefficient (scaled space)", ">= 0"),
+            "hc_beta": Key(2 / 3, "initial gate temperature beta", "> 0"),
+            "hc_beta_final": Key(2 / 3, "final gate temperature", "> 0"),
+            "hc_beta_schedule": Key("constant", "beta from hc_beta to hc_beta_final",
+                                    ("constant", "linear", "exponential", "cosine")),
+            "hc_beta_frac": Key(1.0, "fraction of the steps beta anneals over", "[0, 1]")}
+    coeff_key = "hc_l0_coeff"
+    saelens_architecture = None  # its inference gate is fractional: no SAELens form computes it
+    loss = BaseSAE.loss  # the gate learns through z: no frozen-decoder term
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__(cfg)
+        # steps taken: the temperature's schedule and the seed of this step's u, so a resume
+        # continues both and the group's other random draws are untouched
+        self.register_buffer("gate_step", torch.zeros((), dtype=torch.long))
+
+    def activation(self, pre: Tensor) -> Tensor:
+        stretch = HC_ZETA - HC_GAMMA
+        if not self.training:
+            return (torch.sigmoid(pre) * stretch + HC_GAMMA).clamp(0, 1) * self.magnitude(pre)
+        step = int(self.gate_step)  # the host reads it: one sync per step on CUDA
+        gen = torch.Generator(pre.device).manual_seed(self.cfg["seed"] * 1_000_003 + step)
+        u = torch.rand(pre.shape, generator=gen, device=pre.device)  # float32 under bf16 too
+        u = u.clamp(1e-6, 1 - 1e-6)  # log u and log(1 - u) finite
+        s = torch.sigmoid((u.log() - (-u).log1p() + pre.float()) / beta_at(self.cfg, step))
+        return (s * stretch + HC_GAMMA).clamp(0, 1) * self.magnitude(pre)
+
+    def sparsity_penalty(self, pre: Tensor, f: Tensor) -> Tensor:
+        shift = beta_at(self.cfg, int(self.gate_step)) * math.log(-HC_GAMMA / HC_ZETA)
+        return torch.sigmoid(pre - shift).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_inference_state(self, f: Tensor | SparseLatents) -> None:
+        self.gate_step += 1
 
 
 def build_sae(cfg: dict[str, Any]) -> BaseSAE | CrossLayerTranscoder:

@@ -2,7 +2,8 @@
 
 Every variant gets a non-trivial input scale, random biases and thresholds, so folding the scale
 into the exported weights is checked where it can fail. The SAELens formulas are re-implemented from
-sae_lens 6 (saes/standard_sae.py, topk_sae.py, jumprelu_sae.py) and run on the exported files alone.
+sae_lens 6 (saes/standard_sae.py, topk_sae.py, jumprelu_sae.py, gated_sae.py) and run on the
+exported files alone.
 """
 
 from __future__ import annotations
@@ -27,18 +28,18 @@ from interop import (
     upload,
 )
 from results import load_run
-from sae import SAE_CLASSES, BaseSAE, BatchTopKSAE, JumpReLUSAE, build_sae, save_sae
+from sae import SAE_CLASSES, BaseSAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, build_sae, save_sae
 
 torch.set_num_threads(2)
 
 D, M, K, B = 16, 64, 4, 256
 SCALE = 3.7
 HOOK = "blocks.3.hook_resid_pre"
-VARIANTS = tuple(SAE_CLASSES)
+VARIANTS = tuple(name for name, cls in SAE_CLASSES.items() if cls.saelens_architecture)
 CLASSES = SAE_CLASSES
 # built-in variants' SAELens architectures, written out (a new variant states its own on its class)
 ARCHITECTURES = {"vanilla": "standard", "topk": "topk", "batchtopk": "jumprelu",
-                 "jumprelu": "jumprelu", "matryoshka": "jumprelu"}
+                 "jumprelu": "jumprelu", "matryoshka": "jumprelu", "gated": "gated"}
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
@@ -61,6 +62,9 @@ def trained_like(sae_type: str, seed: int = 0, standardize_tokens: bool = False)
         if isinstance(sae, BatchTopKSAE):
             sae.threshold.fill_(2.0)
             sae.threshold_initialised.fill_(True)
+        if isinstance(sae, GatedSAE):
+            sae.r_mag.copy_(0.3 * torch.randn(M, generator=gen))
+            sae.b_mag.copy_(torch.randn(M, generator=gen))
     return sae.eval()
 
 
@@ -71,6 +75,9 @@ def raw_x(n: int = B, seed: int = 1) -> torch.Tensor:
 def saelens_encode(cfg: dict, t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """SAELens 6 inference encode (SAE.process_sae_in, then the architecture's encode)."""
     sae_in = x - t["b_dec"] * cfg.get("apply_b_dec_to_input", True)
+    if cfg["architecture"] == "gated":  # the gate decides which fire, the magnitude path how much
+        active = sae_in @ t["W_enc"] + t["b_gate"] > 0
+        return active * F.relu(sae_in @ (t["W_enc"] * t["r_mag"].exp()) + t["b_mag"])
     pre = sae_in @ t["W_enc"] + t["b_enc"]
     if cfg.get("rescale_acts_by_decoder_norm"):
         pre = pre * t["W_dec"].norm(dim=-1)
@@ -135,13 +142,18 @@ def test_export_cfg_fields_and_tensor_names(sae_type, tmp_path):
     expected = {"W_enc": (D, M), "W_dec": (M, D), "b_enc": (M,), "b_dec": (D,)}
     if ARCHITECTURES[sae_type] == "jumprelu":
         expected["threshold"] = (M,)
+    if sae_type == "gated":  # the gate's bias is SAELens's b_gate; r_mag and b_mag as they are
+        expected = {"b_gate" if k == "b_enc" else k: v for k, v in expected.items()}
+        expected |= {"r_mag": (M,), "b_mag": (M,)}
     assert {name: tuple(v.shape) for name, v in t.items()} == expected
     assert all(v.dtype == torch.float32 for v in t.values())
     with torch.no_grad():  # scale folded: W_enc * s, b_dec / s, W_dec / s; b_enc, thresholds kept
         torch.testing.assert_close(t["W_enc"], sae.W_enc * SCALE)
         torch.testing.assert_close(t["W_dec"], sae.W_dec / SCALE)
         torch.testing.assert_close(t["b_dec"], sae.b_dec / SCALE)
-        torch.testing.assert_close(t["b_enc"], sae.b_enc)
+        torch.testing.assert_close(t["b_gate" if sae_type == "gated" else "b_enc"], sae.b_enc)
+        if sae_type == "gated":
+            assert torch.equal(t["r_mag"], sae.r_mag) and torch.equal(t["b_mag"], sae.b_mag)
         if sae_type == "jumprelu":
             torch.testing.assert_close(t["threshold"], sae.log_threshold.exp())
         if sae_type == "batchtopk":
@@ -261,14 +273,27 @@ def one_line_error(error_type, call) -> str:
     return message
 
 
+def test_variants_without_a_saelens_form_are_refused_in_one_line(tmp_path):
+    without = [name for name, cls in SAE_CLASSES.items() if not cls.saelens_architecture]
+    assert "hardconcrete" in without  # its fractional inference gate has no SAELens form
+    for name in without:
+        message = one_line_error(ConfigError,
+                                 lambda n=name: export_saelens(trained_like(n), tmp_path / n))
+        assert f"sae_type={name!r} states no saelens_architecture" in message
+        assert not (tmp_path / name).exists()
+
+
 def test_load_saelens_bad_folders_fail_with_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     assert "no cfg.json" in one_line_error(FileNotFoundError,
                                            lambda: load_saelens(tmp_path / "empty"))
 
-    write_saelens_folder(tmp_path / "gated", V6 | {"architecture": "gated"})
-    assert "'gated' is not supported" in one_line_error(ConfigError,
-                                                        lambda: load_saelens(tmp_path / "gated"))
+    write_saelens_folder(tmp_path / "other", V6 | {"architecture": "matching_pursuit"})
+    assert "'matching_pursuit' is not supported" in one_line_error(
+        ConfigError, lambda: load_saelens(tmp_path / "other"))
+    write_saelens_folder(tmp_path / "gated", V6 | {"architecture": "gated"})  # no r_mag, b_mag
+    assert "tensor r_mag is missing" in one_line_error(ConfigError,
+                                                       lambda: load_saelens(tmp_path / "gated"))
 
     t = write_saelens_folder(tmp_path / "zero", V6 | {"architecture": "jumprelu"})
     t["threshold"][7] = 0.0

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from config import get_default_cfg
 from constraints import mark_fired, normalize_decoder, remove_parallel_decoder_grad
@@ -394,7 +395,10 @@ def test_scale_is_applied_in_encode_and_undone_in_decode(sae_type):
     torch.testing.assert_close(out.x_hat, sae.decode(f))
     with torch.no_grad():
         pre = (x * s - sae.b_dec) @ sae.W_enc + sae.b_enc
-        assert (f[f != 0] == pre[f != 0]).all()  # every variant passes kept values through
+        kept = sae.activation(pre)
+        assert torch.equal(f, kept)  # encode is the activation of the scaled input's pre
+        if sae_type != "hardconcrete":  # its inference gate is fractional
+            assert (f[f != 0] == pre[f != 0]).all()  # the others pass kept values through
         x_hat_scaled = f @ sae.W_dec + sae.b_dec
         torch.testing.assert_close(out.x_hat, x_hat_scaled / s)
         # the loss is in the scaled space (docs/math.md §1): the error, and the full error's loss
@@ -544,6 +548,50 @@ def test_matryoshka_loss_averages_every_prefix_reconstruction(groups, ends):
         torch.testing.assert_close(out.details[f"recon_loss_prefix_{end}"], err)
     torch.testing.assert_close(out.recon_loss, torch.stack(errors).mean())
     assert l0_per_token(f).float().mean() == pytest.approx(K, rel=0.05)  # BatchTopK on all latents
+
+
+def test_gated_forward_and_gradients_equal_the_papers_two_paths():
+    """Rajamanoharan et al. 2024, written out with a second matmul: pi_gate = x_in W_gate + b_gate,
+    pi_mag = x_in (W_gate * exp(r_mag)) + b_mag, f = 1[pi_gate > 0] relu(pi_mag); loss
+    ||x - x_hat||^2 + lambda sum relu(pi_gate) ||d_i|| + ||x - (relu(pi_gate) W_dec' + b_dec')||^2
+    with W_dec', b_dec' frozen copies."""
+    sae = make_sae("gated").train()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        sae.scale.fill_(1.3)
+        sae.b_enc.copy_(0.3 * torch.randn(M, generator=gen))
+        sae.b_dec.copy_(0.2 * torch.randn(D, generator=gen))
+        sae.r_mag.copy_(0.4 * torch.randn(M, generator=gen))
+        sae.b_mag.copy_(0.5 * torch.randn(M, generator=gen))
+        sae.W_dec.mul_(1 + 0.5 * torch.rand(M, 1, generator=gen))  # norms other than 1 count
+    sae.sparsity_coeff = 0.7
+    x = rand_x()
+    params = dict(sae.named_parameters())
+    x_in = x * sae.scale - params["b_dec"]
+    pi_gate = x_in @ params["W_enc"] + params["b_enc"]
+    pi_mag = x_in @ (params["W_enc"] * params["r_mag"].exp()) + params["b_mag"]
+    f = (pi_gate > 0) * F.relu(pi_mag)
+    goal = x * sae.scale
+    recon = (f @ params["W_dec"] + params["b_dec"] - goal).pow(2).sum(-1).mean()
+    l1 = 0.7 * (F.relu(pi_gate) * params["W_dec"].norm(dim=-1)).sum(-1).mean()
+    via_gate = F.relu(pi_gate) @ params["W_dec"].detach() + params["b_dec"].detach() - goal
+    aux = via_gate.pow(2).sum(-1).mean()
+    grads = torch.autograd.grad(recon + l1 + aux, list(params.values()))
+    out = sae(x)
+    torch.testing.assert_close(out.latents, f, rtol=1e-5, atol=1e-6)
+    assert 0 < (out.latents > 0).float().mean() < 1
+    for name, ours, ref in (("recon", out.recon_loss, recon), ("l1", out.sparsity_loss, l1),
+                            ("aux", out.aux_loss, aux)):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6, msg=name)
+    ours = torch.autograd.grad(out.loss, list(params.values()), retain_graph=True)
+    for name, g_ours, g_ref in zip(params, ours, grads, strict=True):
+        assert g_ref.abs().sum() > 0, name
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-5, msg=name)
+    # the reconstruction trains the magnitudes, never the gate's bias
+    g_b_gate = torch.autograd.grad(out.recon_loss, sae.b_enc, retain_graph=True)[0]
+    assert g_b_gate.abs().max() < 1e-6
+    sae.eval()
+    assert torch.equal(sae(x).aux_loss, torch.zeros(()))  # evaluation: the loss of the model alone
 
 
 def test_matryoshka_groups_must_be_non_empty_and_add_up():
