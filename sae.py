@@ -349,7 +349,7 @@ class GatedSAE(BaseSAE):
     (docs/math.md §3)."""
 
     name, title = "gated", "Gated"
-    keys = {"gated_l1_coeff": Key(1.0, "L1 coefficient on the gate's relu(pi) (scaled space)",
+    keys = {"gated_l1_coeff": Key(2.0, "L1 coefficient on the gate's relu(pi) (scaled space)",
                                   ">= 0")}
     coeff_key = "gated_l1_coeff"
     saelens_architecture, saelens_tensors = "gated", ("r_mag", "b_mag")
