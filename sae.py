@@ -433,12 +433,16 @@ class HardConcreteSAE(GatedSAE):
         # steps taken: the temperature's schedule and the seed of this step's u, so a resume
         # continues both and the group's other random draws are untouched
         self.register_buffer("gate_step", torch.zeros((), dtype=torch.long))
+        # its host copy: reading the buffer each step would wait for the device (CUDA)
+        self.steps_taken = 0
+        self.register_load_state_dict_post_hook(
+            lambda module, _: setattr(module, "steps_taken", int(module.gate_step)))
 
     def activation(self, pre: Tensor) -> Tensor:
         stretch = HC_ZETA - HC_GAMMA
         if not self.training:
             return (torch.sigmoid(pre) * stretch + HC_GAMMA).clamp(0, 1) * self.magnitude(pre)
-        step = int(self.gate_step)  # the host reads it: one sync per step on CUDA
+        step = self.steps_taken
         gen = torch.Generator(pre.device).manual_seed(self.cfg["seed"] * 1_000_003 + step)
         u = torch.rand(pre.shape, generator=gen, device=pre.device)  # float32 under bf16 too
         u = u.clamp(1e-6, 1 - 1e-6)  # log u and log(1 - u) finite
@@ -446,12 +450,13 @@ class HardConcreteSAE(GatedSAE):
         return (s * stretch + HC_GAMMA).clamp(0, 1) * self.magnitude(pre)
 
     def sparsity_penalty(self, pre: Tensor, f: Tensor) -> Tensor:
-        shift = beta_at(self.cfg, int(self.gate_step)) * math.log(-HC_GAMMA / HC_ZETA)
+        shift = beta_at(self.cfg, self.steps_taken) * math.log(-HC_GAMMA / HC_ZETA)
         return torch.sigmoid(pre - shift).sum(-1).mean()
 
     @torch.no_grad()
     def update_inference_state(self, f: Tensor | SparseLatents) -> None:
         self.gate_step += 1
+        self.steps_taken += 1
 
 
 def build_sae(cfg: dict[str, Any]) -> BaseSAE | CrossLayerTranscoder:

@@ -34,7 +34,8 @@ def rand_x(n: int = B, seed: int = 1) -> torch.Tensor:
 
 def test_the_training_gate_is_the_stretched_clamped_concrete_sample():
     sae = make_hc(hc_beta=0.5).train()
-    sae.gate_step.fill_(7)
+    sae.load_state_dict(sae.state_dict() | {"gate_step": torch.tensor(7)})  # as a resume sets it
+    assert sae.steps_taken == 7
     pre = sae.pre_activations(rand_x() * sae.scale)
     f = sae.activation(pre)
     gen = torch.Generator().manual_seed(sae.cfg["seed"] * 1_000_003 + 7)
@@ -57,7 +58,7 @@ def test_the_gate_is_open_as_often_as_the_expected_l0_says():
         sae.b_mag.fill_(5.0)  # magnitudes positive: f > 0 exactly where the gate is open
         sae.r_mag.fill_(0.0)
         for step in range(draws):
-            sae.gate_step.fill_(step)
+            sae.steps_taken = step
             pre = log_alpha.expand(B, M)
             open_count += (sae.activation(pre) > 0).float().mean(0)
     expected = torch.sigmoid(log_alpha - 2 / 3 * math.log(-HC_GAMMA / HC_ZETA))
@@ -100,7 +101,7 @@ def test_its_random_gate_draws_leave_the_global_stream_alone_and_advance_per_ste
     assert torch.equal(torch.get_rng_state(), before)
     assert torch.equal(sae(x).latents, f0)  # same step, same u
     sae.update_inference_state(f0)
-    assert int(sae.gate_step) == 1 and not torch.equal(sae(x).latents, f0)
+    assert int(sae.gate_step) == sae.steps_taken == 1 and not torch.equal(sae(x).latents, f0)
 
 
 def test_a_hard_concrete_run_stopped_after_a_checkpoint_resumes_bitwise(minilm, tmp_path,
