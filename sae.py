@@ -388,6 +388,7 @@ class GatedSAE(BaseSAE):
 
 
 HC_GAMMA, HC_ZETA = -0.1, 1.1  # the Hard Concrete stretch (gamma, zeta), as in the paper
+HC_CUT = math.log(-HC_GAMMA / HC_ZETA)  # log alpha below which the inference gate is 0: -2.40
 
 
 def beta_at(cfg: dict[str, Any], step: int) -> float:
@@ -409,13 +410,16 @@ def beta_at(cfg: dict[str, Any], step: int) -> float:
 
 
 @register
-class HardConcreteSAE(GatedSAE):
-    """Hard Concrete L0 (Louizos, Welling & Kingma 2017) on the gated SAE's tied paths: the gate's
-    pi is log(alpha). Training: per token and latent u ~ U(0, 1), z = clamp(sigmoid((log u -
-    log(1 - u) + pi) / beta) (zeta - gamma) + gamma, 0, 1), exact zeros and ones with a gradient
-    in between, f = z relu(pi_mag); penalty the expected L0, sum_i sigmoid(pi_i - beta
-    log(-gamma / zeta)). Inference: the deterministic gate clamp(sigmoid(pi) (zeta - gamma) +
-    gamma, 0, 1), 0 for pi below logit(-gamma / (zeta - gamma)) (docs/math.md §3)."""
+class HardConcreteSAE(BaseSAE):
+    """Hard Concrete L0 (Louizos, Welling & Kingma 2017) with its own gate: log alpha = x_in W_gate
+    + b_gate, the magnitude relu(x_in W_enc + b_enc) untied from it (better than Gated's tied
+    paths, whose penalty also shrinks the magnitudes: docs/benchmarks.md). Training: per token and
+    latent u ~ U(0, 1), z = clamp(sigmoid((log u - log(1 - u) + log alpha) / beta) (zeta - gamma)
+    + gamma, 0, 1), exact zeros and ones with a gradient in between, f = z relu(pi_mag); penalty
+    the expected L0, sum_i sigmoid(log alpha_i - beta log(-gamma / zeta)). Inference: the
+    deterministic gate clamp(sigmoid(log alpha) (zeta - gamma) + gamma, 0, 1), 0 for log alpha
+    below log(-gamma / zeta) (docs/math.md §3). Its `pre` holds both paths side by side,
+    (B, 2m): [log alpha | pi_mag]."""
 
     name, title = "hardconcrete", "Hard Concrete"
     keys = {"hc_l0_coeff": Key(0.4, "expected-L0 coefficient (scaled space)", ">= 0"),
@@ -423,13 +427,17 @@ class HardConcreteSAE(GatedSAE):
             "hc_beta_final": Key(2 / 3, "final gate temperature", "> 0"),
             "hc_beta_schedule": Key("constant", "beta from hc_beta to hc_beta_final",
                                     ("constant", "linear", "exponential", "cosine")),
-            "hc_beta_frac": Key(1.0, "fraction of the steps beta anneals over", "[0, 1]")}
+            "hc_beta_frac": Key(1.0, "fraction of the steps beta anneals over", "[0, 1]"),
+            "hc_preact_coeff": Key(1.0, "pull on dead latents' gates, sum_i dead relu(cut - "
+                                   "log alpha_i) (0: off)", ">= 0")}
     coeff_key = "hc_l0_coeff"
-    saelens_architecture = None  # its inference gate is fractional: no SAELens form computes it
-    loss = BaseSAE.loss  # the gate learns through z: no frozen-decoder term
+    latent_params = (*BaseSAE.latent_params, ("W_gate", 1), ("b_gate", 0))
+    cross_layer_ok = False  # a CLT layer's pre-activations are one path, its are two
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
+        self.W_gate = nn.Parameter(self.W_enc.detach().clone())
+        self.b_gate = nn.Parameter(torch.zeros(cfg["dict_size"]))
         # steps taken: the temperature's schedule and the seed of this step's u, so a resume
         # continues both and the group's other random draws are untouched
         self.register_buffer("gate_step", torch.zeros((), dtype=torch.long))
@@ -437,21 +445,37 @@ class HardConcreteSAE(GatedSAE):
         self.steps_taken = 0
         self.register_load_state_dict_post_hook(
             lambda module, _: setattr(module, "steps_taken", int(module.gate_step)))
+        self.uses_aux_loss = cfg["hc_preact_coeff"] > 0
+
+    def pre_activations(self, x_scaled: Tensor) -> Tensor:
+        x_in = x_scaled if self.transcoder else x_scaled - self.b_dec
+        return torch.cat([x_in @ self.W_gate + self.b_gate, x_in @ self.W_enc + self.b_enc], -1)
+
+    def paths(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """(log alpha, pi_mag) from `pre`."""
+        return pre.tensor_split(2, dim=-1)
 
     def activation(self, pre: Tensor) -> Tensor:
+        log_alpha, mag = self.paths(pre)
         stretch = HC_ZETA - HC_GAMMA
         if not self.training:
-            return (torch.sigmoid(pre) * stretch + HC_GAMMA).clamp(0, 1) * self.magnitude(pre)
+            return (torch.sigmoid(log_alpha) * stretch + HC_GAMMA).clamp(0, 1) * F.relu(mag)
         step = self.steps_taken
         gen = torch.Generator(pre.device).manual_seed(self.cfg["seed"] * 1_000_003 + step)
-        u = torch.rand(pre.shape, generator=gen, device=pre.device)  # float32 under bf16 too
+        u = torch.rand(log_alpha.shape, generator=gen, device=pre.device)  # float32 under bf16
         u = u.clamp(1e-6, 1 - 1e-6)  # log u and log(1 - u) finite
-        s = torch.sigmoid((u.log() - (-u).log1p() + pre.float()) / beta_at(self.cfg, step))
-        return (s * stretch + HC_GAMMA).clamp(0, 1) * self.magnitude(pre)
+        s = torch.sigmoid((u.log() - (-u).log1p() + log_alpha.float()) / beta_at(self.cfg, step))
+        return (s * stretch + HC_GAMMA).clamp(0, 1) * F.relu(mag)
 
     def sparsity_penalty(self, pre: Tensor, f: Tensor) -> Tensor:
-        shift = beta_at(self.cfg, self.steps_taken) * math.log(-HC_GAMMA / HC_ZETA)
-        return torch.sigmoid(pre - shift).sum(-1).mean()
+        shift = beta_at(self.cfg, self.steps_taken) * HC_CUT
+        return torch.sigmoid(self.paths(pre)[0] - shift).sum(-1).mean()
+
+    def aux_loss(self, residual: Tensor, pre: Tensor) -> Tensor:
+        """Each dead latent's gate pulled up to the inference cut: the expected-L0 gradient keeps
+        pushing a closed gate down (Adam scales its small size up), nothing else reaches it."""
+        gap = F.relu(HC_CUT - self.paths(pre)[0]) * self.dead_mask()
+        return self.cfg["hc_preact_coeff"] * gap.sum(-1).mean()
 
     @torch.no_grad()
     def update_inference_state(self, f: Tensor | SparseLatents) -> None:
