@@ -453,6 +453,7 @@ class HardConcreteSAE(BaseSAE):
 
     def paths(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """(log alpha, pi_mag) from `pre`."""
+        assert pre.shape[-1] == 2 * self.cfg["dict_size"], "pre must come from pre_activations"
         return pre.tensor_split(2, dim=-1)
 
     def activation(self, pre: Tensor) -> Tensor:

@@ -394,7 +394,9 @@ def test_scale_is_applied_in_encode_and_undone_in_decode(sae_type):
     torch.testing.assert_close(out.latents, f)
     torch.testing.assert_close(out.x_hat, sae.decode(f))
     with torch.no_grad():
-        pre = (x * s - sae.b_dec) @ sae.W_enc + sae.b_enc
+        pre = sae.pre_activations(x * s)
+        if sae_type != "hardconcrete":  # its pre holds its gate beside its magnitude path
+            torch.testing.assert_close(pre, (x * s - sae.b_dec) @ sae.W_enc + sae.b_enc)
         kept = sae.activation(pre)
         assert torch.equal(f, kept)  # encode is the activation of the scaled input's pre
         if sae_type != "hardconcrete":  # its inference gate is fractional

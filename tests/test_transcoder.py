@@ -66,6 +66,8 @@ def test_transcoder_formulas(sae_type, skip):
     y = target_of(x)
     s_in, s_out = sae.scale, sae.target_scale
     pre = s_in * x @ sae.W_enc + sae.b_enc
+    if sae_type == "hardconcrete":  # its gate's pre-activation beside the magnitude's
+        pre = torch.cat([s_in * x @ sae.W_gate + sae.b_gate, pre], -1)
     torch.testing.assert_close(sae.pre_activations(s_in * x), pre)
     f = sae.encode(x)
     pred = f @ sae.W_dec + sae.b_dec + (s_in * x @ sae.W_skip if skip else 0)
