@@ -397,9 +397,9 @@ def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latent
     if n_latents > 0 and with_text:
         doc += ["", "## Latent dashboards", ""]
         for run in with_text:
-            md = write_dashboards(run, out / "dashboards", n_latents, device=device)
-            doc.append(f"- [{run.cfg['run_name']}](dashboards/{md.name}) "
-                       f"(also dashboards/{md.stem}.html)")
+            md = write_dashboards(run, out / "dashboards", n_latents, device=device).markdown
+            doc.append(f"- [{run.cfg['run_name']}](dashboards/{md.stem}/index.html) "
+                       f"(plain text: dashboards/{md.name})")
     (out / "summary.md").write_text("\n".join(doc) + "\n")
     return out
 
