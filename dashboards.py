@@ -329,7 +329,8 @@ margin-right:8px}
 SORT_JS = """
 function sortBy(col){const t=document.getElementById('latents'),b=t.tBodies[0];
 const rows=[...b.rows],asc=t.dataset.col==col&&t.dataset.dir!='asc';
-rows.sort((x,y)=>(parseFloat(x.cells[col].dataset.v)-parseFloat(y.cells[col].dataset.v))*(asc?1:-1));
+const v=(r)=>parseFloat(r.cells[col].dataset.v);
+rows.sort((x,y)=>(v(x)-v(y))*(asc?1:-1));
 t.dataset.col=col;t.dataset.dir=asc?'asc':'desc';b.append(...rows);}
 function jump(){const i=parseInt(document.getElementById('n').value);
 if(isNaN(i))return false;if(PAGES.has(i)){location.href='latent_'+i+'.html';return false;}
