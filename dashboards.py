@@ -320,7 +320,7 @@ body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:22px}h2{font-size:17px;margin-top:24px}h3{font-size:14px;margin:14px 0 4px}
 table{border-collapse:collapse;font-size:13px}td,th{padding:2px 10px;text-align:right}
 th{cursor:pointer;background:#f2f2f2;position:sticky;top:0}tr:nth-child(even){background:#fafafa}
-tr.hit{background:#ffe9a8}.muted{color:#777}.row{display:flex;gap:40px;flex-wrap:wrap}
+tr.hit,tr:target{background:#ffe9a8}.muted{color:#777}.row{display:flex;gap:40px;flex-wrap:wrap}
 .ctx{font-family:ui-monospace,monospace;font-size:13px;white-space:pre-wrap;margin:2px 0;
 line-height:1.7}.ctx .v{display:inline-block;width:64px;text-align:right;color:#555;
 margin-right:8px}
@@ -357,8 +357,10 @@ def shaded_tokens(pieces: list[str], values: list[float], top: float, fire: int 
     for j, (piece, v) in enumerate(zip(pieces, values, strict=True)):
         title = "not scored" if math.isnan(v) else f"{v:.6g}"
         cls = "tok fire" if j == fire else "tok"
-        spans.append(f"<span class='{cls}' title='{title}' style='{_shade(v, top)}'>"
-                     f"{html.escape(_one_line(piece))}</span>")
+        text = _one_line(piece)
+        word = text.lstrip(" ")  # the space before a word stays unshaded
+        spans.append(f"{' ' * (len(text) - len(word))}<span class='{cls}' title='{title}' "
+                     f"style='{_shade(v, top)}'>{html.escape(word)}</span>")
     return "".join(spans)
 
 
@@ -367,19 +369,19 @@ def histogram_svg(values: Tensor, bins: int = 40, width: int = 460, height: int 
     firing = values[values != 0]
     if not firing.numel():
         return "<p class='muted'>never fires on the held-out tokens</p>"
-    top = firing.max().item()
-    counts = torch.histc(firing, bins=bins, min=0.0, max=top).tolist()
+    low, top = firing.min().item(), firing.max().item()
+    counts = torch.histc(firing, bins=bins, min=low, max=top).tolist()
     peak = math.log1p(max(counts))
     bar, plot_h = width / bins, height - 18
     rects = []
     for b, c in enumerate(counts):
         h = plot_h * math.log1p(c) / peak
-        lo, hi = top * b / bins, top * (b + 1) / bins
+        lo, hi = low + (top - low) * b / bins, low + (top - low) * (b + 1) / bins
         rects.append(f"<rect x='{b * bar:.1f}' y='{plot_h - h:.1f}' width='{bar - 1:.1f}' "
                      f"height='{h:.1f}' fill='#e07020'><title>{lo:.3g}-{hi:.3g}: {int(c)}"
                      "</title></rect>")
     return (f"<svg width='{width}' height='{height}' role='img'>{''.join(rects)}"
-            f"<text x='0' y='{height - 3}' font-size='11'>0</text><text x='{width}' "
+            f"<text x='0' y='{height - 3}' font-size='11'>{low:.3g}</text><text x='{width}' "
             f"y='{height - 3}' font-size='11' text-anchor='end'>{top:.3g}</text></svg>"
             f"<div class='muted'>{firing.numel()} firing tokens; bar height: log(1 + count)</div>")
 
@@ -388,8 +390,12 @@ def _token_pieces(tokenizer, ids: list[int]) -> list[str]:
     """Each token's text as it reads in the decoded window (sub-words joined, spaces kept)."""
     texts = [tokenizer.decode(ids[:j]) for j in range(len(ids) + 1)]
     if all(b.startswith(a) for a, b in itertools.pairwise(texts)):
-        return [b[len(a):] for a, b in itertools.pairwise(texts)]
-    return [tokenizer.decode([i]) for i in ids]  # decoding is not prefix-stable
+        pieces = [b[len(a):] for a, b in itertools.pairwise(texts)]
+    else:  # decoding is not prefix-stable
+        pieces = [tokenizer.decode([i]) for i in ids]
+    if pieces and pieces[0].startswith("##"):  # a WordPiece window that opens mid-word
+        pieces[0] = pieces[0][2:]
+    return pieces
 
 
 class ContextWindow(NamedTuple):
