@@ -355,7 +355,7 @@ def shaded_tokens(pieces: list[str], values: list[float], top: float, fire: int 
     """Tokens as spans shaded by activation / top, the value on hover (nan: not scored)."""
     spans = []
     for j, (piece, v) in enumerate(zip(pieces, values, strict=True)):
-        title = "not scored" if math.isnan(v) else f"{v:.6g}"
+        title = "not scored" if math.isnan(v) else f"{v + 0.0:.6g}"  # + 0.0: no "-0"
         cls = "tok fire" if j == fire else "tok"
         text = _one_line(piece)
         word = text.lstrip(" ")  # the space before a word stays unshaded
@@ -364,8 +364,9 @@ def shaded_tokens(pieces: list[str], values: list[float], top: float, fire: int 
     return "".join(spans)
 
 
-def histogram_svg(values: Tensor, bins: int = 40, width: int = 460, height: int = 150) -> str:
-    """Inline SVG of a latent's firing activations (log count), the count on hover."""
+def histogram_svg(values: Tensor, what: str = "firing tokens", bins: int = 40, width: int = 460,
+                  height: int = 150) -> str:
+    """Inline SVG histogram of the non-zero values (log count), the count on hover."""
     firing = values[values != 0]
     if not firing.numel():
         return "<p class='muted'>never fires on the held-out tokens</p>"
@@ -383,7 +384,7 @@ def histogram_svg(values: Tensor, bins: int = 40, width: int = 460, height: int 
     return (f"<svg width='{width}' height='{height}' role='img'>{''.join(rects)}"
             f"<text x='0' y='{height - 3}' font-size='11'>{low:.3g}</text><text x='{width}' "
             f"y='{height - 3}' font-size='11' text-anchor='end'>{top:.3g}</text></svg>"
-            f"<div class='muted'>{firing.numel()} firing tokens; bar height: log(1 + count)</div>")
+            f"<div class='muted'>{firing.numel()} {what}; bar height: log(1 + count)</div>")
 
 
 def _token_pieces(tokenizer, ids: list[int]) -> list[str]:
@@ -500,11 +501,14 @@ def _index_html(run_name: str, gathered: Gathered, n_tokens: int, groups: list[s
     dead = sum(d == 0 for d in density)
     head = "".join(f"<th onclick='sortBy({c})'>{h}</th>" for c, h in
                    enumerate(["latent", "density", "max activation"]))
-    head += ("<th>group</th>" if groups[0] else "") + "<th>page</th>"
+    head += ("<th>group</th>" if groups[0] else "") + "<th>page (why shown)</th>"
     pages = ",".join(map(str, shown))
     body = [f"<h1>latent dashboards: {html.escape(run_name)}</h1>",
-            f"<p>{len(density)} latents ({dead} never fire) on {n_tokens} held-out tokens; "
+            f"<p>{len(density)} latents ({dead} never fire on them) on {n_tokens} held-out tokens; "
             f"pages for the {len(shown)} linked. Click a column to sort.</p>",
+            "<h2>log10 density of the latents that fire</h2>",
+            histogram_svg(torch.tensor(density).clamp_min(1e-12).log10()
+                          * (gathered.count > 0), "latents"),
             "<form onsubmit='return jump()'>latent <input id='n' type='number' min='0' "
             f"max='{len(density) - 1}'> <button>go</button></form>",
             f"<table id='latents' data-col='1' data-dir='desc'><thead><tr>{head}</tr></thead>"
