@@ -31,9 +31,9 @@ def gpt2(tiny_gpt2_dir):
 @pytest.fixture(scope="module")
 def gpt2_dashboards(gpt2, tiny_gpt2_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("dash")
-    cfg = small_cfg(model_name=str(tiny_gpt2_dir), layer=1, sae_type="topk", dict_size=64,
-                    top_k=4, output_dir=str(out), num_tokens=256 * 5, eval_freq=5,
-                    checkpoint_freq=0)
+    cfg = small_cfg(model_name=str(tiny_gpt2_dir), layer=1, sae_type="matryoshka", dict_size=64,
+                    top_k=4, top_k_aux=8, matryoshka_groups="16,16,32", output_dir=str(out),
+                    num_tokens=256 * 5, eval_freq=5, checkpoint_freq=0)
     run = load_run(train_sae(cfg, model=gpt2).run_dir)
     return run, dashboards.write_dashboards(run, out / "dashboards", LATENTS, device="cpu")
 
@@ -133,6 +133,12 @@ def test_the_index_lists_every_latent_by_density(gpt2_dashboards):
     assert density == pytest.approx([saved[int(i)].item() for i, _, _ in rows], abs=1e-6)
     linked = {int(i) for i, cell, _ in rows if "href" in cell}
     assert linked == set(dash.shown)
+    groups = dict(re.findall(r"<tr id='L(\d+)'>.*?<td style='text-align:left'>(group [^<]*)</td>",
+                             page))
+    assert len(groups) == 64 and groups["20"] == "group 2 of 3 (latents 16-31)"
+    for latent in dash.shown:
+        assert dashboards.latent_group(run, latent) in \
+            (dash.index.parent / f"latent_{latent}.html").read_text()
 
 
 def chromium(*args: str) -> str:
