@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from activation_store import kept_activations
 from capture import is_causal_lm, load_model
-from config import EVAL_KEYS, resolve_device
+from clt import CrossLayerTranscoder, clt_layers
+from config import EVAL_KEYS, resolve_device, run_hook_points
 from logs import Run, as_run, load_density
 from sae import SAE_CLASSES, BaseSAE
 from text import eval_token_rows, excluded_token_ids, kept_position_mask
@@ -46,7 +47,8 @@ def latent_group(run: str | Path | Run, latent: int) -> str | None:
 class EvalSet:
     tokens: Tensor  # (rows, seq_len) the held-out rows
     where: Tensor  # (n, 2) row and position of each activation below
-    acts: Tensor  # (n, d) raw hook activations at the positions the SAE was evaluated on
+    acts: Tensor  # (n, d) raw hook activations at the positions the SAE was evaluated on; a
+    # CLT's (layers, n, d)
 
 
 def get_model(model_name: str, device: str = "cpu", dtype: str = "float32"):
@@ -69,8 +71,9 @@ def eval_set(run: str | Path | Run, device: str = "auto") -> EvalSet:
         model, cfg = _model_of(run, device), run.cfg
         tokens = eval_token_rows(model.tokenizer, cfg)
         excluded = excluded_token_ids(model.tokenizer, cfg["exclude_special_tokens"])
-        acts = kept_activations(model, tokens, [cfg["hook_point"]], excluded,
-                                cfg["model_batch_size"], device, device)[0]
+        acts = kept_activations(model, tokens, run_hook_points(cfg)[0], excluded,
+                                cfg["model_batch_size"], device, device)
+        acts = acts if cfg.get("cross_layer") else acts[0]  # (hooks, n, d): a CLT reads each
         _EVAL_SETS[key] = EvalSet(tokens, kept_position_mask(tokens, excluded).nonzero(), acts)
     return _EVAL_SETS[key]
 
@@ -81,12 +84,40 @@ def latent_activations(run: str | Path | Run, latents: list[int], device: str = 
     """(held-out tokens, len(latents)) activations of `latents`, inference encoder, on the CPU."""
     run, device = as_run(run), resolve_device(device)
     sae = run.sae(device)
-    bad = [i for i in latents if not 0 <= i < sae.cfg["dict_size"]]
+    bad = [i for i in latents if not 0 <= i < latent_count(sae)]
     if bad:
         raise IndexError(f"latent {bad[0]} does not exist: this SAE has "
-                         f"{sae.cfg['dict_size']} latents")
-    return torch.cat([sae.encode(x)[:, latents].cpu()
-                      for x in eval_set(run, device).acts.split(chunk)])
+                         f"{latent_count(sae)} latents")
+    return torch.cat([flat_encode(sae, x)[:, latents].cpu()
+                      for x in eval_set(run, device).acts.split(chunk, dim=-2)])
+
+
+def flat_encode(sae: BaseSAE | CrossLayerTranscoder, x: Tensor) -> Tensor:
+    """(tokens, latents); a CLT's latents numbered layer by layer (layer n's latent i is n·m + i,
+    as its saved density)."""
+    f = sae.encode(x)
+    return f.permute(1, 0, 2).flatten(1) if isinstance(sae, CrossLayerTranscoder) else f
+
+
+def latent_count(sae: BaseSAE | CrossLayerTranscoder) -> int:
+    layers = len(sae.layers) if isinstance(sae, CrossLayerTranscoder) else 1
+    return sae.cfg["dict_size"] * layers
+
+
+def raw_decoder(sae: BaseSAE | CrossLayerTranscoder) -> Tensor:
+    """(latents, d) each latent's decoder row in its target's raw units (a CLT's: into its own
+    layer), as decode() divides by the scale."""
+    if isinstance(sae, CrossLayerTranscoder):
+        return torch.cat([raw_decoder(layer) for layer in sae.layers])
+    return sae.W_dec.detach() / (sae.target_scale if sae.transcoder else sae.scale)
+
+
+def latent_place(run: Run, latent: int) -> str | None:
+    """A CLT latent's layer, or its group for a variant with groups (Matryoshka), else None."""
+    if not run.cfg.get("cross_layer"):
+        return latent_group(run, latent)
+    m = run.cfg["dict_size"]
+    return f"layer {clt_layers(run.cfg)[latent // m]} (its latent {latent % m})"
 
 
 def _one_line(text: str) -> str:
@@ -198,9 +229,7 @@ def promoted_tokens(run: str | Path | Run, latent: int, n: int = 10,
     W_U = unembedding(model)
     if W_U is None:
         return None
-    sae = run.sae(device)
-    direction = sae.W_dec[latent] / sae.scale  # decode() divides by the input scale
-    return token_effects(direction, W_U, model.tokenizer, n).promoted
+    return token_effects(raw_decoder(run.sae(device))[latent], W_U, model.tokenizer, n).promoted
 
 
 def _summarise(run: Run, latent: int, values: Tensor, device: str) -> LatentSummary:
@@ -240,12 +269,12 @@ class Gathered(NamedTuple):
 def gather(sae: BaseSAE, acts: Tensor, shown: list[int], chunk: int = 4096) -> Gathered:
     """Firing counts and maxima of every latent and the full columns of the shown ones, in one
     streamed pass (the (tokens, m) latents never exist at once)."""
-    m, device = sae.cfg["dict_size"], sae.W_dec.device
+    m, device = latent_count(sae), next(sae.parameters()).device
     count, top = torch.zeros(m, device=device), torch.zeros(m, device=device)
     columns, index = [], torch.tensor(shown, dtype=torch.long, device=device)
     scratch = None
-    for x in tqdm(acts.split(chunk), desc="dashboard pass", unit="chunk", leave=False):
-        f = sae.encode(x.to(device))
+    for x in tqdm(acts.split(chunk, dim=-2), desc="dashboard pass", unit="chunk", leave=False):
+        f = flat_encode(sae, x.to(device))
         if scratch is None or scratch.shape != f.shape:
             scratch = torch.empty_like(f)
         count += torch.gt(f, 0, out=scratch).sum(0)  # a float output: CPU bool compares are slow
@@ -450,7 +479,7 @@ class LatentPage(NamedTuple):
     density: float
     max: float
     mean: float  # mean activation where it fires
-    group: str | None
+    group: str | None  # its Matryoshka group or CLT layer
     histogram: str  # inline SVG
     top: list[ContextWindow]
     bands: list[tuple[Band, list[ContextWindow]]]
@@ -487,7 +516,7 @@ def _latent_html(run_name: str, page: LatentPage, shown: list[int]) -> str:
     return _page(f"latent {page.latent}: {run_name}", body)
 
 
-def _index_html(run_name: str, gathered: Gathered, n_tokens: int, groups: list[str | None],
+def _index_html(run_name: str, gathered: Gathered, n_tokens: int, places: list[str | None],
                 shown: dict[int, str]) -> str:
     density, top = (gathered.count / n_tokens).tolist(), gathered.max.tolist()
     order = sorted(range(len(density)), key=lambda i: -density[i])
@@ -496,12 +525,13 @@ def _index_html(run_name: str, gathered: Gathered, n_tokens: int, groups: list[s
         name = f"<a href='latent_{i}.html'>{i}</a>" if i in shown else str(i)
         rows.append(f"<tr id='L{i}'><td data-v='{i}'>{name}</td><td data-v='{density[i]}'>"
                     f"{density[i]:.4g}</td><td data-v='{top[i]}'>{top[i]:.4g}</td>"
-                    + (f"<td style='text-align:left'>{groups[i]}</td>" if groups[0] else "")
+                    + (f"<td style='text-align:left'>{places[i]}</td>" if places[0] else "")
                     + f"<td style='text-align:left'>{shown.get(i, '')}</td></tr>")
     dead = sum(d == 0 for d in density)
     head = "".join(f"<th onclick='sortBy({c})'>{h}</th>" for c, h in
                    enumerate(["latent", "density", "max activation"]))
-    head += ("<th>group</th>" if groups[0] else "") + "<th>page (why shown)</th>"
+    place = "layer" if places[0] and places[0].startswith("layer") else "group"
+    head += (f"<th>{place}</th>" if places[0] else "") + "<th>page (why shown)</th>"
     pages = ",".join(map(str, shown))
     body = [f"<h1>latent dashboards: {html.escape(run_name)}</h1>",
             f"<p>{len(density)} latents ({dead} never fire on them) on {n_tokens} held-out tokens; "
@@ -536,12 +566,13 @@ def write_dashboards(run: Run, folder: Path, n_latents: int, n_contexts: int = 1
     seconds = {"held-out set": time.perf_counter() - clock}
     gathered = gather(sae, ev.acts, shown)
     seconds["pass"] = time.perf_counter() - clock - sum(seconds.values())
-    n_held = ev.acts.shape[0]
-    ends = group_ends_of(run)
-    groups = ([latent_group(run, i) for i in range(sae.cfg["dict_size"])] if ends
-              else [None] * sae.cfg["dict_size"])
+    n_held = ev.acts.shape[-2]
+    m = latent_count(sae)
+    places = ([latent_place(run, i) for i in range(m)]
+              if group_ends_of(run) or run.cfg.get("cross_layer") else [None] * m)
     W_U = unembedding(model)
-    neighbours = decoder_neighbours(sae.W_dec.detach(), shown, n_neighbours)
+    decoder = raw_decoder(sae)
+    neighbours = decoder_neighbours(decoder, shown, n_neighbours)
     out = folder / name
     out.mkdir(parents=True, exist_ok=True)
     md = [f"# Latent dashboards: {name}", "",
@@ -555,10 +586,10 @@ def write_dashboards(run: Run, folder: Path, n_latents: int, n_contexts: int = 1
         top_ids = values.topk(min(n_contexts, firing.numel())).indices.tolist()
         bands = quantile_bands(values, n_bands, per_band, seed=latent)
         effects = None if W_U is None else token_effects(
-            (sae.W_dec[latent] / sae.scale).detach(), W_U, model.tokenizer, n_tokens)
+            decoder[latent], W_U, model.tokenizer, n_tokens)
         page = LatentPage(
             latent, chosen[latent], firing.numel() / n_held, gathered.max[latent].item(),
-            firing.mean().item() if firing.numel() else float("nan"), groups[latent],
+            firing.mean().item() if firing.numel() else float("nan"), places[latent],
             histogram_svg(values),
             context_windows(model.tokenizer, ev.tokens, grid, ev.where, top_ids),
             [(b, context_windows(model.tokenizer, ev.tokens, grid, ev.where, b.indices))
@@ -569,7 +600,7 @@ def write_dashboards(run: Run, folder: Path, n_latents: int, n_contexts: int = 1
                                 effects.promoted if effects else None, page.group)
         md += ["", f"## latent {latent} ({chosen[latent]})", "", str(summary), "", "```text",
                str(_top_contexts(run, latent, values, n_contexts, device)), "```"]
-    (out / "index.html").write_text(_index_html(name, gathered, n_held, groups, chosen))
+    (out / "index.html").write_text(_index_html(name, gathered, n_held, places, chosen))
     (folder / f"{name}.md").write_text("\n".join(md) + "\n")
     seconds["pages"] = time.perf_counter() - clock - sum(seconds.values())
     return Dashboards(out / "index.html", folder / f"{name}.md", shown, seconds)

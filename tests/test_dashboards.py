@@ -141,6 +141,30 @@ def test_the_index_lists_every_latent_by_density(gpt2_dashboards):
             (dash.index.parent / f"latent_{latent}.html").read_text()
 
 
+def test_a_clts_pages_number_its_latents_layer_by_layer(gpt2, tiny_gpt2_dir, tmp_path):
+    from test_clt import gpt2_clt_cfg
+
+    cfg = gpt2_clt_cfg(tiny_gpt2_dir, sae_type="topk", dict_size=32, top_k=4, layers="0:1",
+                       num_tokens=64 * 12, eval_freq=12, output_dir=str(tmp_path),
+                       checkpoint_freq=0)
+    run = load_run(train_sae(cfg, model=gpt2).run_dir)
+    dash = dashboards.write_dashboards(run, tmp_path / "dashboards", 2, device="cpu")
+    index = dash.index.read_text()
+    assert index.count("<tr id='L") == 64 and "layer 1 (its latent 0)" in index
+    clt, ev = run.sae(), dashboards.eval_set(run, "cpu")
+    assert ev.acts.shape[0] == 2  # one input hook per layer
+    f = clt.encode(ev.acts)  # (layers, tokens, m), computed here layer by layer
+    for latent in dash.shown:
+        layer, i = divmod(latent, 32)
+        grid = torch.full(tuple(ev.tokens.shape), float("nan"))
+        grid[ev.where[:, 0], ev.where[:, 1]] = f[layer, :, i]
+        page = (dash.index.parent / f"latent_{latent}.html").read_text()
+        assert f"layer {layer} (its latent {i})" in page
+        for row, start, titles in spans(page):
+            assert [float(t) for t in titles] == pytest.approx(
+                grid[row, start:start + len(titles)].tolist(), rel=1e-5)
+
+
 def chromium(*args: str) -> str:
     return subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", *args],
                           capture_output=True, text=True, timeout=60, check=True).stdout
