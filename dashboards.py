@@ -467,7 +467,7 @@ def _effects_html(effects: TokenEffects | None) -> str:
     cols = []
     for name, pairs in (("promoted", effects.promoted), ("suppressed", effects.suppressed)):
         rows = "".join(f"<tr><td style='text-align:left'><code>{html.escape(repr(t))}</code></td>"
-                       f"<td>{v:+.3f}</td></tr>" for t, v in pairs)
+                       f"<td>{v:+.3g}</td></tr>" for t, v in pairs)
         cols.append(f"<div><h3>{name}</h3><table>{rows}</table></div>")
     return ("<div class='row'>" + "".join(cols) + "</div><p class='muted'>logit per unit "
             "activation through the unembedding (direct path, final layer norm ignored)</p>")
