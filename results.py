@@ -392,14 +392,14 @@ def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latent
             plot_clt_writes(run).savefig(out / "density" / f"{name}_writes.png", dpi=120)
             doc += ["", f"![where {name} writes](density/{name}_writes.png)"]
 
-    with_text = [run for run in finished if run.cfg.get("dataset_path") != SYNTHETIC_DATASET
-                 and not run.cfg.get("cross_layer")]  # synthetic: no text; CLTs: not yet
+    with_text = [run for run in finished
+                 if run.cfg.get("dataset_path") != SYNTHETIC_DATASET]  # synthetic: no text
     if n_latents > 0 and with_text:
         doc += ["", "## Latent dashboards", ""]
         for run in with_text:
-            md = write_dashboards(run, out / "dashboards", n_latents, device=device)
-            doc.append(f"- [{run.cfg['run_name']}](dashboards/{md.name}) "
-                       f"(also dashboards/{md.stem}.html)")
+            md = write_dashboards(run, out / "dashboards", n_latents, device=device).markdown
+            doc.append(f"- [{run.cfg['run_name']}](dashboards/{md.stem}/index.html) "
+                       f"(plain text: dashboards/{md.name})")
     (out / "summary.md").write_text("\n".join(doc) + "\n")
     return out
 

@@ -112,7 +112,8 @@ def test_report_numbers_equal_metrics_jsonl(runs_dir, tmp_path, capsys):
         dashboard = (out / "dashboards" / f"{run_dir.name}.md").read_text()
         assert dashboard.count("## latent") == 2 and "[[" in dashboard \
             and "(random alive)" in dashboard
-        assert "<mark>" in (out / "dashboards" / f"{run_dir.name}.html").read_text()
+        page = next((out / "dashboards" / run_dir.name).glob("latent_*.html")).read_text()
+        assert "without an unembedding" in page and "<svg" in page
 
 
 def test_frontier_has_one_joined_series_per_variant(runs_dir):
