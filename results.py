@@ -483,6 +483,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--probe-labels", help="its label columns, comma-separated")
     parser.add_argument("--probe-text", default="text", help="its text column")
     args = parser.parse_args(argv)
+    if args.probe_dataset and not args.probe_labels:
+        parser.error(f"--probe-dataset {args.probe_dataset} needs --probe-labels COLUMN[,COLUMN]")
     df = load_runs(args.runs)
     if df.empty:
         print(f"no run folders (with config.json) under {', '.join(args.runs)}", file=sys.stderr)

@@ -13,6 +13,7 @@ from test_results import shared_minilm  # noqa: F401  (results and evals share o
 
 import evals
 import results
+from config import ConfigError
 from metrics import (
     decoder_structure,
     density_stats,
@@ -132,3 +133,17 @@ def test_eval_cli_writes_eval_json_and_the_report_tables(run_dir, tmp_path, monk
         assert all(0 <= v <= 1 for v in [*probe["sae"].values(), probe["dense"]])
         assert f"| SAE latents | {probe['sae']['1']:.3f} |" in report
     assert "## Sparse probing" in report and "## Decoder structure" in report
+
+
+def test_a_datasets_label_columns_label_its_rows(tmp_path):
+    rows = [{"text": f"row {i} of the file", "topic": ["a", "b", "c"][i % 3], "n": i}
+            for i in range(30)]
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    examples, names = evals.probe_examples(str(data), ["topic", "n"], "text")
+    assert names == ["topic", "n"] and len(examples) == 30
+    assert [(e.text, e.labels["topic"], e.labels["n"]) for e in examples] == [
+        (r["text"], r["topic"], str(r["n"])) for r in rows]
+    assert len({e.group for e in examples}) == 30  # each row its own group
+    with pytest.raises(ConfigError, match="has no column 'label'; its columns are text, topic, n"):
+        evals.probe_examples(str(data), ["label"], "text")
