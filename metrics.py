@@ -105,7 +105,7 @@ class DecoderStructure(NamedTuple):
 
 
 @torch.no_grad()
-def decoder_structure(w_dec: Tensor, chunk: int = 1024) -> DecoderStructure:
+def decoder_structure(w_dec: Tensor, chunk: int = 512) -> DecoderStructure:
     """Pairwise cosines of the decoder rows (m, d), `chunk` rows against all at a time so that no
     (m, m) matrix is held; all latents, dead ones included."""
     w = F.normalize(w_dec.detach().float(), dim=-1)
@@ -116,9 +116,10 @@ def decoder_structure(w_dec: Tensor, chunk: int = 1024) -> DecoderStructure:
         cos = w[start:start + chunk] @ w.T
         rows = torch.arange(len(cos), device=w.device)
         cos[rows, rows + start] = 0  # a row with itself: 0 counts towards neither sum nor max
-        abs_sum += cos.abs().double().sum().item()
-        abs_max = max(abs_max, cos.abs().max().item())
         duplicated[start:start + chunk] = (cos > NEAR_DUPLICATE_COSINE).any(1)
+        cos.abs_()  # in place: one (chunk, m) block at a time
+        abs_sum += cos.sum(dtype=torch.float64).item()
+        abs_max = max(abs_max, cos.max().item())
     pairs = m * (m - 1)
     return DecoderStructure(abs_max, abs_sum / pairs if pairs else float("nan"),
                             int(duplicated.sum()))
