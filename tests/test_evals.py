@@ -99,6 +99,8 @@ def test_shakespeare_speeches_are_labelled_and_scenes_split_whole():
     test_groups = {s.group for s, t in zip(speeches, is_test, strict=True) if t}
     train_groups = {s.group for s, t in zip(speeches, is_test, strict=True) if not t}
     assert test_groups and not test_groups & train_groups
+    plays = {s.labels["play"] for s in speeches}
+    assert {g.split("/")[0] for g in test_groups} == plays  # every play has held-out scenes
     tasks = evals.one_vs_rest_tasks([s.labels["genre"] for s in speeches], is_test, seed=0)
     assert len(tasks) == 6
     for task in tasks:
