@@ -27,7 +27,7 @@ PROBE_CLASSES = 8  # a label set's most frequent classes, each one binary task a
 PROBE_TRAIN_PER_CLASS = 250  # examples drawn per class and split
 PROBE_TEST_PER_CLASS = 60
 PROBE_MIN_TEST = 20  # a class with fewer held-out examples would give a too noisy accuracy
-PROBE_TEST_GROUPS = 0.2  # fraction of groups (scenes) held out, so no text is in both splits
+PROBE_TEST_GROUPS = 0.2  # fraction of each play's scenes (a dataset's rows) held out, whole
 PROBE_MIN_CHARS = 100  # shorter speeches ("Ay, my lord.") carry next to nothing of their labels
 PROBE_TOKENS = 64  # an example's row: start token + its first 63 tokens (at most seq_len)
 PROBE_DATASET_ROWS = 20_000  # rows read from a Hugging Face dataset for probing
@@ -120,8 +120,8 @@ def probe_examples(dataset: str | None, label_columns: list[str] | None,
         return speeches, list(SHAKESPEARE_LABELS)
     if not label_columns:
         raise ValueError(f"--probe-dataset {dataset} needs --probe-labels COLUMN[,COLUMN...]")
-    return (labelled_documents(dataset, "train", text_column, label_columns, PROBE_DATASET_ROWS),
-            label_columns)
+    rows = labelled_documents(dataset, "train", text_column, label_columns, PROBE_DATASET_ROWS)
+    return [r for r in rows if r.text.strip()], label_columns  # an empty text has no tokens
 
 
 def probing(model, sae, examples: list[LabelledText], label_names: list[str], length: int,

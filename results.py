@@ -47,10 +47,10 @@ from dashboards import (  # noqa: F401  (the notebook's names: it imports them f
     top_activations,
     write_dashboards,
 )
-
-# re-exported for the imports (older) model cards print
 from evals import evaluate_run
 from files import write_atomic
+
+# re-exported for the imports (older) model cards print
 from interop import build_hub_folder, export_saelens, load_saelens, model_card, upload  # noqa: F401
 from logs import (  # noqa: F401
     Run,

@@ -100,7 +100,8 @@ def labelled_documents(path: str, split: str, text_column: str, label_columns: l
         if missing:
             raise ConfigError(f"dataset {path!r} has no column {missing[0]!r}; its columns are "
                               f"{', '.join(row)} (choose them with --probe-text/--probe-labels)")
-        out.append(LabelledText(row[text_column], {c: str(row[c]) for c in label_columns}, str(i)))
+        out.append(LabelledText(row[text_column] or "", {c: str(row[c]) for c in label_columns},
+                                str(i)))
     return out
 
 
