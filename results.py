@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from checkpoint import DENSITY_FILE, FINAL_DIR
-from config import SYNTHETIC_DATASET
+from config import SYNTHETIC_DATASET, ConfigError
 from dashboards import (  # noqa: F401  (the notebook's names: it imports them from results)
     EvalSet,
     LatentSummary,
@@ -493,7 +493,11 @@ def main(argv: list[str]) -> int:
     print(df[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if args.eval:
         labels = args.probe_labels.split(",") if args.probe_labels else None
-        run_evals(args.runs, args.device, args.probe_dataset, labels, args.probe_text)
+        try:
+            run_evals(args.runs, args.device, args.probe_dataset, labels, args.probe_text)
+        except (ConfigError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     out = write_report(args.runs, args.out or Path(args.runs[0]) / "report", args.latents,
                        args.device)
     print(f"report: {out / 'summary.md'}")

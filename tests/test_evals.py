@@ -149,3 +149,18 @@ def test_a_datasets_label_columns_label_its_rows(tmp_path):
     assert len({e.group for e in examples}) == 30  # each row its own group
     with pytest.raises(ConfigError, match="has no column 'label'; its columns are text, topic, n"):
         evals.probe_examples(str(data), ["label"], "text")
+
+
+def test_bad_probe_flags_give_one_line_and_exit_2(run_dir, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "report"), "--latents", "0", "--eval"]
+    with pytest.raises(SystemExit) as exit_:
+        results.main([str(run_dir), *out, "--probe-dataset", "some/dataset"])
+    assert exit_.value.code == 2
+    assert "--probe-dataset some/dataset needs --probe-labels" in capsys.readouterr().err
+    data = tmp_path / "labelled.jsonl"
+    data.write_text(json.dumps({"text": "a line", "topic": "a"}) + "\n")
+    assert results.main([str(run_dir), *out, "--probe-dataset", str(data),
+                         "--probe-labels", "label"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: dataset") and "has no column 'label'" in err[-1]
+    assert not (run_dir / "eval.json").exists() or "genre" in (run_dir / "eval.json").read_text()
