@@ -441,6 +441,10 @@ def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latent
         plot_density(run).savefig(out / "density" / f"{run.cfg['run_name']}.png", dpi=120)
         doc += ["", f"![density of {run.cfg['run_name']}](density/{run.cfg['run_name']}.png)"]
 
+    evaluated = [(run, json.loads((run.path / EVAL_FILE).read_text())) for run in finished
+                 if (run.path / EVAL_FILE).exists()]
+    doc += eval_tables(evaluated) if evaluated else []
+
     clts = [run for run in finished if run.cfg.get("cross_layer")]
     doc += ["", "## Cross-layer transcoders"] if clts else []
     for run in clts:
@@ -449,10 +453,6 @@ def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latent
         if run.cfg.get("cross_layer_writes", True):  # per-layer transcoders write to their own
             plot_clt_writes(run).savefig(out / "density" / f"{name}_writes.png", dpi=120)
             doc += ["", f"![where {name} writes](density/{name}_writes.png)"]
-
-    evaluated = [(run, json.loads((run.path / EVAL_FILE).read_text())) for run in finished
-                 if (run.path / EVAL_FILE).exists()]
-    doc += eval_tables(evaluated) if evaluated else []
 
     with_text = [run for run in finished if run.cfg.get("dataset_path") != SYNTHETIC_DATASET
                  and not run.cfg.get("cross_layer")]  # synthetic: no text; CLTs: not yet
