@@ -193,6 +193,9 @@ def sparse_probing(latents: tuple[Tensor, Tensor], acts: tuple[Tensor, Tensor],
     latents (n, m), pooled raw activations (n, d), labels (n,) in {0, 1}. The k latents and the
     random directions are chosen on the training split alone."""
     (f_train, f_test), (a_train, a_test), (y_train, y_test) = latents, acts, labels
+    if max(ks) > f_train.shape[1]:
+        raise ValueError(f"sparse probing takes up to {max(ks)} latents; this SAE has "
+                         f"{f_train.shape[1]}: probe an SAE of more latents")
     generator = torch.Generator().manual_seed(seed)
     sae, random = {}, {}
     for k in ks:
