@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,131 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
 def recovered(zero: float, spliced: float, clean: float) -> float:
     """(zero - spliced) / (zero - clean): 1 for a perfect splice, 0 for zero-ablation."""
     return (zero - spliced) / (zero - clean) if zero != clean else float("nan")
+
+
+# --- density and decoder structure ---------------------------------------------------------
+
+NEAR_DUPLICATE_COSINE = 0.9  # a decoder row this close (signed cosine) to another is a duplicate
+
+
+class DensityStats(NamedTuple):
+    never_fired_frac: float  # fraction of latents firing on no held-out token
+    dense_frac: float  # fraction of latents firing on more than DENSE_FRACTION of them
+
+
+def density_stats(density: Tensor) -> DensityStats:
+    """From per-latent firing frequencies on the held-out set (compared in their own dtype)."""
+    return DensityStats(float((density == 0).double().mean()),
+                        float((density > DENSE_FRACTION).double().mean()))
+
+
+class DecoderStructure(NamedTuple):
+    max_abs_cosine: float  # max over pairs i != j of |cos(W_dec,i, W_dec,j)|
+    mean_abs_cosine: float  # mean over the m(m-1) ordered pairs i != j
+    near_duplicates: int  # latents i with cos(W_dec,i, W_dec,j) > NEAR_DUPLICATE_COSINE for some j
+
+
+@torch.no_grad()
+def decoder_structure(w_dec: Tensor, chunk: int = 512) -> DecoderStructure:
+    """Pairwise cosines of the decoder rows (m, d), `chunk` rows against all at a time so that no
+    (m, m) matrix is held; all latents, dead ones included."""
+    w = F.normalize(w_dec.detach().float(), dim=-1)
+    m = len(w)
+    abs_sum, abs_max = 0.0, 0.0
+    duplicated = torch.zeros(m, dtype=torch.bool, device=w.device)
+    for start in range(0, m, chunk):
+        cos = w[start:start + chunk] @ w.T
+        rows = torch.arange(len(cos), device=w.device)
+        cos[rows, rows + start] = 0  # a row with itself: 0 counts towards neither sum nor max
+        duplicated[start:start + chunk] = (cos > NEAR_DUPLICATE_COSINE).any(1)
+        cos.abs_()  # in place: one (chunk, m) block at a time
+        abs_sum += cos.sum(dtype=torch.float64).item()
+        abs_max = max(abs_max, cos.max().item())
+    pairs = m * (m - 1)
+    return DecoderStructure(abs_max, abs_sum / pairs if pairs else float("nan"),
+                            int(duplicated.sum()))
+
+
+def structure_metrics(sae: BaseSAE | CrossLayerTranscoder, density: Tensor) -> dict[str, float]:
+    """The final evaluation's density fractions and (an SAE's: a CLT has a decoder per layer)
+    decoder structure, under the names logged."""
+    stats = density_stats(density)
+    out = {"never_fired_frac": stats.never_fired_frac, "dense_frac": stats.dense_frac}
+    if isinstance(sae, CrossLayerTranscoder):
+        return out
+    structure = decoder_structure(sae.W_dec)
+    return out | {"decoder_max_cos": structure.max_abs_cosine,
+                  "decoder_mean_cos": structure.mean_abs_cosine,
+                  "near_duplicates": structure.near_duplicates}
+
+
+# --- sparse probing ---------------------------------------------------------------------------
+
+PROBE_KS = (1, 2, 5, 10, 20)
+PROBE_L2 = 1e-3  # weight of (1/2)||w||^2 beside the mean cross-entropy: separable data stays finite
+
+
+def fit_logistic_probe(x: Tensor, y: Tensor, l2: float = PROBE_L2,
+                       max_iter: int = 100) -> tuple[Tensor, Tensor]:
+    """Binary logistic regression: (w, b) minimising mean_n BCE(x_n w + b, y_n) + (l2/2)||w||^2,
+    by L-BFGS (strong Wolfe line search) in float64."""
+    x, y = x.double(), y.double()
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimiser.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x @ w + b, y) + l2 / 2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        optimiser.step(closure)
+    return w.detach(), b.detach()
+
+
+def probe_accuracy(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor) -> float:
+    """Held-out accuracy of a logistic probe fit on features standardised by the training split's
+    mean and standard deviation (a constant feature stays 0)."""
+    x_train, x_test = x_train.double(), x_test.double()
+    mean, std = x_train.mean(0), x_train.std(0)
+    std = torch.where(std > 0, std, 1.0)
+    w, b = fit_logistic_probe((x_train - mean) / std, y_train)
+    predicted = ((x_test - mean) / std @ w + b) > 0
+    return float((predicted == y_test.bool()).double().mean())
+
+
+def top_mean_difference(x: Tensor, y: Tensor, k: int) -> Tensor:
+    """The k columns of x whose means over y = 1 and y = 0 differ most in absolute value."""
+    y = y.bool()
+    return (x[y].double().mean(0) - x[~y].double().mean(0)).abs().topk(k).indices
+
+
+class ProbeScores(NamedTuple):
+    sae: dict[int, float]  # k -> accuracy on the k latents of largest class mean difference
+    random: dict[int, float]  # k -> accuracy on the projections onto k random unit directions
+    dense: float  # accuracy on every coordinate of the raw activations
+
+
+def sparse_probing(latents: tuple[Tensor, Tensor], acts: tuple[Tensor, Tensor],
+                   labels: tuple[Tensor, Tensor], ks: tuple[int, ...] = PROBE_KS,
+                   seed: int = 0) -> ProbeScores:
+    """Held-out accuracy of binary probes; each argument is a (train, test) pair: pooled SAE
+    latents (n, m), pooled raw activations (n, d), labels (n,) in {0, 1}. The k latents and the
+    random directions are chosen on the training split alone."""
+    (f_train, f_test), (a_train, a_test), (y_train, y_test) = latents, acts, labels
+    if max(ks) > f_train.shape[1]:
+        raise ValueError(f"sparse probing takes up to {max(ks)} latents; this SAE has "
+                         f"{f_train.shape[1]}: probe an SAE of more latents")
+    generator = torch.Generator().manual_seed(seed)
+    sae, random = {}, {}
+    for k in ks:
+        chosen = top_mean_difference(f_train, y_train, k)
+        sae[k] = probe_accuracy(f_train[:, chosen], y_train, f_test[:, chosen], y_test)
+        directions = F.normalize(torch.randn(a_train.shape[1], k, generator=generator), dim=0)
+        random[k] = probe_accuracy(a_train.float() @ directions, y_train,
+                                   a_test.float() @ directions, y_test)
+    return ProbeScores(sae, random, probe_accuracy(a_train, y_train, a_test, y_test))
 
 
 # --- evaluation ---------------------------------------------------------------------------

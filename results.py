@@ -11,6 +11,8 @@ and latent dashboards built from each run's held-out evaluation text.
 
 `python results.py RUNS_DIR` prints the summary table and writes a report folder
 (`RUNS_DIR/report/`, or `--out`): summary.md, frontier and density PNGs, latent dashboards.
+`--eval` first runs evals.py on each finished run (RUN/eval.json: decoder structure, sparse
+probing, absorption); the report shows the tables of every run that has one.
 
 SAELens export/import and the Hugging Face Hub are in interop.py.
 """
@@ -18,6 +20,7 @@ SAELens export/import and the Hugging Face Hub are in interop.py.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -28,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from checkpoint import DENSITY_FILE, FINAL_DIR
-from config import SYNTHETIC_DATASET
+from config import SYNTHETIC_DATASET, ConfigError
 from dashboards import (  # noqa: F401  (the notebook's names: it imports them from results)
     EvalSet,
     LatentSummary,
@@ -44,6 +47,8 @@ from dashboards import (  # noqa: F401  (the notebook's names: it imports them f
     top_activations,
     write_dashboards,
 )
+from evals import evaluate_run
+from files import write_atomic
 
 # re-exported for the imports (older) model cards print
 from interop import build_hub_folder, export_saelens, load_saelens, model_card, upload  # noqa: F401
@@ -57,7 +62,7 @@ from logs import (  # noqa: F401
     markdown_cell,
     read_records,
 )
-from metrics import DENSE_FRACTION, HEADLINE_METRICS, SUMMARY_METRICS
+from metrics import DENSE_FRACTION, HEADLINE_METRICS, PROBE_KS, SUMMARY_METRICS
 from sae import SAE_CLASSES
 
 FRONTIER_METRICS = ("nmse", "explained_variance", "ce_recovered", "downstream_recovered", "mcc",
@@ -73,6 +78,7 @@ LABELS = {
 }
 # wandb keeps every logged key's last value; these come from the training lines, not evaluations
 TRAINING_LINE_KEYS = ("lr", "sparsity_coeff", "tokens_per_s")
+EVAL_FILE = "eval.json"  # a finished run's evals.py results, beside its config.json
 
 
 
@@ -356,6 +362,58 @@ def frame_markdown(df: pd.DataFrame) -> str:
                      + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows])
 
 
+def run_evals(paths: str | Path | list[str | Path], device: str = "auto",
+              dataset: str | None = None, label_columns: list[str] | None = None,
+              text_column: str = "text") -> list[Path]:
+    """evals.evaluate_run on each finished run, written to RUN/eval.json; the files written."""
+    written = []
+    for path in find_runs(paths):
+        if not (path / FINAL_DIR / DENSITY_FILE).exists():
+            print(f"{path}: not finished (no {FINAL_DIR}/{DENSITY_FILE}), not evaluated",
+                  file=sys.stderr)
+            continue
+        found = evaluate_run(path, device, dataset, label_columns, text_column)
+        write_atomic(path / EVAL_FILE, json.dumps(found, indent=2))
+        print(f"{path / EVAL_FILE}: {found['seconds']:.0f} s")
+        written.append(path / EVAL_FILE)
+    return written
+
+
+def eval_tables(evaluated: list[tuple[Run, dict[str, Any]]]) -> list[str]:
+    """The report's decoder-structure table and, per run and label set, its probing table."""
+    names = ("never_fired_frac", "dense_frac", "decoder_max_cos", "decoder_mean_cos",
+             "near_duplicates")
+    doc = ["", "## Decoder structure", "",
+           f"Over all latents' decoder rows: |cosine| of pairs, near duplicates at cosine > 0.9; "
+           f"density on the held-out set (dense: > {DENSE_FRACTION:.0%} of tokens).", "",
+           "| run_name | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    doc += ["| " + " | ".join([run.cfg["run_name"], *(markdown_cell(ev["structure"].get(n))
+                                                     for n in names)]) + " |"
+            for run, ev in evaluated]
+    doc += ["", "## Sparse probing", "",
+            "Held-out accuracy, the mean over one-vs-rest tasks (each balanced: chance 0.5) of a "
+            "logistic probe on token-mean-pooled features: the k SAE latents of largest class mean "
+            "difference, k random unit directions of the raw activations, or all of them (dense)."]
+    for run, ev in evaluated:
+        for label, probe in ev["probing"].items():
+            if label == "skipped":
+                doc += ["", f"{run.cfg['run_name']}: skipped ({probe})"]
+                continue
+            ks = [str(k) for k in PROBE_KS]
+            doc += ["", f"### {run.cfg['run_name']}: {label} ({len(probe['classes'])} classes, "
+                        f"{probe['train_examples']} train / {probe['test_examples']} test "
+                        "examples over all tasks)", "",
+                    "| features | " + " | ".join(f"k={k}" for k in ks) + " |",
+                    "|" + "---|" * (len(ks) + 1),
+                    "| SAE latents | " + " | ".join(f"{probe['sae'][k]:.3f}" for k in ks) + " |",
+                    "| random directions | " + " | ".join(f"{probe['random'][k]:.3f}" for k in ks)
+                    + " |",
+                    f"| dense (all {run.cfg['act_size']}) | {probe['dense']:.3f} |"
+                    + " |" * (len(ks) - 1)]
+        doc += ["", f"{run.cfg['run_name']}: absorption skipped ({ev['absorption']['skipped']})"]
+    return doc
+
+
 def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latents: int = 3,
                  device: str = "auto") -> Path:
     """summary.md (table, plots, links), frontier_<metric>.png, density/<run>.png,
@@ -382,6 +440,10 @@ def write_report(paths: str | Path | list[str | Path], out: str | Path, n_latent
     for run in finished:
         plot_density(run).savefig(out / "density" / f"{run.cfg['run_name']}.png", dpi=120)
         doc += ["", f"![density of {run.cfg['run_name']}](density/{run.cfg['run_name']}.png)"]
+
+    evaluated = [(run, json.loads((run.path / EVAL_FILE).read_text())) for run in finished
+                 if (run.path / EVAL_FILE).exists()]
+    doc += eval_tables(evaluated) if evaluated else []
 
     clts = [run for run in finished if run.cfg.get("cross_layer")]
     doc += ["", "## Cross-layer transcoders"] if clts else []
@@ -413,14 +475,29 @@ def main(argv: list[str]) -> int:
                         help="dashboards for this many most frequent and this many random alive "
                              "latents per run")
     parser.add_argument("--device", default="auto",
-                        help="where the model and SAEs run for the dashboards")
+                        help="where the model and SAEs run for the dashboards and evals")
+    parser.add_argument("--eval", action="store_true",
+                        help="first run evals.py on each finished run (writes RUN/eval.json)")
+    parser.add_argument("--probe-dataset",
+                        help="probe on this Hugging Face dataset (default: Shakespeare's speeches)")
+    parser.add_argument("--probe-labels", help="its label columns, comma-separated")
+    parser.add_argument("--probe-text", default="text", help="its text column")
     args = parser.parse_args(argv)
+    if args.probe_dataset and not args.probe_labels:
+        parser.error(f"--probe-dataset {args.probe_dataset} needs --probe-labels COLUMN[,COLUMN]")
     df = load_runs(args.runs)
     if df.empty:
         print(f"no run folders (with config.json) under {', '.join(args.runs)}", file=sys.stderr)
         return 1
     columns = [c for c in ("run_name", "sae_type", *HEADLINE_METRICS) if c in df]
     print(df[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if args.eval:
+        labels = args.probe_labels.split(",") if args.probe_labels else None
+        try:
+            run_evals(args.runs, args.device, args.probe_dataset, labels, args.probe_text)
+        except (ConfigError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     out = write_report(args.runs, args.out or Path(args.runs[0]) / "report", args.latents,
                        args.device)
     print(f"report: {out / 'summary.md'}")

