@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import (
+    SparseCode,
     SparseLatents,
     SparsePattern,
+    sparse_aux_loss,
     sparse_forward,
     sparse_reconstruction,
 )
@@ -263,6 +265,12 @@ class BaseSAE(nn.Module):
         (`zero_*`: JumpReLU's gradient window)."""
         return *sparse_reconstruction(f_vals, self.W_dec, self.b_dec, goal, pattern, zero_vals,
                                       zero_pattern), {}
+
+    def sparse_aux(self, code: SparseCode, error: Tensor, x: Tensor, aux_enabled: bool) -> Tensor:
+        """The auxiliary term of `loss` on the sparse path: AuxK on the dead columns."""
+        if self.uses_aux_loss and aux_enabled:
+            return sparse_aux_loss(self, error, x)
+        return error.new_zeros(())
 
     # --- dead latents and AuxK (docs/math.md §4) -----------------------------------------
 

@@ -329,11 +329,12 @@ def sparse_reconstruction(vals: Tensor, W_dec: Tensor, b_dec: Tensor, x_in: Tens
 
 
 class SparseCode(NamedTuple):
-    """One SAE's sparse encoding of a batch, with gradient: f's values on its pattern, the
-    penalty, the reconstruction's goal (scaled space, less b_dec and a skip path), and JumpReLU's
-    gradient window (entries of f known to be 0; None for other variants)."""
+    """One SAE's sparse encoding of a batch, with gradient: pre's and f's values on its pattern,
+    the penalty, the reconstruction's goal (scaled space, less b_dec and a skip path), and
+    JumpReLU's gradient window (entries of f known to be 0; None for other variants)."""
 
     pattern: SparsePattern
+    pre_vals: Tensor
     f_vals: Tensor
     penalty: Tensor
     goal: Tensor
@@ -372,7 +373,7 @@ def sparse_code(sae, x: Tensor, target: Tensor | None = None) -> SparseCode | No
             window_pattern = window.pattern
             window_f, window_penalty = sae.sparse_activation(window.pre, window_pattern)
             penalty = penalty + window_penalty
-    return SparseCode(pattern, f_vals, penalty, goal, unit, window_f, window_pattern)
+    return SparseCode(pattern, pre_vals, f_vals, penalty, goal, unit, window_f, window_pattern)
 
 
 def sparse_forward(sae, x: Tensor, aux_enabled: bool = True,
@@ -389,8 +390,7 @@ def sparse_forward(sae, x: Tensor, aux_enabled: bool = True,
         recon, error, details = sae.sparse_reconstruction(code.f_vals, code.goal, code.pattern,
                                                           code.window_f, code.window_pattern)
         sparsity = sae.sparsity_coeff * code.penalty
-        aux = (sparse_aux_loss(sae, error, x) if sae.uses_aux_loss and aux_enabled
-               else recon.new_zeros(()))
+        aux = sae.sparse_aux(code, error, x, aux_enabled)
     return SparseStep(SparseLatents(code.pattern, code.f_vals.detach()), recon, sparsity, aux,
                       error, code.unit, details)
 

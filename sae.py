@@ -25,10 +25,12 @@ from base_sae import SAE_CLASSES, BaseSAE, LossTerms, SAEOutput, register  # noq
 from clt import CrossLayerTranscoder
 from kernels import (
     SelectedPre,
+    SparseCode,
     SparseLatents,
     SparsePattern,
     nested_sparse_reconstruction,
     smallest_positive,
+    sparse_reconstruction,
 )
 from keys import ConfigError, Key
 from selection import batch_top_entries, entries_above_biased, kth_largest, row_top_entries
@@ -355,6 +357,7 @@ class GatedSAE(BaseSAE):
     saelens_architecture, saelens_tensors = "gated", ("r_mag", "b_mag")
     saelens_names = {"b_enc": "b_gate"}  # SAELens calls the gate's bias b_gate
     latent_params = (*BaseSAE.latent_params, ("r_mag", 0), ("b_mag", 0))
+    max_sparse_density = VanillaSAE.max_sparse_density  # its gate is a ReLU's support
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
@@ -380,6 +383,29 @@ class GatedSAE(BaseSAE):
             return terms
         via_gate = F.relu(pre) @ self.W_dec.detach() + self.b_dec.detach() - goal
         return terms._replace(aux=via_gate.pow(2).sum(-1).mean())
+
+    # the sparse path: the gate's entries pi > 0 are the only ones f and relu(pi) can be non-zero on
+
+    def select(self, xw: Tensor) -> tuple[SelectedPre | None, None]:
+        max_count = int(self.max_sparse_density * xw.numel())
+        return entries_above_biased(xw, self.b_enc, xw.new_zeros(()), max_count), None
+
+    def sparse_activation(self, pre_vals: Tensor, pattern: SparsePattern) -> tuple[Tensor, Tensor]:
+        cols = pattern.cols
+        mag = F.relu((pre_vals - self.b_enc.index_select(0, cols)) * self.r_mag.exp()
+                     .index_select(0, cols) + self.b_mag.index_select(0, cols))
+        norms = self.W_dec.norm(dim=-1).index_select(0, cols)
+        # the selection may hold entries within rounding at or below 0: their gate is shut
+        return (pre_vals > 0) * mag, (F.relu(pre_vals) * norms).sum() / pattern.shape[0]
+
+    def sparse_aux(self, code: SparseCode, error: Tensor, x: Tensor, aux_enabled: bool) -> Tensor:
+        """The frozen-decoder reconstruction from relu(pi), on the gate's entries."""
+        return sparse_reconstruction(F.relu(code.pre_vals), self.W_dec.detach(),
+                                     self.b_dec.detach(), code.goal, code.pattern)[0]
+
+    @torch.no_grad()
+    def start_at_density(self, bound: Tensor) -> None:
+        self.b_enc.sub_(bound)  # the gate only: the magnitudes do not read b_enc
 
     @classmethod
     def from_saelens(cls, tensors: dict[str, Tensor],
