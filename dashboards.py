@@ -395,12 +395,12 @@ def shaded_tokens(pieces: list[str], values: list[float], top: float, fire: int 
 
 def histogram_svg(values: Tensor, what: str = "firing tokens", bins: int = 40, width: int = 460,
                   height: int = 150) -> str:
-    """Inline SVG histogram of the non-zero values (log count), the count on hover."""
-    firing = values[values != 0]
-    if not firing.numel():
+    """Inline SVG histogram of `values` (log count), the count on hover; callers pass the firing
+    ones (a latent's non-zero activations, the log10 densities of the latents that fire)."""
+    if not values.numel():
         return "<p class='muted'>never fires on the held-out tokens</p>"
-    low, top = firing.min().item(), firing.max().item()
-    counts = torch.histc(firing, bins=bins, min=low, max=top).tolist()
+    low, top = values.min().item(), values.max().item()
+    counts = torch.histc(values, bins=bins, min=low, max=top).tolist()
     peak = math.log1p(max(counts))
     bar, plot_h = width / bins, height - 18
     rects = []
@@ -413,7 +413,7 @@ def histogram_svg(values: Tensor, what: str = "firing tokens", bins: int = 40, w
     return (f"<svg width='{width}' height='{height}' role='img'>{''.join(rects)}"
             f"<text x='0' y='{height - 3}' font-size='11'>{low:.3g}</text><text x='{width}' "
             f"y='{height - 3}' font-size='11' text-anchor='end'>{top:.3g}</text></svg>"
-            f"<div class='muted'>{firing.numel()} {what}; bar height: log(1 + count)</div>")
+            f"<div class='muted'>{values.numel()} {what}; bar height: log(1 + count)</div>")
 
 
 def _token_pieces(tokenizer, ids: list[int]) -> list[str]:
@@ -537,8 +537,8 @@ def _index_html(run_name: str, gathered: Gathered, n_tokens: int, places: list[s
             f"<p>{len(density)} latents ({dead} never fire on them) on {n_tokens} held-out tokens; "
             f"pages for the {len(shown)} linked. Click a column to sort.</p>",
             "<h2>log10 density of the latents that fire</h2>",
-            histogram_svg(torch.tensor(density).clamp_min(1e-12).log10()
-                          * (gathered.count > 0), "latents"),
+            histogram_svg(torch.tensor(density)[gathered.count > 0].clamp_min(1e-12).log10(),
+                          "latents"),
             "<form onsubmit='return jump()'>latent <input id='n' type='number' min='0' "
             f"max='{len(density) - 1}'> <button>go</button></form>",
             f"<table id='latents' data-col='1' data-dir='desc'><thead><tr>{head}</tr></thead>"
@@ -590,7 +590,7 @@ def write_dashboards(run: Run, folder: Path, n_latents: int, n_contexts: int = 1
         page = LatentPage(
             latent, chosen[latent], firing.numel() / n_held, gathered.max[latent].item(),
             firing.mean().item() if firing.numel() else float("nan"), places[latent],
-            histogram_svg(values),
+            histogram_svg(firing),
             context_windows(model.tokenizer, ev.tokens, grid, ev.where, top_ids),
             [(b, context_windows(model.tokenizer, ev.tokens, grid, ev.where, b.indices))
              for b in bands],

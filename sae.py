@@ -358,6 +358,8 @@ class GatedSAE(BaseSAE):
     saelens_names = {"b_enc": "b_gate"}  # SAELens calls the gate's bias b_gate
     latent_params = (*BaseSAE.latent_params, ("r_mag", 0), ("b_mag", 0))
     max_sparse_density = VanillaSAE.max_sparse_density  # its gate is a ReLU's support
+    # its L0 falls from dense by itself too: Vanilla's slow, clipped rise kills fewer latents
+    coeff_rate, coeff_rise_clip = VanillaSAE.coeff_rate, VanillaSAE.coeff_rise_clip
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
@@ -381,7 +383,8 @@ class GatedSAE(BaseSAE):
         terms = super().loss(goal, pre, f, error, aux_enabled)  # reconstruction and the L1
         if not self.training:
             return terms
-        via_gate = F.relu(pre) @ self.W_dec.detach() + self.b_dec.detach() - goal
+        # the decoder frozen, a skip transcoder's W_skip (in its goal) too
+        via_gate = F.relu(pre) @ self.W_dec.detach() + self.b_dec.detach() - goal.detach()
         return terms._replace(aux=via_gate.pow(2).sum(-1).mean())
 
     # the sparse path: the gate's entries pi > 0 are the only ones f and relu(pi) can be non-zero on
@@ -401,7 +404,7 @@ class GatedSAE(BaseSAE):
     def sparse_aux(self, code: SparseCode, error: Tensor, x: Tensor, aux_enabled: bool) -> Tensor:
         """The frozen-decoder reconstruction from relu(pi), on the gate's entries."""
         return sparse_reconstruction(F.relu(code.pre_vals), self.W_dec.detach(),
-                                     self.b_dec.detach(), code.goal, code.pattern)[0]
+                                     self.b_dec.detach(), code.goal.detach(), code.pattern)[0]
 
     @torch.no_grad()
     def start_at_density(self, bound: Tensor) -> None:

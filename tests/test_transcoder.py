@@ -328,3 +328,18 @@ def test_the_model_card_names_a_transcoder_and_its_target():
     assert "# JumpReLU skip transcoder on " in card
     assert ("predicting those at `blocks.3.hook_mlp_out`" in card
             and "| skip_connection | True |" in card)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gated_frozen_decoder_term_trains_no_part_of_a_skip_transcoders_decoder(sparse):
+    """Gated's auxiliary term reconstructs the goal through the frozen decoder: W_dec, b_dec's
+    decoder slot and W_skip (inside a skip transcoder's goal) get no gradient from it."""
+    sae = trained_transcoder("gated", skip=True)
+    x = rand_x(seed=5)
+    out = sae(x, sparse=sparse, target=target_of(x))
+    assert out.aux_loss > 0
+    W_dec, W_skip, W_enc = torch.autograd.grad(out.aux_loss, [sae.W_dec, sae.W_skip, sae.W_enc],
+                                               allow_unused=True)
+    assert W_dec is None or W_dec.abs().max() == 0
+    assert W_skip is None or W_skip.abs().max() == 0
+    assert W_enc.abs().max() > 0  # the gate learns from it
