@@ -91,8 +91,8 @@ def entries_above_biased(xw: Tensor, bias: Tensor, bound: Tensor,
     (None where there are more than `max_count`): xw is compared with bound - bias,
     loosened by 1e-6 relative so that rounding never drops an entry (float32 rounds each
     sum to within 6e-8 relative). So it may also hold entries within that slack at or below
-    the bound; callers that need the exact set compare the returned values (where f is 0
-    there anyway, nothing needs to)."""
+    the bound; callers that need the exact set compare the returned values (Gated masks its
+    magnitudes by pre > 0; where f is 0 there anyway, nothing needs to)."""
     slack = 1e-6 * (bound.abs() + bias.abs()) + 1e-30
     pattern = entries_above(xw, bound - bias - slack, max_count)
     if pattern is None:
