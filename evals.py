@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from capture import is_causal_lm, run_to_hooks
 from config import SYNTHETIC_DATASET, resolve_device
 from dashboards import get_model
-from logs import Run, as_run, load_density
+from logs import Run, as_run
 from metrics import PROBE_KS, sparse_probing, structure_metrics
 from text import LabelledText, labelled_documents, shakespeare_speeches, special_token_ids
 
@@ -170,7 +170,7 @@ def evaluate_run(run: str | Run, device: str = "auto", dataset: str | None = Non
     began = time.perf_counter()
     cfg, sae = run.cfg, run.sae(device)
     out: dict[str, Any] = {"run_name": cfg["run_name"],
-                           "structure": structure_metrics(sae, load_density(run))}
+                           "structure": structure_metrics(sae)}
     if cfg.get("dataset_path") == SYNTHETIC_DATASET or cfg.get("cross_layer"):
         reason = ("a synthetic run has no model to read text with"
                   if cfg.get("dataset_path") == SYNTHETIC_DATASET

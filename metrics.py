@@ -88,14 +88,14 @@ NEAR_DUPLICATE_COSINE = 0.9  # a decoder row this close (signed cosine) to anoth
 
 
 class DensityStats(NamedTuple):
-    never_fired_frac: float  # fraction of latents firing on no held-out token
-    dense_frac: float  # fraction of latents firing on more than DENSE_FRACTION of them
+    dense: int  # latents firing on more than DENSE_FRACTION of the held-out tokens
+    never_fired_frac: float  # fraction of latents firing on none of them
 
 
 def density_stats(density: Tensor) -> DensityStats:
     """From per-latent firing frequencies on the held-out set (compared in their own dtype)."""
-    return DensityStats(float((density == 0).double().mean()),
-                        float((density > DENSE_FRACTION).double().mean()))
+    return DensityStats(int((density > DENSE_FRACTION).sum()),
+                        float((density == 0).double().mean()))
 
 
 class DecoderStructure(NamedTuple):
@@ -125,17 +125,14 @@ def decoder_structure(w_dec: Tensor, chunk: int = 512) -> DecoderStructure:
                             int(duplicated.sum()))
 
 
-def structure_metrics(sae: BaseSAE | CrossLayerTranscoder, density: Tensor) -> dict[str, float]:
-    """The final evaluation's density fractions and (an SAE's: a CLT has a decoder per layer)
-    decoder structure, under the names logged."""
-    stats = density_stats(density)
-    out = {"never_fired_frac": stats.never_fired_frac, "dense_frac": stats.dense_frac}
+def structure_metrics(sae: BaseSAE | CrossLayerTranscoder) -> dict[str, float]:
+    """The decoder structure under the names logged (none for a CLT: a decoder per layer)."""
     if isinstance(sae, CrossLayerTranscoder):
-        return out
+        return {}
     structure = decoder_structure(sae.W_dec)
-    return out | {"decoder_max_cos": structure.max_abs_cosine,
-                  "decoder_mean_cos": structure.mean_abs_cosine,
-                  "near_duplicates": structure.near_duplicates}
+    return {"decoder_max_cos": structure.max_abs_cosine,
+            "decoder_mean_cos": structure.mean_abs_cosine,
+            "near_duplicates": structure.near_duplicates}
 
 
 # --- sparse probing ---------------------------------------------------------------------------
@@ -232,6 +229,7 @@ def reconstruction_metrics(sae: BaseSAE, eval_acts: Tensor, device: torch.device
     density = sums.fire_counts / sums.n
     nmse = sums.sq_err / total_variance(targets)
     dead = int(sae.dead_mask().sum().item())
+    stats = density_stats(density)
     return {
         "l0": sums.l0 / sums.n,
         "l1": sums.l1 / sums.n,
@@ -241,8 +239,8 @@ def reconstruction_metrics(sae: BaseSAE, eval_acts: Tensor, device: torch.device
         "shrinkage": sums.shrinkage / sums.n,
         "dead": dead,
         "dead_frac": dead / m,
-        "dense": int((density > DENSE_FRACTION).sum().item()),
-        "never_fired_eval_frac": (density == 0).double().mean().item(),
+        "dense": stats.dense,
+        "never_fired_eval_frac": stats.never_fired_frac,
         "density": density.float().cpu(),
     } | {f"nmse_{name}": sq_err / total_variance(targets) for name, sq_err in partial.items()}
 
@@ -405,13 +403,14 @@ def cross_layer_metrics(clt: CrossLayerTranscoder, store: ActivationSource,
     nmse = sq_err / torch.tensor([total_variance(y) for y in y_all], dtype=torch.float64)
     dead = clt.dead_mask().sum(-1).cpu()
     density = fire_counts / n
+    stats = density_stats(density)
     metrics: dict[str, Any] = {
         "l0": float(l0.mean() / n), "l0_total": float(l0.sum() / n), "nmse": float(nmse.mean()),
         "explained_variance": float(1 - nmse.mean()), "dead": int(dead.sum()),
         "cosine": float(cosine.mean() / n), "shrinkage": float(shrinkage.mean() / n),
         "dead_frac": float(dead.sum()) / density.numel(),
-        "dense": int((density > DENSE_FRACTION).sum()),
-        "never_fired_eval_frac": float((density == 0).double().mean()),
+        "dense": stats.dense,
+        "never_fired_eval_frac": stats.never_fired_frac,
         "density": density.flatten().float(),
     }
     for layer, e, z, d in zip(clt.layer_ids, nmse.tolist(), (l0 / n).tolist(), dead.tolist(),

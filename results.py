@@ -381,15 +381,14 @@ def run_evals(paths: str | Path | list[str | Path], device: str = "auto",
 
 def eval_tables(evaluated: list[tuple[Run, dict[str, Any]]]) -> list[str]:
     """The report's decoder-structure table and, per run and label set, its probing table."""
-    names = ("never_fired_frac", "dense_frac", "decoder_max_cos", "decoder_mean_cos",
-             "near_duplicates")
+    names = ("decoder_max_cos", "decoder_mean_cos", "near_duplicates")
     doc = ["", "## Decoder structure", "",
-           f"Over all latents' decoder rows: |cosine| of pairs, near duplicates at cosine > 0.9; "
-           f"density on the held-out set (dense: > {DENSE_FRACTION:.0%} of tokens).", "",
+           "Over all latents' decoder rows: |cosine| of pairs, near duplicates at cosine > 0.9 "
+           "(density: the summary table's `dense` and `never_fired_eval_frac`).", "",
            "| run_name | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
     doc += ["| " + " | ".join([run.cfg["run_name"], *(markdown_cell(ev["structure"].get(n))
                                                      for n in names)]) + " |"
-            for run, ev in evaluated]
+            for run, ev in evaluated if ev["structure"]]
     doc += ["", "## Sparse probing", "",
             "Held-out accuracy, the mean over one-vs-rest tasks (each balanced: chance 0.5) of a "
             "logistic probe on token-mean-pooled features: the k SAE latents of largest class mean "

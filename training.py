@@ -447,7 +447,7 @@ def _log_step(t: Trainee, out: Any, step: int, total_steps: int, tokens: int,
     if step % cfg["eval_freq"] == 0 or last:
         metrics = evaluate(t.sae, store)
         if last:  # the cheap structure metrics once, on the final dictionary
-            metrics |= structure_metrics(t.sae, metrics["density"])
+            metrics |= structure_metrics(t.sae)
         t.logger.log(metrics, step, tokens)
         if last:
             t.final_metrics = metrics
